@@ -1,0 +1,34 @@
+"""ddcnn: model-parallel CNN training by domain decomposition.
+
+Images are cut into a grid of subimages (:class:`Decomposition`); one small CNN per subimage is trained
+independently (:class:`LocalEnsemble`, all of them as one batched network); their probabilities are combined
+(``ddcnn.combiners``) into one decision, by a dense network (:class:`CNNDNN`) or by cheaper rules; everything is
+compared with a :class:`GlobalCNN` trained on whole images.
+"""
+
+from ddcnn.decomposition import Decomposition
+from ddcnn.errors import DDCNNError
+from ddcnn.models import (
+    CNNDNN,
+    DNN,
+    GlobalCNN,
+    LocalEnsemble,
+    MajorityVote,
+    MeanProbability,
+    WeightedMean,
+    build_combiner,
+    combiners,
+    count_parameters,
+    forward_flops,
+    local_loss,
+    local_width,
+    transfer_cnn_dnn,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CNNDNN", "DNN", "DDCNNError", "Decomposition", "GlobalCNN", "LocalEnsemble", "MajorityVote", "MeanProbability",
+    "WeightedMean", "build_combiner", "combiners", "count_parameters", "forward_flops", "local_loss", "local_width",
+    "transfer_cnn_dnn", "__version__",
+]

@@ -1,0 +1,126 @@
+"""Whole models: the CNN-DNN (decomposition + local CNNs + combiner) and the global CNN it is compared with."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ddcnn.decomposition import Decomposition
+from ddcnn.errors import ConfigError, ShapeError
+from ddcnn.models.backbones import DEFAULT_DEPTH, build_backbone, check_backbone_args, min_input_size
+from ddcnn.models.combiners import DNN, Combiner
+from ddcnn.models.ensemble import LocalEnsemble
+
+
+def check_fits(decomposition: Decomposition, backbone: str, depth: Sequence[int] | None) -> None:
+    """Refuse a decomposition whose subimages are smaller than the backbone accepts, suggesting a grid that fits."""
+    depth = DEFAULT_DEPTH[backbone] if depth is None else depth
+    need = min_input_size(backbone, depth)
+    if min(decomposition.subimage_size) >= need:
+        return
+    fitting = [max(1, min(g, length // need)) for g, length in zip(decomposition.grid, decomposition.image_size)]
+    raise ConfigError(
+        f"grid {list(decomposition.grid)} cuts {list(decomposition.image_size)} images into subimages of "
+        f"{list(decomposition.subimage_size)}, smaller than the {need} pixels per axis that the {backbone} backbone "
+        f"with {len(depth)} stages needs; use a coarser grid such as {fitting} or fewer stages"
+    )
+
+
+class CNNDNN(nn.Module):
+    """Decomposition, local CNNs and a combiner as one model: ``(B, C, *image_size) -> (B, K)`` scores.
+
+    Trained end to end this is the paper's coherent CNN-DNN; with the ensemble frozen and a DNN combiner it is the
+    CNN-DNN of the two-stage method.
+    """
+
+    def __init__(self, decomposition: Decomposition, ensemble: LocalEnsemble, combiner: Combiner):
+        super().__init__()
+        if ensemble.n_local != decomposition.n_subdomains:
+            raise ConfigError(
+                f"the ensemble holds {ensemble.n_local} local CNNs but the decomposition has "
+                f"{decomposition.n_subdomains} subdomains; build both for the same grid"
+            )
+        if combiner.n_local != ensemble.n_local or combiner.num_classes != ensemble.num_classes:
+            raise ConfigError(
+                f"the combiner expects {combiner.n_local} x {combiner.num_classes} local outputs but the ensemble "
+                f"gives {ensemble.n_local} x {ensemble.num_classes}"
+            )
+        if ensemble.dims != decomposition.dims:
+            raise ConfigError(f"a {ensemble.dims}D ensemble cannot run on a {decomposition.dims}D decomposition")
+        check_fits(decomposition, ensemble.backbone, ensemble.depth)
+        self.decomposition, self.ensemble, self.combiner = decomposition, ensemble, combiner
+
+    @property
+    def num_classes(self) -> int:
+        return self.ensemble.num_classes
+
+    def local_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, C, *image_size) -> (B, N, K)`` logits of every local CNN."""
+        if images.dim() == self.decomposition.dims + 2 and images.shape[1] != self.ensemble.in_channels:
+            raise ShapeError(f"the model expects {self.ensemble.in_channels} channels, got images "
+                             f"{list(images.shape)}")
+        return self.ensemble(self.decomposition.split(images))
+
+    def forward(self, images: torch.Tensor, return_local: bool = False):
+        local = self.local_logits(images)
+        out = self.combiner(local)
+        return (out, local) if return_local else out
+
+
+class GlobalCNN(nn.Module):
+    """The baseline: one CNN of the same family at global width on whole images, ``(B, C, *size) -> (B, K)``."""
+
+    def __init__(self, in_channels: int, num_classes: int, backbone: str = "vgg", width: int = 32,
+                 depth: Sequence[int] | None = None, dims: int = 2):
+        super().__init__()
+        depth = check_backbone_args(backbone, width, depth, dims)
+        self.net = build_backbone(backbone, in_channels, num_classes, width, depth, dims)
+        self.in_channels, self.num_classes, self.dims = in_channels, num_classes, dims
+        self.backbone, self.width, self.depth = backbone, width, depth
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+
+def transfer_cnn_dnn(decomposition: Decomposition, ensemble: LocalEnsemble, combiner: Combiner | None = None,
+                     num_classes: int | None = None, **dnn_options) -> CNNDNN:
+    """A coherent CNN-DNN initialised from trained local CNNs (and a trained DNN): the paper's transfer learning.
+
+    The trained modules are copied, never shared, so training the result leaves them as they were. Without a
+    ``combiner`` a freshly initialised :class:`DNN` (with ``dnn_options``) is used.
+    """
+    ensemble = copy.deepcopy(ensemble)
+    if combiner is None:
+        combiner = DNN(ensemble.n_local, num_classes or ensemble.num_classes, **dnn_options)
+        combiner.to(next(ensemble.parameters()).device)
+    else:
+        combiner = copy.deepcopy(combiner)
+    for p in list(ensemble.parameters()) + list(combiner.parameters()):
+        p.requires_grad_(True)
+    return CNNDNN(decomposition, ensemble, combiner)
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (all, or only those with ``requires_grad``)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def forward_flops(module: nn.Module, input_shape: Sequence[int]) -> int:
+    """Forward FLOPs for ONE input of ``input_shape`` (no batch dim), counted by ``torch.utils.flop_counter``.
+
+    Convolutions and matrix products (2 FLOPs per multiply-add) dominate; elementwise layers are not counted.
+    """
+    param = next(module.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            module(torch.zeros(1, *input_shape, device=device))
+    finally:
+        module.train(was_training)
+    return int(counter.get_total_flops())
