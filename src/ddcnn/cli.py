@@ -1,0 +1,116 @@
+"""The ``ddcnn`` command: parsing and printing only; the work is in ``ddcnn.train`` and ``ddcnn.report``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from ddcnn.errors import DDCNNError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ddcnn", description="Model-parallel CNN training by domain decomposition.")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the experiment a YAML config describes")
+    run.add_argument("config", help="YAML config, e.g. configs/fashion_mnist_2x2.yaml")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config value, e.g. --set stages.local.epochs=5 (stages.*.epochs for all)")
+    run.add_argument("--out", help="run directory (default runs/<name>)")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoints")
+    run.add_argument("--force", action="store_true", help="start over in an --out that already holds files")
+    run.add_argument("--quiet", action="store_true", help="print only the results")
+
+    ev = sub.add_parser("evaluate", help="re-evaluate a run's saved models on the test set")
+    ev.add_argument("run_dir")
+    ev.add_argument("--device", help="cpu, cuda, cuda:N (default: the run's)")
+
+    pr = sub.add_parser("predict", help="classify image files with a run's models")
+    pr.add_argument("run_dir")
+    pr.add_argument("files", nargs="+", help="image files (PNG, JPEG, ...) or .npy arrays/volumes")
+    pr.add_argument("--strategy", help="global, cnn_dnn, mean_probability, majority_vote, coherent or transfer "
+                                       "(default: the run's best)")
+    pr.add_argument("--device", help="cpu, cuda, cuda:N (default: the run's)")
+
+    show = sub.add_parser("show", help="decomposition, sizes, parameters and FLOPs of a config; PNG of the grid")
+    show.add_argument("config")
+    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    show.add_argument("--png", help="where to draw the grid over a sample image (default decomposition.png)",
+                      default="decomposition.png")
+
+    data = sub.add_parser("data", help="datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    fetch = data_sub.add_parser("fetch", help="find or download fashion-mnist, mnist or cifar10")
+    fetch.add_argument("name")
+    fetch.add_argument("--dir", help="folder to look in / download into")
+    return p
+
+
+def cmd_run(args) -> int:
+    from ddcnn.config import load_config
+    from ddcnn.report import print_table
+    from ddcnn.train.protocol import Experiment
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out or Path("runs") / cfg.name)
+    command = "ddcnn " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    results = Experiment(cfg, out, resume=args.resume, force=args.force, command=command,
+                         verbose=not args.quiet).run()
+    print(print_table(results))
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from ddcnn.report import print_table
+    from ddcnn.train.evaluate import evaluate_run
+
+    results = evaluate_run(args.run_dir, device=args.device)
+    print(print_table(results))
+    print(f"written: {Path(args.run_dir) / 'evaluation.json'}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from ddcnn.train.evaluate import predict_files
+
+    for line in predict_files(args.run_dir, args.files, strategy=args.strategy, device=args.device):
+        print(line)
+    return 0
+
+
+def cmd_show(args) -> int:
+    from ddcnn.config import load_config
+    from ddcnn.train.evaluate import describe
+
+    cfg = load_config(args.config, args.overrides)
+    print(describe(cfg, Path(args.png)))
+    return 0
+
+
+def cmd_data(args) -> int:
+    from ddcnn.data.fetch import fetch
+
+    print(fetch(args.name, args.dir))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handlers = {"run": cmd_run, "evaluate": cmd_evaluate, "predict": cmd_predict, "show": cmd_show,
+                "data": cmd_data}
+    try:
+        return handlers[args.command](args)
+    except DDCNNError as err:
+        if args.debug or os.environ.get("DDCNN_DEBUG"):
+            raise
+        print(f"ddcnn: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ddcnn: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+

@@ -1,0 +1,340 @@
+"""Every option of an experiment as dataclasses; YAML in, resolved YAML out.
+
+Unknown keys, wrong types and out-of-range values are :class:`~ddcnn.errors.ConfigError`s that name the key (and
+the closest valid key for a typo). ``--set key=value`` overrides use dotted keys (``stages.local.epochs=5``); a
+``*`` in place of a stage name sets the key on every stage (``stages.*.epochs=2``). Values are parsed as YAML
+scalars or flow lists (``[2, 2]``), never evaluated as code.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from ddcnn.errors import ConfigError, did_you_mean
+
+STAGES = ("global", "local", "combine", "coherent", "transfer")
+DATASETS = ("fashion-mnist", "mnist", "cifar10", "image-folder", "volume-folder", "generated")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "cosine", "step")
+
+
+@dataclass
+class AugmentConfig:
+    crop_padding: int = 0  # random crop after zero padding by this many pixels (0: off)
+    hflip: bool = False  # random horizontal flip
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion-mnist"
+    root: str | None = None  # folder with the files; known places are searched when None
+    image_size: list[int] | None = None  # resize image/volume folders to this; checked against other datasets
+    channels: int | None = None  # 1 or 3 for image folders; checked against other datasets
+    val_fraction: float = 0.1  # validation split taken from the training set
+    test_fraction: float = 0.2  # test split for image/volume folders, which ship none
+    split_seed: int = 0
+    limit_train: int | None = None  # use only the first N training images (quick runs)
+    limit_test: int | None = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    window: list[float] = field(default_factory=lambda: [-1000.0, 400.0])  # intensity window for volumes (CT: HU)
+    class_map: dict[str, str] | None = None  # merge folders into classes, e.g. {"CT-1": "abnormal"}
+    num_classes: int = 4  # generated data only
+    generated_train: int = 2000  # generated data only
+    generated_test: int = 500  # generated data only
+    noise: float = 0.3  # generated data only
+    device_resident_limit_gb: float = 2.0  # larger training sets stream through a DataLoader
+    workers: int = 2  # DataLoader workers for large sets
+
+
+@dataclass
+class DecompositionConfig:
+    grid: list[int] = field(default_factory=lambda: [2, 2])
+    overlap: int | list[int] = 0
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "vgg"
+    width: int = 32  # the global CNN's first-stage width
+    local_width: int | None = None  # default round(width / sqrt(N))
+    depth: list[int] | None = None  # layers per stage; the family's default when None
+    backend: str = "grouped"  # how the local CNNs are run on one device: grouped | loop
+
+
+@dataclass
+class CombinerConfig:
+    hidden: list[int] | None = None  # DNN hidden sizes; default two layers of min(512, max(64, 4*N*K))
+    activation: str = "relu"
+    dropout: float = 0.0
+
+
+@dataclass
+class StageConfig:
+    enabled: bool = True
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 0.0
+    schedule: str = "cosine"  # per step, after warmup
+    warmup_epochs: float = 0.0
+    step_every: int = 10  # 'step' schedule: epochs between decays
+    step_gamma: float = 0.1
+    grad_clip: float | None = None  # per local CNN in the local stage
+    label_smoothing: float = 0.0
+    init_dnn: bool = True  # transfer stage: also start from the combine stage's DNN
+
+
+@dataclass
+class StagesConfig:
+    # 'global' is a Python keyword, hence the trailing underscore; YAML and --set use 'global'.
+    global_: StageConfig = field(default_factory=StageConfig)
+    local: StageConfig = field(default_factory=StageConfig)
+    combine: StageConfig = field(default_factory=lambda: StageConfig(epochs=20, batch_size=256))
+    coherent: StageConfig = field(default_factory=StageConfig)
+    transfer: StageConfig = field(default_factory=lambda: StageConfig(epochs=5, lr=1e-4))
+
+    def get(self, stage: str) -> StageConfig:
+        return getattr(self, "global_" if stage == "global" else stage)
+
+
+@dataclass
+class Config:
+    name: str = "experiment"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool = False  # torch.compile the models
+    eval_batch_size: int = 1024
+    data: DataConfig = field(default_factory=DataConfig)
+    decomposition: DecompositionConfig = field(default_factory=DecompositionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    combiner: CombinerConfig = field(default_factory=CombinerConfig)
+    stages: StagesConfig = field(default_factory=StagesConfig)
+
+
+def _yaml_name(name: str) -> str:
+    return name.rstrip("_")
+
+
+def _check_type(value: Any, annotation: Any, key: str) -> Any:
+    """Return ``value`` converted to ``annotation`` (int -> float allowed) or raise a ConfigError naming ``key``."""
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(value, option, key)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[-1] if len(errors) == 1 else ConfigError(
+            f"{key} = {value!r} has the wrong type; expected {_describe(annotation)}"
+        )
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} = {value!r} must be a list, e.g. [2, 2]")
+        return [_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} = {value!r} must be a mapping")
+        return {str(k): str(v) for k, v in value.items()}
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} = {value!r} must be true or false")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} = {value!r} must be a whole number")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} = {value!r} must be a number")
+        if not math.isfinite(float(value)):
+            raise ConfigError(f"{key} = {value!r} must be a finite number")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} = {value!r} must be a string")
+        return value
+    raise ConfigError(f"{key}: unsupported option type {annotation}")
+
+
+def _describe(annotation) -> str:
+    return str(annotation).replace("typing.", "").replace("NoneType", "null")
+
+
+def _from_dict(cls, data: Any, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'the config'} must be a mapping of keys to values, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {_yaml_name(f.name): f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            raise ConfigError(f"unknown config key {full!r}{did_you_mean(str(key), fields)}; valid keys here: "
+                              f"{', '.join(fields)}")
+        f = fields[key]
+        annotation = hints[f.name]
+        if dataclasses.is_dataclass(annotation):
+            base = getattr(cls(), f.name)  # keep stage-specific defaults (combine, transfer)
+            values[f.name] = _merge(base, value, full)
+        else:
+            values[f.name] = _check_type(value, annotation, full)
+    return cls(**values)
+
+
+def _merge(base, data: Any, prefix: str):
+    merged = _from_dict(type(base), data, prefix)
+    explicit = {_yaml_name(k) for k in data}
+    for f in dataclasses.fields(base):
+        if _yaml_name(f.name) not in explicit:
+            setattr(merged, f.name, copy.deepcopy(getattr(base, f.name)))
+    return merged
+
+
+def to_dict(obj) -> dict:
+    """The config as plain data with YAML key names (``global`` rather than ``global_``)."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        out[_yaml_name(f.name)] = to_dict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+    return out
+
+
+def parse_set(expression: str) -> tuple[list[str], Any]:
+    """``"stages.local.epochs=5"`` -> (["stages", "local", "epochs"], 5)."""
+    if "=" not in expression:
+        raise ConfigError(f"--set {expression!r} is not of the form key=value, e.g. --set stages.local.epochs=5")
+    key, raw = expression.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {expression!r} has an empty key; write it as key=value, e.g. seed=1")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {expression!r}: the value {raw!r} is not a valid YAML value") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = copy.deepcopy(data)
+    for expression in overrides:
+        path, value = parse_set(expression)
+        targets = [path]
+        if len(path) >= 3 and path[0] == "stages" and path[1] == "*":
+            targets = [["stages", s, *path[2:]] for s in STAGES]
+        for target in targets:
+            node = data
+            for part in target[:-1]:
+                child = node.setdefault(part, {})
+                if not isinstance(child, dict):
+                    raise ConfigError(f"--set {expression!r}: {part!r} is a value, not a section")
+                node = child
+            node[target[-1]] = value
+    return data
+
+
+def validate(cfg: Config) -> Config:
+    """Range checks that the types alone do not express."""
+    from ddcnn.models.backbones import BACKBONES
+    from ddcnn.models.combiners import ACTIVATIONS
+    from ddcnn.models.ensemble import BACKENDS
+
+    def choice(key, value, valid):
+        if value not in valid:
+            raise ConfigError(f"{key} = {value!r} is not valid{did_you_mean(str(value), valid)}; choose one of "
+                              f"{', '.join(valid)}")
+
+    choice("data.name", cfg.data.name, DATASETS)
+    choice("model.backbone", cfg.model.backbone, BACKBONES)
+    choice("model.backend", cfg.model.backend, BACKENDS)
+    choice("combiner.activation", cfg.combiner.activation, tuple(ACTIVATIONS))
+    choice("precision", cfg.precision, ("auto", "fp32", "bf16"))
+    if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
+        raise ConfigError(f"device = {cfg.device!r} is not valid; use auto, cpu, cuda or cuda:N")
+    positive = {
+        "model.width": cfg.model.width, "eval_batch_size": cfg.eval_batch_size,
+        "data.generated_train": cfg.data.generated_train, "data.generated_test": cfg.data.generated_test,
+        "data.num_classes": cfg.data.num_classes,
+    }
+    if cfg.model.local_width is not None:
+        positive["model.local_width"] = cfg.model.local_width
+    for name in ("limit_train", "limit_test", "channels"):
+        if getattr(cfg.data, name) is not None:
+            positive[f"data.{name}"] = getattr(cfg.data, name)
+    for stage in STAGES:
+        s = cfg.stages.get(stage)
+        choice(f"stages.{stage}.optimizer", s.optimizer, OPTIMIZERS)
+        choice(f"stages.{stage}.schedule", s.schedule, SCHEDULES)
+        positive.update({f"stages.{stage}.epochs": s.epochs, f"stages.{stage}.batch_size": s.batch_size,
+                         f"stages.{stage}.lr": s.lr, f"stages.{stage}.step_every": s.step_every})
+        if s.grad_clip is not None:
+            positive[f"stages.{stage}.grad_clip"] = s.grad_clip
+        for name in ("weight_decay", "warmup_epochs", "momentum", "label_smoothing"):
+            if getattr(s, name) < 0:
+                raise ConfigError(f"stages.{stage}.{name} = {getattr(s, name)} must not be negative")
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} = {value} must be positive")
+    for key, value in (("data.val_fraction", cfg.data.val_fraction), ("data.test_fraction", cfg.data.test_fraction)):
+        if not 0 <= value < 1:
+            raise ConfigError(f"{key} = {value} must be in [0, 1), e.g. 0.1")
+    if cfg.model.depth is not None and (not cfg.model.depth or min(cfg.model.depth) < 1):
+        raise ConfigError(f"model.depth = {cfg.model.depth} must list positive layer counts, e.g. [2, 2, 2]")
+    if any(g < 1 for g in cfg.decomposition.grid) or not cfg.decomposition.grid:
+        raise ConfigError(f"decomposition.grid = {cfg.decomposition.grid} must hold positive numbers, e.g. [2, 2]")
+    overlap = cfg.decomposition.overlap
+    if any(o < 0 for o in (overlap if isinstance(overlap, list) else [overlap])):
+        raise ConfigError(f"decomposition.overlap = {overlap} must not be negative")
+    if len(cfg.data.window) != 2 or cfg.data.window[0] >= cfg.data.window[1]:
+        raise ConfigError(f"data.window = {cfg.data.window} must be [low, high] with low < high, e.g. [-1000, 400]")
+    if not any(cfg.stages.get(s).enabled for s in STAGES):
+        raise ConfigError("every stage is disabled; enable at least one of " + ", ".join(STAGES))
+    return cfg
+
+
+def from_dict(data: dict, overrides: list[str] | None = None) -> Config:
+    return validate(_from_dict(Config, apply_overrides(data or {}, overrides or []), ""))
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply ``--set`` overrides, check it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; give the path of a YAML file such as "
+                          f"configs/fashion_mnist_2x2.yaml")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}; fix its syntax") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(path)!r} is not a text file") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values, not a "
+                          f"{type(data).__name__}")
+    return from_dict(data, overrides)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,97 @@
+"""From a ``data:`` config section to (train, test) datasets, whatever the format."""
+
+from __future__ import annotations
+
+import torch
+
+from ddcnn.data.fetch import find_dataset
+from ddcnn.data.generated import make_generated
+from ddcnn.data.loading import split_dataset
+from ddcnn.data.readers import (
+    CIFAR10_CLASSES,
+    FASHION_MNIST_CLASSES,
+    MNIST_CLASSES,
+    ImageDataset,
+    load_cifar10,
+    load_idx_dataset,
+    load_image_folder,
+    load_volume_folder,
+)
+from ddcnn.errors import ConfigError, DataError, DataNotFoundError, ShapeError
+
+NATIVE_SIZE = {"fashion-mnist": (1, (28, 28)), "mnist": (1, (28, 28)), "cifar10": (3, (32, 32))}
+
+
+def _root(data, name: str):
+    root = find_dataset(name, data.root)
+    if root is None:
+        where = f"{data.root} or " if data.root else ""
+        raise DataNotFoundError(
+            f"the {name} files are not in {where}the known places; run `ddcnn data fetch {name}` (or set data.root "
+            f"to the folder that holds them)"
+        )
+    return root
+
+
+def _limit(ds: ImageDataset, limit: int | None) -> ImageDataset:
+    if limit is None or limit >= len(ds):
+        return ds
+    return ImageDataset(ds.images[:limit], ds.labels[:limit], ds.classes)
+
+
+def load_datasets(data) -> tuple[ImageDataset, ImageDataset]:
+    """``(train, test)`` for a :class:`~ddcnn.config.DataConfig`; image and volume folders are split by
+    ``test_fraction`` (stratified, ``split_seed``) since they ship no test set."""
+    name = data.name
+    if name in ("fashion-mnist", "mnist"):
+        root = _root(data, name)
+        classes = FASHION_MNIST_CLASSES if name == "fashion-mnist" else MNIST_CLASSES
+        train, test = (load_idx_dataset(root, split, classes=classes) for split in ("train", "test"))
+    elif name == "cifar10":
+        root = _root(data, name)
+        train, test = load_cifar10(root, "train"), load_cifar10(root, "test")
+        if list(train.classes) != list(test.classes):
+            train.classes = test.classes = list(CIFAR10_CLASSES)
+    elif name in ("image-folder", "volume-folder"):
+        if not data.root:
+            raise ConfigError(f"data.root must name the folder of class sub-folders for data.name = {name!r}")
+        if data.image_size is None:
+            raise ConfigError(f"data.image_size must say the size to resize to for data.name = {name!r}, "
+                              f"e.g. [128, 128]" + (" or [64, 128, 128]" if name == "volume-folder" else ""))
+        if name == "image-folder":
+            full = load_image_folder(data.root, data.image_size, data.channels or 3)
+        else:
+            full = load_volume_folder(data.root, data.image_size, data.window, data.class_map)
+        train, test = split_dataset(full, data.test_fraction, seed=data.split_seed + 1)
+        if len(test) == 0:
+            raise ConfigError(f"data.test_fraction = {data.test_fraction} leaves no test images; use e.g. 0.2")
+    else:  # generated
+        if data.image_size is None:
+            raise ConfigError("data.image_size must say the size of the generated images, e.g. [32, 32] or "
+                              "[16, 32, 32]")
+        channels = data.channels or 1
+        train = make_generated(data.generated_train, data.image_size, data.num_classes, channels,
+                               seed=data.split_seed, noise=data.noise)
+        test = make_generated(data.generated_test, data.image_size, data.num_classes, channels,
+                              seed=data.split_seed + 10_000, noise=data.noise)
+    train, test = _limit(train, data.limit_train), _limit(test, data.limit_test)
+    _check_against_config(data, train)
+    for part, ds in (("training", train), ("test", test)):
+        if len(ds) == 0:
+            raise DataError(f"the {part} set of {name} is empty")
+        if ds.images.is_floating_point() and not torch.isfinite(ds.images).all():
+            raise DataError(f"the {part} set of {name} holds NaN or infinite pixel values; clean the files")
+    return train, test
+
+
+def _check_against_config(data, train: ImageDataset) -> None:
+    if data.image_size is not None and tuple(data.image_size) != train.image_size:
+        raise ShapeError(
+            f"data.image_size = {list(data.image_size)} but the {data.name} images are {list(train.image_size)}; "
+            f"set data.image_size to {list(train.image_size)} (or remove it)"
+        )
+    if data.channels is not None and data.channels != train.in_channels:
+        raise ShapeError(
+            f"data.channels = {data.channels} but the {data.name} images have {train.in_channels} channels; set "
+            f"data.channels to {train.in_channels} (or remove it)"
+        )

@@ -1,0 +1,1 @@
+"""Training: the epoch loop, checkpoints, the run directory and the protocol's stages."""

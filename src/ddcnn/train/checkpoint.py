@@ -1,0 +1,150 @@
+"""Atomic checkpoints that never unpickle: weights in safetensors, the rest in JSON.
+
+A stage's checkpoint is three files in ``checkpoints/``: ``{stage}-{tag}.safetensors`` (model weights),
+``{stage}-{tag}.optim.safetensors`` (optimizer tensors) and the manifest ``{stage}.json`` that names them with
+their SHA-256, the epoch reached and the stage's JSON-serialisable state. Each file is written to a temporary name,
+flushed, fsync'ed and renamed; the manifest is written last. A process killed at any point therefore leaves the
+previous manifest pointing at complete files, and a file damaged later is detected by its hash before use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from ddcnn.errors import CheckpointError
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that ``path`` holds either the old or the new content, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, text.encode())
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into tensors (for safetensors) and plain data (for JSON)."""
+    tensors, meta = {}, {"param_groups": state["param_groups"], "state": {}}
+    for pid, entry in state["state"].items():
+        meta_entry = {}
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{pid}.{name}"] = value.detach().cpu().contiguous()
+                meta_entry[name] = {"tensor": f"{pid}.{name}"}
+            else:
+                meta_entry[name] = value
+        meta["state"][str(pid)] = meta_entry
+    return tensors, meta
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state = {}
+    for pid, entry in meta["state"].items():
+        state[int(pid)] = {
+            name: tensors[value["tensor"]] if isinstance(value, dict) and "tensor" in value else value
+            for name, value in entry.items()
+        }
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class CheckpointDir:
+    """The ``checkpoints/`` folder of a run."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def manifest_path(self, stage: str) -> Path:
+        return self.root / f"{stage}.json"
+
+    def has(self, stage: str) -> bool:
+        return self.manifest_path(stage).is_file()
+
+    def save(self, stage: str, tag: str, weights: dict[str, torch.Tensor], state: dict[str, Any],
+             optimizer: dict | None = None) -> None:
+        """Save weights, optional optimizer state and JSON state of ``stage``; ``tag`` names this version."""
+        files = {}
+        payloads = {"weights": {k: v.detach().cpu().contiguous() for k, v in weights.items()}}
+        optimizer_meta = None
+        if optimizer is not None:
+            payloads["optimizer"], optimizer_meta = _flatten_optimizer(optimizer)
+        for kind, tensors in payloads.items():
+            name = f"{stage}-{tag}.{kind}.safetensors"
+            data = save_safetensors(tensors)
+            atomic_write(self.root / name, data)
+            files[kind] = {"file": name, "sha256": _sha256(data)}
+        old = self._read_manifest(stage) if self.has(stage) else None
+        manifest = {"stage": stage, "tag": tag, "files": files, "state": state, "optimizer_meta": optimizer_meta}
+        atomic_write_text(self.manifest_path(stage), json.dumps(manifest, indent=1))
+        if old:  # the previous version's files are no longer named by any manifest
+            for entry in old.get("files", {}).values():
+                if entry["file"] not in {e["file"] for e in files.values()}:
+                    (self.root / entry["file"]).unlink(missing_ok=True)
+
+    def _read_manifest(self, stage: str) -> dict:
+        path = self.manifest_path(stage)
+        try:
+            manifest = json.loads(path.read_text())
+            if not isinstance(manifest, dict) or "files" not in manifest:
+                raise ValueError
+        except (ValueError, UnicodeDecodeError):
+            raise CheckpointError(f"checkpoint manifest {str(path)!r} is corrupt; delete it to restart the "
+                                  f"{stage!r} stage, or the run directory to start over") from None
+        return manifest
+
+    def _read_tensors(self, stage: str, entry: dict) -> dict[str, torch.Tensor]:
+        path = self.root / entry["file"]
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint file {str(path)!r} of stage {stage!r} is missing; delete "
+                                  f"{str(self.manifest_path(stage))!r} to restart that stage")
+        data = path.read_bytes()
+        if _sha256(data) != entry["sha256"]:
+            raise CheckpointError(f"checkpoint file {str(path)!r} is truncated or corrupted (its SHA-256 does not "
+                                  f"match the manifest); delete {str(self.manifest_path(stage))!r} to restart the "
+                                  f"{stage!r} stage")
+        try:
+            return load_safetensors(data)
+        except SafetensorError:
+            raise CheckpointError(f"checkpoint file {str(path)!r} is not a valid safetensors file") from None
+
+    def load(self, stage: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict | None]:
+        """``(weights, state, optimizer_state_dict or None)`` of the stage's last checkpoint."""
+        manifest = self._read_manifest(stage)
+        weights = self._read_tensors(stage, manifest["files"]["weights"])
+        optimizer = None
+        if "optimizer" in manifest["files"]:
+            tensors = self._read_tensors(stage, manifest["files"]["optimizer"])
+            optimizer = _unflatten_optimizer(tensors, manifest["optimizer_meta"])
+        return weights, manifest["state"], optimizer
+
+    def state(self, stage: str) -> dict[str, Any]:
+        return self._read_manifest(stage)["state"]

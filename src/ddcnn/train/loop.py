@@ -1,0 +1,185 @@
+"""One training loop for every stage: optimizer, learning-rate schedule, bf16 autocast, NaN guard, checkpoints.
+
+The learning rate is a pure function of the global step, and the random state of every epoch is derived from
+``(seed, stage, epoch)``; together with per-epoch checkpoints this makes a resumed stage bit-identical to an
+uninterrupted one on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ddcnn.config import StageConfig
+from ddcnn.errors import TrainingError
+from ddcnn.train.checkpoint import CheckpointDir
+
+# loss_fn(x, y) -> (loss to backpropagate, per-sample-or-per-slot correct counts, number of samples)
+LossFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class Runtime:
+    """Where and how to compute: device, autocast dtype, memory format."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None = None  # bf16 autocast when set
+    channels_last: bool = False
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def epoch_seed(seed: int, stage: str, epoch: int) -> int:
+    """Seed of the random state (dropout, augmentation, shuffling) for one epoch of one stage."""
+    return (seed * 1_000_003 + sum(map(ord, stage)) * 10_007 + epoch) % (2**63)
+
+
+def make_optimizer(params: Iterable[nn.Parameter], cfg: StageConfig) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.momentum > 0)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_at(step: int, steps_per_epoch: int, cfg: StageConfig) -> float:
+    """Learning rate at global step ``step`` (0-based): linear warmup, then constant, cosine or step decay."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    if cfg.schedule == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    if cfg.schedule == "step":
+        return cfg.lr * cfg.step_gamma ** ((step // steps_per_epoch) // cfg.step_every)
+    return cfg.lr
+
+
+class Progress:
+    """A tqdm bar on a terminal; otherwise nothing until the caller logs the epoch's line."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+    def update(self, **postfix) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def fit(
+    stage: str,
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches,
+    evaluate: Callable[[], dict],
+    cfg: StageConfig,
+    ckpt: CheckpointDir,
+    runtime: Runtime,
+    seed: int,
+    log: Callable[[dict], None],
+    clip: Callable[[float], None] | None = None,
+    verbose: bool = True,
+    check_every: int = 25,
+    loss_scale: float = 1.0,
+) -> dict:
+    """Train ``model`` for ``cfg.epochs`` epochs, resuming from ``ckpt`` where the stage left off.
+
+    ``batches`` yields ``(x, y)`` on the device and has ``set_epoch(e)`` and ``len``. After every epoch the model,
+    the optimizer and the stage's state are checkpointed and ``log`` receives the epoch's metrics. Returns the
+    state: ``{"epoch", "seconds", "history", "done"}``.
+    """
+    optimizer = make_optimizer(model.parameters(), cfg)
+    state = {"epoch": 0, "seconds": 0.0, "history": [], "done": False, "step": 0}
+    if ckpt.has(stage):
+        weights, state, opt_state = ckpt.load(stage)
+        model.load_state_dict({k: v.to(runtime.device) for k, v in weights.items()})
+        if opt_state is not None and not state["done"]:
+            optimizer.load_state_dict(opt_state)
+    if state["done"]:
+        return state
+    steps_per_epoch = len(batches)
+    if steps_per_epoch == 0:
+        raise TrainingError(f"stage {stage!r} has no training batches: the training set is smaller than one batch "
+                            f"({cfg.batch_size}); lower stages.{stage}.batch_size")
+    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+        torch.manual_seed(epoch_seed(seed, stage, epoch))
+        batches.set_epoch(epoch)
+        model.train()
+        progress = Progress(steps_per_epoch, f"{stage} {epoch}/{cfg.epochs}", verbose)
+        runtime.synchronize()
+        start = time.perf_counter()
+        loss_sum = torch.zeros((), device=runtime.device)
+        correct_sum = None
+        seen = 0
+        bad_step = torch.full((), -1, dtype=torch.long, device=runtime.device)
+        for i, (x, y) in enumerate(batches):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(state["step"], steps_per_epoch, cfg)
+            with runtime.autocast():
+                loss, correct = loss_fn(x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip is not None and cfg.grad_clip is not None:
+                clip(cfg.grad_clip)
+            optimizer.step()
+            state["step"] += 1
+            # NaN guard without a host sync per step: remember the first bad step, look every few steps.
+            finite = torch.isfinite(loss.detach())
+            bad_step = torch.where((bad_step < 0) & ~finite, torch.full_like(bad_step, i + 1), bad_step)
+            loss_sum += loss.detach().float() * len(y)
+            correct_sum = correct.detach() if correct_sum is None else correct_sum + correct.detach()
+            seen += len(y)
+            if (i + 1) % check_every == 0 or i + 1 == steps_per_epoch:
+                if bad_step.item() >= 0:
+                    progress.close()
+                    raise TrainingError(
+                        f"the loss became NaN or infinite in stage {stage!r}, epoch {epoch}, step {bad_step.item()}; "
+                        f"the checkpoint of epoch {epoch - 1} is kept: lower the learning rate and resume, e.g. "
+                        f"--resume --set stages.{stage}.lr={cfg.lr / 10:g}"
+                    )
+                progress.update(loss=f"{loss.item():.3f}")
+            else:
+                progress.update()
+        runtime.synchronize()
+        state["seconds"] += time.perf_counter() - start
+        progress.close()
+        acc = (correct_sum.float() / seen).cpu()
+        record = {"stage": stage, "epoch": epoch, "train_loss": (loss_sum / seen).item() * loss_scale,
+                  "train_accuracy": acc.mean().item(), "lr": optimizer.param_groups[0]["lr"]}
+        model.eval()
+        record.update(evaluate())
+        record["seconds"] = state["seconds"]
+        state["epoch"] = epoch
+        state["done"] = epoch == cfg.epochs
+        state["history"].append(record)
+        ckpt.save(stage, f"e{epoch}", model.state_dict(), state,
+                  optimizer=None if state["done"] else optimizer.state_dict())
+        log(record)
+    return state

@@ -1,0 +1,123 @@
+"""The run directory: what a run writes, how a run is recognised, resumed or refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import yaml
+
+from ddcnn.config import Config, dump_config, to_dict
+from ddcnn.errors import CheckpointError, ConfigError
+from ddcnn.train.checkpoint import CheckpointDir, atomic_write_text
+
+MARKER = "ddcnn-run.json"
+# Settings that the saved weights depend on: a resumed run must not change them.
+FROZEN_SECTIONS = ("seed", "data", "decomposition", "model", "combiner")
+OUTPUTS = ("checkpoints", "plots", "tensorboard", "metrics.jsonl", "results.json", "report.md", "config.yaml",
+           "data.json", MARKER)
+
+
+class RunDir:
+    """``config.yaml``, ``metrics.jsonl``, ``checkpoints/``, ``results.json``, ``report.md``, ``plots/``."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.checkpoints = CheckpointDir(self.path / "checkpoints")
+
+    @property
+    def is_run(self) -> bool:
+        return (self.path / MARKER).is_file()
+
+    def prepare(self, cfg: Config, resume: bool, force: bool) -> None:
+        """Create, resume or (with ``force``) restart the run in this directory; refuse anything surprising."""
+        path = self.path
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"output directory {str(path)!r} is a file; choose another --out")
+        if resume:
+            if not self.is_run or not self.checkpoints.root.is_dir():
+                raise CheckpointError(f"--resume: {str(path)!r} holds no ddcnn run with checkpoints; run without "
+                                      f"--resume to start it")
+            self._check_same_config(cfg)
+        elif path.exists() and any(path.iterdir()):
+            if not force:
+                what = "a ddcnn run" if self.is_run else "files that are not a ddcnn run"
+                raise ConfigError(f"output directory {str(path)!r} already holds {what}; use --resume to continue "
+                                  f"it, --force to start over there, or choose another --out")
+            for name in OUTPUTS:  # only what a run writes; other files stay
+                target = path / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            raise ConfigError(f"output directory {str(path)!r} is not writable ({err.strerror}); choose another "
+                              f"--out") from None
+        if not resume:
+            atomic_write_text(path / MARKER, json.dumps({"format": 1}))
+        atomic_write_text(path / "config.yaml", dump_config(cfg))
+
+    def _check_same_config(self, cfg: Config) -> None:
+        try:
+            saved = yaml.safe_load((self.path / "config.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            raise CheckpointError(f"--resume: {str(self.path / 'config.yaml')!r} is missing or unreadable") from None
+        new = to_dict(cfg)
+        for section in FROZEN_SECTIONS:
+            diff = _first_difference(saved.get(section), new.get(section), section)
+            if diff:
+                key, old_value, new_value = diff
+                raise CheckpointError(
+                    f"--resume: {key} was {old_value!r} when the checkpoints were written but is {new_value!r} now; "
+                    f"resume with the run's own config (or start a new run in another --out)"
+                )
+
+    def append_metrics(self, record: dict) -> None:
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def metrics(self) -> list[dict]:
+        path = self.path / "metrics.jsonl"
+        if not path.is_file():
+            return []
+        records = []
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue  # a line cut by a kill; the checkpointed history is authoritative
+        return records
+
+    def rewrite_metrics(self, records: list[dict]) -> None:
+        atomic_write_text(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+
+    def write_json(self, name: str, data: dict) -> None:
+        atomic_write_text(self.path / name, json.dumps(data, indent=2))
+
+    def read_json(self, name: str) -> dict:
+        path = self.path / name
+        if not path.is_file():
+            raise CheckpointError(f"{str(path)!r} does not exist; is {str(self.path)!r} a finished ddcnn run?")
+        try:
+            return json.loads(path.read_text())
+        except ValueError:
+            raise CheckpointError(f"{str(path)!r} is corrupt; rerun the experiment") from None
+
+
+def _first_difference(old, new, key):
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new)):
+            diff = _first_difference(old.get(k), new.get(k), f"{key}.{k}")
+            if diff:
+                return diff
+        return None
+    return None if old == new else (key, old, new)

@@ -1,0 +1,104 @@
+"""A finished run, loaded back from its directory: the config, the data facts and every trained model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from ddcnn.config import from_dict
+from ddcnn.data.loading import Normalizer
+from ddcnn.errors import CheckpointError, ConfigError
+from ddcnn.models import MajorityVote, MeanProbability
+from ddcnn.train.protocol import Models, Shapes, make_runtime
+from ddcnn.train.rundir import RunDir
+
+
+class SavedRun:
+    """Models of a run directory, ready to predict. ``strategies()`` maps each available strategy to a function
+    ``normalised images -> (global scores (B, K), local logits (B, N, K) or None)``."""
+
+    def __init__(self, path: str | Path, device: str | None = None):
+        self.run_dir = RunDir(path)
+        if not self.run_dir.is_run:
+            raise CheckpointError(f"{str(path)!r} is not a ddcnn run directory (no ddcnn-run.json); give the --out "
+                                  f"of a `ddcnn run`")
+        try:
+            raw = yaml.safe_load((self.run_dir.path / "config.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            raise CheckpointError(f"{str(path)!r} has no readable config.yaml") from None
+        if device is not None:
+            raw["device"] = device
+        self.cfg = from_dict(raw)
+        facts = self.run_dir.read_json("data.json")
+        self.classes = facts["classes"]
+        self.shapes = Shapes(facts["in_channels"], len(self.classes), tuple(facts["image_size"]))
+        self.normalizer = Normalizer.from_state(facts["normalizer"])
+        self.runtime = make_runtime(self.cfg)
+        self.models = Models(self.cfg, self.shapes)
+        self.decomposition = self.models.decomposition
+        self.trained: dict[str, nn.Module] = {}
+        builders = {"global": self.models.global_cnn, "local": self.models.ensemble, "combine": self.models.dnn,
+                    "coherent": lambda: self.models.cnn_dnn("coherent"),
+                    "transfer": lambda: self.models.cnn_dnn("transfer")}
+        ckpt = self.run_dir.checkpoints
+        for stage, build in builders.items():
+            if not ckpt.has(stage) or not ckpt.state(stage).get("done"):
+                continue
+            weights, _, _ = ckpt.load(stage)
+            model = build()
+            try:
+                model.load_state_dict(weights)
+            except RuntimeError:
+                raise CheckpointError(f"the {stage!r} checkpoint of {str(path)!r} does not fit the model its "
+                                      f"config.yaml describes; was config.yaml edited after the run?") from None
+            self.trained[stage] = model.to(self.runtime.device).eval()
+        if not self.trained:
+            raise CheckpointError(f"{str(path)!r} has no finished stage to evaluate; run (or --resume) it first")
+
+    def strategies(self) -> dict:
+        split, out = self.decomposition.split, {}
+        n, k = self.models.n_local, self.shapes.num_classes
+        if "global" in self.trained:
+            out["global"] = lambda x: (self.trained["global"](x), None)
+        if "local" in self.trained:
+            ensemble = self.trained["local"]
+            if "combine" in self.trained:
+                out["cnn_dnn"] = lambda x: self._with_local(self.trained["combine"], ensemble(split(x)))
+            out["mean_probability"] = lambda x: self._with_local(MeanProbability(n, k), ensemble(split(x)))
+            out["majority_vote"] = lambda x: self._with_local(MajorityVote(n, k), ensemble(split(x)))
+        for stage in ("coherent", "transfer"):
+            if stage in self.trained:
+                out[stage] = lambda x, m=self.trained[stage]: m(x, return_local=True)
+        return out
+
+    @staticmethod
+    def _with_local(combiner, local):
+        return combiner(local), local
+
+    def strategy(self, name: str | None):
+        """The named strategy's function, or the best one of results.json (else the first available)."""
+        available = self.strategies()
+        if name is None:
+            try:
+                name = self.run_dir.read_json("results.json")["best_strategy"]
+            except (CheckpointError, KeyError):
+                name = next(iter(available))
+        if name not in available:
+            raise ConfigError(f"strategy {name!r} was not trained in this run; available: {', '.join(available)}")
+        return name, available[name]
+
+    @torch.no_grad()
+    def run_batches(self, fn, images: torch.Tensor, batch_size: int = 512):
+        """``fn`` over float images ``(M, C, *size)`` in [0, 1]: returns (scores (M, K), local logits or None)."""
+        scores, locals_ = [], []
+        for start in range(0, len(images), batch_size):
+            x = self.normalizer(images[start:start + batch_size].to(self.runtime.device))
+            with self.runtime.autocast():
+                s, local = fn(x)
+            scores.append(s.float().cpu())
+            if local is not None:
+                locals_.append(local.float().cpu())
+        return torch.cat(scores), (torch.cat(locals_) if locals_ else None)
