@@ -37,9 +37,9 @@ class RunDir:
         if path.exists() and not path.is_dir():
             raise ConfigError(f"output directory {str(path)!r} is a file; choose another --out")
         if resume:
-            if not self.is_run or not self.checkpoints.root.is_dir():
-                raise CheckpointError(f"--resume: {str(path)!r} holds no ddcnn run with checkpoints; run without "
-                                      f"--resume to start it")
+            if not self.is_run:
+                raise CheckpointError(f"--resume: {str(path)!r} holds no ddcnn run; run without --resume to start "
+                                      f"it")
             self._check_same_config(cfg)
         elif path.exists() and any(path.iterdir()):
             if not force:

@@ -1,0 +1,171 @@
+import json
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import tiny_dict
+from ddcnn.cli import main
+
+
+def _write_config(path, data):
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def _write_idx_dataset(root, size, n=40):
+    """MNIST-style IDX files (gzip) with n random images per split."""
+    import gzip
+    import struct
+
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split in ("train", "t10k"):
+        images = rng.integers(0, 256, size=(n, size, size), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=n, dtype=np.uint8)
+        with gzip.open(root / f"{split}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">BBBBIII", 0, 0, 8, 3, n, size, size) + images.tobytes())
+        with gzip.open(root / f"{split}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">BBBBI", 0, 0, 8, 1, n) + labels.tobytes())
+
+
+def test_an_mnist_layout_runs_end_to_end(tmp_path, capsys):
+    _write_idx_dataset(tmp_path / "mnist", size=12)
+    data = tiny_dict(2)
+    data["data"] = {"name": "mnist", "root": str(tmp_path / "mnist"), "val_fraction": 0.25}
+    data["stages"] = {s: {"enabled": s == "local", "epochs": 1, "batch_size": 16} for s in
+                      ("global", "local", "combine", "coherent", "transfer")}
+    out = tmp_path / "run"
+    assert main(["run", _write_config(tmp_path / "c.yaml", data), "--out", str(out), "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["image_size"] == [12, 12] and results["data_sizes"] == {"train": 30, "val": 10, "test": 40}
+
+
+def _one_error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ddcnn: error: "), err
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+def test_run_prints_the_results_table_and_the_report_path(tmp_path, capsys):
+    data = tiny_dict(2)
+    cfg = _write_config(tmp_path / "c.yaml", data)
+    out = tmp_path / "run"
+    assert main(["run", cfg, "--out", str(out), "--quiet", "--set", "stages.*.epochs=1"]) == 0
+    printed = capsys.readouterr().out
+    for label in ("global CNN", "CNN-DNN", "mean probability", "majority vote", "coherent", "transfer"):
+        assert label in printed
+    assert f"report: {out / 'report.md'}" in printed
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["stages"]["local"]["epochs"] == 1  # the resolved config, overrides applied
+
+
+def test_evaluate_reproduces_the_runs_test_accuracies(finished_run, capsys):
+    out, results = finished_run
+    assert main(["evaluate", str(out)]) == 0
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    for name, entry in results["strategies"].items():
+        assert evaluation["strategies"][name]["test_accuracy"] == pytest.approx(entry["test_accuracy"], abs=1e-9)
+
+
+def test_predict_gives_the_class_and_every_subdomains_vote(finished_run, tmp_path, capsys):
+    out, _ = finished_run
+    from ddcnn.data import make_generated
+
+    ds = make_generated(2, (16, 16), num_classes=3, seed=5)
+    files = []
+    for i in range(2):
+        files.append(tmp_path / f"x{i}.npy")
+        np.save(files[-1], ds.images[i].numpy())
+    assert main(["predict", str(out), *map(str, files), "--strategy", "cnn_dnn"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "strategy: cnn_dnn"
+    assert sum(line.startswith("  subdomain") for line in lines) == 2 * 4
+    assert main(["predict", str(out), str(files[0]), "--strategy", "global"]) == 0
+    assert "subdomain" not in capsys.readouterr().out
+
+
+def test_predict_refuses_files_of_the_wrong_kind(finished_run, tmp_path, capsys):
+    out, _ = finished_run
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    assert main(["predict", str(out), str(text)]) == 2
+    assert "cannot be read as an image" in _one_error_line(capsys)
+    wrong = tmp_path / "big.npy"
+    np.save(wrong, np.zeros((1, 20, 20), dtype=np.float32))
+    assert main(["predict", str(out), str(wrong)]) == 2
+    assert "[20, 20]" in _one_error_line(capsys)
+    assert main(["predict", str(out), str(wrong), "--strategy", "voting"]) == 2
+    assert "available" in _one_error_line(capsys)
+    assert main(["predict", str(tmp_path), str(wrong)]) == 2
+    assert "not a ddcnn run" in _one_error_line(capsys)
+
+
+def test_image_folder_end_to_end_with_png_prediction(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "flowers"
+    for c, colour in enumerate([(200, 30, 30), (30, 200, 30)]):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(12):
+            img = np.clip(rng.normal(colour, 20, size=(20, 24, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / f"class{c}" / f"{i}.png")
+    (root / "LICENSE.txt").write_text("ignored")
+    data = tiny_dict(2)
+    data["data"] = {"name": "image-folder", "root": str(root), "image_size": [16, 16], "channels": 3,
+                    "test_fraction": 0.25, "val_fraction": 0.0}
+    data["stages"] = {"global": {"enabled": False}, "coherent": {"enabled": False},
+                      "local": {"epochs": 3, "batch_size": 8, "lr": 0.01}, "combine": {"epochs": 2, "batch_size": 8},
+                      "transfer": {"epochs": 1, "batch_size": 8}}
+    out = tmp_path / "run"
+    assert main(["run", _write_config(tmp_path / "c.yaml", data), "--out", str(out), "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["classes"] == ["class0", "class1"]
+    capsys.readouterr()
+    # a photo of another size is fitted to the run's image size, as in training
+    assert main(["predict", str(out), str(root / "class1" / "3.png")]) == 0
+    assert "class1" in capsys.readouterr().out.splitlines()[1]
+
+
+def test_show_describes_sizes_parameters_and_draws_the_grid(tmp_path, capsys):
+    cfg = _write_config(tmp_path / "c.yaml", tiny_dict(2))
+    png = tmp_path / "grid.png"
+    assert main(["show", cfg, "--png", str(png)]) == 0
+    printed = capsys.readouterr().out
+    assert "4 subimages of [8, 8]" in printed and "CNN-DNN" in printed and "one local CNN" in printed
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["run", "missing.yaml"], "does not exist"),
+        (["run", "{cfg}", "--set", "stages.local.epochs"], "key=value"),
+        (["run", "{cfg}", "--set", "modle.width=3"], "did you mean 'model'"),
+        (["run", "{cfg}", "--set", "decomposition.grid=[16, 16]", "--out", "{tmp}/r"], "coarser grid"),
+        (["run", "{cfg}", "--set", "data.name=mnist", "--set", "data.root={tmp}/mnist", "--set",
+          "data.image_size=[32, 32]", "--out", "{tmp}/r"], "set data.image_size to [12, 12]"),
+        (["run", "{cfg}", "--set", "data.name=mnist", "--set", "data.root={tmp}/mnist", "--set", "data.channels=3",
+          "--set", "data.image_size=null", "--out", "{tmp}/r"], "have 1 channels"),
+        (["run", "{cfg}", "--set", "data.name=mnist", "--set", "data.root={tmp}/empty", "--out", "{tmp}/r"],
+         "ddcnn data fetch mnist"),
+        (["run", "{cfg}", "--resume", "--out", "{tmp}/none"], "no ddcnn run"),
+        (["evaluate", "{tmp}"], "not a ddcnn run"),
+        (["data", "fetch", "imagenet"], "fashion-mnist"),
+    ],
+)
+def test_user_errors_are_one_line_with_exit_status_2(tmp_path, capsys, args, fragment):
+    cfg = _write_config(tmp_path / "c.yaml", tiny_dict(2))
+    _write_idx_dataset(tmp_path / "mnist", size=12)
+    (tmp_path / "empty").mkdir()
+    args = [a.format(cfg=cfg, tmp=tmp_path) for a in args]
+    assert main(args) == 2
+    assert fragment in _one_error_line(capsys)
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    from ddcnn.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        main(["--debug", "run", str(tmp_path / "missing.yaml")])

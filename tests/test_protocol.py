@@ -1,0 +1,139 @@
+import json
+
+import pytest
+import torch
+
+from ddcnn.errors import CheckpointError, ConfigError, TrainingError
+from ddcnn.train.checkpoint import CheckpointDir
+from ddcnn.train.protocol import STRATEGIES, Experiment
+
+
+def test_a_run_writes_the_whole_run_directory(finished_run):
+    out, results = finished_run
+    for name in ("config.yaml", "metrics.jsonl", "results.json", "report.md", "data.json", "ddcnn-run.json"):
+        assert (out / name).is_file(), name
+    for plot in ("learning_curves.png", "local_accuracy.png", "decomposition.png", "confusion_matrix.png"):
+        assert (out / "plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((out / "results.json").read_text())
+    assert set(saved["strategies"]) == set(STRATEGIES)
+    for entry in saved["strategies"].values():
+        assert 0.0 <= entry["test_accuracy"] <= 1.0
+        assert entry["train_seconds"] > 0 and entry["parameters"] > 0 and entry["flops_per_image"] > 0
+    assert len(saved["local"]["test_accuracy"]) == 4
+    assert saved["local"]["critical_path_seconds"] > 0
+    assert saved["grid"] == [2, 2] and saved["dataset"] == "generated"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = {(r["stage"], r["epoch"]) for r in records}
+    assert epochs == {("global", 1), ("global", 2), ("local", 1), ("local", 2), ("combine", 1), ("combine", 2),
+                      ("coherent", 1), ("transfer", 1), ("transfer", 2)}
+    assert all(len(r["val_accuracy_per_subdomain"]) == 4 for r in records if r["stage"] == "local")
+    # the transfer strategy's time includes the local and combine stages it builds on
+    s = saved["stage_seconds"]
+    assert saved["strategies"]["transfer"]["train_seconds"] == pytest.approx(s["local"] + s["combine"] + s["transfer"])
+    # confusion matrix counts every test image once
+    assert sum(map(sum, saved["confusion_matrix"]["matrix"])) == saved["data_sizes"]["test"]
+
+
+def test_the_generated_task_is_learnt(tmp_path, tiny_config):
+    cfg = tiny_config(overrides=["stages.*.enabled=false", "stages.local.enabled=true", "stages.local.epochs=4",
+                                 "stages.local.lr=0.01"])
+    results = Experiment(cfg, tmp_path / "run", verbose=False).run()
+    assert results["strategies"]["mean_probability"]["test_accuracy"] > 0.6  # 3 classes: chance is 1/3
+    assert set(results["strategies"]) == {"mean_probability", "majority_vote"}
+
+
+def test_a_3d_run_goes_through_every_stage(tmp_path, tiny_config):
+    results = Experiment(tiny_config(3), tmp_path / "run3d", verbose=False).run()
+    assert set(results["strategies"]) == set(STRATEGIES)
+    assert results["subimage_size"] == [4, 8, 4]
+    assert (tmp_path / "run3d" / "plots" / "local_accuracy.png").is_file()
+
+
+class Crash(Exception):
+    pass
+
+
+def _crash_after(n):
+    count = {"records": 0}
+
+    def log(record):
+        count["records"] += 1
+        if count["records"] == n:
+            raise Crash
+
+    return log
+
+
+@pytest.mark.parametrize("crash_at", [2, 5])
+def test_an_interrupted_run_resumes_to_identical_results(tmp_path, tiny_config, crash_at):
+    cfg = tiny_config()
+    reference = Experiment(cfg, tmp_path / "ref", verbose=False).run()
+    run = Experiment(cfg, tmp_path / "cut", verbose=False)
+    real_append = run.run_dir.append_metrics
+    crash = _crash_after(crash_at)
+
+    def append(record):
+        real_append(record)
+        crash(record)
+
+    run.run_dir.append_metrics = append
+    with pytest.raises(Crash):
+        run.run()
+    resumed = Experiment(cfg, tmp_path / "cut", resume=True, verbose=False).run()
+    for name in STRATEGIES:
+        assert resumed["strategies"][name]["test_accuracy"] == reference["strategies"][name]["test_accuracy"], name
+    assert resumed["local"]["test_accuracy"] == reference["local"]["test_accuracy"]
+    for stage in ("global", "local", "transfer"):
+        ref_w, _, _ = CheckpointDir(tmp_path / "ref" / "checkpoints").load(stage)
+        cut_w, _, _ = CheckpointDir(tmp_path / "cut" / "checkpoints").load(stage)
+        for key in ref_w:
+            assert torch.equal(ref_w[key], cut_w[key]), (stage, key)
+
+
+def test_nan_loss_stops_with_the_stage_named_and_resume_with_a_lower_lr_recovers(tmp_path, tiny_config):
+    # epoch 1 at lr 0.01, epoch 2 at lr 1e30 (step schedule): the loss explodes in epoch 2
+    only_global = ["stages.*.enabled=false", "stages.global.enabled=true", "stages.global.epochs=3",
+                   "stages.global.optimizer=sgd", "stages.global.lr=0.01", "stages.global.schedule=step",
+                   "stages.global.step_every=1"]
+    cfg = tiny_config(overrides=only_global + ["stages.global.step_gamma=1e32"])
+    with pytest.raises(TrainingError, match=r"stage 'global', epoch 2, step \d+.*--resume --set stages.global.lr="):
+        Experiment(cfg, tmp_path / "run", verbose=False).run()
+    assert CheckpointDir(tmp_path / "run" / "checkpoints").state("global")["epoch"] == 1  # the last good one
+    fixed = tiny_config(overrides=only_global + ["stages.global.step_gamma=0.5"])
+    results = Experiment(fixed, tmp_path / "run", resume=True, verbose=False).run()
+    assert results["strategies"]["global"]["test_accuracy"] > 0
+    epochs = [r["epoch"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())]
+    assert epochs == [1, 2, 3]
+
+
+def test_resume_refuses_a_changed_architecture_and_an_empty_directory(tmp_path, tiny_config, finished_run):
+    out, _ = finished_run
+    with pytest.raises(CheckpointError, match=r"decomposition.grid was \[2, 2\].*\[4, 4\]"):
+        Experiment(tiny_config(overrides=["decomposition.grid=[4, 4]", "model.depth=[1]"]), out, resume=True,
+                   verbose=False).run()
+    with pytest.raises(CheckpointError, match="no ddcnn run"):
+        Experiment(tiny_config(), tmp_path / "nothing", resume=True, verbose=False).run()
+
+
+def test_an_output_directory_with_other_files_is_refused_unless_forced(tmp_path, tiny_config):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("keep me")
+    cfg = tiny_config(overrides=["stages.*.enabled=false", "stages.local.enabled=true", "stages.local.epochs=1"])
+    with pytest.raises(ConfigError, match="not a ddcnn run.*--force"):
+        Experiment(cfg, out, verbose=False).run()
+    Experiment(cfg, out, force=True, verbose=False).run()
+    assert (out / "thesis.tex").read_text() == "keep me"
+    assert (out / "results.json").is_file()
+
+
+def test_stages_that_need_the_local_cnns_refuse_to_run_without_them(tiny_config):
+    cfg = tiny_config(overrides=["stages.local.enabled=false"])
+    with pytest.raises(ConfigError, match="combine.*needs the trained local CNNs"):
+        Experiment(cfg, "unused", verbose=False)
+
+
+def test_asking_for_cuda_without_it_is_a_clear_error(tiny_config, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        Experiment(tiny_config(overrides=["device=cuda"]), "unused", verbose=False)
