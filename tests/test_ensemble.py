@@ -168,3 +168,32 @@ def test_wrong_input_shape_and_bad_arguments():
         LocalEnsemble(2, 1, 3, backbone="resnt")
     with pytest.raises(ConfigError, match="n_local"):
         LocalEnsemble(0, 1, 3)
+
+
+@pytest.mark.parametrize("source", ["grouped", "loop"])
+@pytest.mark.parametrize("target", ["grouped", "loop"])
+def test_stacked_state_and_optimizer_state_move_training_between_backends(source, target):
+    """Train 2 steps on one backend, move weights and Adam state to the other, train 2 more: equals 4 steps."""
+    case = CASES[0]
+    batches = [_batch(case, seed=s) for s in range(4)]
+
+    def steps(ensemble, opt, some):
+        for x, y in some:
+            opt.zero_grad()
+            local_loss(ensemble(x), y)[0].backward()
+            opt.step()
+
+    kw = dict(width=4, depth=(1, 1, 1), seed=2)
+    ref = LocalEnsemble(N, C, K, backend=source, **kw)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    steps(ref, ref_opt, batches)
+    a = LocalEnsemble(N, C, K, backend=source, **kw)
+    a_opt = torch.optim.Adam(a.parameters(), lr=1e-2)
+    steps(a, a_opt, batches[:2])
+    b = LocalEnsemble(N, C, K, backend=target, **kw)
+    b_opt = torch.optim.Adam(b.parameters(), lr=1e-2)
+    b.load_stacked_state_dict(a.stacked_state_dict())
+    b.load_stacked_optimizer_state(b_opt, a.stacked_optimizer_state(a_opt))
+    steps(b, b_opt, batches[2:])
+    for key, value in ref.stacked_state_dict().items():
+        torch.testing.assert_close(b.stacked_state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)

@@ -137,3 +137,19 @@ def test_asking_for_cuda_without_it_is_a_clear_error(tiny_config, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="no CUDA device"):
         Experiment(tiny_config(overrides=["device=cuda"]), "unused", verbose=False)
+
+
+REAL = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir(REAL), reason="apt-get install dataset-fashion-mnist")
+def test_real_fashion_mnist_local_cnns_and_combiners_learn(tmp_path, tiny_config):
+    cfg = tiny_config(overrides=[
+        "data.name=fashion-mnist", "data.image_size=null", "data.limit_train=3000", "data.limit_test=1000",
+        "model.width=8", "model.depth=[1, 1, 1]", "stages.global.enabled=false", "stages.coherent.enabled=false",
+        "stages.local.epochs=2", "stages.local.lr=0.003", "stages.combine.epochs=5", "combiner.hidden=null", "stages.transfer.enabled=false",
+    ])
+    results = Experiment(cfg, tmp_path / "fm", verbose=False).run()
+    assert results["classes"][0] == "T-shirt/top" and results["data_sizes"]["test"] == 1000
+    for name in ("cnn_dnn", "mean_probability", "majority_vote"):
+        assert results["strategies"][name]["test_accuracy"] > 0.6, name  # 10 classes: chance is 0.1

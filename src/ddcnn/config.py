@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -100,7 +101,7 @@ class StagesConfig:
     # 'global' is a Python keyword, hence the trailing underscore; YAML and --set use 'global'.
     global_: StageConfig = field(default_factory=StageConfig)
     local: StageConfig = field(default_factory=StageConfig)
-    combine: StageConfig = field(default_factory=lambda: StageConfig(epochs=20, batch_size=256))
+    combine: StageConfig = field(default_factory=lambda: StageConfig(epochs=20, batch_size=256, lr=1e-2))
     coherent: StageConfig = field(default_factory=StageConfig)
     transfer: StageConfig = field(default_factory=lambda: StageConfig(epochs=5, lr=1e-4))
 
@@ -272,8 +273,15 @@ def validate(cfg: Config) -> Config:
     choice("model.backend", cfg.model.backend, BACKENDS)
     choice("combiner.activation", cfg.combiner.activation, tuple(ACTIVATIONS))
     choice("precision", cfg.precision, ("auto", "fp32", "bf16"))
-    if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
-        raise ConfigError(f"device = {cfg.device!r} is not valid; use auto, cpu, cuda or cuda:N")
+    if not (cfg.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", cfg.device)):
+        raise ConfigError(f"device = {cfg.device!r} is not valid; use auto, cpu, cuda or cuda:N (N a GPU number, "
+                          f"e.g. cuda:0)")
+    if cfg.seed < 0:
+        raise ConfigError(f"seed = {cfg.seed} must not be negative; use e.g. seed: 0")
+    size = cfg.data.image_size
+    if size is not None and (len(size) not in (2, 3) or min(size) < 1):
+        raise ConfigError(f"data.image_size = {size} must be [H, W] (images) or [D, H, W] (volumes) with positive "
+                          f"sizes, e.g. [32, 32]")
     positive = {
         "model.width": cfg.model.width, "eval_batch_size": cfg.eval_batch_size,
         "data.generated_train": cfg.data.generated_train, "data.generated_test": cfg.data.generated_test,
@@ -295,6 +303,8 @@ def validate(cfg: Config) -> Config:
         for name in ("weight_decay", "warmup_epochs", "momentum", "label_smoothing"):
             if getattr(s, name) < 0:
                 raise ConfigError(f"stages.{stage}.{name} = {getattr(s, name)} must not be negative")
+        if s.label_smoothing >= 1:
+            raise ConfigError(f"stages.{stage}.label_smoothing = {s.label_smoothing} must be below 1, e.g. 0.1")
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} = {value} must be positive")

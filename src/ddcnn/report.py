@@ -545,6 +545,8 @@ def _train_time_note(results: Mapping) -> list[str]:
     parts = []
     for name in present:
         stages = STRATEGY_STAGES.get(name)
+        if name == "transfer" and results.get("transfer_used_dnn") is not None:
+            stages = "local + combine + transfer" if results["transfer_used_dnn"] else "local + transfer"
         if stages:
             parts.append(f"{_strategy_label(name)}: {stages}")
     if not parts:

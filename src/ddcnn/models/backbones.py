@@ -131,13 +131,16 @@ class Backbone(nn.Sequential):
 
 def check_backbone_args(name: str, width: int, depth: Sequence[int] | None, dims: int) -> tuple[int, ...]:
     """Validate backbone arguments and return the depth (the family's default when ``None``)."""
-    if name not in BACKBONES:
+    if not isinstance(name, str) or name not in BACKBONES:
         raise ConfigError(f"unknown backbone {name!r}{did_you_mean(str(name), BACKBONES)}; choose one of {BACKBONES}")
-    if dims not in (2, 3):
+    if not isinstance(dims, int) or isinstance(dims, bool) or dims not in (2, 3):
         raise ConfigError(f"dims must be 2 (images) or 3 (volumes), got {dims!r}")
     if not isinstance(width, int) or isinstance(width, bool) or width < 1:
         raise ConfigError(f"width must be a positive whole number, got {width!r}")
-    depth = DEFAULT_DEPTH[name] if depth is None else tuple(depth)
+    try:
+        depth = DEFAULT_DEPTH[name] if depth is None else tuple(depth)
+    except TypeError:
+        raise ConfigError(f"depth must be a list of layer counts per stage, e.g. [2, 2, 2], got {depth!r}") from None
     if not depth or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in depth):
         raise ConfigError(
             f"depth must list at least one stage with a positive number of layers, e.g. [2, 2, 2], got {list(depth)}"

@@ -39,6 +39,10 @@ class CNNDNN(nn.Module):
 
     def __init__(self, decomposition: Decomposition, ensemble: LocalEnsemble, combiner: Combiner):
         super().__init__()
+        for label, value, cls in (("decomposition", decomposition, Decomposition), ("ensemble", ensemble, LocalEnsemble),
+                                  ("combiner", combiner, Combiner)):
+            if not isinstance(value, cls):
+                raise ConfigError(f"CNNDNN's {label} must be a {cls.__name__}, got {type(value).__name__}")
         if ensemble.n_local != decomposition.n_subdomains:
             raise ConfigError(
                 f"the ensemble holds {ensemble.n_local} local CNNs but the decomposition has "

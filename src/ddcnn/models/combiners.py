@@ -11,6 +11,7 @@ scores whose argmax is the decision:
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -103,12 +104,14 @@ class DNN(Combiner):
     def __init__(self, n_local: int, num_classes: int, hidden: Sequence[int] | None = None,
                  activation: str = "relu", dropout: float = 0.0):
         super().__init__(n_local, num_classes)
-        if activation not in ACTIVATIONS:
+        if not isinstance(activation, str) or activation not in ACTIVATIONS:
             raise ConfigError(f"unknown activation {activation!r}{did_you_mean(str(activation), ACTIVATIONS)}; "
                               f"choose one of {tuple(ACTIVATIONS)}")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {dropout!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
+            raise ConfigError(f"dropout must be a number in [0, 1), got {dropout!r}")
         inputs = n_local * num_classes
+        if hidden is not None and (isinstance(hidden, str) or not isinstance(hidden, Sequence)):
+            raise ConfigError(f"hidden must be a list of layer sizes, e.g. [64, 64], got {hidden!r}")
         hidden = default_hidden(n_local, num_classes) if hidden is None else list(hidden)
         if not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden):
             raise ConfigError(f"hidden sizes must be positive whole numbers, got {hidden!r}")
@@ -136,7 +139,7 @@ def build_combiner(name: str, n_local: int, num_classes: int, **options) -> Comb
     """A combiner by name (``COMBINERS``); ``options`` go to :class:`DNN`."""
     classes = {"dnn": DNN, "mean_probability": MeanProbability, "majority_vote": MajorityVote,
                "weighted_mean": WeightedMean}
-    if name not in classes:
+    if not isinstance(name, str) or name not in classes:
         raise ConfigError(f"unknown combiner {name!r}{did_you_mean(str(name), COMBINERS)}; choose one of {COMBINERS}")
     if options and name != "dnn":
         raise ConfigError(f"combiner {name!r} takes no options, got {sorted(options)}")

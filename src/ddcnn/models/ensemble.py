@@ -13,6 +13,7 @@ process or shard builds it.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import numpy as np
@@ -24,6 +25,16 @@ from ddcnn.errors import ConfigError, ShapeError, did_you_mean
 from ddcnn.models.backbones import Backbone, build_backbone, check_backbone_args, load_slot_state, slot_state
 
 BACKENDS = ("grouped", "loop")
+
+
+def _whole(value) -> int | None:
+    """``value`` as an int when it is a whole number (int, numpy integer; not bool), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def slot_seed(seed: int, index: int) -> int:
@@ -62,11 +73,25 @@ class LocalEnsemble(nn.Module):
         super().__init__()
         if not isinstance(n_local, int) or isinstance(n_local, bool) or n_local < 1:
             raise ConfigError(f"n_local must be a positive whole number of local CNNs, got {n_local!r}")
-        if backend not in BACKENDS:
+        if not isinstance(backend, str) or backend not in BACKENDS:
             raise ConfigError(f"unknown backend {backend!r}{did_you_mean(str(backend), BACKENDS)}; choose one of "
                               f"{BACKENDS}")
+        for label, value in (("in_channels", in_channels), ("num_classes", num_classes)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{label} must be a positive whole number, got {value!r}")
         depth = check_backbone_args(backbone, width, depth, dims)
-        indices = list(range(n_local)) if indices is None else [int(i) for i in indices]
+        if seed is not None and (_whole(seed) is None or seed < 0):
+            raise ConfigError(f"seed must be a non-negative whole number (or None), got {seed!r}")
+        if indices is None:
+            indices = list(range(n_local))
+        else:
+            try:
+                whole = [None] if isinstance(indices, str) else [_whole(i) for i in indices]
+            except TypeError:  # not iterable
+                whole = [None]
+            if any(i is None or i < 0 for i in whole):
+                raise ConfigError(f"indices must be a list of non-negative subdomain numbers, got {indices!r}")
+            indices = whole
         if len(indices) != n_local:
             raise ConfigError(f"indices {indices} must name {n_local} local CNNs")
         if seed is None:
@@ -141,6 +166,59 @@ class LocalEnsemble(nn.Module):
             load_slot_state(target, state, 1, 0)
         else:
             load_slot_state(self.net, state, self.n_local, i)
+
+    # ------------------------------------------------------------------ one layout for both backends
+    def stacked_state_dict(self) -> dict[str, torch.Tensor]:
+        """The ensemble's state in the grouped layout, whatever the backend: one ordinary CNN's keys, every tensor
+        the N slot tensors concatenated along dim 0 (scalars such as ``num_batches_tracked`` once)."""
+        if self.backend == "grouped":
+            return {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+        states = [m.state_dict() for m in self.models]
+        return {k: (v.detach().clone() if v.dim() == 0 else torch.cat([s[k] for s in states]))
+                for k, v in states[0].items()}
+
+    def load_stacked_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`stacked_state_dict`."""
+        if self.backend == "grouped":
+            self.net.load_state_dict(state)
+            return
+        for i, m in enumerate(self.models):
+            load_slot_state(m, slot_state(state, self.n_local, i), 1, 0)
+
+    def _parameters_by_position(self) -> list[list[nn.Parameter]]:
+        """For each parameter of one CNN, the tensors holding it: one stacked tensor (grouped) or N (loop)."""
+        if self.backend == "grouped":
+            return [[p] for p in self.net.parameters()]
+        return [list(ps) for ps in zip(*[list(m.parameters()) for m in self.models])]
+
+    def stacked_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        """The optimizer's per-parameter state in the stacked layout (``{"state": {j: {...}}, "param_groups"}``),
+        so that it can be gathered across shards and loaded into either backend."""
+        out = {}
+        for j, params in enumerate(self._parameters_by_position()):
+            states = [optimizer.state.get(p, {}) for p in params]
+            if not states[0]:
+                continue
+            out[j] = {k: (torch.cat([st[k] for st in states]).detach().cpu() if torch.is_tensor(v) and v.dim() > 0
+                          else (v.detach().cpu().clone() if torch.is_tensor(v) else v))
+                      for k, v in states[0].items()}
+        hyper = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+        return {"state": out, "param_groups": [hyper]}
+
+    def load_stacked_optimizer_state(self, optimizer: torch.optim.Optimizer, stacked: dict) -> None:
+        """Inverse of :meth:`stacked_optimizer_state` (the optimizer holds this ensemble's parameters)."""
+        for j, params in enumerate(self._parameters_by_position()):
+            entry = stacked["state"].get(j)
+            if entry is None:
+                continue
+            for i, p in enumerate(params):
+                optimizer.state[p] = {
+                    k: (v.unflatten(0, (len(params), -1))[i].to(p.device).clone()
+                        if torch.is_tensor(v) and v.dim() > 0 else (v.clone() if torch.is_tensor(v) else v))
+                    for k, v in entry.items()
+                }
+        for group in optimizer.param_groups:
+            group.update({k: v for k, v in stacked["param_groups"][0].items() if k not in ("params", "lr")})
 
     # ------------------------------------------------------------------ per-slot views of the parameters
     def slot_tensors(self, grads: bool = False) -> list[torch.Tensor]:

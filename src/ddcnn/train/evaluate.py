@@ -52,6 +52,8 @@ def _read_input(path: Path, run: SavedRun) -> torch.Tensor:
         resize = data.name == "image-folder"  # the other datasets were not resized in training either
         x = read_image_file(path, size if resize else None, channels if resize else None)
     x = to_float(x)
+    if not torch.isfinite(x).all():
+        raise DataError(f"{path} contains NaN or infinite values; give a file with finite pixel values")
     if x.dim() == len(size):
         x = x.unsqueeze(0)
     if x.shape[0] != channels:

@@ -72,6 +72,38 @@ def lr_at(step: int, steps_per_epoch: int, cfg: StageConfig) -> float:
     return cfg.lr
 
 
+class ModelState:
+    """How a stage's model and optimizer are saved and restored; the default is their own state dicts."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def weights(self) -> dict:
+        return self.module.state_dict()
+
+    def load_weights(self, weights: dict) -> None:
+        device = next(self.module.parameters()).device
+        self.module.load_state_dict({k: v.to(device) for k, v in weights.items()})
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        return optimizer.state_dict()
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        optimizer.load_state_dict(state)
+
+
+class Sync:
+    """How a process combines its epoch statistics with the other processes' (a single process: as they are)."""
+
+    is_main = True
+
+    def reduce(self, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int):
+        return loss_sum, correct, seen
+
+    def seconds(self, value: float) -> float:
+        return value
+
+
 class Progress:
     """A tqdm bar on a terminal; otherwise nothing until the caller logs the epoch's line."""
 
@@ -108,20 +140,25 @@ def fit(
     verbose: bool = True,
     check_every: int = 25,
     loss_scale: float = 1.0,
+    saver: ModelState | None = None,
+    sync: Sync | None = None,
 ) -> dict:
     """Train ``model`` for ``cfg.epochs`` epochs, resuming from ``ckpt`` where the stage left off.
 
     ``batches`` yields ``(x, y)`` on the device and has ``set_epoch(e)`` and ``len``. After every epoch the model,
-    the optimizer and the stage's state are checkpointed and ``log`` receives the epoch's metrics. Returns the
-    state: ``{"epoch", "seconds", "history", "done"}``.
+    the optimizer and the stage's state are checkpointed (``saver`` says how) and ``log`` receives the epoch's
+    metrics; ``sync`` combines the statistics of several processes. Returns the state:
+    ``{"epoch", "seconds", "history", "done", "step"}``.
     """
+    saver = saver or ModelState(model)
+    sync = sync or Sync()
     optimizer = make_optimizer(model.parameters(), cfg)
     state = {"epoch": 0, "seconds": 0.0, "history": [], "done": False, "step": 0}
     if ckpt.has(stage):
         weights, state, opt_state = ckpt.load(stage)
-        model.load_state_dict({k: v.to(runtime.device) for k, v in weights.items()})
+        saver.load_weights(weights)
         if opt_state is not None and not state["done"]:
-            optimizer.load_state_dict(opt_state)
+            saver.load_optimizer_state(optimizer, opt_state)
     if state["done"]:
         return state
     steps_per_epoch = len(batches)
@@ -168,8 +205,9 @@ def fit(
             else:
                 progress.update()
         runtime.synchronize()
-        state["seconds"] += time.perf_counter() - start
+        state["seconds"] += sync.seconds(time.perf_counter() - start)
         progress.close()
+        loss_sum, correct_sum, seen = sync.reduce(loss_sum, correct_sum, seen)
         acc = (correct_sum.float() / seen).cpu()
         record = {"stage": stage, "epoch": epoch, "train_loss": (loss_sum / seen).item() * loss_scale,
                   "train_accuracy": acc.mean().item(), "lr": optimizer.param_groups[0]["lr"]}
@@ -179,7 +217,10 @@ def fit(
         state["epoch"] = epoch
         state["done"] = epoch == cfg.epochs
         state["history"].append(record)
-        ckpt.save(stage, f"e{epoch}", model.state_dict(), state,
-                  optimizer=None if state["done"] else optimizer.state_dict())
-        log(record)
+        # Every process takes part in gathering the state; the main one writes it.
+        weights = saver.weights()
+        opt_state = None if state["done"] else saver.optimizer_state(optimizer)
+        if sync.is_main:
+            ckpt.save(stage, f"e{epoch}", weights, state, optimizer=opt_state)
+            log(record)
     return state

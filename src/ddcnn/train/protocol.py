@@ -140,8 +140,9 @@ class Experiment:
     """One run of the protocol into a run directory."""
 
     def __init__(self, cfg: Config, out, resume: bool = False, force: bool = False, command: str = "",
-                 verbose: bool = True, log=print):
-        self.cfg, self.run_dir, self.command, self.verbose, self.print = cfg, RunDir(out), command, verbose, log
+                 verbose: bool = True, log=None):
+        self.cfg, self.run_dir, self.command, self.verbose = cfg, RunDir(out), command, verbose
+        self.print = log or (lambda line: print(line, flush=True))  # flushed: one line per epoch in a log file
         self.runtime = make_runtime(cfg)
         self.resume, self.force = resume, force
         self.trained: dict[str, nn.Module] = {}
@@ -197,11 +198,28 @@ class Experiment:
 
     def _log(self, record: dict) -> None:
         self.run_dir.append_metrics(record)
+        writer = self._tensorboard()
+        if writer is not None:
+            for key, value in record.items():
+                if isinstance(value, float):
+                    writer.add_scalar(f"{record['stage']}/{key}", value, record["epoch"])
+            writer.flush()
         if self.verbose:
             val = record.get("val_accuracy")
             val = f"{100 * val:6.2f}%" if val is not None else "   n/a"
             self.print(f"[{record['stage']:>8}] epoch {record['epoch']:3d}  loss {record['train_loss']:.4f}  "
                        f"train {100 * record['train_accuracy']:6.2f}%  val {val}  {record['seconds']:7.1f}s")
+
+    def _tensorboard(self):
+        """A SummaryWriter into ``tensorboard/`` when the tensorboard package is installed, else None."""
+        if not hasattr(self, "_writer"):
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is an optional extra
+                self._writer = None
+            else:
+                self._writer = SummaryWriter(str(self.run_dir.path / "tensorboard"))
+        return self._writer
 
     def _prepare(self, model: nn.Module) -> nn.Module:
         model.to(self.runtime.device)

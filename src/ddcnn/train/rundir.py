@@ -16,8 +16,10 @@ from ddcnn.train.checkpoint import CheckpointDir, atomic_write_text
 MARKER = "ddcnn-run.json"
 # Settings that the saved weights depend on: a resumed run must not change them.
 FROZEN_SECTIONS = ("seed", "data", "decomposition", "model", "combiner")
-OUTPUTS = ("checkpoints", "plots", "tensorboard", "metrics.jsonl", "results.json", "report.md", "config.yaml",
-           "data.json", MARKER)
+# The marker first: --force removes it before anything else, so a kill in the middle never leaves a marked run
+# without its config.yaml.
+OUTPUTS = (MARKER, "checkpoints", "plots", "tensorboard", "metrics.jsonl", "results.json", "report.md",
+           "config.yaml", "data.json", "local_timing.json", "evaluation.json", ".write-test")
 
 
 class RunDir:
@@ -38,20 +40,27 @@ class RunDir:
             raise ConfigError(f"output directory {str(path)!r} is a file; choose another --out")
         if resume:
             if not self.is_run:
-                raise CheckpointError(f"--resume: {str(path)!r} holds no ddcnn run; run without --resume to start "
-                                      f"it")
+                how = "without --resume" if not (path.is_dir() and any(path.iterdir())) else \
+                    "with --force instead of --resume (ddcnn replaces only the files a run writes)"
+                raise CheckpointError(f"--resume: {str(path)!r} holds no ddcnn run (a run killed before it began "
+                                      f"leaves none); start it {how}")
             self._check_same_config(cfg)
+            self._remove_leftovers()
         elif path.exists() and any(path.iterdir()):
             if not force:
-                what = "a ddcnn run" if self.is_run else "files that are not a ddcnn run"
-                raise ConfigError(f"output directory {str(path)!r} already holds {what}; use --resume to continue "
-                                  f"it, --force to start over there, or choose another --out")
+                if self.is_run:
+                    raise ConfigError(f"output directory {str(path)!r} already holds a ddcnn run; use --resume to "
+                                      f"continue it, --force to start over there, or choose another --out")
+                raise ConfigError(f"output directory {str(path)!r} already holds files that are not a ddcnn run; use "
+                                  f"--force to start a run there anyway (only the files a run writes are replaced), "
+                                  f"or choose another --out")
             for name in OUTPUTS:  # only what a run writes; other files stay
                 target = path / name
                 if target.is_dir():
                     shutil.rmtree(target)
                 elif target.exists():
                     target.unlink()
+            self._remove_temporary_files()
         try:
             path.mkdir(parents=True, exist_ok=True)
             probe = path / ".write-test"
@@ -60,15 +69,46 @@ class RunDir:
         except OSError as err:
             raise ConfigError(f"output directory {str(path)!r} is not writable ({err.strerror}); choose another "
                               f"--out") from None
+        # config.yaml before the marker: a directory with the marker always has the config --resume checks against.
+        atomic_write_text(path / "config.yaml", dump_config(cfg))
         if not resume:
             atomic_write_text(path / MARKER, json.dumps({"format": 1}))
-        atomic_write_text(path / "config.yaml", dump_config(cfg))
+
+    def _remove_leftovers(self) -> None:
+        """After a kill: delete temporary files of interrupted writes, and checkpoint files that no manifest names
+        (a kill between writing a manifest and deleting the previous version's files). Nothing else is touched."""
+        self._remove_temporary_files()
+        (self.path / ".write-test").unlink(missing_ok=True)
+        root = self.checkpoints.root
+        if not root.is_dir():
+            return
+        named = set()
+        for manifest in root.glob("*.json"):
+            try:
+                named.update(entry["file"] for entry in json.loads(manifest.read_text())["files"].values())
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                return  # a damaged manifest: keep every file, loading it will say what is wrong
+        for weights in root.glob("*.safetensors"):
+            if weights.name not in named:
+                weights.unlink(missing_ok=True)
+
+    def _remove_temporary_files(self) -> None:
+        """The ``.NAME.XXXXXXXX.tmp`` files that :func:`atomic_write` leaves when the process dies mid-write."""
+        for name in OUTPUTS:
+            for tmp in self.path.glob(f".{name}.*.tmp"):
+                tmp.unlink(missing_ok=True)
+        if self.checkpoints.root.is_dir():
+            for tmp in self.checkpoints.root.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
 
     def _check_same_config(self, cfg: Config) -> None:
         try:
             saved = yaml.safe_load((self.path / "config.yaml").read_text())
-        except (OSError, yaml.YAMLError):
-            raise CheckpointError(f"--resume: {str(self.path / 'config.yaml')!r} is missing or unreadable") from None
+            if not isinstance(saved, dict):
+                raise ValueError
+        except (OSError, ValueError, yaml.YAMLError):
+            raise CheckpointError(f"--resume: {str(self.path / 'config.yaml')!r} is missing or unreadable; restore "
+                                  f"it, or start over with --force") from None
         new = to_dict(cfg)
         for section in FROZEN_SECTIONS:
             diff = _first_difference(saved.get(section), new.get(section), section)

@@ -29,13 +29,20 @@ class SavedRun:
             raw = yaml.safe_load((self.run_dir.path / "config.yaml").read_text())
         except (OSError, yaml.YAMLError):
             raise CheckpointError(f"{str(path)!r} has no readable config.yaml") from None
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{str(self.run_dir.path / 'config.yaml')!r} does not hold a config (a mapping of "
+                                  f"keys to values); restore the run's config.yaml or rerun the experiment")
         if device is not None:
             raw["device"] = device
         self.cfg = from_dict(raw)
         facts = self.run_dir.read_json("data.json")
-        self.classes = facts["classes"]
-        self.shapes = Shapes(facts["in_channels"], len(self.classes), tuple(facts["image_size"]))
-        self.normalizer = Normalizer.from_state(facts["normalizer"])
+        try:
+            self.classes = list(facts["classes"])
+            self.shapes = Shapes(int(facts["in_channels"]), len(self.classes), tuple(int(s) for s in facts["image_size"]))
+            self.normalizer = Normalizer.from_state(facts["normalizer"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{str(self.run_dir.path / 'data.json')!r} lacks the classes, in_channels, "
+                                  f"image_size or normalizer of the run; rerun the experiment (or --resume it)") from None
         self.runtime = make_runtime(self.cfg)
         self.models = Models(self.cfg, self.shapes)
         self.decomposition = self.models.decomposition

@@ -1,0 +1,132 @@
+"""Several processes (``torchrun``): local CNNs sharded over ranks, the other stages data-parallel.
+
+* ``local``: rank ``r`` of ``P`` trains a contiguous shard of the N local CNNs (:func:`shard_range`) as one batched
+  ensemble, on every training image, in the same order as a single process would, with no communication until
+  the end of each epoch; then the shards are gathered (for the checkpoint and the metrics), and after the stage
+  every rank holds all N local CNNs. A rank may hold no local CNN when ``P > N``; it waits at the gathers.
+* ``combine``: trained once on rank 0 and broadcast.
+* ``global``, ``coherent``, ``transfer``: DistributedDataParallel; each global batch is split into ``P`` parts.
+* Only rank 0 prints, writes metrics, checkpoints, plots and the report.
+
+Every gathered state is concatenated along dim 0 in rank order: because the shards are contiguous and every
+ensemble tensor is stacked slot-major along dim 0, the result is exactly the state of one N-slot ensemble, so
+checkpoints do not depend on the number of processes (a run can be resumed with another ``P``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ddcnn.errors import ConfigError
+
+
+@dataclass
+class DistEnv:
+    """This process's place among the ranks (``world == 1``: a single process, no communication)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def all_gather(self, obj) -> list:
+        """Every rank's ``obj`` (CPU tensors, dicts, numbers), in rank order, on every rank."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj, src: int = 0):
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            value = value.clone()
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        return value
+
+    def max(self, value: float) -> float:
+        return max(self.all_gather(value)) if self.enabled else value
+
+
+def env_from_environment() -> DistEnv:
+    """The ranks torchrun (or SLURM via torchrun) set in ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistEnv()
+    return DistEnv(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init(env: DistEnv, device_type: str) -> None:
+    """Join the process group: NCCL on CUDA (each rank on GPU ``LOCAL_RANK``), gloo on the CPU."""
+    if not env.enabled or dist.is_initialized():
+        return
+    if device_type == "cuda":
+        if env.local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK {env.local_rank} has no GPU: this node has {torch.cuda.device_count()}; "
+                              f"start at most that many processes per node (--nproc-per-node)")
+        torch.cuda.set_device(env.local_rank)
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_restart() -> bool:
+    """True in a worker that torchrun restarted after a failure (it then resumes from the checkpoints)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
+def shard_range(n: int, rank: int, world: int) -> range:
+    """Contiguous share of ``n`` local CNNs for ``rank``: the first ``n % world`` ranks get one more."""
+    q, r = divmod(n, world)
+    start = rank * q + min(rank, r)
+    return range(start, start + q + (1 if rank < r else 0))
+
+
+def cat_states(states: list[dict | None]) -> dict:
+    """Concatenate per-rank stacked states along dim 0 (ranks holding nothing give ``None``); scalars from the
+    first rank that has them."""
+    states = [s for s in states if s is not None]
+    out = {}
+    for key, first in states[0].items():
+        if isinstance(first, torch.Tensor) and first.dim() > 0:
+            out[key] = torch.cat([s[key] for s in states])
+        else:
+            out[key] = first
+    return out
+
+
+def slice_state(state: dict, n_total: int, shard: range) -> dict:
+    """Rows of a stacked N-slot state that belong to ``shard`` (inverse of :func:`cat_states`)."""
+    out = {}
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            out[key] = value.unflatten(0, (n_total, -1))[shard.start:shard.stop].flatten(0, 1).clone()
+        else:
+            out[key] = value
+    return out

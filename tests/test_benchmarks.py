@@ -1,0 +1,113 @@
+"""benchmarks/train_step.py on tiny CPU configurations: rows, FLOPs column, error rows, presets. No timing asserts."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ddcnn
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
+TINY = ["--device", "cpu", "--image-size", "16", "16", "--channels", "1", "--grid", "2", "2", "--width", "4",
+        "--depth", "1", "1", "--batch", "8", "--warmup", "1", "--repeats", "2", "--classes", "3"]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("ddcnn_bench_train_step", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models are fastest on one thread, and the CI machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _expected_flops():
+    glob = ddcnn.GlobalCNN(1, 3, "vgg", 4, (1, 1), 2)
+    expected = {"global": ddcnn.forward_flops(glob, (1, 16, 16))}
+    lw = ddcnn.local_width(4, 4)
+    for backend in ("grouped", "loop"):
+        ens = ddcnn.LocalEnsemble(4, 1, 3, "vgg", lw, (1, 1), 2, backend=backend)
+        expected[backend] = ddcnn.forward_flops(ens, (4, 1, 8, 8))
+    return expected, lw
+
+
+def test_tiny_cpu_run_has_all_rows_and_the_library_flops(bench, one_thread, tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    rows = bench.main(TINY + ["--json", str(out), "--markdown"])
+    printed = capsys.readouterr().out
+
+    assert [r["model"] for r in rows] == ["global", "grouped", "loop"]
+    expected, lw = _expected_flops()
+    for row in rows:
+        assert "error" not in row, row
+        assert row["img_s"] > 0 and row["ms_step"] > 0
+        assert row["fwd_flops"] == expected[row["model"]] > 0
+        assert row["train_flops"] == 3 * row["fwd_flops"]
+        assert row["bytes_img"] > 0 and row["roofline_img_s"] > 0
+        assert row["peak_mem_mib"] is None  # CPU
+    assert [r["width"] for r in rows] == [4, lw, lw]
+    assert [r["n_local"] for r in rows] == [1, 4, 4]
+    assert rows[1]["ratio_global"] > 0 and rows[1]["ratio_loop"] > 0 and rows[2]["ratio_global"] > 0
+    # fp32: 4 bytes per element, 3 passes; the fused and the loop ensemble move the same activations
+    assert rows[0]["bytes_img"] % 12 == 0 and rows[1]["bytes_img"] == rows[2]["bytes_img"]
+
+    for model in ("global", "grouped", "loop"):
+        assert f"| {model} |" in printed
+    assert "nominal" in printed.lower() and "command: python benchmarks/train_step.py --device cpu" in printed
+    saved = json.loads(out.read_text())
+    assert [r["model"] for r in saved["rows"]] == ["global", "grouped", "loop"]
+    assert saved["header"]["precision"].startswith("fp32")
+
+
+def test_a_failing_backend_is_a_row_with_its_error(bench, one_thread, monkeypatch, capsys):
+    real = bench.build_model
+
+    def broken(kind, cfg):
+        if kind == "loop":
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(kind, cfg)
+
+    monkeypatch.setattr(bench, "build_model", broken)
+    rows = bench.main(TINY + ["--repeats", "1"])
+    printed = capsys.readouterr().out
+    by_model = {r["model"]: r for r in rows}
+    assert by_model["global"]["img_s"] > 0 and by_model["grouped"]["img_s"] > 0
+    assert "img_s" not in by_model["loop"] and "simulated" in by_model["loop"]["error"]
+    assert "ratio_loop" not in by_model["grouped"]
+    assert "simulated" in printed
+
+
+def test_time_budget_skips_models_and_configurations(bench, capsys):
+    rows = bench.main(["--sweep", "cpu", "--time-budget", "0"])
+    printed = capsys.readouterr().out
+    assert rows == []
+    assert "skipped 2 configuration(s)" in printed
+
+
+@pytest.mark.parametrize("sweep", ["h100", "cpu"])
+def test_sweep_presets_are_valid_configurations(bench, sweep, capsys):
+    assert bench.main(["--sweep", sweep, "--dry-run"]) == []
+    printed = capsys.readouterr().out
+    configs = bench.SWEEPS[sweep]["configs"]
+    assert printed.count("global, grouped") == len(configs)
+    for cfg in configs:
+        cfg.validate()
+        assert cfg.label in printed
+    if sweep == "h100":
+        assert "N=64" in printed and printed.count("global, grouped, loop") == 3  # loop only where N <= 16
+        assert all(c.batch in (4096, 512, 64) for c in configs)
