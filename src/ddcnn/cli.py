@@ -60,8 +60,9 @@ def cmd_run(args) -> int:
     command = "ddcnn " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     results = Experiment(cfg, out, resume=args.resume, force=args.force, command=command,
                          verbose=not args.quiet).run()
-    print(print_table(results))
-    print(f"report: {out / 'report.md'}")
+    if results is not None:  # None on the ranks > 0 of a torchrun launch: rank 0 reports
+        print(print_table(results))
+        print(f"report: {out / 'report.md'}")
     return 0
 
 

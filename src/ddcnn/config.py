@@ -342,7 +342,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         where = f" (line {mark.line + 1})" if mark else ""
         raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}; fix its syntax") from None
     except UnicodeDecodeError:
-        raise ConfigError(f"config file {str(path)!r} is not a text file") from None
+        raise ConfigError(f"config file {str(path)!r} is not a text file; give a YAML file such as "
+                          f"configs/fashion_mnist_2x2.yaml") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -361,8 +361,8 @@ def load_volume_folder(root, size=(64, 128, 128), window=(-1000.0, 400.0),
     images = torch.empty((len(items), 1, *size), dtype=torch.float32)
     for i, (path, _) in enumerate(items):
         vol = torch.from_numpy(_read_volume(path))
-        if torch.isnan(vol).any():
-            raise DataError(f"{path} contains NaN values; fix or remove the file.")
+        if not torch.isfinite(vol).all():
+            raise DataError(f"{path} contains NaN or infinite values; fix or remove the file.")
         vol = (vol.clamp(low, high) - low) / (high - low)
         if tuple(vol.shape) != size:
             vol = F.interpolate(vol[None, None], size=size, mode="trilinear", align_corners=False)[0, 0]

@@ -58,6 +58,11 @@ def load_datasets(data) -> tuple[ImageDataset, ImageDataset]:
         if data.image_size is None:
             raise ConfigError(f"data.image_size must say the size to resize to for data.name = {name!r}, "
                               f"e.g. [128, 128]" + (" or [64, 128, 128]" if name == "volume-folder" else ""))
+        dims = 2 if name == "image-folder" else 3
+        if len(data.image_size) != dims:
+            raise ConfigError(f"data.image_size = {list(data.image_size)} has {len(data.image_size)} entries but "
+                              f"{name} needs {dims}: " + ("[H, W], e.g. [128, 128]" if dims == 2 else
+                                                          "[D, H, W], e.g. [64, 128, 128]"))
         if name == "image-folder":
             full = load_image_folder(data.root, data.image_size, data.channels or 3)
         else:

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from ddcnn.errors import ConfigError
+from ddcnn.train.loop import ModelState, Sync
 
 
 @dataclass
@@ -86,9 +87,13 @@ def init(env: DistEnv, device_type: str) -> None:
             raise ConfigError(f"LOCAL_RANK {env.local_rank} has no GPU: this node has {torch.cuda.device_count()}; "
                               f"start at most that many processes per node (--nproc-per-node)")
         torch.cuda.set_device(env.local_rank)
-        dist.init_process_group("nccl")
-    else:
-        dist.init_process_group("gloo")
+    from torch.distributed.rendezvous import rendezvous
+
+    # Keys of an earlier attempt may survive in torchrun's store after a restart: give each attempt its own
+    # namespace, or the new processes can read the dead ones' addresses.
+    store, rank, world = next(rendezvous("env://"))
+    store = dist.PrefixStore(f"ddcnn/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", store=store, rank=rank, world_size=world)
 
 
 def shutdown() -> None:
@@ -130,3 +135,63 @@ def slice_state(state: dict, n_total: int, shard: range) -> dict:
         else:
             out[key] = value
     return out
+
+
+def _cat_optimizer(states: list[dict]) -> dict:
+    return {"state": {j: cat_states([s["state"][j] for s in states]) for j in states[0]["state"]},
+            "param_groups": states[0]["param_groups"]}
+
+
+def _slice_optimizer(state: dict, n_total: int, shard: range) -> dict:
+    return {"state": {int(j): slice_state(entry, n_total, shard) for j, entry in state["state"].items()},
+            "param_groups": state["param_groups"]}
+
+
+class EnsembleSaver(ModelState):
+    """Saves a (shard of a) local ensemble as the full N-slot stacked state, gathered from every rank, so that the
+    checkpoint is the same for any number of processes and either backend."""
+
+    def __init__(self, ensemble, env: DistEnv, shard: range, n_total: int):
+        super().__init__(ensemble)
+        self.ensemble, self.env, self.shard, self.n_total = ensemble, env, shard, n_total
+
+    def weights(self) -> dict:
+        local = {k: v.cpu() for k, v in self.ensemble.stacked_state_dict().items()}
+        return cat_states(self.env.all_gather(local))
+
+    def load_weights(self, weights: dict) -> None:
+        self.ensemble.load_stacked_state_dict(slice_state(weights, self.n_total, self.shard))
+
+    def optimizer_state(self, optimizer) -> dict:
+        return _cat_optimizer(self.env.all_gather(self.ensemble.stacked_optimizer_state(optimizer)))
+
+    def load_optimizer_state(self, optimizer, state: dict) -> None:
+        self.ensemble.load_stacked_optimizer_state(optimizer, _slice_optimizer(state, self.n_total, self.shard))
+
+
+class ShardSync(Sync):
+    """Local stage: each rank saw every image with its own local CNNs; losses add up, per-CNN counts concatenate."""
+
+    def __init__(self, env: DistEnv):
+        self.env, self.is_main = env, env.is_main
+
+    def reduce(self, loss_sum, correct, seen):
+        correct = torch.cat([c for c in self.env.all_gather(correct.cpu())]).to(loss_sum.device)
+        return self.env.sum(loss_sum), correct, seen
+
+    def seconds(self, value: float) -> float:
+        return self.env.max(value)  # the ranks work in parallel: the stage lasts as long as the slowest
+
+
+class DataParallelSync(Sync):
+    """Data-parallel stages: each rank saw part of every batch; sums add up."""
+
+    def __init__(self, env: DistEnv):
+        self.env, self.is_main = env, env.is_main
+
+    def reduce(self, loss_sum, correct, seen):
+        seen = int(self.env.sum(torch.tensor(float(seen), device=loss_sum.device)).item())
+        return self.env.sum(loss_sum), self.env.sum(correct), seen
+
+    def seconds(self, value: float) -> float:
+        return self.env.max(value)

@@ -37,14 +37,17 @@ from ddcnn.models import (
     local_width,
     transfer_cnn_dnn,
 )
+from ddcnn.train import distributed
+from ddcnn.train.distributed import DataParallelSync, DistEnv, EnsembleSaver, ShardSync, shard_range
 from ddcnn.train.loop import Runtime, epoch_seed, fit, make_optimizer
 from ddcnn.train.rundir import RunDir
 
 STRATEGIES = ("global", "cnn_dnn", "mean_probability", "majority_vote", "coherent", "transfer")
 
 
-def make_runtime(cfg: Config) -> Runtime:
-    """Device and precision from the config; asking for CUDA on a machine without it is an error."""
+def make_runtime(cfg: Config, env: DistEnv | None = None) -> Runtime:
+    """Device and precision from the config; asking for CUDA on a machine without it is an error. Under torchrun
+    each process takes the GPU of its ``LOCAL_RANK``."""
     name = cfg.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -52,6 +55,8 @@ def make_runtime(cfg: Config) -> Runtime:
         if not torch.cuda.is_available():
             raise ConfigError(f"device = {cfg.device!r} but this machine has no CUDA device; use device=cpu "
                               f"(or device=auto)")
+        if env is not None and env.enabled:
+            name = f"cuda:{env.local_rank}"
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -94,10 +99,13 @@ class Models:
         m = self.cfg.model
         return GlobalCNN(self.shapes.in_channels, self.shapes.num_classes, m.backbone, m.width, m.depth, self.dims)
 
-    def ensemble(self) -> LocalEnsemble:
+    def ensemble(self, indices: range | None = None) -> LocalEnsemble:
+        """All N local CNNs, or those of ``indices`` (a process's shard), each initialised from (seed, i)."""
         m = self.cfg.model
-        return LocalEnsemble(self.n_local, self.shapes.in_channels, self.shapes.num_classes, m.backbone,
-                             self.local_width, m.depth, self.dims, m.backend, seed=self.cfg.seed)
+        indices = range(self.n_local) if indices is None else indices
+        return LocalEnsemble(len(indices), self.shapes.in_channels, self.shapes.num_classes, m.backbone,
+                             self.local_width, m.depth, self.dims, m.backend, seed=self.cfg.seed,
+                             indices=list(indices))
 
     def dnn(self, stage: str = "combine") -> DNN:
         self._seeded(stage)
@@ -140,11 +148,14 @@ class Experiment:
     """One run of the protocol into a run directory."""
 
     def __init__(self, cfg: Config, out, resume: bool = False, force: bool = False, command: str = "",
-                 verbose: bool = True, log=None):
-        self.cfg, self.run_dir, self.command, self.verbose = cfg, RunDir(out), command, verbose
+                 verbose: bool = True, log=None, env: DistEnv | None = None):
+        self.env = env or distributed.env_from_environment()
+        self.cfg, self.run_dir, self.command = cfg, RunDir(out), command
+        self.verbose = verbose and self.env.is_main  # only rank 0 prints
         self.print = log or (lambda line: print(line, flush=True))  # flushed: one line per epoch in a log file
-        self.runtime = make_runtime(cfg)
-        self.resume, self.force = resume, force
+        self.runtime = make_runtime(cfg, self.env)
+        # A worker that torchrun restarted continues from the checkpoints.
+        self.resume, self.force = resume or distributed.is_restart(), force
         self.trained: dict[str, nn.Module] = {}
         self.seconds: dict[str, float] = {}
         self.histories: dict[str, list] = {}
@@ -163,12 +174,21 @@ class Experiment:
         self.shapes = Shapes(self.train.in_channels, len(self.classes), self.train.image_size)
         self.models = Models(cfg, self.shapes)
         self.decomposition = self.models.decomposition
-        self.run_dir.prepare(cfg, self.resume, self.force)
-        self.run_dir.write_json("data.json", {
-            "classes": self.classes, "in_channels": self.shapes.in_channels,
-            "image_size": list(self.shapes.image_size), "normalizer": self.normalizer.state_dict(),
-            "train": len(self.train), "val": len(self.val), "test": len(self.test),
-        })
+        if self.env.enabled and self.cfg.stages.local.enabled and self.env.world > self.n_local:
+            raise ConfigError(
+                f"{self.env.world} processes but only {self.n_local} local CNNs (grid "
+                f"{list(self.decomposition.grid)}): every process trains at least one local CNN; start at most "
+                f"{self.n_local} processes (--nproc-per-node) or use a finer grid"
+            )
+        distributed.init(self.env, self.runtime.device.type)
+        if self.env.is_main:
+            self.run_dir.prepare(cfg, self.resume, self.force)
+            self.run_dir.write_json("data.json", {
+                "classes": self.classes, "in_channels": self.shapes.in_channels,
+                "image_size": list(self.shapes.image_size), "normalizer": self.normalizer.state_dict(),
+                "train": len(self.train), "val": len(self.val), "test": len(self.test),
+            })
+        self.env.barrier()  # the other ranks read the run directory that rank 0 prepared
 
     def batches(self, ds: ImageDataset, stage: str, augment: bool = True):
         a = self.cfg.data.augment
@@ -230,13 +250,29 @@ class Experiment:
     def _compiled(self, model: nn.Module):
         return torch.compile(model) if self.cfg.compile else model
 
-    def _fit(self, stage: str, model: nn.Module, loss_fn, batches, evaluate, clip=None, loss_scale=1.0) -> dict:
+    def _fit(self, stage: str, model: nn.Module, loss_fn, batches, evaluate, clip=None, loss_scale=1.0,
+             saver=None, sync=None) -> dict:
         state = fit(stage, model, loss_fn, batches, evaluate, self.cfg.stages.get(stage), self.run_dir.checkpoints,
-                    self.runtime, self.cfg.seed, self._log, clip=clip, verbose=self.verbose, loss_scale=loss_scale)
+                    self.runtime, self.cfg.seed, self._log, clip=clip, verbose=self.verbose, loss_scale=loss_scale,
+                    saver=saver, sync=sync)
         self.seconds[stage] = state["seconds"]
         self.histories[stage] = state["history"]
         self.trained[stage] = model
         return state
+
+    def _data_parallel(self, stage: str, model: nn.Module):
+        """``(module to run, batches, sync)``: DistributedDataParallel over the ranks, or the model itself."""
+        batches = self.batches(self.train, stage)
+        if not self.env.enabled:
+            return self._compiled(model), batches, None
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [self.runtime.device.index] if self.runtime.device.type == "cuda" else None
+        ddp = DistributedDataParallel(model, device_ids=device_ids)
+        remainder = len(self.train) % batches.batch_size
+        if 0 < remainder < self.env.world:  # a last batch too small to give every rank a sample
+            batches.drop_last = True
+        return self._compiled(ddp), batches.shard(self.env.rank, self.env.world), DataParallelSync(self.env)
 
     def _classifier_loss(self, stage: str, forward):
         smoothing = self.cfg.stages.get(stage).label_smoothing
@@ -250,13 +286,18 @@ class Experiment:
     # ------------------------------------------------------------------------------------------- stages
     def stage_global(self) -> None:
         model = self._prepare(self.models.global_cnn())
-        self._fit("global", model, self._classifier_loss("global", self._compiled(model)),
-                  self.batches(self.train, "global"), lambda: self._val_metrics(model))
+        run, batches, sync = self._data_parallel("global", model)
+        self._fit("global", model, self._classifier_loss("global", run), batches, lambda: self._val_metrics(model),
+                  sync=sync)
 
     def stage_local(self) -> None:
-        ensemble = self._prepare(self.models.ensemble())
+        # This rank's contiguous shard of the local CNNs (all of them in a single process).
+        shard = shard_range(self.n_local, self.env.rank, self.env.world)
+        ensemble = self._prepare(self.models.ensemble(shard))
         run = self._compiled(ensemble)
-        split = self.decomposition.split
+
+        def split(x):  # the subimages of this rank's local CNNs
+            return self.decomposition.split(x)[:, shard.start:shard.stop]
 
         def loss_fn(x, y):
             logits = run(split(x))
@@ -268,20 +309,28 @@ class Experiment:
                 return {"val_loss": None, "val_accuracy": None, "val_accuracy_per_subdomain": None}
             logits = self.predict(lambda x: ensemble(split(x)), self.val.images)
             per = (logits.argmax(-1) == self.val.labels[:, None]).float().mean(0)
-            loss = local_loss(logits, self.val.labels)[1].mean().item()
-            return {"val_loss": loss, "val_accuracy": per.mean().item(),
+            per_loss = local_loss(logits, self.val.labels)[1]
+            per, per_loss = (torch.cat(parts) for parts in zip(*self.env.all_gather((per, per_loss))))
+            return {"val_loss": per_loss.mean().item(), "val_accuracy": per.mean().item(),
                     "val_accuracy_per_subdomain": per.tolist()}
 
+        # Every local CNN sees every image in the same order on any rank: no sharding of the batches.
         batches = self.batches(self.train, "local")
+        saver = EnsembleSaver(ensemble, self.env, shard, self.n_local)
         # The loss is the sum over local CNNs; the logged train_loss is their mean, comparable to val_loss.
         state = self._fit("local", ensemble, loss_fn, batches, evaluate, clip=ensemble.clip_grad_norm_,
-                          loss_scale=1 / self.n_local)
+                          loss_scale=1 / self.n_local, saver=saver, sync=ShardSync(self.env))
+        if self.env.enabled:  # every rank now takes all N local CNNs (combine, transfer, the report)
+            full = self._prepare(self.models.ensemble())
+            full.load_stacked_state_dict(saver.weights())
+            self.trained["local"] = full
         timing_file = self.run_dir.path / "local_timing.json"
         if timing_file.is_file():
             self.local_timing = json.loads(timing_file.read_text())
         else:
             self.local_timing = self._critical_path(ensemble, batches, state)
-            self.run_dir.write_json("local_timing.json", self.local_timing)
+            if self.env.is_main:
+                self.run_dir.write_json("local_timing.json", self.local_timing)
 
     def _critical_path(self, ensemble: LocalEnsemble, batches, state: dict, steps: int = 6) -> dict:
         """Time each local CNN trained alone for a few steps; the slowest, scaled to the stage's steps, is the
@@ -303,7 +352,7 @@ class Experiment:
                     self.runtime.synchronize()
                     start = time.perf_counter()
                     with self.runtime.autocast():
-                        loss = F.cross_entropy(single(sub[:, i]).float(), y)
+                        loss = F.cross_entropy(single(sub[:, ensemble.indices[i]]).float(), y)
                     optimizer.zero_grad()
                     loss.backward()
                     optimizer.step()
@@ -311,12 +360,15 @@ class Experiment:
                     times.append(time.perf_counter() - start)
                 per_step.append(sorted(times[1:] or times)[len(times[1:] or times) // 2])  # median after warm-up
         total_steps = cfg.epochs * len(batches)
+        slowest = self.env.max(max(per_step))  # each rank timed its own local CNNs
         return {
             "measured_seconds": state["seconds"],
-            "critical_path_seconds": max(per_step) * total_steps,
+            "critical_path_seconds": slowest * total_steps,
+            "processes": self.env.world,
             "critical_path_note": (f"estimated: the slowest local CNN trained alone ({len(data)} timed steps each, "
                                    f"median after one warm-up step) times the stage's {total_steps} steps, i.e. "
-                                   f"the local stage's time if each local CNN had its own device"),
+                                   f"the local stage's time if each local CNN had its own device"
+                                   + (f"; measured with {self.env.world} processes" if self.env.enabled else "")),
         }
 
     def _frozen_local_logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -324,6 +376,21 @@ class Experiment:
         return self.predict(lambda x: ensemble(self.decomposition.split(x)), images)
 
     def stage_combine(self) -> None:
+        """The DNN on the frozen local CNNs' probabilities: trained once (on rank 0) and broadcast."""
+        if self.env.enabled:
+            if self.env.is_main:
+                self._train_combiner()
+            payload = self.env.broadcast(
+                ({k: v.cpu() for k, v in self.trained["combine"].state_dict().items()}, self.seconds["combine"],
+                 self.histories["combine"]) if self.env.is_main else None)
+            if not self.env.is_main:
+                dnn = self._prepare(self.models.dnn("combine"))
+                dnn.load_state_dict(payload[0])
+                self.trained["combine"], self.seconds["combine"], self.histories["combine"] = dnn, *payload[1:]
+            return
+        self._train_combiner()
+
+    def _train_combiner(self) -> None:
         start = time.perf_counter()
         device = self.runtime.device
         features = self._frozen_local_logits(self.train.images).to(device)
@@ -346,8 +413,9 @@ class Experiment:
 
     def _cnn_dnn_stage(self, stage: str, model: CNNDNN) -> None:
         model = self._prepare(model)
-        self._fit(stage, model, self._classifier_loss(stage, self._compiled(model)), self.batches(self.train, stage),
-                  lambda: self._val_metrics(model))
+        run, batches, sync = self._data_parallel(stage, model)
+        self._fit(stage, model, self._classifier_loss(stage, run), batches, lambda: self._val_metrics(model),
+                  sync=sync)
 
     def stage_coherent(self) -> None:
         self._cnn_dnn_stage("coherent", self.models.cnn_dnn("coherent"))
@@ -432,11 +500,21 @@ class Experiment:
         return self.models.n_local
 
     # ------------------------------------------------------------------------------------------- all of it
-    def run(self) -> dict:
-        self.setup()
-        for stage in STAGES:
-            if self.cfg.stages.get(stage).enabled:
-                getattr(self, f"stage_{stage}")()
+    def run(self) -> dict | None:
+        """All enabled stages, then the test evaluation and the report; returns the results (None on ranks > 0)."""
+        try:
+            self.setup()
+            for stage in STAGES:
+                if self.cfg.stages.get(stage).enabled:
+                    getattr(self, f"stage_{stage}")()
+            if not self.env.is_main:
+                return None
+            return self._finish()
+        finally:
+            if self.env.enabled:
+                distributed.shutdown()
+
+    def _finish(self) -> dict:
         self.run_dir.rewrite_metrics([r for s in STAGES for r in self.histories.get(s, [])])
         results = self.evaluate_test()
         self.run_dir.write_json("results.json", results)

@@ -57,7 +57,10 @@ class SavedRun:
             weights, _, _ = ckpt.load(stage)
             model = build()
             try:
-                model.load_state_dict(weights)
+                if stage == "local":  # saved in the stacked layout, whatever the backend and process count
+                    model.load_stacked_state_dict(weights)
+                else:
+                    model.load_state_dict(weights)
             except RuntimeError:
                 raise CheckpointError(f"the {stage!r} checkpoint of {str(path)!r} does not fit the model its "
                                       f"config.yaml describes; was config.yaml edited after the run?") from None

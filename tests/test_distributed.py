@@ -1,0 +1,222 @@
+"""Several processes: torchrun on the CPU (gloo), 2 processes, free ports only (torchrun --standalone)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_dict
+from ddcnn.errors import ConfigError
+from ddcnn.train.checkpoint import CheckpointDir
+from ddcnn.train.distributed import DistEnv, shard_range
+from ddcnn.train.protocol import Experiment
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _config(tmp_path, local_epochs=3, train=240):
+    data = tiny_dict(2, generated_train=train, generated_test=200)
+    for stage in data["stages"].values():
+        stage["lr"] = 0.01
+    data["stages"]["local"]["epochs"] = local_epochs
+    path = tmp_path / "dist.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def _run(args, out, processes=1, extra=()):
+    if processes == 1:
+        cmd = [sys.executable, "-m", "ddcnn", *args, "--out", str(out), "--quiet"]
+    else:
+        cmd = [*TORCHRUN, f"--nproc-per-node={processes}", *extra, "-m", "ddcnn", *args, "--out", str(out),
+               "--quiet"]
+    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc, timeout=240):
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out
+    return out
+
+
+def _weights(out, stage):
+    return CheckpointDir(Path(out) / "checkpoints").load(stage)[0]
+
+
+def _records(out, stage):
+    return [r for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines()) if r["stage"] == stage]
+
+
+def test_shards_are_contiguous_and_cover_every_local_cnn():
+    for n in range(1, 10):
+        for world in range(1, n + 1):
+            shards = [shard_range(n, r, world) for r in range(world)]
+            assert [i for s in shards for i in s] == list(range(n))
+            assert max(map(len, shards)) - min(map(len, shards)) <= 1 and min(map(len, shards)) >= 1
+
+
+def test_more_processes_than_local_cnns_is_a_clear_error(tiny_config, tmp_path):
+    cfg = tiny_config(overrides=["decomposition.grid=[1, 2]"])
+    with pytest.raises(ConfigError, match="3 processes but only 2 local CNNs"):
+        Experiment(cfg, tmp_path / "r", verbose=False, env=DistEnv(rank=0, world=3)).setup()
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist")
+    cfg = _config(tmp)
+    one, two = _run(["run", cfg], tmp / "one"), _run(["run", cfg], tmp / "two", processes=2)
+    _finish(one), _finish(two)
+    return cfg, tmp / "one", tmp / "two"
+
+
+def test_two_processes_train_the_same_local_cnns_as_one(two_runs):
+    """The grouped backend on 2 shards of 2 slots sums in another vectorised order than on 4 slots, so the
+    weights agree to float32 rounding (bit-identical with the loop backend: see the next test)."""
+    _, one, two = two_runs
+    for stage in ("local", "combine"):  # sharded, then trained once and broadcast
+        a, b = _weights(one, stage), _weights(two, stage)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-5, msg=f"{stage} {key}")
+    for r1, r2 in zip(_records(one, "local"), _records(two, "local"), strict=True):
+        assert r1["epoch"] == r2["epoch"]
+        assert r1["train_loss"] == pytest.approx(r2["train_loss"], rel=1e-5)
+        assert r1["val_accuracy_per_subdomain"] == pytest.approx(r2["val_accuracy_per_subdomain"], abs=1e-9)
+    r1, r2 = (json.loads((p / "results.json").read_text()) for p in (one, two))
+    one_image = 1 / r1["data_sizes"]["test"]
+    for name in ("cnn_dnn", "mean_probability", "majority_vote"):
+        assert r1["strategies"][name]["test_accuracy"] == pytest.approx(r2["strategies"][name]["test_accuracy"],
+                                                                       abs=one_image + 1e-9)
+    assert r2["local"]["processes"] == 2
+
+
+@pytest.mark.parametrize("backend", ["loop", "grouped"])
+def test_shards_trained_apart_equal_the_whole_ensemble(backend):
+    """What each process does in the local stage, in one process: shards {0, 1} and {2, 3} of a 4-CNN ensemble
+    trained on the same batches, gathered with cat_states, equal the 4-CNN ensemble trained at once."""
+    from ddcnn import LocalEnsemble, local_loss
+    from ddcnn.train.distributed import cat_states
+
+    def train(indices):
+        e = LocalEnsemble(len(indices), 1, 3, width=4, depth=(1, 1), backend=backend, seed=3, indices=indices)
+        opt = torch.optim.Adam(e.parameters(), lr=0.01)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            x, y = torch.randn(8, 4, 1, 8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)
+            opt.zero_grad()
+            local_loss(e(x[:, indices]), y)[0].backward()
+            opt.step()
+        return e.stacked_state_dict()
+
+    whole = train([0, 1, 2, 3])
+    gathered = cat_states([train([0, 1]), train([2, 3])])
+    for key, value in whole.items():
+        if backend == "loop":
+            assert torch.equal(gathered[key], value), key
+        else:
+            torch.testing.assert_close(gathered[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_data_parallel_stages_agree_within_the_batchnorm_tolerance(two_runs):
+    """Same global batches, averaged gradients; but BatchNorm normalises each process's half batch (no SyncBN
+    on the CPU), so the DDP stages follow a slightly different trajectory. On 200 test images of an easy task
+    we allow 10 points."""
+    _, one, two = two_runs
+    r1, r2 = (json.loads((p / "results.json").read_text()) for p in (one, two))
+    for name in ("global", "coherent", "transfer"):
+        assert abs(r1["strategies"][name]["test_accuracy"] - r2["strategies"][name]["test_accuracy"]) <= 0.10, name
+
+
+def _ddp_step_worker(rank, world, store_path, result_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from ddcnn import GlobalCNN
+
+    store = dist.FileStore(store_path, world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = GlobalCNN(1, 3, width=4, depth=(1, 1)).eval()  # BatchNorm on running statistics: no per-rank stats
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))
+    ddp = DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    part = slice(rank * 4, rank * 4 + 4)
+    for _ in range(2):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(ddp(x[part]), y[part]).backward()
+        opt.step()
+    if rank == 0:
+        torch.save(model.state_dict(), result_path)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_a_data_parallel_step_equals_the_single_process_step(tmp_path):
+    import torch.multiprocessing as mp
+
+    from ddcnn import GlobalCNN
+
+    mp.spawn(_ddp_step_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "w.pt")), nprocs=2)
+    torch.manual_seed(0)
+    model = GlobalCNN(1, 3, width=4, depth=(1, 1)).eval()
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(2):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    got = torch.load(tmp_path / "w.pt", weights_only=True)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6)
+
+
+def _children(pid):
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    kids.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return kids
+
+
+def test_a_killed_worker_is_restarted_and_the_run_completes_with_the_same_results(two_runs, tmp_path):
+    cfg, _, two = two_runs
+    out = tmp_path / "killed"
+    proc = _run(["run", cfg], out, processes=2, extra=["--max-restarts=2"])
+    manifest = out / "checkpoints" / "local.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            state = json.loads(manifest.read_text())["state"]
+            if state["epoch"] >= 1 and not state["done"]:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail("the local stage never reached its first checkpoint")
+    workers = _children(proc.pid)
+    assert workers, "no worker processes found"
+    os.kill(max(workers), signal.SIGKILL)  # one worker dies mid-stage
+    log = _finish(proc)
+    r_ref = json.loads((two / "results.json").read_text())
+    r_got = json.loads((out / "results.json").read_text())
+    for name, entry in r_ref["strategies"].items():
+        assert r_got["strategies"][name]["test_accuracy"] == entry["test_accuracy"], name
+    for stage in ("local", "transfer"):
+        a, b = _weights(two, stage), _weights(out, stage)
+        for key in a:
+            assert torch.equal(a[key], b[key]), (stage, key)
