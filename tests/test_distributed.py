@@ -211,7 +211,7 @@ def test_a_killed_worker_is_restarted_and_the_run_completes_with_the_same_result
     workers = _children(proc.pid)
     assert workers, "no worker processes found"
     os.kill(max(workers), signal.SIGKILL)  # one worker dies mid-stage
-    log = _finish(proc)
+    _finish(proc)
     r_ref = json.loads((two / "results.json").read_text())
     r_got = json.loads((out / "results.json").read_text())
     for name, entry in r_ref["strategies"].items():

@@ -147,9 +147,20 @@ def test_real_fashion_mnist_local_cnns_and_combiners_learn(tmp_path, tiny_config
     cfg = tiny_config(overrides=[
         "data.name=fashion-mnist", "data.image_size=null", "data.limit_train=3000", "data.limit_test=1000",
         "model.width=8", "model.depth=[1, 1, 1]", "stages.global.enabled=false", "stages.coherent.enabled=false",
-        "stages.local.epochs=2", "stages.local.lr=0.003", "stages.combine.epochs=5", "combiner.hidden=null", "stages.transfer.enabled=false",
+        "stages.local.epochs=2", "stages.local.lr=0.003", "stages.combine.epochs=5", "combiner.hidden=null",
+        "stages.transfer.enabled=false",
     ])
     results = Experiment(cfg, tmp_path / "fm", verbose=False).run()
     assert results["classes"][0] == "T-shirt/top" and results["data_sizes"]["test"] == 1000
     for name in ("cnn_dnn", "mean_probability", "majority_vote"):
         assert results["strategies"][name]["test_accuracy"] > 0.6, name  # 10 classes: chance is 0.1
+
+
+def test_a_last_batch_of_one_image_is_left_out(tmp_path, tiny_config):
+    # 161 training images, batches of 32: 5 full batches and one image, which BatchNorm could not normalise on the
+    # 1x1 map of the last stage (grid 8x8 on 16x16 images leaves 2x2 subimages; depth [1, 1] pools them to 1x1).
+    cfg = tiny_config(generated_train=161, val_fraction=0.0, overrides=[
+        "decomposition.grid=[8, 8]", "stages.*.enabled=false", "stages.local.enabled=true", "stages.local.epochs=1"])
+    results = Experiment(cfg, tmp_path / "run", verbose=False).run()
+    assert results["data_sizes"]["train"] == 161
+    assert len(results["local"]["test_accuracy"]) == 64

@@ -39,8 +39,9 @@ class CNNDNN(nn.Module):
 
     def __init__(self, decomposition: Decomposition, ensemble: LocalEnsemble, combiner: Combiner):
         super().__init__()
-        for label, value, cls in (("decomposition", decomposition, Decomposition), ("ensemble", ensemble, LocalEnsemble),
-                                  ("combiner", combiner, Combiner)):
+        parts = (("decomposition", decomposition, Decomposition), ("ensemble", ensemble, LocalEnsemble),
+                 ("combiner", combiner, Combiner))
+        for label, value, cls in parts:
             if not isinstance(value, cls):
                 raise ConfigError(f"CNNDNN's {label} must be a {cls.__name__}, got {type(value).__name__}")
         if ensemble.n_local != decomposition.n_subdomains:

@@ -61,6 +61,9 @@ def make_runtime(cfg: Config, env: DistEnv | None = None) -> Runtime:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     device = torch.device(name)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device = {name!r} but this machine has {torch.cuda.device_count()} GPU(s); use "
+                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"):
         amp = torch.bfloat16
     else:
@@ -192,8 +195,10 @@ class Experiment:
 
     def batches(self, ds: ImageDataset, stage: str, augment: bool = True):
         a = self.cfg.data.augment
+        batch_size = self.cfg.stages.get(stage).batch_size
         return make_batches(
-            ds, self.cfg.stages.get(stage).batch_size, self.runtime.device, shuffle=True,
+            # A last batch of one image cannot train BatchNorm (one value per channel): leave it out.
+            ds, batch_size, self.runtime.device, shuffle=True, drop_last=len(ds) % batch_size == 1,
             augment=Augment(a.crop_padding, a.hflip) if augment else None, normalizer=self.normalizer,
             seed=self.cfg.seed, workers=self.cfg.data.workers,
             limit_bytes=int(self.cfg.data.device_resident_limit_gb * 2**30),
@@ -343,7 +348,8 @@ class Experiment:
             data.append((split(x), y))
             if len(data) == steps:
                 break
-        with torch.random.fork_rng(devices=[self.runtime.device] if self.runtime.device.type == "cuda" else []):
+        cuda = self.runtime.device.type == "cuda"
+        with torch.random.fork_rng(devices=[self.runtime.device.index or 0] if cuda else []):
             for i in range(ensemble.n_local):
                 single = copy.deepcopy(ensemble.local_model(i)).train()
                 optimizer = make_optimizer(single.parameters(), cfg)

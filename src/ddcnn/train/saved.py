@@ -38,11 +38,13 @@ class SavedRun:
         facts = self.run_dir.read_json("data.json")
         try:
             self.classes = list(facts["classes"])
-            self.shapes = Shapes(int(facts["in_channels"]), len(self.classes), tuple(int(s) for s in facts["image_size"]))
+            size = tuple(int(s) for s in facts["image_size"])
+            self.shapes = Shapes(int(facts["in_channels"]), len(self.classes), size)
             self.normalizer = Normalizer.from_state(facts["normalizer"])
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{str(self.run_dir.path / 'data.json')!r} lacks the classes, in_channels, "
-                                  f"image_size or normalizer of the run; rerun the experiment (or --resume it)") from None
+                                  f"image_size or normalizer of the run; rerun the experiment (or --resume "
+                                  f"it)") from None
         self.runtime = make_runtime(self.cfg)
         self.models = Models(self.cfg, self.shapes)
         self.decomposition = self.models.decomposition
