@@ -24,7 +24,7 @@ lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
 
 # The full protocol on Fashion-MNIST with a budget that fits 10 minutes on 2 CPU cores (a GPU is far faster).
-DEMO_BUDGET := --set model.width=16 --set stages.global.epochs=2 --set stages.local.epochs=4 \
+DEMO_BUDGET := --set model.width=16 --set stages.global.epochs=3 --set stages.local.epochs=5 \
 	--set stages.combine.epochs=10 --set stages.coherent.epochs=3 --set stages.transfer.epochs=3
 
 demo: install
@@ -36,8 +36,12 @@ demo: install
 demo-3d: install
 	$(PY) -m ddcnn run configs/generated_3d.yaml --out runs/demo-3d --force
 
+# The CPU sizes of every benchmark (tables in docs/performance.md and docs/scaling.md); the GPU measurements are
+# one command on a GPU machine: bash benchmarks/gpu_session.sh OUT_DIR [FASHION_MNIST_DIR].
 bench: install
-	$(PY) benchmarks/train_step.py --device cpu
+	$(PY) benchmarks/train_step.py --sweep cpu --markdown
+	$(PY) benchmarks/time_to_accuracy.py --preset cpu --device cpu
+	$(PY) benchmarks/local_scaling.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache .hypothesis

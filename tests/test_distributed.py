@@ -220,3 +220,11 @@ def test_a_killed_worker_is_restarted_and_the_run_completes_with_the_same_result
         a, b = _weights(two, stage), _weights(out, stage)
         for key in a:
             assert torch.equal(a[key], b[key]), (stage, key)
+
+
+def test_a_batch_size_that_does_not_divide_among_the_processes_is_a_clear_error():
+    from ddcnn.data import DeviceBatches, make_generated
+
+    batches = DeviceBatches(make_generated(40, (8, 8), num_classes=2), batch_size=32)
+    with pytest.raises(ConfigError, match="batch size 32 does not divide among 3 processes"):
+        batches.shard(0, 3)

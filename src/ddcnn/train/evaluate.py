@@ -12,7 +12,8 @@ from ddcnn.data.readers import read_image_file, read_volume_file
 from ddcnn.data.select import load_datasets
 from ddcnn.errors import ConfigError, DataError
 from ddcnn.models import count_parameters, forward_flops
-from ddcnn.train.protocol import STRATEGIES, Models, Shapes, accuracy, device_name
+from ddcnn.train.build import Models, Shapes, device_name
+from ddcnn.train.protocol import STRATEGIES, accuracy
 from ddcnn.train.saved import SavedRun
 
 

@@ -218,9 +218,12 @@ def fit(
         state["done"] = epoch == cfg.epochs
         state["history"].append(record)
         # Every process takes part in gathering the state; the main one writes it.
+        saving = time.perf_counter()
         weights = saver.weights()
         opt_state = None if state["done"] else saver.optimizer_state(optimizer)
         if sync.is_main:
             ckpt.save(stage, f"e{epoch}", weights, state, optimizer=opt_state)
+        record["checkpoint_seconds"] = time.perf_counter() - saving  # gather + write, not in "seconds"
+        if sync.is_main:
             log(record)
     return state

@@ -12,7 +12,7 @@ from ddcnn.config import from_dict
 from ddcnn.data.loading import Normalizer
 from ddcnn.errors import CheckpointError, ConfigError
 from ddcnn.models import MajorityVote, MeanProbability
-from ddcnn.train.protocol import Models, Shapes, make_runtime
+from ddcnn.train.build import Models, Shapes, make_runtime
 from ddcnn.train.rundir import RunDir
 
 
