@@ -2,17 +2,16 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# torch and torchvision as a matched pair (see README, "Installing"); pyproject.toml keeps loose ranges.
+# torch and torchvision as a matched pair (see README, "Set-up"); pyproject.toml keeps loose ranges.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
-NIFTI_EXTRA := nibabel>=5
+OPTIONAL_EXTRAS := 'nibabel>=5' 'tensorboard>=2.12'
 
 .PHONY: install test lint demo demo-3d bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS)
-	$(PY) -m pip install -q -e ".[dev]" "$(NIFTI_EXTRA)"
+	$(PY) -m pip install -q -e ".[dev]" $(OPTIONAL_EXTRAS)
 	touch $@
 
 install: $(VENV)/.installed

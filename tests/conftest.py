@@ -29,6 +29,17 @@ def tiny_dict(dims: int = 2, **data) -> dict:
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, and the two cores are shared with other jobs."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def tiny_config():
     return lambda dims=2, overrides=(), **data: from_dict(tiny_dict(dims, **data), list(overrides))
 

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import ddcnn
 
@@ -25,15 +24,6 @@ def bench():
         yield module
     finally:
         sys.modules.pop(spec.name, None)
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny models are fastest on one thread, and the CI machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _expected_flops():

@@ -39,15 +39,6 @@ def test_noise_free_pattern_depends_on_class_only_up_to_phase_and_jitter():
     assert (mean0 - mean1).abs().max() > 0.3
 
 
-@pytest.fixture
-def one_thread():
-    """Two cores are shared with other jobs: several torch threads would spin against them and be slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def accuracy_of_logistic_regression(train, test, steps=100, lr=0.5):
     # Plain gradient descent written out (torch.optim takes a second to import on a busy machine).
     x, xt = train.images.flatten(1), test.images.flatten(1)

@@ -34,6 +34,12 @@ def test_a_run_writes_the_whole_run_directory(finished_run):
     assert sum(map(sum, saved["confusion_matrix"]["matrix"])) == saved["data_sizes"]["test"]
 
 
+def test_tensorboard_event_files_are_written_when_tensorboard_is_installed(finished_run):
+    pytest.importorskip("tensorboard")
+    out, _ = finished_run
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
 def test_the_generated_task_is_learnt(tmp_path, tiny_config):
     cfg = tiny_config(overrides=["stages.*.enabled=false", "stages.local.enabled=true", "stages.local.epochs=4",
                                  "stages.local.lr=0.01"])

@@ -1,0 +1,270 @@
+"""``report.md``: the results table, timings, per-subdomain accuracy and the plots of a run."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from ddcnn.decomposition import Decomposition
+from ddcnn.errors import DDCNNError
+from ddcnn.report.plots import (
+    _grid_index,
+    plot_confusion_matrix,
+    plot_decomposition,
+    plot_learning_curves,
+    plot_subdomain_heatmap,
+)
+from ddcnn.report.tables import (
+    _MISSING,
+    STAGE_ORDER,
+    STRATEGY_ORDER,
+    STRATEGY_STAGES,
+    _count,
+    _dims_text,
+    _md_cell,
+    _md_code,
+    _number,
+    _ordered,
+    _percent,
+    _seconds,
+    _stage_label,
+    _strategy_label,
+    results_table,
+)
+
+# ------------------------------------------------------------------------------------------------------- report
+
+
+def _decomposition_from(results: Mapping) -> Decomposition | None:
+    try:
+        return Decomposition(results["image_size"], results["grid"], results.get("overlap", 0) or 0)
+    except (KeyError, TypeError, DDCNNError):
+        return None
+
+
+def _relative(path: Path, start: Path) -> str:
+    return Path(os.path.relpath(path, start)).as_posix()
+
+
+def _best_strategy(results: Mapping) -> tuple[str | None, str]:
+    """The best strategy and how it was chosen."""
+    best = results.get("best_strategy")
+    if best:
+        return str(best), ""
+    strategies = results.get("strategies") or {}
+    scored = [(n, _number((e or {}).get("test_accuracy"))) for n, e in strategies.items()]
+    scored = [(n, a) for n, a in scored if a is not None]
+    if not scored:
+        return None, ""
+    return max(scored, key=lambda item: item[1])[0], " (not recorded by the run; highest test accuracy)"
+
+
+def _header_lines(results: Mapping, decomposition: Decomposition | None) -> list[str]:
+    dataset = results.get("dataset") or "unknown dataset"
+    grid = results.get("grid") or (decomposition.grid if decomposition else None)
+    lines = [f"# ddcnn report: {dataset}" + (f", grid {_dims_text(grid)}" if grid else ""), ""]
+    facts = []
+    if results.get("name"):
+        facts.append(f"Run: {results['name']}" + (f", seed {results['seed']}" if results.get("seed") is not None
+                                                   else "") + ".")
+    sizes = results.get("data_sizes") or {}
+    if sizes:
+        facts.append("Data: " + ", ".join(f"{_count(v)} {k}" for k, v in sizes.items()) + " images.")
+    image_size = results.get("image_size") or (decomposition.image_size if decomposition else None)
+    if image_size:
+        shape = f"Images {_dims_text(image_size)}"
+        if decomposition is not None:
+            shape += (
+                f", {decomposition.n_subdomains} subimages of {_dims_text(decomposition.subimage_size)} "
+                f"(overlap {_dims_text(decomposition.overlap)})"
+            )
+        if results.get("num_classes") is not None:
+            shape += f", {results['num_classes']} classes"
+        facts.append(shape + ".")
+    model = []
+    if results.get("backbone"):
+        model.append(f"backbone {results['backbone']}")
+    if results.get("global_width") is not None:
+        model.append(f"global width {results['global_width']}")
+    if results.get("local_width") is not None:
+        model.append(f"local width {results['local_width']}")
+    if model:
+        facts.append("Model: " + ", ".join(model) + ".")
+    versions = []
+    if results.get("device"):
+        device = str(results["device"])
+        if results.get("device_name"):
+            device += f" ({results['device_name']})"
+        versions.append(f"device {device}")
+    if results.get("torch_version"):
+        versions.append(f"torch {results['torch_version']}")
+    if results.get("ddcnn_version"):
+        versions.append(f"ddcnn {results['ddcnn_version']}")
+    if results.get("python"):
+        versions.append(f"Python {results['python']}")
+    if versions:
+        facts.append("Run on " + ", ".join(versions) + ".")
+    if results.get("command"):
+        facts.append("Command: " + _md_code(results["command"]))
+    lines += [f"- {_md_cell(f) if not f.startswith('Command: ') else f}" for f in facts]
+    return lines
+
+
+def _train_time_note(results: Mapping) -> list[str]:
+    present = _ordered(results.get("strategies") or {}, STRATEGY_ORDER)
+    parts = []
+    for name in present:
+        stages = STRATEGY_STAGES.get(name)
+        if name == "transfer" and results.get("transfer_used_dnn") is not None:
+            stages = "local + combine + transfer" if results["transfer_used_dnn"] else "local + transfer"
+        if stages:
+            parts.append(f"{_strategy_label(name)}: {stages}")
+    if not parts:
+        return []
+    text = "Train time is the measured wall time of the training stages a strategy needs (" + "; ".join(parts) + ")."
+    if any(n in present for n in ("mean_probability", "majority_vote")):
+        text += " Mean probability and majority vote train nothing beyond the local CNNs."
+    if any("local" in STRATEGY_STAGES.get(n, "") for n in present):
+        text += (
+            " The local stage counts all local CNNs trained together on this one device"
+            " (see the critical-path estimate below)."
+        )
+    return [text]
+
+
+def write_report(
+    run_dir,
+    results: Mapping,
+    metrics: Sequence[Mapping],
+    decomposition: Decomposition | None = None,
+    sample_image=None,
+) -> Path:
+    """Write ``report.md`` and its plots (under ``plots/``) into ``run_dir``; returns the path of ``report.md``.
+
+    Parts of a run that are missing (strategies, the local stage, the confusion matrix, metrics, a sample image)
+    are left out of the report. ``decomposition`` defaults to the one described by ``results`` (image_size, grid,
+    overlap).
+    """
+    run_dir = Path(run_dir)
+    plots = run_dir / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    results = results or {}
+    metrics = list(metrics or [])
+    if decomposition is None:
+        decomposition = _decomposition_from(results)
+
+    lines = _header_lines(results, decomposition)
+    strategies = results.get("strategies") or {}
+
+    lines += ["", "## Results", ""]
+    if strategies:
+        lines += [results_table(results), ""]
+        lines += _train_time_note(results)
+    else:
+        lines.append("No strategy was evaluated in this run.")
+    best, how = _best_strategy(results)
+    if best is not None:
+        accuracy = _number((strategies.get(best) or {}).get("test_accuracy"))
+        score = f" ({_percent(accuracy)} % test accuracy)" if accuracy is not None else ""
+        lines += ["", f"**Best strategy:** {_md_cell(_strategy_label(best))}{score}{how}."]
+
+    stage_seconds = results.get("stage_seconds") or {}
+    if stage_seconds:
+        lines += ["", "## Time per stage", "", "| stage | wall time (s) |", "|:---|---:|"]
+        for stage in _ordered(stage_seconds, STAGE_ORDER):
+            lines.append(f"| {_md_cell(_stage_label(stage))} | {_seconds(stage_seconds[stage])} |")
+
+    local = results.get("local")
+    if local:
+        lines += _local_section(local, decomposition, plots, run_dir)
+
+    if metrics:
+        path = plot_learning_curves(metrics, plots / "learning_curves.png")
+        lines += ["", "## Learning curves", "", f"![learning curves]({_relative(path, run_dir)})"]
+
+    if sample_image is not None and decomposition is not None:
+        path = plot_decomposition(sample_image, decomposition, plots / "decomposition.png")
+        lines += ["", "## Decomposition", "", f"![decomposition of a sample image]({_relative(path, run_dir)})"]
+
+    confusion = results.get("confusion_matrix")
+    if confusion and confusion.get("matrix"):
+        label = _strategy_label(confusion.get("strategy") or best or "")
+        path = plot_confusion_matrix(
+            confusion["matrix"], _class_names(results, len(confusion["matrix"])), plots / "confusion_matrix.png",
+            title=f"confusion matrix: {label} (test set)" if label else "confusion matrix (test set)",
+        )
+        heading = f"## Confusion matrix ({_md_cell(label)})" if label else "## Confusion matrix"
+        lines += ["", heading, "", f"![confusion matrix]({_relative(path, run_dir)})"]
+
+    report = run_dir / "report.md"
+    report.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return report
+
+
+def _class_names(results: Mapping, k: int) -> list[str]:
+    classes = results.get("classes")
+    if classes and len(classes) == k:
+        return [str(c) for c in classes]
+    return [str(i) for i in range(k)]
+
+
+def _local_section(local: Mapping, decomposition: Decomposition | None, plots: Path, run_dir: Path) -> list[str]:
+    lines = ["", "## Local stage", ""]
+    test = [_number(v) for v in (local.get("test_accuracy") or [])]
+    val = [_number(v) for v in (local.get("val_accuracy") or [])]
+    n = max(len(test), len(val)) or (decomposition.n_subdomains if decomposition else 0)
+    measured, critical = _number(local.get("measured_seconds")), _number(local.get("critical_path_seconds"))
+    if measured is not None:
+        lines.append(f"- Measured time: {_seconds(measured)} s, training all {n} local CNNs on this one device "
+                     "(measured wall time).")
+    if critical is not None:
+        text = (
+            f"- Critical path if each local CNN had its own device and they trained in parallel: "
+            f"{_seconds(critical)} s (an estimate, not a measurement)."
+        )
+        note = str(local.get("critical_path_note") or "").strip().rstrip(".")
+        if note.lower().startswith("estimated:"):
+            note = note[len("estimated:"):].strip()
+        if note:
+            text += f" Estimated as: {_md_cell(note)}."
+        lines.append(text)
+    if measured is None and critical is None:
+        lines.append("- No local-stage timing was recorded.")
+
+    known = [v for v in test if v is not None]
+    if known:
+        lines += [
+            "",
+            "### Per-subdomain accuracy",
+            "",
+            f"Test accuracy of the {len(test)} local CNNs, each on its own subimage: "
+            f"min {_percent(min(known))} %, mean {_percent(sum(known) / len(known))} %, "
+            f"max {_percent(max(known))} %.",
+            "",
+        ]
+        header = ["subdomain"]
+        locations = None
+        if decomposition is not None and decomposition.n_subdomains == len(test):
+            header += ["grid position", "pixels (start:stop per axis)"]
+            locations = decomposition.locations.tolist()
+        header += ["test accuracy (%)"] + (["val accuracy (%)"] if val else [])
+        lines += ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
+        for i, accuracy in enumerate(test):
+            row = [str(i)]
+            if locations is not None:
+                d = decomposition.dims
+                row.append(_dims_text(_grid_index(decomposition, i)).replace("×", ", "))
+                row.append(" × ".join(f"{a}:{b}" for a, b in zip(locations[i][:d], locations[i][d:])))
+            row.append(_percent(accuracy))
+            if val:
+                row.append(_percent(val[i]) if i < len(val) else _MISSING)
+            lines.append("| " + " | ".join(row) + " |")
+        if decomposition is not None and decomposition.n_subdomains == len(test) and all(
+            v is not None for v in test
+        ):
+            path = plot_subdomain_heatmap(test, decomposition, plots / "local_accuracy.png")
+            lines += ["", f"![test accuracy per subdomain]({_relative(path, run_dir)})"]
+        elif decomposition is not None and decomposition.n_subdomains != len(test):
+            lines += ["", f"(No heat map: {len(test)} accuracies for {decomposition.n_subdomains} subdomains.)"]
+    return lines
