@@ -95,7 +95,7 @@ from ddcnn.models.cnn_dnn import check_fits  # noqa: E402
 
 MODEL_KINDS = ("global", "grouped", "loop")
 ENSEMBLE_BACKENDS = ("grouped", "loop")
-COMPILE_MODES = ("none", "default", "max-autotune")
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
 CUDA_PEAK_TFLOPS = {"bf16": 790.0, "fp32": 60.0}  # H100/H200 SXM, dense
 CUDA_PEAK_BW_GBS = 3000.0
