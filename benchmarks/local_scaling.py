@@ -3,9 +3,10 @@
 
 Runs ``ddcnn run`` with only the local stage enabled, once per setting, and reads the run's ``metrics.jsonl``:
 ``seconds`` is the training time of the slowest process (the processes need no communication during an epoch),
-``checkpoint_seconds`` the epoch-end gather of every process's local CNNs and optimizer state plus the checkpoint
-write on rank 0. Prints a table: processes, threads per process, local-stage seconds, images per second (every
-local CNN sees every training image once per epoch), speed-up over one process, gather+checkpoint seconds per epoch.
+``gather_seconds`` the epoch-end gather of every process's local CNNs and optimizer state (the checkpoint that
+rank 0 then writes is not counted). Prints a table: processes, threads per process, local-stage seconds, images
+per second (every local CNN sees every training image once per epoch), speed-up over one process, gather seconds
+per epoch.
 
     python benchmarks/local_scaling.py                         # CPU: 1 process x 2 threads, 1 x 1, 2 x 1
     python benchmarks/local_scaling.py --device cuda --procs 1 2 4 --threads 4
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
           f"width {args.width}, {args.train} images x {args.epochs} epochs, device {args.device}, "
           f"torch {torch.__version__}, {os.cpu_count()} CPU cores")
     print(f"# command: python benchmarks/local_scaling.py {' '.join(sys.argv[1:] if argv is None else argv)}")
-    print("| processes | threads each | local stage s | img/s | speed-up vs 1 process | gather+checkpoint s/epoch |")
+    print("| processes | threads each | local stage s | img/s | speed-up vs 1 process | gather s/epoch |")
     print("|---:|---:|---:|---:|---:|---:|")
     base = None
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
             if procs == 1 and threads == args.threads:
                 base = seconds
             speed = f"{base / seconds:.2f}x" if base else "-"
-            gather = statistics.median(r["checkpoint_seconds"] for r in records)
+            gather = statistics.median(r["gather_seconds"] for r in records)
             print(f"| {procs} | {threads} | {seconds:.2f} | {args.train * args.epochs / seconds:,.0f} | {speed} | "
                   f"{gather:.3f} |", flush=True)
     return 0

@@ -40,6 +40,17 @@ def test_an_mnist_layout_runs_end_to_end(tmp_path, capsys):
     assert main(["run", _write_config(tmp_path / "c.yaml", data), "--out", str(out), "--quiet"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["image_size"] == [12, 12] and results["data_sizes"] == {"train": 30, "val": 10, "test": 40}
+    # the same 8-bit image as a grey PNG and as a uint8 .npy gets the same prediction, votes and probabilities
+    from ddcnn.data import load_idx_dataset
+
+    pixels = load_idx_dataset(tmp_path / "mnist", "test").images[0, 0].numpy()
+    Image.fromarray(pixels, mode="L").save(tmp_path / "digit.png")
+    np.save(tmp_path / "digit.npy", pixels)
+    capsys.readouterr()
+    assert main(["predict", str(out), str(tmp_path / "digit.png"), str(tmp_path / "digit.npy")]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    png, npy = lines[: len(lines) // 2], lines[len(lines) // 2:]
+    assert [line.split(":", 1)[1] for line in png] == [line.split(":", 1)[1] for line in npy]
 
 
 def _one_error_line(capsys):
@@ -151,6 +162,7 @@ def test_show_describes_sizes_parameters_and_draws_the_grid(tmp_path, capsys):
         (["run", "{cfg}", "--set", "data.name=mnist", "--set", "data.root={tmp}/empty", "--out", "{tmp}/r"],
          "ddcnn data fetch mnist"),
         (["run", "{cfg}", "--resume", "--out", "{tmp}/none"], "no ddcnn run"),
+        (["run", "{cfg}", "--set", "data.class_map={{a: b}}", "--out", "{tmp}/r"], "remove data.class_map"),
         (["evaluate", "{tmp}"], "not a ddcnn run"),
         (["data", "fetch", "imagenet"], "fashion-mnist"),
     ],

@@ -54,6 +54,7 @@ def test_split_equals_plain_slicing_and_invariants_hold(layout):
         assert starts[0] == 0 and starts[-1] + size == d.image_size[axis]
         for a, b in zip(starts, starts[1:]):
             assert a + size - b >= d.overlap[axis]
+            assert a < b, "neighbouring subimages must be distinct"
 
 
 @settings(max_examples=30, deadline=None)
@@ -131,3 +132,15 @@ def test_wrong_image_shape_is_a_shape_error():
     d = Decomposition((28, 28), (2, 2))
     with pytest.raises(ShapeError, match="28, 28"):
         d.split(torch.zeros(1, 1, 32, 32))
+
+
+@pytest.mark.parametrize("length, parts", [(28, 3), (10, 5), (16, 2), (7, 7), (9, 4)])
+def test_max_overlap_is_the_largest_overlap_with_distinct_subimages(length, parts):
+    from ddcnn.decomposition import max_overlap
+
+    best = max_overlap(length, parts)
+    d = Decomposition((length, 4), (parts, 1), (best, 0))
+    starts = d.axis_starts[0]
+    assert all(a < b for a, b in zip(starts, starts[1:]))
+    with pytest.raises(ConfigError, match=f"at most {best}"):
+        Decomposition((length, 4), (parts, 1), (best + 1, 0))

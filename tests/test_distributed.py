@@ -19,6 +19,8 @@ from ddcnn.train.distributed import DistEnv, shard_range
 from ddcnn.train.protocol import Experiment
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+# Every process of these tests is on this machine: gloo talks over the loopback interface only.
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 

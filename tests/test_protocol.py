@@ -170,3 +170,41 @@ def test_a_last_batch_of_one_image_is_left_out(tmp_path, tiny_config):
     results = Experiment(cfg, tmp_path / "run", verbose=False).run()
     assert results["data_sizes"]["train"] == 161
     assert len(results["local"]["test_accuracy"]) == 64
+
+
+def test_resume_refuses_a_changed_number_of_epochs_or_batch_size(tmp_path, tiny_config):
+    only_global = ["stages.*.enabled=false", "stages.global.enabled=true", "stages.global.epochs=2"]
+    run = Experiment(tiny_config(overrides=only_global), tmp_path / "run", verbose=False)
+    real_append = run.run_dir.append_metrics
+
+    def stop_after_first_epoch(record):
+        real_append(record)
+        raise Crash
+
+    run.run_dir.append_metrics = stop_after_first_epoch
+    with pytest.raises(Crash):
+        run.run()
+    for change, fragment in (("stages.global.epochs=1", "epochs = 2"), ("stages.global.batch_size=16",
+                                                                         "batch_size = 32")):
+        with pytest.raises(CheckpointError, match=f"{fragment}.*--set stages.global"):
+            Experiment(tiny_config(overrides=only_global + [change]), tmp_path / "run", resume=True,
+                       verbose=False).run()
+    # the data loader's worker count may change: it does not change what is trained
+    results = Experiment(tiny_config(overrides=only_global + ["data.workers=0"]), tmp_path / "run", resume=True,
+                         verbose=False).run()
+    assert "global" in results["strategies"]
+
+
+def test_grad_clip_applies_to_the_global_stage(tmp_path, tiny_config):
+    from ddcnn.train.build import Models, Shapes
+
+    base = ["stages.*.enabled=false", "stages.global.enabled=true", "stages.global.epochs=1",
+            "stages.global.optimizer=sgd", "stages.global.momentum=0", "stages.global.lr=0.1"]
+    cfg = tiny_config(overrides=base + ["stages.global.grad_clip=1e-9"])
+    Experiment(cfg, tmp_path / "clipped", verbose=False).run()
+    initial = Models(cfg, Shapes(1, 3, (16, 16))).global_cnn().state_dict()
+    trained, _, _ = CheckpointDir(tmp_path / "clipped" / "checkpoints").load("global")
+    # 5 SGD steps of at most lr * 1e-9 each: the weights stay where they started (BatchNorm statistics move)
+    for key, value in initial.items():
+        if "running" not in key and "num_batches" not in key:
+            torch.testing.assert_close(trained[key], value, rtol=0, atol=1e-8, msg=key)

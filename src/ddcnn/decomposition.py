@@ -53,10 +53,12 @@ def axis_layout(length: int, parts: int, overlap: int) -> tuple[int, list[int]]:
 
 
 def max_overlap(length: int, parts: int) -> int:
-    """The largest overlap for which ``parts`` subimages along an axis of ``length`` are distinct."""
-    # ov < size holds for every ov < length, and size < length for every ov <= length - parts / (parts - 1),
-    # i.e. ov <= length - 2 when parts >= 2: a closed form, so a huge image size costs no loop.
-    return max(0, length - 2) if parts >= 2 else 0
+    """The largest overlap for which ``parts`` subimages along an axis of ``length`` have distinct starts.
+
+    Distinct starts need a span ``L - s >= n - 1``, i.e. ``s <= L - n + 1``; with ``s = ceil((L + (n-1) o) / n)``
+    that is ``o <= L - n`` (and then ``o < s`` too). A closed form, so a huge image size costs no loop.
+    """
+    return max(0, length - parts) if parts >= 2 else 0
 
 
 class Decomposition:
@@ -101,10 +103,11 @@ class Decomposition:
                     f"overlap {ov} along axis {axis} is not smaller than the subimage length {size} "
                     f"(image {length}, grid {parts}); use an overlap of at most {max_overlap(length, parts)}"
                 )
-            if parts > 1 and size >= length:
+            if parts > 1 and size > length - parts + 1:
                 raise ConfigError(
-                    f"overlap {ov} along axis {axis} makes every one of the {parts} subimages span the whole axis "
-                    f"({length} pixels); use an overlap of at most {max_overlap(length, parts)}"
+                    f"overlap {ov} along axis {axis} makes the {parts} subimages of {size} pixels too long for an "
+                    f"axis of {length} pixels (neighbours would start at the same pixel); use an overlap of at most "
+                    f"{max_overlap(length, parts)}"
                 )
             sizes.append(size)
             starts.append(axis_starts)

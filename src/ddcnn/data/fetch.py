@@ -60,10 +60,14 @@ def _holds(name: str, place: Path) -> Path | None:
     return None
 
 
-def find_dataset(name: str, dir=None) -> Path | None:
-    """The local folder holding dataset ``name`` (see the module doc for where it looks), or None; never downloads."""
+def find_dataset(name: str, dir=None, only_dir: bool = False) -> Path | None:
+    """The local folder holding dataset ``name`` (see the module doc for where it looks), or None; never downloads.
+
+    With ``only_dir`` only ``dir`` is searched: a folder the user named is never swapped for another copy.
+    """
     _check_name(name)
-    for place in _places(name, dir):
+    places = [Path(dir).expanduser()] if only_dir and dir is not None else _places(name, dir)
+    for place in places:
         found = _holds(name, place)
         if found is not None:
             return found

@@ -373,7 +373,8 @@ def load_volume_folder(root, size=(64, 128, 128), window=(-1000.0, 400.0),
 
 # ----------------------------------------------------------------------------------------- single files ----
 def read_image_file(path, size=None, channels: int | None = None) -> torch.Tensor:
-    """One image file as ``(C, H, W)`` uint8 (or a ``.npy`` array as float32) for ``ddcnn predict``.
+    """One image file as ``(C, H, W)`` uint8 (a ``.npy`` array: uint8 stays uint8, anything else float32) for
+    ``ddcnn predict``.
 
     With ``channels`` the image is converted to grey (1) or RGB (3); with ``size`` it is fitted as
     :func:`load_image_folder` does. Without them it is returned as stored: grey images have one channel.
@@ -390,6 +391,8 @@ def read_image_file(path, size=None, channels: int | None = None) -> torch.Tenso
             raise DataError(f"{path} cannot be read as a .npy array ({e}).") from e
         if not isinstance(arr, np.ndarray) or arr.ndim not in (2, 3) or not np.issubdtype(arr.dtype, np.number):
             raise DataError(f"{path} must hold a numeric (H, W) or (C, H, W) array.")
+        if arr.dtype == np.uint8:  # 8-bit pixels, as the photo formats give: to_float scales them by 1/255
+            return torch.from_numpy(np.ascontiguousarray(arr))
         return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
     try:
         with Image.open(path) as im:

@@ -23,12 +23,12 @@ NATIVE_SIZE = {"fashion-mnist": (1, (28, 28)), "mnist": (1, (28, 28)), "cifar10"
 
 
 def _root(data, name: str):
-    root = find_dataset(name, data.root)
+    root = find_dataset(name, data.root, only_dir=data.root is not None)
     if root is None:
-        where = f"{data.root} or " if data.root else ""
+        where = f"data.root = {data.root}" if data.root else "the known places"
         raise DataNotFoundError(
-            f"the {name} files are not in {where}the known places; run `ddcnn data fetch {name}` (or set data.root "
-            f"to the folder that holds them)"
+            f"the {name} files are not in {where}; run `ddcnn data fetch {name}` and set data.root to the folder it "
+            f"prints (or remove data.root to search the known places)"
         )
     return root
 
@@ -43,6 +43,9 @@ def load_datasets(data) -> tuple[ImageDataset, ImageDataset]:
     """``(train, test)`` for a :class:`~ddcnn.config.DataConfig`; image and volume folders are split by
     ``test_fraction`` (stratified, ``split_seed``) since they ship no test set."""
     name = data.name
+    if data.class_map and name != "volume-folder":
+        raise ConfigError(f"data.class_map merges class folders of a volume-folder dataset; data.name = {name!r} "
+                          f"does not use it: remove data.class_map")
     if name in ("fashion-mnist", "mnist"):
         root = _root(data, name)
         classes = FASHION_MNIST_CLASSES if name == "fashion-mnist" else MNIST_CLASSES

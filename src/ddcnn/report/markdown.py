@@ -126,10 +126,10 @@ def _train_time_note(results: Mapping) -> list[str]:
     if any(n in present for n in ("mean_probability", "majority_vote")):
         text += " Mean probability and majority vote train nothing beyond the local CNNs."
     if any("local" in STRATEGY_STAGES.get(n, "") for n in present):
-        text += (
-            " The local stage counts all local CNNs trained together on this one device"
-            " (see the critical-path estimate below)."
-        )
+        processes = int(_number((results.get("local") or {}).get("processes")) or 1)
+        where = "on this one device" if processes == 1 else f"by {processes} processes in parallel"
+        text += (f" The local stage counts all local CNNs trained together {where}"
+                 " (see the critical-path estimate below).")
     return [text]
 
 
@@ -215,8 +215,10 @@ def _local_section(local: Mapping, decomposition: Decomposition | None, plots: P
     val = [_number(v) for v in (local.get("val_accuracy") or [])]
     n = max(len(test), len(val)) or (decomposition.n_subdomains if decomposition else 0)
     measured, critical = _number(local.get("measured_seconds")), _number(local.get("critical_path_seconds"))
+    processes = int(_number(local.get("processes")) or 1)
     if measured is not None:
-        lines.append(f"- Measured time: {_seconds(measured)} s, training all {n} local CNNs on this one device "
+        where = "on this one device" if processes == 1 else f"shared among {processes} processes (the slowest)"
+        lines.append(f"- Measured time: {_seconds(measured)} s, training all {n} local CNNs {where} "
                      "(measured wall time).")
     if critical is not None:
         text = (

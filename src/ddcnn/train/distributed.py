@@ -3,7 +3,7 @@
 * ``local``: rank ``r`` of ``P`` trains a contiguous shard of the N local CNNs (:func:`shard_range`) as one batched
   ensemble, on every training image, in the same order as a single process would, with no communication until
   the end of each epoch; then the shards are gathered (for the checkpoint and the metrics), and after the stage
-  every rank holds all N local CNNs. A rank may hold no local CNN when ``P > N``; it waits at the gathers.
+  every rank holds all N local CNNs. Every rank holds at least one local CNN: ``P > N`` is refused.
 * ``combine``: trained once on rank 0 and broadcast.
 * ``global``, ``coherent``, ``transfer``: DistributedDataParallel; each global batch is split into ``P`` parts.
 * Only rank 0 prints, writes metrics, checkpoints, plots and the report.
@@ -104,6 +104,11 @@ def shutdown() -> None:
 def is_restart() -> bool:
     """True in a worker that torchrun restarted after a failure (it then resumes from the checkpoints)."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
+def launch_id() -> str | None:
+    """torchrun's id of this launch (the same in every attempt of it), or None outside torchrun."""
+    return os.environ.get("TORCHELASTIC_RUN_ID")
 
 
 def shard_range(n: int, rank: int, world: int) -> range:

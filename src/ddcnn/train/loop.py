@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ddcnn.config import StageConfig
-from ddcnn.errors import TrainingError
+from ddcnn.errors import CheckpointError, TrainingError
 from ddcnn.train.checkpoint import CheckpointDir
 
 # loss_fn(x, y) -> (loss to backpropagate, per-sample-or-per-slot correct counts, number of samples)
@@ -153,9 +153,18 @@ def fit(
     saver = saver or ModelState(model)
     sync = sync or Sync()
     optimizer = make_optimizer(model.parameters(), cfg)
-    state = {"epoch": 0, "seconds": 0.0, "history": [], "done": False, "step": 0}
+    state = {"epoch": 0, "seconds": 0.0, "history": [], "done": False, "step": 0, "epochs": cfg.epochs,
+             "batch_size": cfg.batch_size}
     if ckpt.has(stage):
         weights, state, opt_state = ckpt.load(stage)
+        # The schedule and the data order depend on these: a resumed stage must keep them (the learning rate
+        # may change, e.g. to recover from a NaN loss).
+        for key in ("epochs", "batch_size"):
+            if state.get(key, getattr(cfg, key)) != getattr(cfg, key):
+                raise CheckpointError(
+                    f"--resume: stage {stage!r} was checkpointed with {key} = {state[key]} but the config now says "
+                    f"{getattr(cfg, key)}; resume with --set stages.{stage}.{key}={state[key]}, or start a new run"
+                )
         saver.load_weights(weights)
         if opt_state is not None and not state["done"]:
             saver.load_optimizer_state(optimizer, opt_state)
@@ -218,12 +227,11 @@ def fit(
         state["done"] = epoch == cfg.epochs
         state["history"].append(record)
         # Every process takes part in gathering the state; the main one writes it.
-        saving = time.perf_counter()
+        gathering = time.perf_counter()
         weights = saver.weights()
         opt_state = None if state["done"] else saver.optimizer_state(optimizer)
+        record["gather_seconds"] = time.perf_counter() - gathering  # collecting the state, not in "seconds"
         if sync.is_main:
             ckpt.save(stage, f"e{epoch}", weights, state, optimizer=opt_state)
-        record["checkpoint_seconds"] = time.perf_counter() - saving  # gather + write, not in "seconds"
-        if sync.is_main:
             log(record)
     return state

@@ -78,8 +78,9 @@ class Experiment:
         self.verbose = verbose and self.env.is_main  # only rank 0 prints
         self.print = log or (lambda line: print(line, flush=True))  # flushed: one line per epoch in a log file
         self.runtime = make_runtime(cfg, self.env)
-        # A worker that torchrun restarted continues from the checkpoints.
-        self.resume, self.force = resume or distributed.is_restart(), force
+        # A worker that torchrun restarted continues from the checkpoints of its own launch.
+        self.resume = resume or (distributed.is_restart() and self.run_dir.launched_by(distributed.launch_id()))
+        self.force = force
         self.trained: dict[str, nn.Module] = {}
         self.seconds: dict[str, float] = {}
         self.histories: dict[str, list] = {}
@@ -106,7 +107,7 @@ class Experiment:
             )
         distributed.init(self.env, self.runtime.device.type)
         if self.env.is_main:
-            self.run_dir.prepare(cfg, self.resume, self.force)
+            self.run_dir.prepare(cfg, self.resume, self.force, launch=distributed.launch_id())
             self.run_dir.write_json("data.json", {
                 "classes": self.classes, "in_channels": self.shapes.in_channels,
                 "image_size": list(self.shapes.image_size), "normalizer": self.normalizer.state_dict(),
@@ -178,6 +179,10 @@ class Experiment:
 
     def _fit(self, stage: str, model: nn.Module, loss_fn, batches, evaluate, clip=None, loss_scale=1.0,
              saver=None, sync=None) -> dict:
+        if clip is None:  # one gradient norm over the whole model (the local stage clips per local CNN)
+            def clip(max_norm):
+                nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
         state = fit(stage, model, loss_fn, batches, evaluate, self.cfg.stages.get(stage), self.run_dir.checkpoints,
                     self.runtime, self.cfg.seed, self._log, clip=clip, verbose=self.verbose, loss_scale=loss_scale,
                     saver=saver, sync=sync)
@@ -196,7 +201,7 @@ class Experiment:
         device_ids = [self.runtime.device.index] if self.runtime.device.type == "cuda" else None
         ddp = DistributedDataParallel(model, device_ids=device_ids)
         remainder = len(self.train) % batches.batch_size
-        if 0 < remainder < self.env.world:  # a last batch too small to give every rank a sample
+        if 0 < remainder < 2 * self.env.world:  # a last batch too small to give every rank two images for BatchNorm
             batches.drop_last = True
         return self._compiled(ddp), batches.shard(self.env.rank, self.env.world), DataParallelSync(self.env)
 

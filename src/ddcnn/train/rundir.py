@@ -16,6 +16,7 @@ from ddcnn.train.checkpoint import CheckpointDir, atomic_write_text
 MARKER = "ddcnn-run.json"
 # Settings that the saved weights depend on: a resumed run must not change them.
 FROZEN_SECTIONS = ("seed", "data", "decomposition", "model", "combiner")
+FREE_DATA_KEYS = ("workers", "device_resident_limit_gb")
 # The marker first: --force removes it before anything else, so a kill in the middle never leaves a marked run
 # without its config.yaml.
 OUTPUTS = (MARKER, "checkpoints", "plots", "tensorboard", "metrics.jsonl", "results.json", "report.md",
@@ -33,8 +34,18 @@ class RunDir:
     def is_run(self) -> bool:
         return (self.path / MARKER).is_file()
 
-    def prepare(self, cfg: Config, resume: bool, force: bool) -> None:
-        """Create, resume or (with ``force``) restart the run in this directory; refuse anything surprising."""
+    def launched_by(self, launch: str | None) -> bool:
+        """Whether the run here was started by the torchrun launch ``launch`` (then a restarted worker resumes)."""
+        if launch is None or not self.is_run:
+            return False
+        try:
+            return json.loads((self.path / MARKER).read_text()).get("launch") == launch
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    def prepare(self, cfg: Config, resume: bool, force: bool, launch: str | None = None) -> None:
+        """Create, resume or (with ``force``) restart the run in this directory; refuse anything surprising.
+        ``launch`` (torchrun's run id) is recorded so that only a restart of the same launch resumes by itself."""
         path = self.path
         if path.exists() and not path.is_dir():
             raise ConfigError(f"output directory {str(path)!r} is a file; choose another --out")
@@ -72,7 +83,7 @@ class RunDir:
         # config.yaml before the marker: a directory with the marker always has the config --resume checks against.
         atomic_write_text(path / "config.yaml", dump_config(cfg))
         if not resume:
-            atomic_write_text(path / MARKER, json.dumps({"format": 1}))
+            atomic_write_text(path / MARKER, json.dumps({"format": 1, "launch": launch}))
 
     def _remove_leftovers(self) -> None:
         """After a kill: delete temporary files of interrupted writes, and checkpoint files that no manifest names
@@ -110,6 +121,10 @@ class RunDir:
             raise CheckpointError(f"--resume: {str(self.path / 'config.yaml')!r} is missing or unreadable; restore "
                                   f"it, or start over with --force") from None
         new = to_dict(cfg)
+        for key in FREE_DATA_KEYS:  # how the data is fed, not what it is
+            for config in (saved, new):
+                if isinstance(config.get("data"), dict):
+                    config["data"].pop(key, None)
         for section in FROZEN_SECTIONS:
             diff = _first_difference(saved.get(section), new.get(section), section)
             if diff:

@@ -86,9 +86,10 @@ class SavedRun:
                 out[stage] = lambda x, m=self.trained[stage]: m(x, return_local=True)
         return out
 
-    @staticmethod
-    def _with_local(combiner, local):
-        return combiner(local), local
+    def _with_local(self, combiner, local):
+        # Combiners run in fp32 outside autocast, as in the protocol's test evaluation.
+        with torch.autocast(self.runtime.device.type, enabled=False):
+            return combiner(local.float()), local
 
     def strategy(self, name: str | None):
         """The named strategy's function, or the best one of results.json (else the first available)."""
