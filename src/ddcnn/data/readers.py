@@ -282,6 +282,27 @@ def _check_size(size, n: int, what: str) -> tuple[int, ...]:
     return size
 
 
+def _read_picture(path: Path, size: tuple[int, int] | None, channels: int | None, fix: str) -> torch.Tensor:
+    """One photo as ``(C, H, W)`` uint8: converted to grey (1) or RGB (3) when ``channels`` is given (else grey and
+    RGB stay as stored), its shorter side scaled to ``size`` = (H, W) and centre-cropped (``ImageOps.fit``, bilinear)
+    when ``size`` is given. ``fix`` ends the error message for an unreadable file."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as im:
+            if channels is not None:
+                im = im.convert("RGB" if channels == 3 else "L")
+            elif im.mode not in ("L", "RGB"):
+                im = im.convert("RGB" if im.mode in ("RGBA", "P", "CMYK", "YCbCr") else "L")
+            if size is not None:
+                im = ImageOps.fit(im, (size[1], size[0]), method=Image.BILINEAR)
+            arr = np.asarray(im, dtype=np.uint8)
+    except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, ValueError...) for a bad file
+        raise DataError(f"{path} cannot be read as an image ({e}); {fix}.") from e
+    arr = arr[:, :, None] if arr.ndim == 2 else arr
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
 def load_image_folder(root, size=(224, 224), channels: int = 3) -> ImageDataset:
     """Load photos from ``root/<class>/<image>``: images (M, channels, H, W) uint8, labels (M,) int64.
 
@@ -289,21 +310,13 @@ def load_image_folder(root, size=(224, 224), channels: int = 3) -> ImageDataset:
     ``size`` = (H, W) and the rest is cropped about the centre (PIL ``ImageOps.fit``, bilinear), so objects keep
     their aspect ratio. The whole folder is returned: split it with :func:`ddcnn.data.loading.split_dataset`.
     """
-    from PIL import Image, ImageOps
-
     h, w = _check_size(size, 2, "size")
     if channels not in (1, 3):
         raise ConfigError(f"channels must be 1 (grey) or 3 (RGB), got {channels!r}.")
     classes, items = _class_files(root, IMAGE_EXTENSIONS, "images")
     images = torch.empty((len(items), channels, h, w), dtype=torch.uint8)
     for i, (path, _) in enumerate(items):
-        try:
-            with Image.open(path) as im:
-                im = ImageOps.fit(im.convert("RGB" if channels == 3 else "L"), (w, h), method=Image.BILINEAR)
-                arr = np.asarray(im, dtype=np.uint8)
-        except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, ValueError...) for a bad file
-            raise DataError(f"{path} cannot be read as an image ({e}); delete or replace the file.") from e
-        images[i] = torch.from_numpy(arr.reshape(h, w, channels).copy()).permute(2, 0, 1)
+        images[i] = _read_picture(path, (h, w), channels, fix="delete or replace the file")
     labels = torch.tensor([label for _, label in items], dtype=torch.int64)
     return ImageDataset(images, labels, classes)
 
@@ -341,6 +354,17 @@ def _read_volume(path: Path) -> np.ndarray:
     return np.ascontiguousarray(vol, dtype=np.float32)
 
 
+def _window_and_resample(vol: torch.Tensor, window, size) -> torch.Tensor:
+    """``(D, H, W)``: clipped to ``window`` = (low, high) and mapped to [0, 1], then resampled to ``size`` with
+    trilinear interpolation; each step only when its argument is given."""
+    if window is not None:
+        low, high = (float(v) for v in window)
+        vol = (vol.clamp(low, high) - low) / (high - low)
+    if size is not None and tuple(vol.shape) != tuple(size):
+        vol = F.interpolate(vol[None, None], size=tuple(size), mode="trilinear", align_corners=False)[0, 0]
+    return vol
+
+
 def load_volume_folder(root, size=(64, 128, 128), window=(-1000.0, 400.0),
                        class_map: dict[str, str] | None = None) -> ImageDataset:
     """Load 3D volumes from ``root/<class>/<file>``: images (M, 1, D, H, W) float32 in [0, 1], labels (M,).
@@ -363,10 +387,7 @@ def load_volume_folder(root, size=(64, 128, 128), window=(-1000.0, 400.0),
         vol = torch.from_numpy(_read_volume(path))
         if not torch.isfinite(vol).all():
             raise DataError(f"{path} contains NaN or infinite values; fix or remove the file.")
-        vol = (vol.clamp(low, high) - low) / (high - low)
-        if tuple(vol.shape) != size:
-            vol = F.interpolate(vol[None, None], size=size, mode="trilinear", align_corners=False)[0, 0]
-        images[i, 0] = vol
+        images[i, 0] = _window_and_resample(vol, (low, high), size)
     labels = torch.tensor([label for _, label in items], dtype=torch.int64)
     return ImageDataset(images, labels, classes)
 
@@ -379,8 +400,6 @@ def read_image_file(path, size=None, channels: int | None = None) -> torch.Tenso
     With ``channels`` the image is converted to grey (1) or RGB (3); with ``size`` it is fitted as
     :func:`load_image_folder` does. Without them it is returned as stored: grey images have one channel.
     """
-    from PIL import Image, ImageOps
-
     path = Path(path)
     if not path.is_file():
         raise DataNotFoundError(f"{path} does not exist; give the path of an image file.")
@@ -394,20 +413,9 @@ def read_image_file(path, size=None, channels: int | None = None) -> torch.Tenso
         if arr.dtype == np.uint8:  # 8-bit pixels, as the photo formats give: to_float scales them by 1/255
             return torch.from_numpy(np.ascontiguousarray(arr))
         return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-    try:
-        with Image.open(path) as im:
-            if channels is not None:
-                im = im.convert("RGB" if channels == 3 else "L")
-            elif im.mode not in ("L", "RGB"):
-                im = im.convert("RGB" if im.mode in ("RGBA", "P", "CMYK", "YCbCr") else "L")
-            if size is not None:
-                h, w = _check_size(size, 2, "size")
-                im = ImageOps.fit(im, (w, h), method=Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
-    except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, ValueError...) for a bad file
-        raise DataError(f"{path} cannot be read as an image ({e}); give a PNG, JPEG or similar file.") from e
-    arr = arr[:, :, None] if arr.ndim == 2 else arr
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+    if size is not None:
+        size = _check_size(size, 2, "size")
+    return _read_picture(path, size, channels, fix="give a PNG, JPEG or similar file")
 
 
 def read_volume_file(path, size=None, window=None) -> torch.Tensor:
@@ -416,10 +424,4 @@ def read_volume_file(path, size=None, window=None) -> torch.Tensor:
     path = Path(path)
     if not path.is_file():
         raise DataNotFoundError(f"{path} does not exist; give the path of a .npy or .nii(.gz) volume.")
-    vol = torch.from_numpy(_read_volume(path))
-    if window is not None:
-        low, high = (float(v) for v in window)
-        vol = (vol.clamp(low, high) - low) / (high - low)
-    if size is not None and tuple(vol.shape) != tuple(size):
-        vol = F.interpolate(vol[None, None], size=tuple(size), mode="trilinear", align_corners=False)[0, 0]
-    return vol[None]
+    return _window_and_resample(torch.from_numpy(_read_volume(path)), window, size)[None]
