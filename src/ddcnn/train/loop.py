@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ddcnn.config import StageConfig
+from ddcnn.data.loading import to_float
 from ddcnn.errors import CheckpointError, TrainingError
 from ddcnn.train.checkpoint import CheckpointDir
 
@@ -41,6 +42,24 @@ class Runtime:
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    @torch.no_grad()
+    def predict(self, fn, images: torch.Tensor, normalizer, batch_size: int):
+        """``fn`` on normalised images ``(M, C, *size)`` in batches, outputs float32 on the CPU.
+
+        ``fn`` returns a tensor, or a tuple of tensors (``None`` entries stay ``None``); the result has its form.
+        """
+        chunks = []
+        for start in range(0, len(images), batch_size):
+            x = normalizer(to_float(images[start:start + batch_size].to(self.device)))
+            with self.autocast():
+                out = fn(x)
+            chunks.append(out if isinstance(out, tuple) else (out,))
+        if not chunks:
+            return torch.empty(0)
+        joined = tuple(None if parts[0] is None else torch.cat([p.float().cpu() for p in parts])
+                       for parts in zip(*chunks))
+        return joined if isinstance(out, tuple) else joined[0]
 
 
 def epoch_seed(seed: int, stage: str, epoch: int) -> int:

@@ -126,22 +126,18 @@ class Experiment:
             limit_bytes=int(self.cfg.data.device_resident_limit_gb * 2**30),
         )
 
-    @torch.no_grad()
     def predict(self, fn, images: torch.Tensor) -> torch.Tensor:
         """``fn`` on normalised images in eval batches: ``(M, C, *size) -> (M, ...)`` float32 on the CPU."""
-        outputs = []
-        for start in range(0, len(images), self.cfg.eval_batch_size):
-            x = self.normalizer(to_float(images[start:start + self.cfg.eval_batch_size].to(self.runtime.device)))
-            with self.runtime.autocast():
-                outputs.append(fn(x).float().cpu())
-        return torch.cat(outputs) if outputs else torch.empty(0)
+        return self.runtime.predict(fn, images, self.normalizer, self.cfg.eval_batch_size)
+
+    def _val_scores(self, logits: torch.Tensor) -> dict:
+        return {"val_loss": F.cross_entropy(logits, self.val.labels).item(),
+                "val_accuracy": accuracy(logits, self.val.labels)}
 
     def _val_metrics(self, fn) -> dict:
         if len(self.val) == 0:
             return {"val_loss": None, "val_accuracy": None}
-        logits = self.predict(fn, self.val.images)
-        return {"val_loss": F.cross_entropy(logits, self.val.labels).item(),
-                "val_accuracy": accuracy(logits, self.val.labels)}
+        return self._val_scores(self.predict(fn, self.val.images))
 
     def _log(self, record: dict) -> None:
         self.run_dir.append_metrics(record)
@@ -334,9 +330,7 @@ class Experiment:
             if val_features is None:
                 return {"val_loss": None, "val_accuracy": None}
             with torch.no_grad():
-                logits = dnn(val_features).float().cpu()
-            return {"val_loss": F.cross_entropy(logits, self.val.labels).item(),
-                    "val_accuracy": accuracy(logits, self.val.labels)}
+                return self._val_scores(dnn(val_features).float().cpu())
 
         batches = TensorBatches(features, self.train.labels.to(device), self.cfg.stages.combine.batch_size,
                                 self.cfg.seed)

@@ -103,15 +103,6 @@ class SavedRun:
             raise ConfigError(f"strategy {name!r} was not trained in this run; available: {', '.join(available)}")
         return name, available[name]
 
-    @torch.no_grad()
     def run_batches(self, fn, images: torch.Tensor, batch_size: int = 512):
         """``fn`` over float images ``(M, C, *size)`` in [0, 1]: returns (scores (M, K), local logits or None)."""
-        scores, locals_ = [], []
-        for start in range(0, len(images), batch_size):
-            x = self.normalizer(images[start:start + batch_size].to(self.runtime.device))
-            with self.runtime.autocast():
-                s, local = fn(x)
-            scores.append(s.float().cpu())
-            if local is not None:
-                locals_.append(local.float().cpu())
-        return torch.cat(scores), (torch.cat(locals_) if locals_ else None)
+        return self.runtime.predict(fn, images, self.normalizer, batch_size)
