@@ -115,13 +115,16 @@ class Experiment:
             })
         self.env.barrier()  # the other ranks read the run directory that rank 0 prepared
 
-    def batches(self, ds: ImageDataset, stage: str, augment: bool = True):
+    def batches(self, ds: ImageDataset, stage: str, parts: int = 1):
+        """Training batches of ``stage``; ``parts``: the processes each batch will be split among."""
         a = self.cfg.data.augment
         batch_size = self.cfg.stages.get(stage).batch_size
+        # BatchNorm cannot train on one image (one value per channel): a last batch that would leave some part
+        # with fewer than two images is left out.
+        remainder = len(ds) % batch_size
         return make_batches(
-            # A last batch of one image cannot train BatchNorm (one value per channel): leave it out.
-            ds, batch_size, self.runtime.device, shuffle=True, drop_last=len(ds) % batch_size == 1,
-            augment=Augment(a.crop_padding, a.hflip) if augment else None, normalizer=self.normalizer,
+            ds, batch_size, self.runtime.device, shuffle=True, drop_last=0 < remainder < 2 * parts,
+            augment=Augment(a.crop_padding, a.hflip), normalizer=self.normalizer,
             seed=self.cfg.seed, workers=self.cfg.data.workers,
             limit_bytes=int(self.cfg.data.device_resident_limit_gb * 2**30),
         )
@@ -189,16 +192,13 @@ class Experiment:
 
     def _data_parallel(self, stage: str, model: nn.Module):
         """``(module to run, batches, sync)``: DistributedDataParallel over the ranks, or the model itself."""
-        batches = self.batches(self.train, stage)
+        batches = self.batches(self.train, stage, parts=self.env.world)
         if not self.env.enabled:
             return self._compiled(model), batches, None
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [self.runtime.device.index] if self.runtime.device.type == "cuda" else None
         ddp = DistributedDataParallel(model, device_ids=device_ids)
-        remainder = len(self.train) % batches.batch_size
-        if 0 < remainder < 2 * self.env.world:  # a last batch too small to give every rank two images for BatchNorm
-            batches.drop_last = True
         return self._compiled(ddp), batches.shard(self.env.rank, self.env.world), DataParallelSync(self.env)
 
     def _classifier_loss(self, stage: str, forward):
