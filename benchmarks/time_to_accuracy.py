@@ -60,8 +60,11 @@ def curves(cfg, seed: int, device: str, workdir: Path) -> dict:
         points, offset = [], 0.0
         for stage in stages:
             history = exp.histories[stage]
+            # A stage's time beyond its epochs (the combine stage's pass of the frozen local CNNs over the
+            # training set) comes before its first epoch's score.
+            start = offset + exp.seconds[stage] - history[-1]["seconds"]
             if stage != "local":  # the local stage alone has no single decision to score
-                points += [(offset + r["seconds"], r["val_accuracy"]) for r in history]
+                points += [(start + r["seconds"], r["val_accuracy"]) for r in history]
             offset += exp.seconds[stage]
         out[name] = points
     return out

@@ -6,6 +6,7 @@ from torch import nn
 
 from ddcnn import LocalEnsemble, local_loss
 from ddcnn.errors import ConfigError, ShapeError
+from ddcnn.train.loop import Runtime
 
 CASES = [
     dict(backbone="vgg", dims=2, sub=(8, 8)),
@@ -100,6 +101,18 @@ def _separate_training(models, batches, make_opt, steps_fn):
 @pytest.mark.parametrize("backend", ["grouped", "loop"])
 @pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=lambda c: f"{c['backbone']}{c['dims']}d")
 def test_training_the_ensemble_equals_training_each_local_cnn_alone(case, backend, optimizer):
+    _check_ensemble_training_equals_separate_training(case, backend, optimizer)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=lambda c: f"{c['backbone']}{c['dims']}d")
+def test_channels_last_ensemble_trains_like_separate_default_layout_cnns(case):
+    # the layout training runs use (Runtime.prepare) against separate CNNs in the default layout
+    runtime = Runtime(torch.device("cpu"), channels_last=True, channels_last_3d=True)
+    _check_ensemble_training_equals_separate_training(case, "grouped", "adam",
+                                                      prepare=lambda m: runtime.prepare(m, case["dims"]))
+
+
+def _check_ensemble_training_equals_separate_training(case, backend, optimizer, prepare=lambda m: m):
     make_opt = {
         "sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-4),
         "adam": lambda p: torch.optim.Adam(p, lr=1e-3, weight_decay=1e-4),
@@ -107,6 +120,7 @@ def test_training_the_ensemble_equals_training_each_local_cnn_alone(case, backen
     ensemble = LocalEnsemble(N, C, K, backbone=case["backbone"], width=4, depth=(1, 1, 1), dims=case["dims"],
                              backend=backend, seed=3)
     separate = [copy.deepcopy(ensemble.local_model(i)) for i in range(N)]
+    ensemble = prepare(ensemble)
     batches = [_batch(case, seed=s) for s in range(4)]
     opt = make_opt(ensemble.parameters())
     for x, y in batches:

@@ -38,7 +38,9 @@ def make_runtime(cfg: Config, env: DistEnv | None = None) -> Runtime:
         amp = torch.bfloat16
     else:
         amp = None
-    return Runtime(device=device, amp_dtype=amp, channels_last=device.type == "cuda")
+    # Channels-last is faster for both the global CNN and the grouped ensemble where measured (docs/performance.md):
+    # 2D on CUDA and CPU, 3D on CPU. 3D on CUDA keeps the default layout until it is measured.
+    return Runtime(device=device, amp_dtype=amp, channels_last=True, channels_last_3d=device.type == "cpu")
 
 
 @dataclass

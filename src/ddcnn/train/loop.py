@@ -32,7 +32,15 @@ class Runtime:
 
     device: torch.device
     amp_dtype: torch.dtype | None = None  # bf16 autocast when set
-    channels_last: bool = False
+    channels_last: bool = False  # convolution models in channels-last layout (2D; 3D where ``channels_last_3d``)
+    channels_last_3d: bool = False
+
+    def prepare(self, model: nn.Module, dims: int) -> nn.Module:
+        """``model`` on the device, in the memory layout chosen for ``dims``-D convolutions."""
+        model.to(self.device)
+        if self.channels_last and (dims == 2 or self.channels_last_3d):
+            model.to(memory_format=torch.channels_last if dims == 2 else torch.channels_last_3d)
+        return model
 
     def autocast(self):
         if self.amp_dtype is None:

@@ -168,10 +168,7 @@ class Experiment:
         return self._writer
 
     def _prepare(self, model: nn.Module) -> nn.Module:
-        model.to(self.runtime.device)
-        if self.runtime.channels_last and self.models.dims == 2:
-            model.to(memory_format=torch.channels_last)
-        return model
+        return self.runtime.prepare(model, self.models.dims)
 
     def _compiled(self, model: nn.Module):
         return torch.compile(model) if self.cfg.compile else model
