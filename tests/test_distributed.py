@@ -230,3 +230,28 @@ def test_a_batch_size_that_does_not_divide_among_the_processes_is_a_clear_error(
     batches = DeviceBatches(make_generated(40, (8, 8), num_classes=2), batch_size=32)
     with pytest.raises(ConfigError, match="batch size 32 does not divide among 3 processes"):
         batches.shard(0, 3)
+
+
+SHUTDOWN_SCRIPT = """
+import os
+import torch
+from ddcnn.train import distributed
+
+distributed.init(distributed.env_from_environment(), "cpu")
+torch.optim.Adam([torch.nn.Parameter(torch.ones(1))])  # the first optimizer imports torch._dynamo
+distributed.shutdown()
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print("gloo threads left:", sum("gloo" in name for name in names))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through /proc")
+def test_shutdown_leaves_no_gloo_threads_to_race_the_interpreter_exit(tmp_path):
+    """A process group that outlives shutdown (kept by a module imported after it was made) leaves gloo's worker
+    threads running into the interpreter's finalisation, where they can abort the process at exit."""
+    script = tmp_path / "shutdown.py"
+    script.write_text(SHUTDOWN_SCRIPT)
+    proc = subprocess.run([*TORCHRUN, "--nproc-per-node=2", str(script)], env=ENV, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("gloo threads left: 0") == 2, proc.stdout

@@ -15,6 +15,7 @@ checkpoints do not depend on the number of processes (a run can be resumed with 
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 
@@ -88,6 +89,12 @@ def init(env: DistEnv, device_type: str) -> None:
                               f"start at most that many processes per node (--nproc-per-node)")
         torch.cuda.set_device(env.local_rank)
     from torch.distributed.rendezvous import rendezvous
+
+    # torch.distributed.nn binds ``group=group.WORLD`` as default arguments when it is imported; imported after the
+    # process group exists (torch._dynamo imports it with the first optimizer), it would keep the group alive past
+    # destroy_process_group, and gloo's worker threads then race the interpreter's shutdown (a SIGABRT at exit,
+    # "terminate called without an active exception"). Imported now, its defaults hold None.
+    importlib.import_module("torch.distributed.nn")
 
     # Keys of an earlier attempt may survive in torchrun's store after a restart: give each attempt its own
     # namespace, or the new processes can read the dead ones' addresses.
