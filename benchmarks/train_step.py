@@ -569,8 +569,10 @@ def resolve(args, parser) -> tuple[list[Config], Settings]:
         parser.error("with --compile, use --warmup 2 or more so that compilation is not timed")
     if cuda:
         peak_tflops, peak_bw, source = CUDA_PEAK_TFLOPS[precision], CUDA_PEAK_BW_GBS, "H100/H200 SXM datasheet"
+    elif args.dry_run:
+        peak_tflops, peak_bw, source = float("nan"), float("nan"), "not measured in a dry run"
     elif args.peak_tflops is None or args.peak_bw_gbs is None:
-        peak_tflops, peak_bw = measure_cpu_peaks(precision) if not args.dry_run else (float("nan"),) * 2
+        peak_tflops, peak_bw = measure_cpu_peaks(precision)
         source = "measured on this CPU: 1024^2 matmul, 256 MiB copy"
     if args.peak_tflops is not None or args.peak_bw_gbs is not None:
         peak_tflops, peak_bw = args.peak_tflops or peak_tflops, args.peak_bw_gbs or peak_bw
