@@ -208,3 +208,21 @@ def test_grad_clip_applies_to_the_global_stage(tmp_path, tiny_config):
     for key, value in initial.items():
         if "running" not in key and "num_batches" not in key:
             torch.testing.assert_close(trained[key], value, rtol=0, atol=1e-8, msg=key)
+
+
+def test_compiled_stages_train_the_same_weights_as_eager_ones(tmp_path, tiny_config):
+    """``compile: true`` (torch.compile of the global CNN, the local ensemble and the CNN-DNN) computes what the
+    eager modules compute; the checkpoints hold the plain modules' keys."""
+    stages = ["stages.coherent.enabled=false"]
+    eager = Experiment(tiny_config(overrides=stages), tmp_path / "eager", verbose=False).run()
+    compiled = Experiment(tiny_config(overrides=[*stages, "compile=true"]), tmp_path / "compiled", verbose=False).run()
+    for stage in ("global", "local", "transfer"):
+        want, _, _ = CheckpointDir(tmp_path / "eager" / "checkpoints").load(stage)
+        got, _, _ = CheckpointDir(tmp_path / "compiled" / "checkpoints").load(stage)
+        assert got.keys() == want.keys()
+        for key in want:  # inductor may sum in another order
+            torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=f"{stage} {key}")
+    one_image = 1 / compiled["data_sizes"]["test"]  # a rounding difference may flip a prediction near a tie
+    for name in ("global", "mean_probability", "transfer"):
+        assert compiled["strategies"][name]["test_accuracy"] == pytest.approx(
+            eager["strategies"][name]["test_accuracy"], abs=one_image + 1e-9), name
