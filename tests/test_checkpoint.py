@@ -74,6 +74,27 @@ def test_a_corrupt_or_missing_manifest_entry_is_a_checkpoint_error(tmp_path):
         ckpt.load("global")
 
 
+@pytest.mark.parametrize("name", ["/abs/victim.safetensors", "../victim.safetensors", "sub/x.safetensors",
+                                  "victim.txt", 7])
+def test_a_manifest_naming_files_outside_the_checkpoint_folder_is_refused_and_deletes_nothing(tmp_path, name):
+    model, _ = _trained(0)
+    ckpt = CheckpointDir(tmp_path / "checkpoints")
+    (tmp_path / "checkpoints").mkdir()
+    ckpt.save("global", "e1", model.state_dict(), {"epoch": 1})
+    victim = tmp_path / "victim.safetensors"
+    victim.write_text("keep me")
+    if isinstance(name, str) and name.startswith("/abs/"):
+        name = str(victim)
+    manifest = json.loads((tmp_path / "checkpoints" / "global.json").read_text())
+    manifest["files"]["weights"]["file"] = name
+    (tmp_path / "checkpoints" / "global.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        ckpt.load("global")
+    ckpt.save("global", "e2", model.state_dict(), {"epoch": 2})  # replaces the bad manifest
+    assert victim.read_text() == "keep me"
+    assert ckpt.load("global")[1] == {"epoch": 2}
+
+
 def test_a_write_killed_before_the_rename_leaves_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "f.json"
     atomic_write(path, b'{"v": 1}')

@@ -102,11 +102,14 @@ class CheckpointDir:
             data = save_safetensors(tensors)
             atomic_write(self.root / name, data)
             files[kind] = {"file": name, "sha256": _sha256(data)}
-        old = self._read_manifest(stage) if self.has(stage) else None
+        try:
+            old = self._read_manifest(stage) if self.has(stage) else None
+        except CheckpointError:  # a broken old manifest is replaced; its files are left where they are
+            old = None
         manifest = {"stage": stage, "tag": tag, "files": files, "state": state, "optimizer_meta": optimizer_meta}
         atomic_write_text(self.manifest_path(stage), json.dumps(manifest, indent=1))
         if old:  # the previous version's files are no longer named by any manifest
-            for entry in old.get("files", {}).values():
+            for entry in old["files"].values():
                 if entry["file"] not in {e["file"] for e in files.values()}:
                     (self.root / entry["file"]).unlink(missing_ok=True)
 
@@ -114,8 +117,14 @@ class CheckpointDir:
         path = self.manifest_path(stage)
         try:
             manifest = json.loads(path.read_text())
-            if not isinstance(manifest, dict) or "files" not in manifest:
+            if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
                 raise ValueError
+            for entry in manifest["files"].values():
+                # a bare file name inside checkpoints/: the manifest never reaches (or deletes) other files
+                name = entry.get("file") if isinstance(entry, dict) else None
+                if not (isinstance(name, str) and name == Path(name).name and name.endswith(".safetensors")
+                        and not name.startswith(".") and isinstance(entry.get("sha256"), str)):
+                    raise ValueError
         except (ValueError, UnicodeDecodeError):
             raise CheckpointError(f"checkpoint manifest {str(path)!r} is corrupt; delete it to restart the "
                                   f"{stage!r} stage, or the run directory to start over") from None
