@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 import torch
@@ -172,9 +173,11 @@ def test_a_last_batch_of_one_image_is_left_out(tmp_path, tiny_config):
     assert len(results["local"]["test_accuracy"]) == 64
 
 
-def test_resume_refuses_a_changed_number_of_epochs_or_batch_size(tmp_path, tiny_config):
-    only_global = ["stages.*.enabled=false", "stages.global.enabled=true", "stages.global.epochs=2"]
-    run = Experiment(tiny_config(overrides=only_global), tmp_path / "run", verbose=False)
+ONLY_GLOBAL = ["stages.*.enabled=false", "stages.global.enabled=true", "stages.global.epochs=2"]
+
+
+def _stopped_after_one_global_epoch(cfg, out) -> None:
+    run = Experiment(cfg, out, verbose=False)
     real_append = run.run_dir.append_metrics
 
     def stop_after_first_epoch(record):
@@ -184,8 +187,14 @@ def test_resume_refuses_a_changed_number_of_epochs_or_batch_size(tmp_path, tiny_
     run.run_dir.append_metrics = stop_after_first_epoch
     with pytest.raises(Crash):
         run.run()
+
+
+def test_resume_refuses_a_changed_number_of_epochs_or_batch_size(tmp_path, tiny_config):
+    only_global = ONLY_GLOBAL
+    _stopped_after_one_global_epoch(tiny_config(overrides=only_global), tmp_path / "run")
     for change, fragment in (("stages.global.epochs=1", "epochs = 2"), ("stages.global.batch_size=16",
-                                                                         "batch_size = 32")):
+                                                                         "batch_size = 32"),
+                             ("stages.global.optimizer=sgd", "optimizer = adam")):
         with pytest.raises(CheckpointError, match=f"{fragment}.*--set stages.global"):
             Experiment(tiny_config(overrides=only_global + [change]), tmp_path / "run", resume=True,
                        verbose=False).run()
@@ -226,3 +235,42 @@ def test_compiled_stages_train_the_same_weights_as_eager_ones(tmp_path, tiny_con
     for name in ("global", "mean_probability", "transfer"):
         assert compiled["strategies"][name]["test_accuracy"] == pytest.approx(
             eager["strategies"][name]["test_accuracy"], abs=one_image + 1e-9), name
+
+
+def test_a_resumed_stage_takes_the_configs_weight_decay_not_the_checkpoints(tmp_path, tiny_config):
+    only_global = ONLY_GLOBAL
+    _stopped_after_one_global_epoch(tiny_config(overrides=only_global), tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    for name, decay in (("a", "0.0"), ("b", "0.5")):
+        Experiment(tiny_config(overrides=only_global + [f"stages.global.weight_decay={decay}"]), tmp_path / name,
+                   resume=True, verbose=False).run()
+    a, b = (CheckpointDir(tmp_path / name / "checkpoints").load("global")[0] for name in ("a", "b"))
+    conv = next(k for k in a if k.endswith("weight") and a[k].dim() == 4)
+    assert b[conv].norm() < a[conv].norm()  # the second epoch decayed the weights of the run resumed with 0.5
+
+
+def test_weights_made_non_finite_by_the_last_step_are_never_checkpointed(tmp_path):
+    from ddcnn.config import StageConfig
+    from ddcnn.train.loop import Runtime, fit
+
+    class OneBatch:
+        def set_epoch(self, epoch):
+            pass
+
+        def __len__(self):
+            return 1
+
+        def __iter__(self):
+            yield torch.ones(1, 1), torch.zeros(1, dtype=torch.long)
+
+    model = torch.nn.Linear(1, 1, bias=False)
+
+    def loss_fn(x, y):  # finite (about 1e30), but one SGD step at lr 1e10 takes the weight past float32's range
+        return (model(x) * 1e30).sum(), torch.zeros(())
+
+    cfg = StageConfig(epochs=2, batch_size=1, optimizer="sgd", momentum=0.0, lr=1e10, schedule="constant")
+    ckpt = CheckpointDir(tmp_path)
+    with pytest.raises(TrainingError, match="the weights became NaN or infinite in stage 'x', epoch 1"):
+        fit("x", model, loss_fn, OneBatch(), dict, cfg, ckpt, Runtime(torch.device("cpu")), 0, lambda r: None,
+            verbose=False)
+    assert not ckpt.has("x")

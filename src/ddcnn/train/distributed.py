@@ -181,11 +181,18 @@ class EnsembleSaver(ModelState):
         self.ensemble.load_stacked_optimizer_state(optimizer, _slice_optimizer(state, self.n_total, self.shard))
 
 
-class ShardSync(Sync):
-    """Local stage: each rank saw every image with its own local CNNs; losses add up, per-CNN counts concatenate."""
+class _RankSync(Sync):
+    distributed = True
 
     def __init__(self, env: DistEnv):
         self.env, self.is_main = env, env.is_main
+
+    def any(self, flag: bool) -> bool:
+        return any(self.env.all_gather(bool(flag)))
+
+
+class ShardSync(_RankSync):
+    """Local stage: each rank saw every image with its own local CNNs; losses add up, per-CNN counts concatenate."""
 
     def reduce(self, loss_sum, correct, seen):
         correct = torch.cat([c for c in self.env.all_gather(correct.cpu())]).to(loss_sum.device)
@@ -195,11 +202,8 @@ class ShardSync(Sync):
         return self.env.max(value)  # the ranks work in parallel: the stage lasts as long as the slowest
 
 
-class DataParallelSync(Sync):
+class DataParallelSync(_RankSync):
     """Data-parallel stages: each rank saw part of every batch; sums add up."""
-
-    def __init__(self, env: DistEnv):
-        self.env, self.is_main = env, env.is_main
 
     def reduce(self, loss_sum, correct, seen):
         seen = int(self.env.sum(torch.tensor(float(seen), device=loss_sum.device)).item())

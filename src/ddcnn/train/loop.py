@@ -123,12 +123,17 @@ class Sync:
     """How a process combines its epoch statistics with the other processes' (a single process: as they are)."""
 
     is_main = True
+    distributed = False
 
     def reduce(self, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int):
         return loss_sum, correct, seen
 
     def seconds(self, value: float) -> float:
         return value
+
+    def any(self, flag: bool) -> bool:
+        """True if ``flag`` is true on any process."""
+        return flag
 
 
 class Progress:
@@ -150,6 +155,14 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _non_finite(stage: str, epoch: int, bad_step: int, bad_weights: bool, cfg: StageConfig) -> TrainingError:
+    where = (f"the loss became NaN or infinite in stage {stage!r}, epoch {epoch}, step {bad_step}" if bad_step >= 0
+             else f"the weights became NaN or infinite in stage {stage!r}, epoch {epoch}" if bad_weights
+             else f"another process's loss or weights became NaN or infinite in stage {stage!r}, epoch {epoch}")
+    return TrainingError(f"{where}; the checkpoint of epoch {epoch - 1} is kept: lower the learning rate and "
+                         f"resume, e.g. --resume --set stages.{stage}.lr={cfg.lr / 10:g}")
 
 
 def fit(
@@ -181,12 +194,12 @@ def fit(
     sync = sync or Sync()
     optimizer = make_optimizer(model.parameters(), cfg)
     state = {"epoch": 0, "seconds": 0.0, "history": [], "done": False, "step": 0, "epochs": cfg.epochs,
-             "batch_size": cfg.batch_size}
+             "batch_size": cfg.batch_size, "optimizer": cfg.optimizer}
     if ckpt.has(stage):
         weights, state, opt_state = ckpt.load(stage)
-        # The schedule and the data order depend on these: a resumed stage must keep them (the learning rate
-        # may change, e.g. to recover from a NaN loss).
-        for key in ("epochs", "batch_size"):
+        # The schedule, the data order and the optimizer state depend on these: a resumed stage must keep them
+        # (the learning rate, weight decay and momentum may change, e.g. to recover from a NaN loss).
+        for key in ("epochs", "batch_size", "optimizer"):
             if state.get(key, getattr(cfg, key)) != getattr(cfg, key):
                 raise CheckpointError(
                     f"--resume: stage {stage!r} was checkpointed with {key} = {state[key]} but the config now says "
@@ -195,6 +208,8 @@ def fit(
         saver.load_weights(weights)
         if opt_state is not None and not state["done"]:
             saver.load_optimizer_state(optimizer, opt_state)
+            for group in optimizer.param_groups:  # the config's settings, not the checkpoint's, from here on
+                group.update({k: v for k, v in optimizer.defaults.items() if k != "lr"})
     if state["done"]:
         return state
     steps_per_epoch = len(batches)
@@ -230,16 +245,19 @@ def fit(
             correct_sum = correct.detach() if correct_sum is None else correct_sum + correct.detach()
             seen += len(y)
             if (i + 1) % check_every == 0 or i + 1 == steps_per_epoch:
-                if bad_step.item() >= 0:
+                # Several processes decide together at the end of the epoch (no communication inside it).
+                if not sync.distributed and bad_step.item() >= 0:
                     progress.close()
-                    raise TrainingError(
-                        f"the loss became NaN or infinite in stage {stage!r}, epoch {epoch}, step {bad_step.item()}; "
-                        f"the checkpoint of epoch {epoch - 1} is kept: lower the learning rate and resume, e.g. "
-                        f"--resume --set stages.{stage}.lr={cfg.lr / 10:g}"
-                    )
+                    raise _non_finite(stage, epoch, bad_step.item(), False, cfg)
                 progress.update(loss=f"{loss.item():.3f}")
             else:
                 progress.update()
+        # The last steps' updates can make the weights non-finite with a finite loss: never checkpoint them.
+        bad_weights = not all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()
+                              if t.is_floating_point())
+        if sync.any(bad_step.item() >= 0 or bad_weights):
+            progress.close()
+            raise _non_finite(stage, epoch, bad_step.item(), bad_weights, cfg)
         runtime.synchronize()
         state["seconds"] += sync.seconds(time.perf_counter() - start)
         progress.close()
