@@ -304,3 +304,20 @@ def test_load_volume_folder_without_nibabel(tmp_path, monkeypatch):
 def test_load_volume_folder_bad_window(tmp_path):
     with pytest.raises(ConfigError, match="window"):
         load_volume_folder(tmp_path, size=(2, 2, 2), window=(400, -1000))
+
+
+def test_limit_train_samples_every_class_of_a_folder_dataset(tmp_path):
+    """Folders load class by class: the first N images would be one or two classes only."""
+    from ddcnn.config import DataConfig
+    from ddcnn.data.select import load_datasets
+
+    for c in range(5):
+        (tmp_path / f"class{c}").mkdir()
+        for i in range(20):
+            np.save(tmp_path / f"class{c}" / f"{i}.npy", np.full((4, 4, 4), c, dtype=np.float32))
+    cfg = DataConfig(name="volume-folder", root=str(tmp_path), image_size=[4, 4, 4], window=[0.0, 4.0],
+                     test_fraction=0.25, limit_train=25, limit_test=10)
+    train, test = load_datasets(cfg)
+    assert torch.bincount(train.labels, minlength=5).tolist() == [5] * 5
+    assert torch.bincount(test.labels, minlength=5).tolist() == [2] * 5
+    assert torch.equal(train.images[:, 0, 0, 0, 0] * 4, train.labels.float())  # images stay with their labels

@@ -43,7 +43,8 @@ class DataConfig:
     val_fraction: float = 0.1  # validation split taken from the training set
     test_fraction: float = 0.2  # test split for image/volume folders, which ship none
     split_seed: int = 0
-    limit_train: int | None = None  # use only the first N training images (quick runs)
+    limit_train: int | None = None  # use only N training images (quick runs): the first N; a stratified sample
+    #                                  of image and volume folders, which list the classes one after the other
     limit_test: int | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     window: list[float] = field(default_factory=lambda: [-1000.0, 400.0])  # intensity window for volumes (CT: HU)

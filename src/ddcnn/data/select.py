@@ -33,9 +33,13 @@ def _root(data, name: str):
     return root
 
 
-def _limit(ds: ImageDataset, limit: int | None) -> ImageDataset:
+def _limit(ds: ImageDataset, limit: int | None, sorted_by_class: bool, seed: int) -> ImageDataset:
+    """``limit`` images of ``ds``: the first ones of a file that mixes the classes (IDX, CIFAR, generated), a
+    stratified sample (``seed``, original order kept) of a folder dataset, whose images come class by class."""
     if limit is None or limit >= len(ds):
         return ds
+    if sorted_by_class:
+        return split_dataset(ds, limit / len(ds), seed=seed)[1]
     return ImageDataset(ds.images[:limit], ds.labels[:limit], ds.classes)
 
 
@@ -82,7 +86,9 @@ def load_datasets(data) -> tuple[ImageDataset, ImageDataset]:
                                seed=data.split_seed, noise=data.noise)
         test = make_generated(data.generated_test, data.image_size, data.num_classes, channels,
                               seed=data.split_seed + 10_000, noise=data.noise)
-    train, test = _limit(train, data.limit_train), _limit(test, data.limit_test)
+    folder = name in ("image-folder", "volume-folder")
+    train = _limit(train, data.limit_train, folder, data.split_seed + 2)
+    test = _limit(test, data.limit_test, folder, data.split_seed + 3)
     _check_against_config(data, train)
     for part, ds in (("training", train), ("test", test)):
         if len(ds) == 0:
