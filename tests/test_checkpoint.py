@@ -116,3 +116,13 @@ def test_checkpoints_hold_no_pickles(tmp_path):
     for p in tmp_path.iterdir():
         assert p.suffix in (".safetensors", ".json")
         assert b"\x80\x04" not in p.read_bytes()[:2]
+
+
+def test_written_files_get_the_mode_the_umask_gives_new_files(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "a.json", b"{}")
+        (tmp_path / "b.json").write_bytes(b"{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == (tmp_path / "b.json").stat().st_mode & 0o777 == 0o644

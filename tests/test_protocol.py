@@ -274,3 +274,21 @@ def test_weights_made_non_finite_by_the_last_step_are_never_checkpointed(tmp_pat
         fit("x", model, loss_fn, OneBatch(), dict, cfg, ckpt, Runtime(torch.device("cpu")), 0, lambda r: None,
             verbose=False)
     assert not ckpt.has("x")
+
+
+def test_resuming_a_finished_run_repeats_no_work_and_reports_the_same_times(tmp_path, tiny_config):
+    cfg = tiny_config(overrides=["stages.global.enabled=false", "stages.coherent.enabled=false"])
+    first = Experiment(cfg, tmp_path / "run", verbose=False).run()
+    again = Experiment(cfg, tmp_path / "run", resume=True, verbose=False)
+
+    real = again._frozen_local_logits
+
+    def no_training_set_pass(images):  # the test set's pass, for the report, stays
+        assert images is not again.train.images, "the finished combine stage recomputed its features"
+        return real(images)
+
+    again._frozen_local_logits = no_training_set_pass
+    second = again.run()
+    for name in ("cnn_dnn", "transfer"):
+        assert second["strategies"][name]["train_seconds"] == first["strategies"][name]["train_seconds"], name
+        assert second["strategies"][name]["test_accuracy"] == first["strategies"][name]["test_accuracy"], name

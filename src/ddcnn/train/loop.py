@@ -182,19 +182,21 @@ def fit(
     loss_scale: float = 1.0,
     saver: ModelState | None = None,
     sync: Sync | None = None,
+    extra_state: dict | None = None,
 ) -> dict:
     """Train ``model`` for ``cfg.epochs`` epochs, resuming from ``ckpt`` where the stage left off.
 
     ``batches`` yields ``(x, y)`` on the device and has ``set_epoch(e)`` and ``len``. After every epoch the model,
     the optimizer and the stage's state are checkpointed (``saver`` says how) and ``log`` receives the epoch's
-    metrics; ``sync`` combines the statistics of several processes. Returns the state:
-    ``{"epoch", "seconds", "history", "done", "step"}``.
+    metrics; ``sync`` combines the statistics of several processes; ``extra_state`` is kept in the state of a new
+    stage (a resumed one keeps what it saved). A finished stage only loads its weights: ``batches`` and
+    ``evaluate`` are not used. Returns the state: ``{"epoch", "seconds", "history", "done", "step", ...}``.
     """
     saver = saver or ModelState(model)
     sync = sync or Sync()
     optimizer = make_optimizer(model.parameters(), cfg)
     state = {"epoch": 0, "seconds": 0.0, "history": [], "done": False, "step": 0, "epochs": cfg.epochs,
-             "batch_size": cfg.batch_size, "optimizer": cfg.optimizer}
+             "batch_size": cfg.batch_size, "optimizer": cfg.optimizer, **(extra_state or {})}
     if ckpt.has(stage):
         weights, state, opt_state = ckpt.load(stage)
         # The schedule, the data order and the optimizer state depend on these: a resumed stage must keep them

@@ -174,14 +174,14 @@ class Experiment:
         return torch.compile(model) if self.cfg.compile else model
 
     def _fit(self, stage: str, model: nn.Module, loss_fn, batches, evaluate, clip=None, loss_scale=1.0,
-             saver=None, sync=None) -> dict:
+             saver=None, sync=None, extra_state=None) -> dict:
         if clip is None:  # one gradient norm over the whole model (the local stage clips per local CNN)
             def clip(max_norm):
                 nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
         state = fit(stage, model, loss_fn, batches, evaluate, self.cfg.stages.get(stage), self.run_dir.checkpoints,
                     self.runtime, self.cfg.seed, self._log, clip=clip, verbose=self.verbose, loss_scale=loss_scale,
-                    saver=saver, sync=sync)
+                    saver=saver, sync=sync, extra_state=extra_state)
         self.seconds[stage] = state["seconds"]
         self.histories[stage] = state["history"]
         self.trained[stage] = model
@@ -316,12 +316,17 @@ class Experiment:
         self._train_combiner()
 
     def _train_combiner(self) -> None:
+        dnn = self._prepare(self.models.dnn("combine"))
+        ckpt = self.run_dir.checkpoints
+        if ckpt.has("combine") and ckpt.state("combine").get("done"):  # finished: fit only loads the DNN
+            state = self._fit("combine", dnn, None, None, None)
+            self.seconds["combine"] += state.get("feature_seconds", 0.0)
+            return
         start = time.perf_counter()
         device = self.runtime.device
         features = self._frozen_local_logits(self.train.images).to(device)
         val_features = self._frozen_local_logits(self.val.images).to(device) if len(self.val) else None
         feature_seconds = time.perf_counter() - start
-        dnn = self._prepare(self.models.dnn("combine"))
 
         def evaluate():
             if val_features is None:
@@ -331,8 +336,10 @@ class Experiment:
 
         batches = TensorBatches(features, self.train.labels.to(device), self.cfg.stages.combine.batch_size,
                                 self.cfg.seed)
-        self._fit("combine", dnn, self._classifier_loss("combine", dnn), batches, evaluate)
-        self.seconds["combine"] += feature_seconds
+        # The features' time is saved with the stage: a resumed run reports the first run's time.
+        state = self._fit("combine", dnn, self._classifier_loss("combine", dnn), batches, evaluate,
+                          extra_state={"feature_seconds": feature_seconds})
+        self.seconds["combine"] += state.get("feature_seconds", feature_seconds)
 
     def _cnn_dnn_stage(self, stage: str, model: CNNDNN) -> None:
         model = self._prepare(model)
