@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -109,7 +111,7 @@ def test_predict_refuses_files_of_the_wrong_kind(finished_run, tmp_path, capsys)
     assert main(["predict", str(out), str(wrong)]) == 2
     assert "[20, 20]" in _one_error_line(capsys)
     assert main(["predict", str(out), str(wrong), "--strategy", "voting"]) == 2
-    assert "available" in _one_error_line(capsys)
+    assert "unknown strategy 'voting'; this run has: global" in _one_error_line(capsys)
     assert main(["predict", str(tmp_path), str(wrong)]) == 2
     assert "not a ddcnn run" in _one_error_line(capsys)
 
@@ -176,8 +178,25 @@ def test_user_errors_are_one_line_with_exit_status_2(tmp_path, capsys, args, fra
     assert fragment in _one_error_line(capsys)
 
 
-def test_debug_shows_the_traceback(tmp_path):
+def test_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):
     from ddcnn.errors import ConfigError
 
+    missing = str(tmp_path / "missing.yaml")
+    for args in (["--debug", "run", missing], ["run", missing, "--debug"]):  # before or after the command
+        with pytest.raises(ConfigError):
+            main(args)
+    monkeypatch.setenv("DDCNN_DEBUG", "1")
     with pytest.raises(ConfigError):
-        main(["--debug", "run", str(tmp_path / "missing.yaml")])
+        main(["run", missing])
+    monkeypatch.setenv("DDCNN_DEBUG", "0")
+    assert main(["run", missing]) == 2 and "missing.yaml" in _one_error_line(capsys)
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    cfg = _write_config(tmp_path / "c.yaml", tiny_dict(2))
+    proc = subprocess.Popen([sys.executable, "-m", "ddcnn", "show", cfg, "--png", str(tmp_path / "d.png")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.readline()
+    proc.stdout.close()  # as `| head -1` does
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0 and "Traceback" not in err, err

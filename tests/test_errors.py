@@ -129,6 +129,7 @@ def build_workspace(root: Path, finished: Path) -> Path:
     _volumes(root / "vol_nan", np.where(np.arange(512).reshape(8, 8, 8) == 7, np.nan, 0.0).astype(np.float32))
     _volumes(root / "vol_inf", np.where(np.arange(512).reshape(8, 8, 8) == 7, np.inf, 0.0).astype(np.float32))
     _volumes(root / "vol_flat", np.zeros((8, 8), np.float32))
+    _volumes(root / "vol_ok")
     cifar = root / "cifar"
     cifar.mkdir()
     record = bytes(1 + 3 * 32 * 32)
@@ -247,6 +248,9 @@ CLI_CASES = [
     Case("volume-wrong-dims", _run("data.name=volume-folder", "data.root=vol_flat", "data.image_size=[8, 8, 8]",
                                    "decomposition.grid=[2, 2, 2]"), DataError,
          ["vol_flat/CT-1/bad.npy", "2-D", "must be 3-D"]),
+    Case("one-class", _run("data.name=volume-folder", "data.root=vol_ok", "data.image_size=[8, 8, 8]",
+                           "decomposition.grid=[2, 2, 2]", "data.class_map={CT-0: a, CT-1: a}"), DataError,
+         ["has 1 class (a)", "at least 2", "data.class_map"]),
     Case("cifar-partial-record", _run("data.name=cifar10", "data.root=cifar", "data.image_size=null"), DataError,
          ["cifar/data_batch_3.bin has 6156 bytes", "3073-byte records", "download it again"]),
     # 12. the output directory
@@ -263,6 +267,8 @@ CLI_CASES = [
          ["model.width was 4", "8 now", "the run's own config"]),
     Case("resume-changed-grid", _run("decomposition.grid=[4, 4]", out="run") + ["--resume"], CheckpointError,
          ["decomposition.grid was [2, 2]", "[4, 4] now"]),
+    Case("resume-and-force", _run(out="run") + ["--resume", "--force"], ConfigError,
+         ["--resume continues", "--force starts it over", "give one of them"]),
     # 11. damaged checkpoints
     Case("resume-truncated-checkpoint", _run(out="run_trunc") + ["--resume"], CheckpointError,
          ["run_trunc/checkpoints/global-e2.weights.safetensors", "truncated or corrupted",
@@ -295,6 +301,8 @@ CLI_CASES = [
          ["'run_nothing' has no finished stage", "run (or --resume) it first"]),
     Case("predict-strategy-not-trained", ["predict", "run_partial", "ok.npy", "--strategy", "coherent"], ConfigError,
          ["'coherent' was not trained", "available: global, cnn_dnn"]),
+    Case("predict-unknown-strategy", ["predict", "run_partial", "ok.npy", "--strategy", "majority"], ConfigError,
+         ["unknown strategy 'majority'", "did you mean 'majority_vote'", "this run has: global"]),
     # 15. CUDA on a machine without it (torch.cuda.is_available is patched to False for these cases)
     Case("cuda-missing-run", _run("device=cuda"), ConfigError, ["device = 'cuda'", "no CUDA device", "device=cpu"]),
     Case("cuda-missing-evaluate", ["evaluate", "run", "--device", "cuda"], ConfigError,

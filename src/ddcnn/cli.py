@@ -52,8 +52,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_run(args) -> int:
     from ddcnn.config import load_config
+    from ddcnn.errors import ConfigError
     from ddcnn.report import print_table
     from ddcnn.train.protocol import Experiment
+
+    if args.resume and args.force:
+        raise ConfigError("--resume continues the run in --out and --force starts it over: give one of them")
 
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out or Path("runs") / cfg.name)
@@ -101,16 +105,22 @@ def cmd_data(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line, before or after the command
+    args = _parser().parse_args([a for a in argv if a != "--debug"])
     handlers = {"run": cmd_run, "evaluate": cmd_evaluate, "predict": cmd_predict, "show": cmd_show,
                 "data": cmd_data}
     try:
         return handlers[args.command](args)
     except DDCNNError as err:
-        if args.debug or os.environ.get("DDCNN_DEBUG"):
+        if debug or os.environ.get("DDCNN_DEBUG", "0") not in ("", "0"):
             raise
-        print(f"ddcnn: error: {err}", file=sys.stderr)
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        print(f"ddcnn: error: {' '.join(lines)}", file=sys.stderr)  # one line, whatever the message held
         return 2
+    except BrokenPipeError:  # the output went to a pipe that closed early (e.g. `| head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("ddcnn: interrupted; continue with --resume", file=sys.stderr)
         return 130

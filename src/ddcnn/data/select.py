@@ -90,6 +90,11 @@ def load_datasets(data) -> tuple[ImageDataset, ImageDataset]:
     train = _limit(train, data.limit_train, folder, data.split_seed + 2)
     test = _limit(test, data.limit_test, folder, data.split_seed + 3)
     _check_against_config(data, train)
+    if len(train.classes) < 2:
+        raise DataError(f"the {name} data has {len(train.classes)} class ({', '.join(map(str, train.classes))}); a "
+                        f"classifier needs at least 2: add class folders" + (" or map the folders to two or more "
+                                                                          "classes in data.class_map"
+                                                                          if data.class_map else ""))
     for part, ds in (("training", train), ("test", test)):
         if len(ds) == 0:
             raise DataError(f"the {part} set of {name} is empty")

@@ -10,7 +10,7 @@ from torch import nn
 
 from ddcnn.config import from_dict
 from ddcnn.data.loading import Normalizer
-from ddcnn.errors import CheckpointError, ConfigError
+from ddcnn.errors import CheckpointError, ConfigError, did_you_mean
 from ddcnn.models import MajorityVote, MeanProbability
 from ddcnn.train.build import Models, Shapes, make_runtime
 from ddcnn.train.rundir import RunDir
@@ -100,6 +100,11 @@ class SavedRun:
             except (CheckpointError, KeyError):
                 name = next(iter(available))
         if name not in available:
+            from ddcnn.train.protocol import STRATEGIES
+
+            if name not in STRATEGIES:
+                raise ConfigError(f"unknown strategy {name!r}{did_you_mean(str(name), STRATEGIES)}; this run has: "
+                                  f"{', '.join(available)}")
             raise ConfigError(f"strategy {name!r} was not trained in this run; available: {', '.join(available)}")
         return name, available[name]
 
