@@ -321,3 +321,21 @@ def test_limit_train_samples_every_class_of_a_folder_dataset(tmp_path):
     assert torch.bincount(train.labels, minlength=5).tolist() == [5] * 5
     assert torch.bincount(test.labels, minlength=5).tolist() == [2] * 5
     assert torch.equal(train.images[:, 0, 0, 0, 0] * 4, train.labels.float())  # images stay with their labels
+
+
+def test_prediction_inputs_of_other_integer_types_and_16_bit_photos_keep_the_pixel_scale(tmp_path):
+    from ddcnn.data.loading import to_float
+    from ddcnn.data.readers import read_image_file
+
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 7), dtype=np.uint8)
+    np.save(tmp_path / "u8.npy", pixels)
+    np.save(tmp_path / "i64.npy", pixels.astype(np.int64))
+    np.save(tmp_path / "u16.npy", pixels.astype(np.uint16) * 257)
+    Image.fromarray(pixels).save(tmp_path / "u8.png")
+    Image.fromarray(pixels.astype(np.uint16) * 257).save(tmp_path / "u16.png")  # a 16-bit grey PNG
+    want = to_float(read_image_file(tmp_path / "u8.npy"))
+    for name in ("i64.npy", "u16.npy", "u8.png", "u16.png"):
+        torch.testing.assert_close(to_float(read_image_file(tmp_path / name)).reshape(want.shape), want, msg=name)
+    np.save(tmp_path / "wide.npy", pixels.astype(np.int64) + 100)
+    with pytest.raises(DataError, match=f"holds integers from {int(pixels.min()) + 100} to {int(pixels.max()) + 100}"):
+        read_image_file(tmp_path / "wide.npy")

@@ -31,7 +31,9 @@ def _parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="classify image files with a run's models")
     pr.add_argument("run_dir")
-    pr.add_argument("files", nargs="+", help="image files (PNG, JPEG, ...) or .npy arrays/volumes")
+    pr.add_argument("files", nargs="+", help="image files (PNG, JPEG, ...; 8- or 16-bit) or .npy arrays/volumes "
+                                             "(integer pixels 0-255 or uint16; floats in the training images' "
+                                             "scale, [0, 1] for photos)")
     pr.add_argument("--strategy", help="global, cnn_dnn, mean_probability, majority_vote, coherent or transfer "
                                        "(default: the run's best)")
     pr.add_argument("--device", help="cpu, cuda, cuda:N (default: the run's)")

@@ -290,6 +290,10 @@ def _read_picture(path: Path, size: tuple[int, int] | None, channels: int | None
 
     try:
         with Image.open(path) as im:
+            if im.mode.startswith("I"):  # 16-bit (or 32-bit integer) grey: to 8 bits, not clipped at 255
+                wide = np.asarray(im, dtype=np.float64) / (257.0 if im.mode.startswith("I;16") or
+                                                            np.asarray(im).max(initial=0) > 255 else 1.0)
+                im = Image.fromarray(wide.round().clip(0, 255).astype(np.uint8), "L")
             if channels is not None:
                 im = im.convert("RGB" if channels == 3 else "L")
             elif im.mode not in ("L", "RGB"):
@@ -394,8 +398,9 @@ def load_volume_folder(root, size=(64, 128, 128), window=(-1000.0, 400.0),
 
 # ----------------------------------------------------------------------------------------- single files ----
 def read_image_file(path, size=None, channels: int | None = None) -> torch.Tensor:
-    """One image file as ``(C, H, W)`` uint8 (a ``.npy`` array: uint8 stays uint8, anything else float32) for
-    ``ddcnn predict``.
+    """One image file as ``(C, H, W)`` for ``ddcnn predict``: uint8 pixels (photos; 16-bit ones brought to 8
+    bits), or float32 from a ``.npy`` array (integers 0..255 become uint8 pixels, uint16 ones are scaled to [0, 1],
+    floats are taken as they are).
 
     With ``channels`` the image is converted to grey (1) or RGB (3); with ``size`` it is fitted as
     :func:`load_image_folder` does. Without them it is returned as stored: grey images have one channel.
@@ -410,9 +415,15 @@ def read_image_file(path, size=None, channels: int | None = None) -> torch.Tenso
             raise DataError(f"{path} cannot be read as a .npy array ({e}).") from e
         if not isinstance(arr, np.ndarray) or arr.ndim not in (2, 3) or not np.issubdtype(arr.dtype, np.number):
             raise DataError(f"{path} must hold a numeric (H, W) or (C, H, W) array.")
-        if arr.dtype == np.uint8:  # 8-bit pixels, as the photo formats give: to_float scales them by 1/255
-            return torch.from_numpy(np.ascontiguousarray(arr))
-        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        if arr.dtype == np.uint16:  # 16-bit pixels: to [0, 1], the scale 8-bit pixels get
+            return torch.from_numpy(arr.astype(np.float32) / 65535.0)
+        if np.issubdtype(arr.dtype, np.integer):  # 8-bit pixels, whatever the integer type: to_float scales by 1/255
+            low, high = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+            if low < 0 or high > 255:
+                raise DataError(f"{path} holds integers from {low} to {high}; give 8-bit pixels (0 to 255), uint16 "
+                                f"pixels, or floats in the scale of the run's training images ([0, 1] for photos)")
+            return torch.from_numpy(arr.astype(np.uint8))
+        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))  # floats: taken as they are
     if size is not None:
         size = _check_size(size, 2, "size")
     return _read_picture(path, size, channels, fix="give a PNG, JPEG or similar file")
