@@ -135,6 +135,10 @@ def build_workspace(root: Path, finished: Path) -> Path:
     record = bytes(1 + 3 * 32 * 32)
     for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
         (cifar / name).write_bytes(record * 2 + (b"\x00" * 10 if name == "data_batch_3.bin" else b""))
+    (root / "cifar_py" / "cifar-10-batches-py").mkdir(parents=True)
+    (root / "cifar_py" / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"pickled")
+    shutil.copytree(cifar, root / "cifar_missing" / "cifar-10-batches-bin")
+    (root / "cifar_missing" / "cifar-10-batches-bin" / "data_batch_3.bin").unlink()
     np.save(root / "rgb.npy", np.zeros((3, 16, 16), np.float32))
     np.save(root / "nan.npy", np.full((1, 16, 16), np.nan, np.float32))
     np.save(root / "ok.npy", np.zeros((1, 16, 16), np.float32))
@@ -253,6 +257,10 @@ CLI_CASES = [
          ["has 1 class (a)", "at least 2", "data.class_map"]),
     Case("cifar-partial-record", _run("data.name=cifar10", "data.root=cifar", "data.image_size=null"), DataError,
          ["cifar/data_batch_3.bin has 6156 bytes", "3073-byte records", "download it again"]),
+    Case("cifar-python-version", _run("data.name=cifar10", "data.root=cifar_py", "data.image_size=null"), DataError,
+         ["cifar_py/cifar-10-batches-py", "pickled", "binary version"]),
+    Case("cifar-missing-batch", _run("data.name=cifar10", "data.root=cifar_missing", "data.image_size=null"),
+         DataNotFoundError, ["cifar_missing/cifar-10-batches-bin/data_batch_3.bin is missing", "download"]),
     # 12. the output directory
     Case("out-holds-other-files", _run(out="other"), ConfigError, ["'other'", "not a ddcnn run", "--force"]),
     Case("out-is-a-file", _run(out="somefile"), ConfigError, ["'somefile' is a file", "another --out"]),

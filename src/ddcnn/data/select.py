@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from ddcnn.data.fetch import find_dataset
@@ -24,6 +26,9 @@ NATIVE_SIZE = {"fashion-mnist": (1, (28, 28)), "mnist": (1, (28, 28)), "cifar10"
 
 def _root(data, name: str):
     root = find_dataset(name, data.root, only_dir=data.root is not None)
+    named = Path(data.root).expanduser() if data.root is not None else None
+    if root is None and named is not None and named.is_dir() and any(named.iterdir()):
+        return named  # a folder the user named that holds something: the reader says what is missing or wrong
     if root is None:
         where = f"data.root = {data.root}" if data.root else "the known places"
         raise DataNotFoundError(
