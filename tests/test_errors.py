@@ -197,6 +197,9 @@ CLI_CASES = [
     Case("negative-seed", _run("seed=-1"), ConfigError, ["seed = -1", "must not be negative"]),
     Case("label-smoothing-1", _run("stages.global.label_smoothing=1.5"), ConfigError,
          ["stages.global.label_smoothing = 1.5", "below 1"]),
+    Case("dropout-1", _run("combiner.dropout=1.5"), ConfigError, ["combiner.dropout = 1.5", "[0, 1)"]),
+    Case("channels-2", _run("data.channels=2"), ConfigError, ["data.channels = 2", "1 (grey) or 3 (RGB)"]),
+    Case("num-classes-1", _run("data.num_classes=1"), ConfigError, ["data.num_classes = 1", "at least 2"]),
     Case("device-typo", _run("device=cuda:x"), ConfigError, ["device = 'cuda:x'", "cuda:N", "cuda:0"]),
     Case("image-size-entries", _run("data.image_size=[16]"), ConfigError, ["data.image_size = [16]", "[H, W]"]),
     # 3. grid
@@ -305,6 +308,7 @@ CLI_CASES = [
     Case("predict-nan", ["predict", "run", "nan.npy"], DataError, ["nan.npy", "NaN or infinite", "finite"]),
     Case("predict-missing-file", ["predict", "run", "missing.png"], DataNotFoundError,
          ["missing.png does not exist", "path of an image file"]),
+    Case("predict-a-folder", ["predict", "run", "cifar"], DataError, ["cifar is a folder", "cifar/*.png"]),
     Case("predict-nothing-trained", ["predict", "run_nothing", "ok.npy"], CheckpointError,
          ["'run_nothing' has no finished stage", "run (or --resume) it first"]),
     Case("predict-strategy-not-trained", ["predict", "run_partial", "ok.npy", "--strategy", "coherent"], ConfigError,

@@ -319,6 +319,14 @@ def validate(cfg: Config) -> Config:
     overlap = cfg.decomposition.overlap
     if any(o < 0 for o in (overlap if isinstance(overlap, list) else [overlap])):
         raise ConfigError(f"decomposition.overlap = {overlap} must not be negative")
+    if cfg.data.channels is not None and cfg.data.channels not in (1, 3):
+        raise ConfigError(f"data.channels = {cfg.data.channels} must be 1 (grey) or 3 (RGB), or null for the data's "
+                          f"own")
+    if cfg.data.num_classes < 2:
+        raise ConfigError(f"data.num_classes = {cfg.data.num_classes} must be at least 2 (a classifier needs two "
+                          f"classes)")
+    if not 0 <= cfg.combiner.dropout < 1:
+        raise ConfigError(f"combiner.dropout = {cfg.combiner.dropout} must be in [0, 1), e.g. 0.1")
     if len(cfg.data.window) != 2 or cfg.data.window[0] >= cfg.data.window[1]:
         raise ConfigError(f"data.window = {cfg.data.window} must be [low, high] with low < high, e.g. [-1000, 400]")
     if not any(cfg.stages.get(s).enabled for s in STAGES):

@@ -397,6 +397,15 @@ def load_volume_folder(root, size=(64, 128, 128), window=(-1000.0, 400.0),
 
 
 # ----------------------------------------------------------------------------------------- single files ----
+def _input_file(path, what: str, pattern: str) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a folder; give the files in it instead, e.g. {path / pattern}")
+    if not path.is_file():
+        raise DataNotFoundError(f"{path} does not exist; give the path of {what}.")
+    return path
+
+
 def read_image_file(path, size=None, channels: int | None = None) -> torch.Tensor:
     """One image file as ``(C, H, W)`` for ``ddcnn predict``: uint8 pixels (photos; 16-bit ones brought to 8
     bits), or float32 from a ``.npy`` array (integers 0..255 become uint8 pixels, uint16 ones are scaled to [0, 1],
@@ -405,9 +414,7 @@ def read_image_file(path, size=None, channels: int | None = None) -> torch.Tenso
     With ``channels`` the image is converted to grey (1) or RGB (3); with ``size`` it is fitted as
     :func:`load_image_folder` does. Without them it is returned as stored: grey images have one channel.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataNotFoundError(f"{path} does not exist; give the path of an image file.")
+    path = _input_file(path, "an image file", "*.png")
     if path.name.lower().endswith(".npy"):
         try:
             arr = np.load(path, allow_pickle=False)
@@ -432,7 +439,5 @@ def read_image_file(path, size=None, channels: int | None = None) -> torch.Tenso
 def read_volume_file(path, size=None, window=None) -> torch.Tensor:
     """One ``.npy`` or NIfTI volume as ``(1, D, H, W)`` float32; with ``window`` and ``size`` prepared as
     :func:`load_volume_folder` does (clipped, scaled to [0, 1], resampled)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataNotFoundError(f"{path} does not exist; give the path of a .npy or .nii(.gz) volume.")
+    path = _input_file(path, "a .npy or .nii(.gz) volume", "*.nii.gz")
     return _window_and_resample(torch.from_numpy(_read_volume(path)), window, size)[None]
