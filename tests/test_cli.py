@@ -200,3 +200,14 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
     proc.stdout.close()  # as `| head -1` does
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 0 and "Traceback" not in err, err
+
+
+def test_predict_converts_a_colour_photo_to_the_runs_grey_channel(finished_run, tmp_path, capsys):
+    out, _ = finished_run  # trained on one-channel 16x16 images
+    grey = np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8)
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    Image.fromarray(np.stack([grey] * 3 + [np.full_like(grey, 255)], axis=-1), "RGBA").save(tmp_path / "rgba.png")
+    capsys.readouterr()
+    assert main(["predict", str(out), str(tmp_path / "grey.png"), str(tmp_path / "rgba.png")]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.endswith(")") and ".png:" in line]
+    assert len(lines) == 2 and lines[0].split(": ", 1)[1] == lines[1].split(": ", 1)[1]  # the same class

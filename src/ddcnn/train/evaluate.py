@@ -51,7 +51,8 @@ def _read_input(path: Path, run: SavedRun) -> torch.Tensor:
         x = read_volume_file(path, None, None)
     else:
         resize = data.name == "image-folder"  # the other datasets were not resized in training either
-        x = read_image_file(path, size if resize else None, channels if resize else None)
+        # A photo is converted to the run's grey or RGB (an RGB or RGBA file of a grey picture is fine).
+        x = read_image_file(path, size if resize else None, channels)
     x = to_float(x)
     if not torch.isfinite(x).all():
         raise DataError(f"{path} contains NaN or infinite values; give a file with finite pixel values")
