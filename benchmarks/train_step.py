@@ -567,16 +567,20 @@ def resolve(args, parser) -> tuple[list[Config], Settings]:
         parser.error("--repeats must be >= 1 and --warmup >= 0")
     if compile_mode != "none" and warmup < 2:
         parser.error("with --compile, use --warmup 2 or more so that compilation is not timed")
+    given = (args.peak_tflops, args.peak_bw_gbs)
     if cuda:
         peak_tflops, peak_bw, source = CUDA_PEAK_TFLOPS[precision], CUDA_PEAK_BW_GBS, "H100/H200 SXM datasheet"
+    elif None not in given:  # both given: nothing to measure
+        peak_tflops, peak_bw, source = given[0], given[1], "given"
     elif args.dry_run:
         peak_tflops, peak_bw, source = float("nan"), float("nan"), "not measured in a dry run"
-    elif args.peak_tflops is None or args.peak_bw_gbs is None:
+    else:
         peak_tflops, peak_bw = measure_cpu_peaks(precision)
         source = "measured on this CPU: 1024^2 matmul, 256 MiB copy"
-    if args.peak_tflops is not None or args.peak_bw_gbs is not None:
-        peak_tflops, peak_bw = args.peak_tflops or peak_tflops, args.peak_bw_gbs or peak_bw
-        source = "given" if args.peak_tflops and args.peak_bw_gbs else source + "; partly given"
+    if given != (None, None):
+        peak_tflops = peak_tflops if args.peak_tflops is None else args.peak_tflops
+        peak_bw = peak_bw if args.peak_bw_gbs is None else args.peak_bw_gbs
+        source = "given" if None not in given else source + "; partly given"
     st = Settings(device=device, precision=precision, compile=compile_mode, channels_last=bool(channels_last),
                   warmup=warmup, repeats=repeats, backends=tuple(dict.fromkeys(backends)), peak_tflops=peak_tflops,
                   peak_bw_gbs=peak_bw, peak_source=source, max_loop_n=pre.get("max_loop_n"))

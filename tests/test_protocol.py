@@ -190,16 +190,15 @@ def _stopped_after_one_global_epoch(cfg, out) -> None:
 
 
 def test_resume_refuses_a_changed_number_of_epochs_or_batch_size(tmp_path, tiny_config):
-    only_global = ONLY_GLOBAL
-    _stopped_after_one_global_epoch(tiny_config(overrides=only_global), tmp_path / "run")
+    _stopped_after_one_global_epoch(tiny_config(overrides=ONLY_GLOBAL), tmp_path / "run")
     for change, fragment in (("stages.global.epochs=1", "epochs = 2"), ("stages.global.batch_size=16",
                                                                          "batch_size = 32"),
                              ("stages.global.optimizer=sgd", "optimizer = adam")):
         with pytest.raises(CheckpointError, match=f"{fragment}.*--set stages.global"):
-            Experiment(tiny_config(overrides=only_global + [change]), tmp_path / "run", resume=True,
+            Experiment(tiny_config(overrides=ONLY_GLOBAL + [change]), tmp_path / "run", resume=True,
                        verbose=False).run()
     # the data loader's worker count may change: it does not change what is trained
-    results = Experiment(tiny_config(overrides=only_global + ["data.workers=0"]), tmp_path / "run", resume=True,
+    results = Experiment(tiny_config(overrides=ONLY_GLOBAL + ["data.workers=0"]), tmp_path / "run", resume=True,
                          verbose=False).run()
     assert "global" in results["strategies"]
 
@@ -238,11 +237,10 @@ def test_compiled_stages_train_the_same_weights_as_eager_ones(tmp_path, tiny_con
 
 
 def test_a_resumed_stage_takes_the_configs_weight_decay_not_the_checkpoints(tmp_path, tiny_config):
-    only_global = ONLY_GLOBAL
-    _stopped_after_one_global_epoch(tiny_config(overrides=only_global), tmp_path / "a")
+    _stopped_after_one_global_epoch(tiny_config(overrides=ONLY_GLOBAL), tmp_path / "a")
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     for name, decay in (("a", "0.0"), ("b", "0.5")):
-        Experiment(tiny_config(overrides=only_global + [f"stages.global.weight_decay={decay}"]), tmp_path / name,
+        Experiment(tiny_config(overrides=ONLY_GLOBAL + [f"stages.global.weight_decay={decay}"]), tmp_path / name,
                    resume=True, verbose=False).run()
     a, b = (CheckpointDir(tmp_path / name / "checkpoints").load("global")[0] for name in ("a", "b"))
     conv = next(k for k in a if k.endswith("weight") and a[k].dim() == 4)

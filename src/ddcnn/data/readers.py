@@ -291,8 +291,9 @@ def _read_picture(path: Path, size: tuple[int, int] | None, channels: int | None
     try:
         with Image.open(path) as im:
             if im.mode.startswith("I"):  # 16-bit (or 32-bit integer) grey: to 8 bits, not clipped at 255
-                wide = np.asarray(im, dtype=np.float64) / (257.0 if im.mode.startswith("I;16") or
-                                                            np.asarray(im).max(initial=0) > 255 else 1.0)
+                wide = np.asarray(im, dtype=np.float64)
+                if im.mode.startswith("I;16") or wide.max(initial=0) > 255:
+                    wide = wide / 257.0
                 im = Image.fromarray(wide.round().clip(0, 255).astype(np.uint8), "L")
             if channels is not None:
                 im = im.convert("RGB" if channels == 3 else "L")

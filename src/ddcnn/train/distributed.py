@@ -190,16 +190,16 @@ class _RankSync(Sync):
     def any(self, flag: bool) -> bool:
         return any(self.env.all_gather(bool(flag)))
 
+    def seconds(self, value: float) -> float:
+        return self.env.max(value)  # the ranks work in parallel: a stage lasts as long as the slowest
+
 
 class ShardSync(_RankSync):
     """Local stage: each rank saw every image with its own local CNNs; losses add up, per-CNN counts concatenate."""
 
     def reduce(self, loss_sum, correct, seen):
-        correct = torch.cat([c for c in self.env.all_gather(correct.cpu())]).to(loss_sum.device)
+        correct = torch.cat(self.env.all_gather(correct.cpu())).to(loss_sum.device)
         return self.env.sum(loss_sum), correct, seen
-
-    def seconds(self, value: float) -> float:
-        return self.env.max(value)  # the ranks work in parallel: the stage lasts as long as the slowest
 
 
 class DataParallelSync(_RankSync):
@@ -208,6 +208,3 @@ class DataParallelSync(_RankSync):
     def reduce(self, loss_sum, correct, seen):
         seen = int(self.env.sum(torch.tensor(float(seen), device=loss_sum.device)).item())
         return self.env.sum(loss_sum), self.env.sum(correct), seen
-
-    def seconds(self, value: float) -> float:
-        return self.env.max(value)

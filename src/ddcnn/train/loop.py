@@ -255,11 +255,12 @@ def fit(
             else:
                 progress.update()
         # The last steps' updates can make the weights non-finite with a finite loss: never checkpoint them.
+        first_bad = bad_step.item()
         bad_weights = not all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()
                               if t.is_floating_point())
-        if sync.any(bad_step.item() >= 0 or bad_weights):
+        if sync.any(first_bad >= 0 or bad_weights):
             progress.close()
-            raise _non_finite(stage, epoch, bad_step.item(), bad_weights, cfg)
+            raise _non_finite(stage, epoch, first_bad, bad_weights, cfg)
         runtime.synchronize()
         state["seconds"] += sync.seconds(time.perf_counter() - start)
         progress.close()
