@@ -34,6 +34,7 @@ import torch  # noqa: E402
 
 from ddcnn.config import from_dict, load_config, to_dict  # noqa: E402
 from ddcnn.train.protocol import Experiment  # noqa: E402
+from ddcnn.train.stages import STAGES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = {
@@ -52,20 +53,20 @@ def curves(cfg, seed: int, device: str, workdir: Path) -> dict:
         overrides = base + [f"stages.{s}.enabled={str(s in stages).lower()}" for s in
                             ("global", "local", "combine", "transfer")]
         run_cfg = from_dict(to_dict(cfg), overrides)
-        exp = Experiment(run_cfg, workdir / f"{name}-{seed}", force=True, verbose=False)
-        exp.setup()
-        exp.val = exp.test  # evaluate on the test set after every epoch (benchmark only)
+        ctx = Experiment(run_cfg, workdir / f"{name}-{seed}", force=True, verbose=False).setup()
+        ctx.val = ctx.test  # evaluate on the test set after every epoch (benchmark only)
+        done = {}
         for stage in stages:
-            getattr(exp, f"stage_{stage}")()
+            done[stage] = STAGES[stage](ctx, done)
         points, offset = [], 0.0
         for stage in stages:
-            history = exp.histories[stage]
+            history, seconds = done[stage].history, done[stage].seconds
             # A stage's time beyond its epochs (the combine stage's pass of the frozen local CNNs over the
             # training set) comes before its first epoch's score.
-            start = offset + exp.seconds[stage] - history[-1]["seconds"]
+            start = offset + seconds - history[-1]["seconds"]
             if stage != "local":  # the local stage alone has no single decision to score
                 points += [(start + r["seconds"], r["val_accuracy"]) for r in history]
-            offset += exp.seconds[stage]
+            offset += seconds
         out[name] = points
     return out
 

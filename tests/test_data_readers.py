@@ -309,7 +309,7 @@ def test_load_volume_folder_bad_window(tmp_path):
 def test_limit_train_samples_every_class_of_a_folder_dataset(tmp_path):
     """Folders load class by class: the first N images would be one or two classes only."""
     from ddcnn.config import DataConfig
-    from ddcnn.data.select import load_datasets
+    from ddcnn.data.datasets import load_datasets
 
     for c in range(5):
         (tmp_path / f"class{c}").mkdir()

@@ -6,7 +6,7 @@ from torch import nn
 
 from ddcnn import LocalEnsemble, local_loss
 from ddcnn.errors import ConfigError, ShapeError
-from ddcnn.train.loop import Runtime
+from ddcnn.train.runtime import Runtime
 
 CASES = [
     dict(backbone="vgg", dims=2, sub=(8, 8)),

@@ -360,18 +360,18 @@ def test_an_output_directory_without_write_permission(workspace, tmp_path, monke
 
 def test_nan_in_a_generated_training_set(tiny_config, monkeypatch, tmp_path, capsys):
     """The check after loading catches NaN/Inf whatever made them (here: a generator that produces one)."""
-    import ddcnn.data.select as select
+    import ddcnn.data.datasets as datasets
 
-    real = select.make_generated
+    real = datasets.make_generated
 
     def with_nan(*args, **kwargs):
         ds = real(*args, **kwargs)
         ds.images[3, 0, 5, 5] = float("nan")
         return ds
 
-    monkeypatch.setattr(select, "make_generated", with_nan)
+    monkeypatch.setattr(datasets, "make_generated", with_nan)
     with pytest.raises(DataError, match="training set of generated holds NaN or infinite pixel values; clean"):
-        select.load_datasets(tiny_config().data)
+        datasets.load_datasets(tiny_config().data)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(tiny_dict(2)))
     monkeypatch.chdir(tmp_path)
     assert "NaN or infinite" in cli_error(capsys, _run(), DataError)

@@ -6,7 +6,8 @@ import torch
 
 from ddcnn.errors import CheckpointError, ConfigError, TrainingError
 from ddcnn.train.checkpoint import CheckpointDir
-from ddcnn.train.protocol import STRATEGIES, Experiment
+from ddcnn.train.protocol import Experiment
+from ddcnn.train.strategies import STRATEGIES
 
 
 def test_a_run_writes_the_whole_run_directory(finished_run):
@@ -249,7 +250,8 @@ def test_a_resumed_stage_takes_the_configs_weight_decay_not_the_checkpoints(tmp_
 
 def test_weights_made_non_finite_by_the_last_step_are_never_checkpointed(tmp_path):
     from ddcnn.config import StageConfig
-    from ddcnn.train.loop import Runtime, fit
+    from ddcnn.train.loop import StageSpec, fit
+    from ddcnn.train.runtime import Runtime
 
     class OneBatch:
         def set_epoch(self, epoch):
@@ -269,24 +271,20 @@ def test_weights_made_non_finite_by_the_last_step_are_never_checkpointed(tmp_pat
     cfg = StageConfig(epochs=2, batch_size=1, optimizer="sgd", momentum=0.0, lr=1e10, schedule="constant")
     ckpt = CheckpointDir(tmp_path)
     with pytest.raises(TrainingError, match="the weights became NaN or infinite in stage 'x', epoch 1"):
-        fit("x", model, loss_fn, OneBatch(), dict, cfg, ckpt, Runtime(torch.device("cpu")), 0, lambda r: None,
-            verbose=False)
+        fit(StageSpec("x", cfg, ckpt, Runtime(torch.device("cpu")), 0, lambda r: None, verbose=False), model,
+            loss_fn, OneBatch(), dict)
     assert not ckpt.has("x")
 
 
-def test_resuming_a_finished_run_repeats_no_work_and_reports_the_same_times(tmp_path, tiny_config):
+def test_resuming_a_finished_run_repeats_no_work_and_reports_the_same_times(tmp_path, tiny_config, monkeypatch):
+    from ddcnn.train import stages
+
     cfg = tiny_config(overrides=["stages.global.enabled=false", "stages.coherent.enabled=false"])
     first = Experiment(cfg, tmp_path / "run", verbose=False).run()
-    again = Experiment(cfg, tmp_path / "run", resume=True, verbose=False)
-
-    real = again._frozen_local_logits
-
-    def no_training_set_pass(images):  # the test set's pass, for the report, stays
-        assert images is not again.train.images, "the finished combine stage recomputed its features"
-        return real(images)
-
-    again._frozen_local_logits = no_training_set_pass
-    second = again.run()
+    passes = []
+    monkeypatch.setattr(stages, "frozen_local_logits", lambda ctx, ensemble, images: passes.append(images))
+    second = Experiment(cfg, tmp_path / "run", resume=True, verbose=False).run()
+    assert passes == [], "the finished combine stage recomputed its features"
     for name in ("cnn_dnn", "transfer"):
         assert second["strategies"][name]["train_seconds"] == first["strategies"][name]["train_seconds"], name
         assert second["strategies"][name]["test_accuracy"] == first["strategies"][name]["test_accuracy"], name

@@ -7,11 +7,11 @@ import torch
 from ddcnn import Decomposition
 from ddcnn.errors import ShapeError
 from ddcnn.report import (
+    format_table,
     plot_confusion_matrix,
     plot_decomposition,
     plot_learning_curves,
     plot_subdomain_heatmap,
-    print_table,
     results_table,
     write_report,
 )
@@ -123,8 +123,8 @@ def test_results_table_skips_absent_strategies_and_missing_numbers():
     assert table_rows(results_table({})) == []
 
 
-def test_print_table_aligned_plain_text():
-    text = print_table(full_results())
+def test_format_table_aligned_plain_text():
+    text = format_table(full_results())
     lines = text.splitlines()
     assert "|" not in text
     body = lines[2:]
@@ -133,7 +133,7 @@ def test_print_table_aligned_plain_text():
     # Right-aligned numeric columns: the accuracies end at the same column.
     ends = {line.index(acc) + len(acc) for line, acc in zip(body, ["91.23", "92.00", "85.00", "80.00", "90.00"])}
     assert len(ends) == 1
-    only_global = print_table({"strategies": {"global": strategy(0.5, 2.0, 3, 4e6)}}).splitlines()
+    only_global = format_table({"strategies": {"global": strategy(0.5, 2.0, 3, 4e6)}}).splitlines()
     assert len(only_global) == 3 and only_global[2].startswith("global CNN")
 
 

@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
 def cmd_run(args) -> int:
     from ddcnn.config import load_config
     from ddcnn.errors import ConfigError
-    from ddcnn.report import print_table
+    from ddcnn.report import format_table
     from ddcnn.train.protocol import Experiment
 
     if args.resume and args.force:
@@ -67,17 +67,17 @@ def cmd_run(args) -> int:
     results = Experiment(cfg, out, resume=args.resume, force=args.force, command=command,
                          verbose=not args.quiet).run()
     if results is not None:  # None on the ranks > 0 of a torchrun launch: rank 0 reports
-        print(print_table(results))
+        print(format_table(results))
         print(f"report: {out / 'report.md'}")
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from ddcnn.report import print_table
+    from ddcnn.report import format_table
     from ddcnn.train.evaluate import evaluate_run
 
     results = evaluate_run(args.run_dir, device=args.device)
-    print(print_table(results))
+    print(format_table(results))
     print(f"written: {Path(args.run_dir) / 'evaluation.json'}")
     return 0
 
@@ -92,7 +92,7 @@ def cmd_predict(args) -> int:
 
 def cmd_show(args) -> int:
     from ddcnn.config import load_config
-    from ddcnn.train.evaluate import describe
+    from ddcnn.describe import describe
 
     cfg = load_config(args.config, args.overrides)
     print(describe(cfg, Path(args.png)))

@@ -15,25 +15,17 @@ from ddcnn.report.plots import (
 )
 from ddcnn.report.tables import (
     STAGE_LABELS,
-    STAGE_ORDER,
-    STRATEGY_LABELS,
-    STRATEGY_ORDER,
-    STRATEGY_STAGES,
-    print_table,
+    format_table,
     results_table,
 )
 
 __all__ = [
     "STAGE_LABELS",
-    "STAGE_ORDER",
-    "STRATEGY_LABELS",
-    "STRATEGY_ORDER",
-    "STRATEGY_STAGES",
     "plot_confusion_matrix",
     "plot_decomposition",
     "plot_learning_curves",
     "plot_subdomain_heatmap",
-    "print_table",
+    "format_table",
     "results_table",
     "write_report",
 ]

@@ -6,6 +6,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from ddcnn.config import STAGES
 from ddcnn.decomposition import Decomposition
 from ddcnn.errors import DDCNNError
 from ddcnn.report.plots import (
@@ -17,9 +18,6 @@ from ddcnn.report.plots import (
 )
 from ddcnn.report.tables import (
     _MISSING,
-    STAGE_ORDER,
-    STRATEGY_ORDER,
-    STRATEGY_STAGES,
     _count,
     _dims_text,
     _md_cell,
@@ -32,6 +30,7 @@ from ddcnn.report.tables import (
     _strategy_label,
     results_table,
 )
+from ddcnn.train.strategies import STRATEGIES
 
 # ------------------------------------------------------------------------------------------------------- report
 
@@ -112,20 +111,22 @@ def _header_lines(results: Mapping, decomposition: Decomposition | None) -> list
 
 
 def _train_time_note(results: Mapping) -> list[str]:
-    present = _ordered(results.get("strategies") or {}, STRATEGY_ORDER)
+    present = [n for n in _ordered(results.get("strategies") or {}, tuple(STRATEGIES)) if n in STRATEGIES]
+    used_dnn = results.get("transfer_used_dnn")
     parts = []
     for name in present:
-        stages = STRATEGY_STAGES.get(name)
-        if name == "transfer" and results.get("transfer_used_dnn") is not None:
-            stages = "local + combine + transfer" if results["transfer_used_dnn"] else "local + transfer"
-        if stages:
-            parts.append(f"{_strategy_label(name)}: {stages}")
+        strategy = STRATEGIES[name]
+        if strategy.init_stages and used_dnn is not None:
+            note = " + ".join(strategy.counted_stages(strategy.init_stages if used_dnn else ()))
+        else:
+            note = strategy.time_note()
+        parts.append(f"{strategy.label}: {note}")
     if not parts:
         return []
     text = "Train time is the measured wall time of the training stages a strategy needs (" + "; ".join(parts) + ")."
-    if any(n in present for n in ("mean_probability", "majority_vote")):
+    if any(STRATEGIES[n].stages == ("local",) for n in present):
         text += " Mean probability and majority vote train nothing beyond the local CNNs."
-    if any("local" in STRATEGY_STAGES.get(n, "") for n in present):
+    if any("local" in STRATEGIES[n].time_stages for n in present):
         processes = int(_number((results.get("local") or {}).get("processes")) or 1)
         where = "on this one device" if processes == 1 else f"by {processes} processes in parallel"
         text += (f" The local stage counts all local CNNs trained together {where}"
@@ -172,7 +173,7 @@ def write_report(
     stage_seconds = results.get("stage_seconds") or {}
     if stage_seconds:
         lines += ["", "## Time per stage", "", "| stage | wall time (s) |", "|:---|---:|"]
-        for stage in _ordered(stage_seconds, STAGE_ORDER):
+        for stage in _ordered(stage_seconds, STAGES):
             lines.append(f"| {_md_cell(_stage_label(stage))} | {_seconds(stage_seconds[stage])} |")
 
     local = results.get("local")

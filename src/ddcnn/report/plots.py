@@ -15,9 +15,10 @@ from matplotlib import colors as mcolors
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from ddcnn.config import STAGES
 from ddcnn.decomposition import Decomposition
 from ddcnn.errors import ShapeError
-from ddcnn.report.tables import STAGE_ORDER, _dims_text, _number, _ordered, _stage_label
+from ddcnn.report.tables import _dims_text, _number, _ordered, _stage_label
 
 _DPI = 100
 
@@ -47,7 +48,7 @@ def plot_learning_curves(metrics: Sequence[Mapping], path) -> Path:
         if stage is None or epoch is None:
             continue
         by_stage.setdefault(str(stage), {})[int(epoch)] = record
-    stages = _ordered(by_stage, STAGE_ORDER)
+    stages = _ordered(by_stage, STAGES)
 
     if not stages:
         fig = Figure(figsize=(5, 3), layout="constrained")

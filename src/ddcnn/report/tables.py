@@ -5,25 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-STRATEGY_ORDER = ("global", "cnn_dnn", "mean_probability", "majority_vote", "coherent", "transfer")
-STRATEGY_LABELS = {
-    "global": "global CNN",
-    "cnn_dnn": "CNN-DNN",
-    "mean_probability": "mean probability",
-    "majority_vote": "majority vote",
-    "coherent": "coherent CNN-DNN",
-    "transfer": "transfer CNN-DNN",
-}
-# What a strategy's train time counts: the wall time of these training stages (for the note under the table).
-STRATEGY_STAGES = {
-    "global": "global",
-    "cnn_dnn": "local + combine",
-    "mean_probability": "local",
-    "majority_vote": "local",
-    "coherent": "coherent",
-    "transfer": "local + transfer (+ combine when the DNN was initialised from the combine stage)",
-}
-STAGE_ORDER = ("global", "local", "combine", "coherent", "transfer")
+from ddcnn.train.strategies import STRATEGIES
+
 STAGE_LABELS = {
     "global": "global CNN",
     "local": "local CNNs",
@@ -75,7 +58,7 @@ def _mflops(value) -> str:
 
 
 def _strategy_label(name: str) -> str:
-    return STRATEGY_LABELS.get(name, str(name))
+    return STRATEGIES[name].label if name in STRATEGIES else str(name)
 
 
 def _stage_label(name: str) -> str:
@@ -91,7 +74,7 @@ def _ordered(names, order: Sequence[str]) -> list[str]:
 def _strategy_rows(results: Mapping) -> list[tuple[str, str, str, str, str]]:
     strategies = results.get("strategies") or {}
     rows = []
-    for name in _ordered(strategies, STRATEGY_ORDER):
+    for name in _ordered(strategies, tuple(STRATEGIES)):
         entry = strategies[name] or {}
         rows.append(
             (
@@ -129,7 +112,7 @@ def _dims_text(values) -> str:
 def results_table(results: Mapping) -> str:
     """The results as a Markdown table, one row per strategy that ran.
 
-    Rows come in the order global, cnn_dnn, mean_probability, majority_vote, coherent, transfer (strategies not in
+    Rows come in the order of :data:`~ddcnn.train.strategies.STRATEGIES` (strategies not in
     ``results["strategies"]`` are skipped, unknown ones follow at the end); a missing number shows as "—".
     """
     lines = [
@@ -141,7 +124,7 @@ def results_table(results: Mapping) -> str:
     return "\n".join(lines)
 
 
-def print_table(results: Mapping) -> str:
+def format_table(results: Mapping) -> str:
     """The results as a plain text table with aligned columns, for the terminal (same rows as :func:`results_table`)."""
     rows = [_COLUMNS, *_strategy_rows(results)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]

@@ -1,46 +1,15 @@
-"""From a config to what a run computes with: the device and precision, and every model of the protocol."""
+"""From a config and the data's shapes to every model of the protocol, built the same way everywhere."""
 
 from __future__ import annotations
 
-import platform
 from dataclasses import dataclass
 
 import torch
 
 from ddcnn.config import Config
 from ddcnn.decomposition import Decomposition
-from ddcnn.errors import ConfigError
 from ddcnn.models import CNNDNN, DNN, GlobalCNN, LocalEnsemble, check_fits, local_width
-from ddcnn.train.distributed import DistEnv
-from ddcnn.train.loop import Runtime, epoch_seed
-
-
-def make_runtime(cfg: Config, env: DistEnv | None = None) -> Runtime:
-    """Device and precision from the config; asking for CUDA on a machine without it is an error. Under torchrun
-    each process takes the GPU of its ``LOCAL_RANK``."""
-    name = cfg.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device = {cfg.device!r} but this machine has no CUDA device; use device=cpu "
-                              f"(or device=auto)")
-        if env is not None and env.enabled:
-            name = f"cuda:{env.local_rank}"
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    device = torch.device(name)
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"device = {name!r} but this machine has {torch.cuda.device_count()} GPU(s); use "
-                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"):
-        amp = torch.bfloat16
-    else:
-        amp = None
-    # Channels-last is faster for both the global CNN and the grouped ensemble where measured (docs/performance.md):
-    # 2D on CUDA and CPU, 3D on CPU. 3D on CUDA keeps the default layout until it is measured.
-    return Runtime(device=device, amp_dtype=amp, channels_last=True, channels_last_3d=device.type == "cpu")
+from ddcnn.train.loop import epoch_seed
 
 
 @dataclass
@@ -90,8 +59,3 @@ class Models:
     def cnn_dnn(self, stage: str = "coherent") -> CNNDNN:
         return CNNDNN(self.decomposition, self.ensemble(), self.dnn(stage))
 
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"

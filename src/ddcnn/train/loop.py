@@ -7,7 +7,6 @@ uninterrupted one on the CPU.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import time
@@ -18,56 +17,12 @@ import torch
 from torch import nn
 
 from ddcnn.config import StageConfig
-from ddcnn.data.loading import to_float
 from ddcnn.errors import CheckpointError, TrainingError
 from ddcnn.train.checkpoint import CheckpointDir
+from ddcnn.train.runtime import Runtime
 
-# loss_fn(x, y) -> (loss to backpropagate, per-sample-or-per-slot correct counts, number of samples)
+# loss_fn(x, y) -> (loss to backpropagate, correct predictions: a count, or one count per local CNN ``(N,)``)
 LossFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
-@dataclass
-class Runtime:
-    """Where and how to compute: device, autocast dtype, memory format."""
-
-    device: torch.device
-    amp_dtype: torch.dtype | None = None  # bf16 autocast when set
-    channels_last: bool = False  # convolution models in channels-last layout (2D; 3D where ``channels_last_3d``)
-    channels_last_3d: bool = False
-
-    def prepare(self, model: nn.Module, dims: int) -> nn.Module:
-        """``model`` on the device, in the memory layout chosen for ``dims``-D convolutions."""
-        model.to(self.device)
-        if self.channels_last and (dims == 2 or self.channels_last_3d):
-            model.to(memory_format=torch.channels_last if dims == 2 else torch.channels_last_3d)
-        return model
-
-    def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
-
-    def synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    @torch.no_grad()
-    def predict(self, fn, images: torch.Tensor, normalizer, batch_size: int):
-        """``fn`` on normalised images ``(M, C, *size)`` in batches, outputs float32 on the CPU.
-
-        ``fn`` returns a tensor, or a tuple of tensors (``None`` entries stay ``None``); the result has its form.
-        """
-        chunks = []
-        for start in range(0, len(images), batch_size):
-            x = normalizer(to_float(images[start:start + batch_size].to(self.device)))
-            with self.autocast():
-                out = fn(x)
-            chunks.append(out if isinstance(out, tuple) else (out,))
-        if not chunks:
-            return torch.empty(0)
-        joined = tuple(None if parts[0] is None else torch.cat([p.float().cpu() for p in parts])
-                       for parts in zip(*chunks))
-        return joined if isinstance(out, tuple) else joined[0]
 
 
 def epoch_seed(seed: int, stage: str, epoch: int) -> int:
@@ -165,38 +120,47 @@ def _non_finite(stage: str, epoch: int, bad_step: int, bad_weights: bool, cfg: S
                          f"resume, e.g. --resume --set stages.{stage}.lr={cfg.lr / 10:g}")
 
 
-def fit(
-    stage: str,
-    model: nn.Module,
-    loss_fn: LossFn,
-    batches,
-    evaluate: Callable[[], dict],
-    cfg: StageConfig,
-    ckpt: CheckpointDir,
-    runtime: Runtime,
-    seed: int,
-    log: Callable[[dict], None],
-    clip: Callable[[float], None] | None = None,
-    verbose: bool = True,
-    check_every: int = 25,
-    loss_scale: float = 1.0,
-    saver: ModelState | None = None,
-    sync: Sync | None = None,
-    extra_state: dict | None = None,
-) -> dict:
-    """Train ``model`` for ``cfg.epochs`` epochs, resuming from ``ckpt`` where the stage left off.
+@dataclass
+class StageSpec:
+    """Everything :func:`fit` needs besides the model, its loss and its data: how and where one stage trains.
+
+    ``clip(max_norm)`` clips the gradients (default: one norm over the whole model); ``loss_scale`` turns the
+    logged loss into the one reported (the local stage sums N losses and logs their mean); ``saver`` says how the
+    model and optimizer are checkpointed; ``sync`` combines the statistics of several processes; ``extra_state``
+    is kept in the state of a new stage (a resumed one keeps what it saved).
+    """
+
+    stage: str
+    cfg: StageConfig
+    ckpt: CheckpointDir
+    runtime: Runtime
+    seed: int
+    log: Callable[[dict], None]
+    verbose: bool = True
+    clip: Callable[[float], object] | None = None
+    loss_scale: float = 1.0
+    saver: ModelState | None = None
+    sync: Sync | None = None
+    extra_state: dict | None = None
+    check_every: int = 25  # steps between two looks at the NaN guard (each look is a host sync)
+
+
+def fit(spec: StageSpec, model: nn.Module, loss_fn: LossFn | None, batches, evaluate: Callable[[], dict] | None
+        ) -> dict:
+    """Train ``model`` for ``spec.cfg.epochs`` epochs, resuming from ``spec.ckpt`` where the stage left off.
 
     ``batches`` yields ``(x, y)`` on the device and has ``set_epoch(e)`` and ``len``. After every epoch the model,
-    the optimizer and the stage's state are checkpointed (``saver`` says how) and ``log`` receives the epoch's
-    metrics; ``sync`` combines the statistics of several processes; ``extra_state`` is kept in the state of a new
-    stage (a resumed one keeps what it saved). A finished stage only loads its weights: ``batches`` and
-    ``evaluate`` are not used. Returns the state: ``{"epoch", "seconds", "history", "done", "step", ...}``.
+    the optimizer and the stage's state are checkpointed and ``spec.log`` receives the epoch's metrics (with the
+    validation metrics ``evaluate()`` returns). A finished stage only loads its weights: ``loss_fn``, ``batches``
+    and ``evaluate`` are not used. Returns the state: ``{"epoch", "seconds", "history", "done", "step", ...}``.
     """
-    saver = saver or ModelState(model)
-    sync = sync or Sync()
+    stage, cfg, ckpt, runtime = spec.stage, spec.cfg, spec.ckpt, spec.runtime
+    saver = spec.saver or ModelState(model)
+    sync = spec.sync or Sync()
+    clip = spec.clip or (lambda max_norm: nn.utils.clip_grad_norm_(model.parameters(), max_norm))
     optimizer = make_optimizer(model.parameters(), cfg)
     state = {"epoch": 0, "seconds": 0.0, "history": [], "done": False, "step": 0, "epochs": cfg.epochs,
-             "batch_size": cfg.batch_size, "optimizer": cfg.optimizer, **(extra_state or {})}
+             "batch_size": cfg.batch_size, "optimizer": cfg.optimizer, **(spec.extra_state or {})}
     if ckpt.has(stage):
         weights, state, opt_state = ckpt.load(stage)
         # The schedule, the data order and the optimizer state depend on these: a resumed stage must keep them
@@ -219,10 +183,10 @@ def fit(
         raise TrainingError(f"stage {stage!r} has no training batches: the training set is smaller than one batch "
                             f"({cfg.batch_size}); lower stages.{stage}.batch_size")
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
-        torch.manual_seed(epoch_seed(seed, stage, epoch))
+        torch.manual_seed(epoch_seed(spec.seed, stage, epoch))
         batches.set_epoch(epoch)
         model.train()
-        progress = Progress(steps_per_epoch, f"{stage} {epoch}/{cfg.epochs}", verbose)
+        progress = Progress(steps_per_epoch, f"{stage} {epoch}/{cfg.epochs}", spec.verbose)
         runtime.synchronize()
         start = time.perf_counter()
         loss_sum = torch.zeros((), device=runtime.device)
@@ -236,7 +200,7 @@ def fit(
                 loss, correct = loss_fn(x, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if clip is not None and cfg.grad_clip is not None:
+            if cfg.grad_clip is not None:
                 clip(cfg.grad_clip)
             optimizer.step()
             state["step"] += 1
@@ -246,7 +210,7 @@ def fit(
             loss_sum += loss.detach().float() * len(y)
             correct_sum = correct.detach() if correct_sum is None else correct_sum + correct.detach()
             seen += len(y)
-            if (i + 1) % check_every == 0 or i + 1 == steps_per_epoch:
+            if (i + 1) % spec.check_every == 0 or i + 1 == steps_per_epoch:
                 # Several processes decide together at the end of the epoch (no communication inside it).
                 if not sync.distributed and bad_step.item() >= 0:
                     progress.close()
@@ -266,7 +230,7 @@ def fit(
         progress.close()
         loss_sum, correct_sum, seen = sync.reduce(loss_sum, correct_sum, seen)
         acc = (correct_sum.float() / seen).cpu()
-        record = {"stage": stage, "epoch": epoch, "train_loss": (loss_sum / seen).item() * loss_scale,
+        record = {"stage": stage, "epoch": epoch, "train_loss": (loss_sum / seen).item() * spec.loss_scale,
                   "train_accuracy": acc.mean().item(), "lr": optimizer.param_groups[0]["lr"]}
         model.eval()
         record.update(evaluate())
@@ -281,5 +245,5 @@ def fit(
         record["gather_seconds"] = time.perf_counter() - gathering  # collecting the state, not in "seconds"
         if sync.is_main:
             ckpt.save(stage, f"e{epoch}", weights, state, optimizer=opt_state)
-            log(record)
+            spec.log(record)
     return state

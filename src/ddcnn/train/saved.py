@@ -11,9 +11,10 @@ from torch import nn
 from ddcnn.config import from_dict
 from ddcnn.data.loading import Normalizer
 from ddcnn.errors import CheckpointError, ConfigError, did_you_mean
-from ddcnn.models import MajorityVote, MeanProbability
-from ddcnn.train.build import Models, Shapes, make_runtime
+from ddcnn.train.build import Models, Shapes
 from ddcnn.train.rundir import RunDir
+from ddcnn.train.runtime import make_runtime
+from ddcnn.train.strategies import STRATEGIES, predictors
 
 
 class SavedRun:
@@ -71,25 +72,8 @@ class SavedRun:
             raise CheckpointError(f"{str(path)!r} has no finished stage to evaluate; run (or --resume) it first")
 
     def strategies(self) -> dict:
-        split, out = self.decomposition.split, {}
-        n, k = self.models.n_local, self.shapes.num_classes
-        if "global" in self.trained:
-            out["global"] = lambda x: (self.trained["global"](x), None)
-        if "local" in self.trained:
-            ensemble = self.trained["local"]
-            if "combine" in self.trained:
-                out["cnn_dnn"] = lambda x: self._with_local(self.trained["combine"], ensemble(split(x)))
-            out["mean_probability"] = lambda x: self._with_local(MeanProbability(n, k), ensemble(split(x)))
-            out["majority_vote"] = lambda x: self._with_local(MajorityVote(n, k), ensemble(split(x)))
-        for stage in ("coherent", "transfer"):
-            if stage in self.trained:
-                out[stage] = lambda x, m=self.trained[stage]: m(x, return_local=True)
-        return out
-
-    def _with_local(self, combiner, local):
-        # Combiners run in fp32 outside autocast, as in the protocol's test evaluation.
-        with torch.autocast(self.runtime.device.type, enabled=False):
-            return combiner(local.float()), local
+        """Every strategy this run trained: name -> ``normalised images -> (scores (B, K), local logits or None)``."""
+        return predictors(self.trained, self.decomposition, self.shapes.num_classes)
 
     def strategy(self, name: str | None):
         """The named strategy's function, or the best one of results.json (else the first available)."""
@@ -100,8 +84,6 @@ class SavedRun:
             except (CheckpointError, KeyError):
                 name = next(iter(available))
         if name not in available:
-            from ddcnn.train.protocol import STRATEGIES
-
             if name not in STRATEGIES:
                 raise ConfigError(f"unknown strategy {name!r}{did_you_mean(str(name), STRATEGIES)}; this run has: "
                                   f"{', '.join(available)}")

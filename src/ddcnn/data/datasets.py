@@ -21,8 +21,6 @@ from ddcnn.data.readers import (
 )
 from ddcnn.errors import ConfigError, DataError, DataNotFoundError, ShapeError
 
-NATIVE_SIZE = {"fashion-mnist": (1, (28, 28)), "mnist": (1, (28, 28)), "cifar10": (3, (32, 32))}
-
 
 def _root(data, name: str):
     root = find_dataset(name, data.root, only_dir=data.root is not None)

@@ -1,0 +1,55 @@
+"""``ddcnn show``: what a config builds (decomposition, sizes, parameters, FLOPs) before anything trains."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ddcnn.config import Config
+from ddcnn.data.datasets import load_datasets
+from ddcnn.data.loading import to_float
+from ddcnn.errors import ConfigError
+from ddcnn.models import count_parameters, forward_flops
+from ddcnn.train.build import Models, Shapes
+
+
+def describe(cfg: Config, png: Path | None = None) -> str:
+    """Decomposition, subimage size, parameters and FLOPs of the global CNN, one local CNN, all local CNNs and
+    the CNN-DNN; draws the grid over a sample image into ``png``."""
+    train, _ = load_datasets(cfg.data)
+    shapes = Shapes(train.in_channels, train.num_classes, train.image_size)
+    models = Models(cfg, shapes)
+    d = models.decomposition
+    shape = (shapes.in_channels, *shapes.image_size)
+    global_cnn, ensemble, cnn_dnn = models.global_cnn(), models.ensemble(), models.cnn_dnn()
+    local = ensemble.local_model(0)
+    rows = [
+        ("global CNN", cfg.model.width, count_parameters(global_cnn), forward_flops(global_cnn, shape)),
+        ("one local CNN", models.local_width, count_parameters(local),
+         forward_flops(local, (shapes.in_channels, *d.subimage_size))),
+        (f"{d.n_subdomains} local CNNs", models.local_width, count_parameters(ensemble),
+         forward_flops(ensemble, (d.n_subdomains, shapes.in_channels, *d.subimage_size))),
+        ("CNN-DNN", models.local_width, count_parameters(cnn_dnn), forward_flops(cnn_dnn, shape)),
+    ]
+    lines = [
+        f"dataset        {cfg.data.name}: {len(train)} training images {list(shapes.image_size)} x "
+        f"{shapes.in_channels} channel(s), {shapes.num_classes} classes",
+        f"decomposition  grid {list(d.grid)}, overlap {list(d.overlap)} -> {d.n_subdomains} subimages of "
+        f"{list(d.subimage_size)}",
+        f"backbone       {cfg.model.backbone}, depth {list(ensemble.depth)}, global width {cfg.model.width}, "
+        f"local width {models.local_width}",
+        "",
+        f"{'model':<16} {'width':>6} {'parameters':>12} {'MFLOPs/image':>13}",
+    ]
+    lines += [f"{n:<16} {w:>6} {p:>12,} {f / 1e6:>13.2f}" for n, w, p, f in rows]
+    lines.append("")
+    lines.append("subdomain locations (start..., stop...):")
+    lines += [f"  {i:3d}: {loc}" for i, loc in enumerate(d.locations.tolist())]
+    if png is not None:
+        from ddcnn.report import plot_decomposition
+
+        try:
+            plot_decomposition(to_float(train.images[0]), d, Path(png))
+        except OSError as err:
+            raise ConfigError(f"cannot write {png}: {err.strerror}; pass --png with a writable path") from None
+        lines.append(f"grid drawn over a sample image: {png}")
+    return "\n".join(lines)

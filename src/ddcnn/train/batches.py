@@ -1,0 +1,30 @@
+"""Shuffled batches of tensors already in memory: the combine stage trains on the frozen local CNNs' logits."""
+
+from __future__ import annotations
+
+import torch
+
+from ddcnn.train.loop import epoch_seed
+
+
+class TensorBatches:
+    """Batches of ``(x, y)`` in an order drawn from ``(seed, epoch)``, like the image batches of the other stages.
+
+    ``x``: ``(M, ...)`` on the device, ``y``: ``(M,)``; the last batch may be smaller.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int):
+        self.x, self.y, self.batch_size, self.seed, self.epoch = x, y, batch_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-len(self.y) // self.batch_size)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, "batches", self.epoch))
+        order = torch.randperm(len(self.y), generator=g).to(self.x.device)
+        for i in range(len(self)):
+            index = order[i * self.batch_size:(i + 1) * self.batch_size]
+            yield self.x[index], self.y[index]

@@ -1,0 +1,167 @@
+"""What every stage needs, built once in one place: the config, the data splits, the models' builder, the device,
+the run directory, this process's rank and the metrics log."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddcnn.config import Config
+from ddcnn.data.datasets import load_datasets
+from ddcnn.data.loading import Augment, Normalizer, make_batches, split_dataset
+from ddcnn.data.readers import ImageDataset
+from ddcnn.errors import ConfigError
+from ddcnn.train import distributed
+from ddcnn.train.build import Models, Shapes
+from ddcnn.train.distributed import DataParallelSync, DistEnv
+from ddcnn.train.loop import StageSpec, Sync
+from ddcnn.train.metrics import MetricsLog
+from ddcnn.train.rundir import RunDir
+from ddcnn.train.runtime import Runtime
+
+
+@dataclass
+class StageResult:
+    """What a stage leaves for the later stages and the test evaluation."""
+
+    model: nn.Module
+    seconds: float  # the stage's training time (the combine stage's includes its pass over the training set)
+    history: list[dict]  # one record per epoch, as in metrics.jsonl
+    extras: dict = field(default_factory=dict)  # "local_timing" (local), "initialised_from" (transfer)
+
+
+@dataclass
+class Context:
+    """One run's fixed facts. Built by :func:`build_context`; the stages only read it."""
+
+    cfg: Config
+    env: DistEnv
+    runtime: Runtime
+    run_dir: RunDir
+    train: ImageDataset
+    val: ImageDataset
+    test: ImageDataset
+    classes: list[str]
+    normalizer: Normalizer
+    models: Models
+    log: Callable[[dict], None]
+    verbose: bool
+
+    @property
+    def decomposition(self):
+        return self.models.decomposition
+
+    @property
+    def n_local(self) -> int:
+        return self.models.n_local
+
+    # --------------------------------------------------------------------------------- what the stages share
+    def spec(self, stage: str, **options) -> StageSpec:
+        """The :class:`StageSpec` of ``stage`` from the config; ``options`` set the rest (clip, sync, saver...)."""
+        return StageSpec(stage, self.cfg.stages.get(stage), self.run_dir.checkpoints, self.runtime, self.cfg.seed,
+                         self.log, verbose=self.verbose, **options)
+
+    def batches(self, stage: str, parts: int = 1):
+        """Training batches of ``stage``; ``parts``: the processes each batch will be split among."""
+        a = self.cfg.data.augment
+        batch_size = self.cfg.stages.get(stage).batch_size
+        # BatchNorm cannot train on one image (one value per channel): a last batch that would leave some part
+        # with fewer than two images is left out.
+        remainder = len(self.train) % batch_size
+        return make_batches(
+            self.train, batch_size, self.runtime.device, shuffle=True, drop_last=0 < remainder < 2 * parts,
+            augment=Augment(a.crop_padding, a.hflip), normalizer=self.normalizer,
+            seed=self.cfg.seed, workers=self.cfg.data.workers,
+            limit_bytes=int(self.cfg.data.device_resident_limit_gb * 2**30),
+        )
+
+    def predict(self, fn, images: torch.Tensor):
+        """``fn`` on normalised images in eval batches: ``(M, C, *size) -> (M, ...)`` float32 on the CPU."""
+        return self.runtime.predict(fn, images, self.normalizer, self.cfg.eval_batch_size)
+
+    def val_scores(self, logits: torch.Tensor) -> dict:
+        return {"val_loss": F.cross_entropy(logits, self.val.labels).item(),
+                "val_accuracy": accuracy(logits, self.val.labels)}
+
+    def val_metrics(self, fn) -> dict:
+        """Validation loss and accuracy of ``fn`` (images -> logits); None when there is no validation split."""
+        if len(self.val) == 0:
+            return {"val_loss": None, "val_accuracy": None}
+        return self.val_scores(self.predict(fn, self.val.images))
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """``model`` on the device, in the memory layout of the run."""
+        return self.runtime.prepare(model, self.models.dims)
+
+    def compiled(self, model: nn.Module):
+        return torch.compile(model) if self.cfg.compile else model
+
+    def classifier_loss(self, stage: str, forward):
+        """Cross-entropy (with the stage's label smoothing) of ``forward(x)``, and the number it got right."""
+        smoothing = self.cfg.stages.get(stage).label_smoothing
+
+        def loss_fn(x, y):
+            out = forward(x)
+            return F.cross_entropy(out.float(), y, label_smoothing=smoothing), (out.argmax(-1) == y).sum()
+
+        return loss_fn
+
+    def data_parallel(self, stage: str, model: nn.Module) -> tuple[nn.Module, object, Sync | None]:
+        """``(module to run, batches, sync)``: DistributedDataParallel over the ranks, or the model itself."""
+        batches = self.batches(stage, parts=self.env.world)
+        if not self.env.enabled:
+            return self.compiled(model), batches, None
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [self.runtime.device.index] if self.runtime.device.type == "cuda" else None
+        ddp = DistributedDataParallel(model, device_ids=device_ids)
+        return self.compiled(ddp), batches.shard(self.env.rank, self.env.world), DataParallelSync(self.env)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return (logits.argmax(-1) == labels).float().mean().item()
+
+
+def check_stages(cfg: Config) -> None:
+    """Stages that need another stage's models: refused before anything is read or written."""
+    for stage in ("combine", "transfer"):
+        if cfg.stages.get(stage).enabled and not cfg.stages.local.enabled:
+            raise ConfigError(f"stage {stage!r} needs the trained local CNNs: enable stages.local or disable "
+                              f"stages.{stage}")
+
+
+def build_context(cfg: Config, run_dir: RunDir, runtime: Runtime, env: DistEnv, resume: bool, force: bool,
+                  verbose: bool = True, print_line: Callable[[str], None] | None = None) -> Context:
+    """Read the data, build the models' builder, join the process group and prepare the run directory (rank 0
+    writes ``data.json``); every check that can refuse the run comes before the first file is written."""
+    train_full, test = load_datasets(cfg.data)
+    train, val = split_dataset(train_full, cfg.data.val_fraction, cfg.data.split_seed)
+    classes = list(train_full.classes)
+    shapes = Shapes(train.in_channels, len(classes), train.image_size)
+    models = Models(cfg, shapes)
+    if env.enabled and cfg.stages.local.enabled and env.world > models.n_local:
+        raise ConfigError(
+            f"{env.world} processes but only {models.n_local} local CNNs (grid {list(models.decomposition.grid)}): "
+            f"every process trains at least one local CNN; start at most {models.n_local} processes "
+            f"(--nproc-per-node) or use a finer grid"
+        )
+    normalizer = Normalizer.fit(train.images)
+    distributed.init(env, runtime.device.type)
+    if env.is_main:
+        run_dir.prepare(cfg, resume, force, launch=distributed.launch_id())
+        run_dir.write_json("data.json", {
+            "classes": classes, "in_channels": shapes.in_channels, "image_size": list(shapes.image_size),
+            "normalizer": normalizer.state_dict(), "train": len(train), "val": len(val), "test": len(test),
+        })
+    env.barrier()  # the other ranks read the run directory that rank 0 prepared
+    log = MetricsLog(run_dir, verbose, print_line) if env.is_main else _no_log
+    return Context(cfg, env, runtime, run_dir, train, val, test, classes, normalizer, models, log,
+                   verbose and env.is_main)
+
+
+def _no_log(record: dict) -> None:
+    """Ranks > 0 log nothing: rank 0 writes the metrics."""

@@ -1,0 +1,53 @@
+"""Where an epoch's metrics go: ``metrics.jsonl``, TensorBoard (when installed) and one line on the terminal."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ddcnn.train.rundir import RunDir
+
+
+class MetricsLog:
+    """One record per epoch per stage, written by rank 0 only; :meth:`close` closes the TensorBoard event file."""
+
+    def __init__(self, run_dir: RunDir, verbose: bool = True, print_line: Callable[[str], None] | None = None):
+        self.run_dir, self.verbose = run_dir, verbose
+        self.print = print_line or (lambda line: print(line, flush=True))  # flushed: one line per epoch in a log
+        self._writer = None
+        self._opened = False
+
+    def _tensorboard(self):
+        """The SummaryWriter, opened with the first record (a resumed finished run adds no event file); None when
+        the tensorboard package is not installed."""
+        if not self._opened:
+            self._opened = True
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is an optional extra
+                return None
+            self._writer = SummaryWriter(str(self.run_dir.path / "tensorboard"))
+        return self._writer
+
+    def __call__(self, record: dict) -> None:
+        self.run_dir.append_metrics(record)
+        writer = self._tensorboard()
+        if writer is not None:
+            for key, value in record.items():
+                if isinstance(value, float):
+                    writer.add_scalar(f"{record['stage']}/{key}", value, record["epoch"])
+            writer.flush()
+        if self.verbose:
+            self.print(epoch_line(record))
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def epoch_line(record: dict) -> str:
+    """``[   local] epoch   3  loss 0.4123  train  85.10%  val  84.90%     12.3s``"""
+    val = record.get("val_accuracy")
+    val = f"{100 * val:6.2f}%" if val is not None else "   n/a"
+    return (f"[{record['stage']:>8}] epoch {record['epoch']:3d}  loss {record['train_loss']:.4f}  "
+            f"train {100 * record['train_accuracy']:6.2f}%  val {val}  {record['seconds']:7.1f}s")

@@ -1,0 +1,156 @@
+"""The paper's five stages, one function each: ``train_X(ctx, done) -> StageResult``.
+
+``done`` holds the results of the stages that ran before (in :data:`STAGES` order); every stage checkpoints each
+epoch through :func:`ddcnn.train.loop.fit`, so a finished stage is loaded, not retrained, on ``--resume``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+
+import torch
+
+from ddcnn.models import CNNDNN, local_loss, transfer_cnn_dnn
+from ddcnn.train.batches import TensorBatches
+from ddcnn.train.context import Context, StageResult
+from ddcnn.train.distributed import EnsembleSaver, ShardSync, shard_range
+from ddcnn.train.loop import epoch_seed, fit
+from ddcnn.train.timing import critical_path
+
+Done = Mapping[str, StageResult]
+
+
+def train_global(ctx: Context, done: Done) -> StageResult:
+    """The global CNN on whole images (data-parallel over the processes)."""
+    model = ctx.prepare(ctx.models.global_cnn())
+    run, batches, sync = ctx.data_parallel("global", model)
+    state = fit(ctx.spec("global", sync=sync), model, ctx.classifier_loss("global", run), batches,
+                lambda: ctx.val_metrics(model))
+    return StageResult(model, state["seconds"], state["history"])
+
+
+def train_local(ctx: Context, done: Done) -> StageResult:
+    """The N local CNNs, each on its subimages, as one batched ensemble; process ``r`` trains a contiguous shard
+    of them on every image, so each local CNN sees the same batches as in a single process."""
+    shard = shard_range(ctx.n_local, ctx.env.rank, ctx.env.world)
+    ensemble = ctx.prepare(ctx.models.ensemble(shard))
+    run = ctx.compiled(ensemble)
+
+    def split(x):  # the subimages of this rank's local CNNs
+        return ctx.decomposition.split(x)[:, shard.start:shard.stop]
+
+    def loss_fn(x, y):
+        logits = run(split(x))
+        loss, _ = local_loss(logits, y)
+        return loss, (logits.argmax(-1) == y[:, None]).sum(0)  # correct per local CNN, (N,)
+
+    def evaluate():
+        if len(ctx.val) == 0:
+            return {"val_loss": None, "val_accuracy": None, "val_accuracy_per_subdomain": None}
+        logits = ctx.predict(lambda x: ensemble(split(x)), ctx.val.images)
+        per = (logits.argmax(-1) == ctx.val.labels[:, None]).float().mean(0)
+        per_loss = local_loss(logits, ctx.val.labels)[1]
+        per, per_loss = (torch.cat(parts) for parts in zip(*ctx.env.all_gather((per, per_loss))))
+        return {"val_loss": per_loss.mean().item(), "val_accuracy": per.mean().item(),
+                "val_accuracy_per_subdomain": per.tolist()}
+
+    batches = ctx.batches("local")  # not sharded: every local CNN sees every image
+    saver = EnsembleSaver(ensemble, ctx.env, shard, ctx.n_local)
+    # The loss is the sum over local CNNs; the logged train_loss is their mean, comparable to val_loss.
+    spec = ctx.spec("local", clip=ensemble.clip_grad_norm_, loss_scale=1 / ctx.n_local, saver=saver,
+                    sync=ShardSync(ctx.env))
+    state = fit(spec, ensemble, loss_fn, batches, evaluate)
+    full = ensemble
+    if ctx.env.enabled:  # every rank now takes all N local CNNs (combine, transfer, the report)
+        full = ctx.prepare(ctx.models.ensemble())
+        full.load_stacked_state_dict(saver.weights())
+    timing = _read_json_if_present(ctx, "local_timing.json")
+    if timing is None:
+        timing = critical_path(ensemble, batches, ctx.decomposition.split, ctx.cfg.stages.local, ctx.runtime,
+                               ctx.env, state["seconds"])
+        if ctx.env.is_main:
+            ctx.run_dir.write_json("local_timing.json", timing)
+    return StageResult(full, state["seconds"], state["history"], {"local_timing": timing})
+
+
+def frozen_local_logits(ctx: Context, ensemble, images: torch.Tensor) -> torch.Tensor:
+    """The trained local CNNs' logits ``(M, N, K)`` of images ``(M, C, *size)``, in eval mode."""
+    ensemble.eval()
+    return ctx.predict(lambda x: ensemble(ctx.decomposition.split(x)), images)
+
+
+def train_combine(ctx: Context, done: Done) -> StageResult:
+    """The DNN on the frozen local CNNs' logits, computed once; trained on rank 0 and broadcast to the others."""
+    if not ctx.env.enabled:
+        return _train_dnn(ctx, done["local"].model)
+    result = _train_dnn(ctx, done["local"].model) if ctx.env.is_main else None
+    payload = ctx.env.broadcast(
+        ({k: v.cpu() for k, v in result.model.state_dict().items()}, result.seconds, result.history)
+        if result is not None else None)
+    if result is not None:
+        return result
+    dnn = ctx.prepare(ctx.models.dnn("combine"))
+    dnn.load_state_dict(payload[0])
+    return StageResult(dnn, payload[1], payload[2])
+
+
+def _train_dnn(ctx: Context, ensemble) -> StageResult:
+    dnn = ctx.prepare(ctx.models.dnn("combine"))
+    ckpt = ctx.run_dir.checkpoints
+    if ckpt.has("combine") and ckpt.state("combine").get("done"):  # finished: fit only loads the DNN
+        state = fit(ctx.spec("combine"), dnn, None, None, None)
+        return StageResult(dnn, state["seconds"] + state.get("feature_seconds", 0.0), state["history"])
+    start = time.perf_counter()
+    device = ctx.runtime.device
+    features = frozen_local_logits(ctx, ensemble, ctx.train.images).to(device)
+    val_features = frozen_local_logits(ctx, ensemble, ctx.val.images).to(device) if len(ctx.val) else None
+    feature_seconds = time.perf_counter() - start
+
+    def evaluate():
+        if val_features is None:
+            return {"val_loss": None, "val_accuracy": None}
+        with torch.no_grad():
+            return ctx.val_scores(dnn(val_features).float().cpu())
+
+    batches = TensorBatches(features, ctx.train.labels.to(device), ctx.cfg.stages.combine.batch_size, ctx.cfg.seed)
+    # The features' time is saved with the stage: a resumed run reports the first run's time.
+    state = fit(ctx.spec("combine", extra_state={"feature_seconds": feature_seconds}), dnn,
+                ctx.classifier_loss("combine", dnn), batches, evaluate)
+    return StageResult(dnn, state["seconds"] + state.get("feature_seconds", feature_seconds), state["history"])
+
+
+def _train_cnn_dnn(ctx: Context, stage: str, model: CNNDNN, extras: dict | None = None) -> StageResult:
+    model = ctx.prepare(model)
+    run, batches, sync = ctx.data_parallel(stage, model)
+    state = fit(ctx.spec(stage, sync=sync), model, ctx.classifier_loss(stage, run), batches,
+                lambda: ctx.val_metrics(model))
+    return StageResult(model, state["seconds"], state["history"], extras or {})
+
+
+def train_coherent(ctx: Context, done: Done) -> StageResult:
+    """A CNN-DNN trained end to end from random initialisation."""
+    return _train_cnn_dnn(ctx, "coherent", ctx.models.cnn_dnn("coherent"))
+
+
+def train_transfer(ctx: Context, done: Done) -> StageResult:
+    """A CNN-DNN trained end to end, initialised from the trained local CNNs (and the DNN: ``init_dnn``)."""
+    use_dnn = ctx.cfg.stages.transfer.init_dnn and "combine" in done
+    torch.manual_seed(epoch_seed(ctx.cfg.seed, "transfer", 0))
+    c = ctx.cfg.combiner
+    model = transfer_cnn_dnn(ctx.decomposition, done["local"].model, done["combine"].model if use_dnn else None,
+                             hidden=c.hidden, activation=c.activation, dropout=c.dropout)
+    return _train_cnn_dnn(ctx, "transfer", model, {"initialised_from": ("combine",) if use_dnn else ()})
+
+
+def _read_json_if_present(ctx: Context, name: str) -> dict | None:
+    return ctx.run_dir.read_json(name) if (ctx.run_dir.path / name).is_file() else None
+
+
+STAGES: dict[str, Callable[[Context, Done], StageResult]] = {
+    "global": train_global,
+    "local": train_local,
+    "combine": train_combine,
+    "coherent": train_coherent,
+    "transfer": train_transfer,
+}

@@ -1,0 +1,118 @@
+"""The one registry of strategies: each name, the stages it needs, whose train time it counts and how it scores.
+
+The protocol's test evaluation, ``ddcnn evaluate``, ``ddcnn predict`` and the report all read :data:`STRATEGIES`;
+its order is the order of every table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ddcnn.config import STAGES
+from ddcnn.decomposition import Decomposition
+from ddcnn.models import MajorityVote, MeanProbability
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """How one decision is made.
+
+    ``stages``: the stages whose trained models it uses. ``combiner(trained, n, k)``: for strategies that combine
+    the frozen local CNNs' logits ``(B, N, K) -> (B, K)``; ``None`` for a model of whole images (the model of its
+    only stage). ``time_stages``: whose train time counts toward it; ``init_stages``: counted too when the
+    strategy's model was initialised from them (the transfer CNN-DNN's DNN from the combine stage).
+    """
+
+    name: str
+    label: str
+    stages: tuple[str, ...]
+    time_stages: tuple[str, ...]
+    combiner: Callable[[Mapping[str, nn.Module], int, int], nn.Module] | None = None
+    init_stages: tuple[str, ...] = ()
+
+    def counted_stages(self, initialised_from: tuple[str, ...] = ()) -> tuple[str, ...]:
+        """The stages whose train time counts, in stage order, given the stages the model was initialised from."""
+        counted = set(self.time_stages) | {s for s in self.init_stages if s in initialised_from}
+        return tuple(s for s in STAGES if s in counted)
+
+    def time_note(self) -> str:
+        """What the strategy's train time counts, e.g. ``local + combine``."""
+        note = " + ".join(self.time_stages)
+        if self.init_stages:
+            note += f" (+ {' + '.join(self.init_stages)} when the model was initialised from it)"
+        return note
+
+    def train_seconds(self, stage_seconds: Mapping[str, float], initialised_from: tuple[str, ...] = ()) -> float:
+        return sum(stage_seconds[s] for s in self.counted_stages(initialised_from))
+
+
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
+    Strategy("global", "global CNN", ("global",), ("global",)),
+    Strategy("cnn_dnn", "CNN-DNN", ("local", "combine"), ("local", "combine"),
+             combiner=lambda trained, n, k: trained["combine"]),
+    Strategy("mean_probability", "mean probability", ("local",), ("local",),
+             combiner=lambda trained, n, k: MeanProbability(n, k)),
+    Strategy("majority_vote", "majority vote", ("local",), ("local",),
+             combiner=lambda trained, n, k: MajorityVote(n, k)),
+    Strategy("coherent", "coherent CNN-DNN", ("coherent",), ("coherent",)),
+    Strategy("transfer", "transfer CNN-DNN", ("transfer",), ("local", "transfer"), init_stages=("combine",)),
+)}
+
+
+def available(trained: Mapping[str, nn.Module]) -> list[str]:
+    """The strategies whose stages were all trained, in registry order."""
+    return [name for name, s in STRATEGIES.items() if all(stage in trained for stage in s.stages)]
+
+
+def predictors(trained: Mapping[str, nn.Module], decomposition: Decomposition, num_classes: int) -> dict:
+    """Every available strategy as ``normalised images (B, C, *size) -> (scores (B, K), local logits (B, N, K) or
+    None)``. The combiners run in float32 outside autocast, on local logits computed under it."""
+    n = decomposition.n_subdomains
+    out = {}
+    for name in available(trained):
+        strategy = STRATEGIES[name]
+        if strategy.combiner is not None:
+            out[name] = _combined(trained["local"], strategy.combiner(trained, n, num_classes), decomposition)
+        elif name == "global":
+            out[name] = lambda x, m=trained[name]: (m(x), None)
+        else:  # a CNN-DNN: its own local logits come with its decision
+            out[name] = lambda x, m=trained[name]: m(x, return_local=True)
+    return out
+
+
+def score_all(trained: Mapping[str, nn.Module], decomposition: Decomposition, num_classes: int):
+    """One function for the test evaluation: ``x -> (scores of each available strategy..., local logits or
+    None)``, computing the local CNNs' logits once for every combiner."""
+    names = available(trained)
+    n = decomposition.n_subdomains
+    combiners = {name: STRATEGIES[name].combiner(trained, n, num_classes) for name in names
+                 if STRATEGIES[name].combiner is not None}
+
+    def fn(x: torch.Tensor):
+        local = trained["local"](decomposition.split(x)) if "local" in trained else None
+        scores = []
+        for name in names:
+            if name in combiners:
+                scores.append(_combine(combiners[name], local))
+            else:  # a model of whole images: the global CNN or a CNN-DNN
+                scores.append(trained[name](x))
+        return (*scores, local)
+
+    return names, fn
+
+
+def _combine(combiner: nn.Module, local: torch.Tensor) -> torch.Tensor:
+    with torch.autocast(local.device.type, enabled=False):
+        return combiner(local.float())
+
+
+def _combined(ensemble: nn.Module, combiner: nn.Module, decomposition: Decomposition):
+    def fn(x):
+        local = ensemble(decomposition.split(x))
+        return _combine(combiner, local), local
+
+    return fn
