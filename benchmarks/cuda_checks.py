@@ -11,14 +11,10 @@ check compares the grouped ensemble under bf16 autocast with the fp32 reference 
 from __future__ import annotations
 
 import copy
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+import torch
 
-import torch  # noqa: E402
-
-from ddcnn import Decomposition, LocalEnsemble, local_loss  # noqa: E402
+from ddcnn import Decomposition, LocalEnsemble, local_loss
 
 
 def max_diff(a, b) -> float:

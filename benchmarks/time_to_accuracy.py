@@ -28,13 +28,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+import torch
 
-import torch  # noqa: E402
-
-from ddcnn.config import from_dict, load_config, to_dict  # noqa: E402
-from ddcnn.train.protocol import Experiment  # noqa: E402
-from ddcnn.train.stages import STAGES  # noqa: E402
+from ddcnn.config import from_dict, load_config, to_dict
+from ddcnn.train.protocol import Experiment
+from ddcnn.train.stages import STAGES
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = {

@@ -87,13 +87,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_SRC = Path(__file__).resolve().parents[1] / "src"
-if _SRC.is_dir() and str(_SRC) not in sys.path:
-    sys.path.insert(0, str(_SRC))  # benchmark the checkout's ddcnn even when it is not installed
-
-import ddcnn  # noqa: E402
-from ddcnn.models.backbones import BACKBONES, BasicBlock  # noqa: E402
-from ddcnn.models.cnn_dnn import check_fits  # noqa: E402
+import ddcnn
+from ddcnn.models.backbones import BACKBONES, BasicBlock
+from ddcnn.models.cnn_dnn import check_fits
 
 MODEL_KINDS = ("global", "grouped", "loop")
 ENSEMBLE_BACKENDS = ("grouped", "loop")

@@ -15,7 +15,7 @@ import yaml
 from conftest import tiny_dict
 from ddcnn.errors import ConfigError
 from ddcnn.train.checkpoint import CheckpointDir
-from ddcnn.train.distributed import DistEnv, shard_range
+from ddcnn.train.distributed import DistEnv
 from ddcnn.train.protocol import Experiment
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
@@ -55,14 +55,6 @@ def _weights(out, stage):
 
 def _records(out, stage):
     return [r for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines()) if r["stage"] == stage]
-
-
-def test_shards_are_contiguous_and_cover_every_local_cnn():
-    for n in range(1, 10):
-        for world in range(1, n + 1):
-            shards = [shard_range(n, r, world) for r in range(world)]
-            assert [i for s in shards for i in s] == list(range(n))
-            assert max(map(len, shards)) - min(map(len, shards)) <= 1 and min(map(len, shards)) >= 1
 
 
 def test_more_processes_than_local_cnns_is_a_clear_error(tiny_config, tmp_path):

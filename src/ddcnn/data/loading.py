@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import collections
 import copy
-import hashlib
 
 import torch
 import torch.nn.functional as F
 
 from ddcnn.data.readers import ImageDataset
 from ddcnn.errors import ConfigError, DataError, ShapeError
+from ddcnn.seeds import derive_seed
+from ddcnn.shards import shard_range
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -183,12 +184,6 @@ class Augment:
         return self.apply(x, self.draw(x.shape[0], x.dim() - 2, generator))
 
 
-def _seed(seed: int, epoch: int, stream: int) -> int:
-    """A 63-bit generator seed from (seed, epoch, stream), well mixed so nearby epochs give unrelated streams."""
-    digest = hashlib.blake2b(f"ddcnn:{int(seed)}:{int(epoch)}:{stream}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
 class _Batches:
     """The batch plan shared by both sources: order, global batches, the rank's slice, augmentation choices."""
 
@@ -229,21 +224,19 @@ class _Batches:
     def _plan(self):
         """Per step: (indices of this rank's part, augmentation choices for them or None)."""
         if self.shuffle:
-            order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(_seed(self.seed,
-                                                                                                   self.epoch, 0)))
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, 0))
+            order = torch.randperm(self.num_samples, generator=generator)
         else:
             order = torch.arange(self.num_samples)
-        aug_gen = torch.Generator().manual_seed(_seed(self.seed, self.epoch, 1))
+        aug_gen = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, 1))
         for step in range(len(self)):
             index = order[step * self.batch_size:(step + 1) * self.batch_size]
             # Choices are drawn for the whole global batch, then sliced: every rank consumes the generator alike.
             params = self.augment.draw(len(index), self.ndim, aug_gen) if self.augment else None
-            q, r = divmod(len(index), self.world)
-            lo = self.rank * q + min(self.rank, r)
-            hi = lo + q + (1 if self.rank < r else 0)
+            part = shard_range(len(index), self.rank, self.world)
             if params is not None:
-                params = {k: v[lo:hi] for k, v in params.items()}
-            yield index[lo:hi], params
+                params = {k: v[part.start:part.stop] for k, v in params.items()}
+            yield index[part.start:part.stop], params
 
     def _finish(self, x: torch.Tensor, params) -> torch.Tensor:
         x = to_float(x)

@@ -16,13 +16,13 @@ from __future__ import annotations
 import operator
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ddcnn.errors import ConfigError, ShapeError, did_you_mean
 from ddcnn.models.backbones import Backbone, build_backbone, check_backbone_args, load_slot_state, slot_state
+from ddcnn.seeds import derive_seed
 
 BACKENDS = ("grouped", "loop")
 
@@ -39,7 +39,7 @@ def _whole(value) -> int | None:
 
 def slot_seed(seed: int, index: int) -> int:
     """The seed that initialises local CNN ``index`` of an ensemble seeded with ``seed``."""
-    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return derive_seed(seed, "local CNN", index)
 
 
 class LocalEnsemble(nn.Module):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ddcnn.train.loop import epoch_seed
+from ddcnn.seeds import derive_seed
 
 
 class TensorBatches:
@@ -23,7 +23,7 @@ class TensorBatches:
         return -(-len(self.y) // self.batch_size)
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(epoch_seed(self.seed, "batches", self.epoch))
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "batches", self.epoch))
         order = torch.randperm(len(self.y), generator=g).to(self.x.device)
         for i in range(len(self)):
             index = order[i * self.batch_size:(i + 1) * self.batch_size]

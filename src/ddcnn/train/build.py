@@ -9,7 +9,7 @@ import torch
 from ddcnn.config import Config
 from ddcnn.decomposition import Decomposition
 from ddcnn.models import CNNDNN, DNN, GlobalCNN, LocalEnsemble, check_fits, local_width
-from ddcnn.train.loop import epoch_seed
+from ddcnn.seeds import derive_seed
 
 
 @dataclass
@@ -36,7 +36,7 @@ class Models:
         return len(self.shapes.image_size)
 
     def _seeded(self, stage: str):
-        torch.manual_seed(epoch_seed(self.cfg.seed, stage, 0))
+        torch.manual_seed(derive_seed(self.cfg.seed, stage, 0))
 
     def global_cnn(self) -> GlobalCNN:
         self._seeded("global")

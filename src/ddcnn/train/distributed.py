@@ -118,13 +118,6 @@ def launch_id() -> str | None:
     return os.environ.get("TORCHELASTIC_RUN_ID")
 
 
-def shard_range(n: int, rank: int, world: int) -> range:
-    """Contiguous share of ``n`` local CNNs for ``rank``: the first ``n % world`` ranks get one more."""
-    q, r = divmod(n, world)
-    start = rank * q + min(rank, r)
-    return range(start, start + q + (1 if rank < r else 0))
-
-
 def cat_states(states: list[dict | None]) -> dict:
     """Concatenate per-rank stacked states along dim 0 (ranks holding nothing give ``None``); scalars from the
     first rank that has them."""

@@ -1,8 +1,8 @@
 """One training loop for every stage: optimizer, learning-rate schedule, bf16 autocast, NaN guard, checkpoints.
 
 The learning rate is a pure function of the global step, and the random state of every epoch is derived from
-``(seed, stage, epoch)``; together with per-epoch checkpoints this makes a resumed stage bit-identical to an
-uninterrupted one on the CPU.
+``(seed, stage, epoch)`` (:func:`ddcnn.seeds.derive_seed`); together with per-epoch checkpoints this makes a
+resumed stage bit-identical to an uninterrupted one on the CPU.
 """
 
 from __future__ import annotations
@@ -18,16 +18,12 @@ from torch import nn
 
 from ddcnn.config import StageConfig
 from ddcnn.errors import CheckpointError, TrainingError
+from ddcnn.seeds import derive_seed
 from ddcnn.train.checkpoint import CheckpointDir
 from ddcnn.train.runtime import Runtime
 
 # loss_fn(x, y) -> (loss to backpropagate, correct predictions: a count, or one count per local CNN ``(N,)``)
 LossFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
-def epoch_seed(seed: int, stage: str, epoch: int) -> int:
-    """Seed of the random state (dropout, augmentation, shuffling) for one epoch of one stage."""
-    return (seed * 1_000_003 + sum(map(ord, stage)) * 10_007 + epoch) % (2**63)
 
 
 def make_optimizer(params: Iterable[nn.Parameter], cfg: StageConfig) -> torch.optim.Optimizer:
@@ -183,7 +179,7 @@ def fit(spec: StageSpec, model: nn.Module, loss_fn: LossFn | None, batches, eval
         raise TrainingError(f"stage {stage!r} has no training batches: the training set is smaller than one batch "
                             f"({cfg.batch_size}); lower stages.{stage}.batch_size")
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
-        torch.manual_seed(epoch_seed(spec.seed, stage, epoch))
+        torch.manual_seed(derive_seed(spec.seed, stage, epoch))
         batches.set_epoch(epoch)
         model.train()
         progress = Progress(steps_per_epoch, f"{stage} {epoch}/{cfg.epochs}", spec.verbose)

@@ -12,10 +12,12 @@ from collections.abc import Callable, Mapping
 import torch
 
 from ddcnn.models import CNNDNN, local_loss, transfer_cnn_dnn
+from ddcnn.seeds import derive_seed
+from ddcnn.shards import shard_range
 from ddcnn.train.batches import TensorBatches
 from ddcnn.train.context import Context, StageResult
-from ddcnn.train.distributed import EnsembleSaver, ShardSync, shard_range
-from ddcnn.train.loop import epoch_seed, fit
+from ddcnn.train.distributed import EnsembleSaver, ShardSync
+from ddcnn.train.loop import fit
 from ddcnn.train.timing import critical_path
 
 Done = Mapping[str, StageResult]
@@ -136,7 +138,7 @@ def train_coherent(ctx: Context, done: Done) -> StageResult:
 def train_transfer(ctx: Context, done: Done) -> StageResult:
     """A CNN-DNN trained end to end, initialised from the trained local CNNs (and the DNN: ``init_dnn``)."""
     use_dnn = ctx.cfg.stages.transfer.init_dnn and "combine" in done
-    torch.manual_seed(epoch_seed(ctx.cfg.seed, "transfer", 0))
+    torch.manual_seed(derive_seed(ctx.cfg.seed, "transfer", 0))
     c = ctx.cfg.combiner
     model = transfer_cnn_dnn(ctx.decomposition, done["local"].model, done["combine"].model if use_dnn else None,
                              hidden=c.hidden, activation=c.activation, dropout=c.dropout)
