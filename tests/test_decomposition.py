@@ -144,3 +144,15 @@ def test_max_overlap_is_the_largest_overlap_with_distinct_subimages(length, part
     assert all(a < b for a, b in zip(starts, starts[1:]))
     with pytest.raises(ConfigError, match=f"at most {best}"):
         Decomposition((length, 4), (parts, 1), (best + 1, 0))
+
+
+@settings(max_examples=40, deadline=None)
+@given(layouts(), st.data())
+def test_a_shard_of_subdomains_is_the_same_slice_of_the_full_split(layout, data):
+    d = _make(*layout)
+    if d is None:
+        return
+    start = data.draw(st.integers(0, d.n_subdomains - 1))
+    stop = data.draw(st.integers(start + 1, d.n_subdomains))
+    x = torch.randn(2, 3, *d.image_size)
+    assert torch.equal(d.split(x, range(start, stop)), d.split(x)[:, start:stop])

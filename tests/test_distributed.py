@@ -248,3 +248,39 @@ def test_shutdown_leaves_no_gloo_threads_to_race_the_interpreter_exit(tmp_path):
                           timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["0", "0"]  # gloo threads left
+
+
+# ----------------------------------------------------------------------------------- model-parallel CNN-DNN stages
+MODEL_PARALLEL = ["--set", "stages.global.enabled=false", "--set", "model.backend=loop"]
+
+
+@pytest.fixture(scope="module")
+def loop_runs(tmp_path_factory):
+    """The loop backend without the (data-parallel) global stage: 1 and 2 processes, model-parallel coherent and
+    transfer stages by default."""
+    tmp = tmp_path_factory.mktemp("model-parallel")
+    cfg = _config(tmp, local_epochs=2)
+    one = _run(["run", cfg, *MODEL_PARALLEL], tmp / "one")
+    two = _run(["run", cfg, *MODEL_PARALLEL], tmp / "two", processes=2)
+    _finish(one), _finish(two)
+    return cfg, tmp / "one", tmp / "two"
+
+
+def test_model_parallel_coherent_and_transfer_equal_one_process_bit_for_bit(loop_runs):
+    """Each process holds 2 of the 4 local CNNs and sees whole batches: with the loop backend every stage, the
+    checkpoints included (so resuming with another number of processes works), equals the 1-process run."""
+    _, one, two = loop_runs
+    for stage in ("local", "combine", "coherent", "transfer"):
+        a, b = _weights(one, stage), _weights(two, stage)
+        assert a.keys() == b.keys(), stage
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{stage} {key}"
+    for stage in ("coherent", "transfer"):
+        assert [r["train_loss"] for r in _records(one, stage)] == [r["train_loss"] for r in _records(two, stage)]
+    r1, r2 = (json.loads((p / "results.json").read_text()) for p in (one, two))
+    for name, entry in r1["strategies"].items():
+        assert entry["test_accuracy"] == r2["strategies"][name]["test_accuracy"], name
+        assert entry["parameters"] == r2["strategies"][name]["parameters"], name
+        assert entry["flops_per_image"] == r2["strategies"][name]["flops_per_image"], name
+    assert r2["processes"] == 2 and r2["parallel"] == {"coherent": "model", "transfer": "model"}
+    assert r1["parallel"] == {"coherent": "single", "transfer": "single"}

@@ -26,6 +26,8 @@ STAGES = ("global", "local", "combine", "coherent", "transfer")
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "image-folder", "volume-folder", "generated")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "step")
+# The ways a stage can use several processes, the default first (docs/scaling.md).
+PARALLEL = {"coherent": ("model", "data"), "transfer": ("model", "data")}
 
 
 @dataclass
@@ -95,6 +97,9 @@ class StageConfig:
     grad_clip: float | None = None  # per local CNN in the local stage
     label_smoothing: float = 0.0
     init_dnn: bool = True  # transfer stage: also start from the combine stage's DNN
+    # coherent and transfer under torchrun: "model" (each process holds its shard of the local CNNs; the default)
+    # or "data" (DistributedDataParallel: each process holds the whole CNN-DNN). The other stages have one way.
+    parallel: str | None = None
 
 
 @dataclass
@@ -306,6 +311,13 @@ def validate(cfg: Config) -> Config:
                 raise ConfigError(f"stages.{stage}.{name} = {getattr(s, name)} must not be negative")
         if s.label_smoothing >= 1:
             raise ConfigError(f"stages.{stage}.label_smoothing = {s.label_smoothing} must be below 1, e.g. 0.1")
+        if s.parallel is not None:
+            ways = PARALLEL.get(stage, ())
+            if s.parallel not in ways:
+                fix = (f"choose one of {', '.join(ways)}" if ways else
+                       f"the {stage} stage has one way to use several processes: remove the key")
+                raise ConfigError(f"stages.{stage}.parallel = {s.parallel!r} is not valid"
+                                  f"{did_you_mean(str(s.parallel), ways) if ways else ''}; {fix}")
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} = {value} must be positive")

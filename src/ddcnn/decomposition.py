@@ -142,9 +142,17 @@ class Decomposition:
                 f"got {shape}; resize the images or build the Decomposition for their size"
             )
 
-    def split(self, x: torch.Tensor) -> torch.Tensor:
-        """Cut images into subimages: ``(B, C, *image_size) -> (B, N, C, *subimage_size)``."""
+    def split(self, x: torch.Tensor, subdomains: range | None = None) -> torch.Tensor:
+        """Cut images into subimages: ``(B, C, *image_size) -> (B, N, C, *subimage_size)``.
+
+        ``subdomains``: only these (a process's contiguous shard), ``(B, len(subdomains), C, *subimage_size)``; the
+        other subimages are never copied.
+        """
         self._check_input(x)
+        if subdomains is not None and len(subdomains) < self.n_subdomains:
+            windows = [tuple(slice(a, z) for a, z in zip(loc[: self.dims], loc[self.dims:]))
+                       for loc in self.locations[subdomains.start:subdomains.stop].tolist()]
+            return torch.stack([x[(slice(None), slice(None), *w)] for w in windows], dim=1)
         b, c = x.shape[:2]
         for axis in range(self.dims):
             dim = 2 + 2 * axis  # each earlier axis has become (grid, size)

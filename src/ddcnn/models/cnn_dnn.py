@@ -98,15 +98,22 @@ def transfer_cnn_dnn(decomposition: Decomposition, ensemble: LocalEnsemble, comb
     The trained modules are copied, never shared, so training the result leaves them as they were. Without a
     ``combiner`` a freshly initialised :class:`DNN` (with ``dnn_options``) is used.
     """
+    return CNNDNN(decomposition, *transfer_parts(ensemble, combiner, ensemble.n_local, num_classes, **dnn_options))
+
+
+def transfer_parts(ensemble: LocalEnsemble, combiner: Combiner | None, n_local: int, num_classes: int | None = None,
+                   **dnn_options) -> tuple[LocalEnsemble, Combiner]:
+    """Trainable copies of the local CNNs (all ``n_local``, or one process's shard of them) and of the DNN (a new
+    ``DNN(n_local, ...)`` when ``combiner`` is None): the parts of a transfer CNN-DNN."""
     ensemble = copy.deepcopy(ensemble)
     if combiner is None:
-        combiner = DNN(ensemble.n_local, num_classes or ensemble.num_classes, **dnn_options)
+        combiner = DNN(n_local, num_classes or ensemble.num_classes, **dnn_options)
         combiner.to(next(ensemble.parameters()).device)
     else:
         combiner = copy.deepcopy(combiner)
     for p in list(ensemble.parameters()) + list(combiner.parameters()):
         p.requires_grad_(True)
-    return CNNDNN(decomposition, ensemble, combiner)
+    return ensemble, combiner
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:

@@ -16,9 +16,11 @@ from ddcnn.models import count_parameters, forward_flops
 from ddcnn.train import distributed, stages
 from ddcnn.train.context import Context, StageResult, accuracy, build_context, check_stages
 from ddcnn.train.distributed import DistEnv
+from ddcnn.train.metrics import MetricsLog
+from ddcnn.train.model_parallel import ShardedCNNDNN
 from ddcnn.train.rundir import RunDir
 from ddcnn.train.runtime import device_name, make_runtime
-from ddcnn.train.strategies import STRATEGIES, score_all
+from ddcnn.train.strategies import STRATEGIES, available
 
 
 class Experiment:
@@ -51,20 +53,21 @@ class Experiment:
             for stage in STAGES:
                 if self.cfg.stages.get(stage).enabled:
                     done[stage] = stages.STAGES[stage](ctx, done)
-            if not self.env.is_main:
-                return None
             return finish(ctx, done, self.command)
         finally:
-            if ctx is not None and hasattr(ctx.log, "close"):
+            if ctx is not None and isinstance(ctx.log, MetricsLog):
                 ctx.log.close()
             if self.env.enabled:
                 distributed.shutdown()
 
 
-def finish(ctx: Context, done: dict[str, StageResult], command: str = "") -> dict:
-    """The epoch records in stage order, the test results in ``results.json``, then the report and its plots."""
-    ctx.run_dir.rewrite_metrics([r for stage in STAGES if stage in done for r in done[stage].history])
+def finish(ctx: Context, done: dict[str, StageResult], command: str = "") -> dict | None:
+    """The test evaluation (every process takes part), then on rank 0 the epoch records in stage order,
+    ``results.json`` and the report with its plots. Returns the results on rank 0, None elsewhere."""
     results = evaluate_test(ctx, done, command)
+    if results is None:
+        return None
+    ctx.run_dir.rewrite_metrics([r for stage in STAGES if stage in done for r in done[stage].history])
     ctx.run_dir.write_json("results.json", results)
     from ddcnn.report import write_report
 
@@ -73,39 +76,52 @@ def finish(ctx: Context, done: dict[str, StageResult], command: str = "") -> dic
     return results
 
 
-def evaluate_test(ctx: Context, done: dict[str, StageResult], command: str = "") -> dict:
-    """Every strategy that was trained, on the test set: accuracy, train time, parameters, FLOPs."""
-    trained = {stage: result.model.eval() for stage, result in done.items()}
+def evaluate_test(ctx: Context, done: dict[str, StageResult], command: str = "") -> dict | None:
+    """Every strategy that was trained, on the test set: accuracy, train time, parameters, FLOPs.
+
+    Every process calls it: the local CNNs' logits and a model-parallel CNN-DNN are computed by all of them
+    together; the results are returned on rank 0 (None elsewhere).
+    """
     labels, k, n = ctx.test.labels, len(ctx.classes), ctx.n_local
-    shapes = ctx.models.shapes
+    shapes, d, env = ctx.models.shapes, ctx.decomposition, ctx.env
     image_shape = (shapes.in_channels, *shapes.image_size)
-    names, fn = score_all(trained, ctx.decomposition, k)
-    *scores, local = ctx.predict(fn, ctx.test.images)
+    local = stages.frozen_local_logits(ctx, done["local"], ctx.test.images) if "local" in done else None
+    if "local" in done:  # the ensemble's cost, summed over the processes' shards
+        shard = done["local"].model
+        ensemble_cost = _summed(env, count_parameters(shard), forward_flops(
+            shard, (shard.n_local, shapes.in_channels, *d.subimage_size)))
+    scores, costs = {}, {}
+    for name in available(done):
+        strategy = STRATEGIES[name]
+        if strategy.combiner is not None:  # a rule or the DNN on the local logits: rank 0 alone
+            if env.is_main:
+                combiner = strategy.combiner({s: r.model.eval() for s, r in done.items()}, n, k)
+                with torch.no_grad(), torch.autocast(ctx.runtime.device.type, enabled=False):
+                    scores[name] = combiner(local.to(ctx.runtime.device)).float().cpu()
+                params, flops = ensemble_cost
+                if "combine" in strategy.stages:
+                    params += count_parameters(combiner)
+                    flops += forward_flops(combiner, (n, k))
+                costs[name] = params, flops
+            continue
+        model = done[strategy.stages[0]].model.eval()
+        if isinstance(model, ShardedCNNDNN):  # every process computes its part
+            scores[name] = ctx.predict(model, ctx.test.images)
+            params, flops = _summed(env, count_parameters(model.ensemble), forward_flops(
+                model.ensemble, (model.ensemble.n_local, shapes.in_channels, *d.subimage_size)))
+            costs[name] = (params + count_parameters(model.combiner),
+                           flops + forward_flops(model.combiner, (n, k)))
+        elif env.is_main:
+            scores[name] = ctx.predict(model, ctx.test.images)
+            costs[name] = count_parameters(model), forward_flops(model, image_shape)
+    if not env.is_main:
+        return None
     seconds = {stage: result.seconds for stage, result in done.items()}
     initialised_from = tuple(done["transfer"].extras["initialised_from"]) if "transfer" in done else ()
-
-    def cost(name: str) -> tuple[int, int]:
-        """Parameters and forward FLOPs per image of the models a strategy runs."""
-        if STRATEGIES[name].combiner is None:
-            model = trained[STRATEGIES[name].stages[0]]
-            return count_parameters(model), forward_flops(model, image_shape)
-        ensemble = trained["local"]
-        params = count_parameters(ensemble)
-        flops = forward_flops(ensemble, (n, shapes.in_channels, *ctx.decomposition.subimage_size))
-        if "combine" in STRATEGIES[name].stages:
-            params += count_parameters(trained["combine"])
-            flops += forward_flops(trained["combine"], (n, k))
-        return params, flops
-
-    strategies, predictions = {}, {}
-    for name, logits in zip(names, scores):
-        parameters, flops = cost(name)
-        predictions[name] = logits.argmax(-1)
-        strategies[name] = {"test_accuracy": accuracy(logits, labels),
-                            "train_seconds": STRATEGIES[name].train_seconds(seconds, initialised_from),
-                            "parameters": parameters, "flops_per_image": flops}
+    strategies = {name: {"test_accuracy": accuracy(scores[name], labels),
+                         "train_seconds": STRATEGIES[name].train_seconds(seconds, initialised_from),
+                         "parameters": costs[name][0], "flops_per_image": costs[name][1]} for name in scores}
     best = max(strategies, key=lambda name: strategies[name]["test_accuracy"])
-    d = ctx.decomposition
     results = {
         "dataset": ctx.cfg.data.name, "name": ctx.cfg.name, "image_size": list(shapes.image_size),
         "grid": list(d.grid), "overlap": list(d.overlap), "subimage_size": list(d.subimage_size),
@@ -113,18 +129,25 @@ def evaluate_test(ctx: Context, done: dict[str, StageResult], command: str = "")
         "global_width": ctx.cfg.model.width, "local_width": ctx.models.local_width, "n_local": n,
         "device": ctx.runtime.device.type, "device_name": device_name(ctx.runtime.device),
         "torch_version": torch.__version__, "ddcnn_version": ddcnn.__version__, "python": platform.python_version(),
-        "command": command, "seed": ctx.cfg.seed,
+        "command": command, "seed": ctx.cfg.seed, "processes": env.world,
+        "parallel": {stage: stages.parallel_mode(ctx, stage) for stage in ("coherent", "transfer") if stage in done},
         "data_sizes": {"train": len(ctx.train), "val": len(ctx.val), "test": len(ctx.test)},
         "strategies": strategies, "stage_seconds": seconds, "best_strategy": best,
         "transfer_used_dnn": ("combine" in initialised_from) if "transfer" in done else None,
-        "confusion_matrix": {"strategy": best, "matrix": confusion(predictions[best], labels, k)},
+        "confusion_matrix": {"strategy": best, "matrix": confusion(scores[best].argmax(-1), labels, k)},
     }
-    if "local" in done:
+    if local is not None:
         history = done["local"].history or [{}]
         results["local"] = {"test_accuracy": (local.argmax(-1) == labels[:, None]).float().mean(0).tolist(),
                             "val_accuracy": history[-1].get("val_accuracy_per_subdomain"),
                             **done["local"].extras["local_timing"]}
     return results
+
+
+def _summed(env: DistEnv, parameters: int, flops: int) -> tuple[int, int]:
+    """Parameters and FLOPs of this process's shard, summed over the processes."""
+    parts = env.all_gather((parameters, flops))
+    return sum(p for p, _ in parts), sum(f for _, f in parts)
 
 
 def confusion(predicted: torch.Tensor, labels: torch.Tensor, k: int) -> list[list[int]]:

@@ -12,6 +12,7 @@ from ddcnn.config import from_dict
 from ddcnn.data.loading import Normalizer
 from ddcnn.errors import CheckpointError, ConfigError, did_you_mean
 from ddcnn.train.build import Models, Shapes
+from ddcnn.train.model_parallel import CNNDNNState
 from ddcnn.train.rundir import RunDir
 from ddcnn.train.runtime import make_runtime
 from ddcnn.train.strategies import STRATEGIES, predictors
@@ -59,9 +60,11 @@ class SavedRun:
                 continue
             weights, _, _ = ckpt.load(stage)
             model = build()
-            try:
-                if stage == "local":  # saved in the stacked layout, whatever the backend and process count
+            try:  # the local CNNs in the stacked layout, whatever the backend and the number of processes
+                if stage == "local":
                     model.load_stacked_state_dict(weights)
+                elif stage in ("coherent", "transfer"):
+                    CNNDNNState(model).load_weights(weights)
                 else:
                     model.load_state_dict(weights)
             except RuntimeError:

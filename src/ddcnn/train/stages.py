@@ -11,13 +11,16 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from ddcnn.models import CNNDNN, local_loss, transfer_cnn_dnn
+from ddcnn.config import PARALLEL
+from ddcnn.models import CNNDNN, local_loss
+from ddcnn.models.cnn_dnn import transfer_parts
 from ddcnn.seeds import derive_seed
 from ddcnn.shards import shard_range
 from ddcnn.train.batches import TensorBatches
 from ddcnn.train.context import Context, StageResult
 from ddcnn.train.distributed import EnsembleSaver, ShardSync
 from ddcnn.train.loop import fit
+from ddcnn.train.model_parallel import CNNDNNState, ModelParallelSync, ShardedCNNDNN
 from ddcnn.train.timing import critical_path
 
 Done = Mapping[str, StageResult]
@@ -63,51 +66,62 @@ def train_local(ctx: Context, done: Done) -> StageResult:
     spec = ctx.spec("local", clip=ensemble.clip_grad_norm_, loss_scale=1 / ctx.n_local, saver=saver,
                     sync=ShardSync(ctx.env))
     state = fit(spec, ensemble, loss_fn, batches, evaluate)
-    full = ensemble
-    if ctx.env.enabled:  # every rank now takes all N local CNNs (combine, transfer, the report)
-        full = ctx.prepare(ctx.models.ensemble())
-        full.load_stacked_state_dict(saver.weights())
     timing = _read_json_if_present(ctx, "local_timing.json")
     if timing is None:
         timing = critical_path(ensemble, batches, ctx.decomposition.split, ctx.cfg.stages.local, ctx.runtime,
                                ctx.env, state["seconds"])
         if ctx.env.is_main:
             ctx.run_dir.write_json("local_timing.json", timing)
-    return StageResult(full, state["seconds"], state["history"], {"local_timing": timing})
+    # Each process keeps its own shard: no process ever holds all N local CNNs unless a stage asks for them.
+    return StageResult(ensemble, state["seconds"], state["history"], {"local_timing": timing, "shard": shard})
 
 
-def frozen_local_logits(ctx: Context, ensemble, images: torch.Tensor) -> torch.Tensor:
-    """The trained local CNNs' logits ``(M, N, K)`` of images ``(M, C, *size)``, in eval mode."""
-    ensemble.eval()
-    return ctx.predict(lambda x: ensemble(ctx.decomposition.split(x)), images)
+def full_ensemble(ctx: Context, local: StageResult):
+    """All N trained local CNNs on every process (gathered from the shards; all processes call it together)."""
+    if len(local.extras["shard"]) == ctx.n_local:
+        return local.model
+    weights = EnsembleSaver(local.model, ctx.env, local.extras["shard"], ctx.n_local).weights()
+    full = ctx.prepare(ctx.models.ensemble())
+    full.load_stacked_state_dict(weights)
+    return full
+
+
+def frozen_local_logits(ctx: Context, local: StageResult, images: torch.Tensor) -> torch.Tensor:
+    """The trained local CNNs' logits ``(M, N, K)`` of images ``(M, C, *size)`` in eval mode, on every process:
+    each computes those of its own shard on its own subimages, then they are gathered (all processes call it)."""
+    ensemble, shard = local.model.eval(), local.extras["shard"]
+    own = ctx.predict(lambda x: ensemble(ctx.decomposition.split(x, shard)), images)
+    return torch.cat(ctx.env.all_gather(own), dim=1) if ctx.env.enabled else own
 
 
 def train_combine(ctx: Context, done: Done) -> StageResult:
-    """The DNN on the frozen local CNNs' logits, computed once; trained on rank 0 and broadcast to the others."""
-    if not ctx.env.enabled:
-        return _train_dnn(ctx, done["local"].model)
-    result = _train_dnn(ctx, done["local"].model) if ctx.env.is_main else None
-    payload = ctx.env.broadcast(
-        ({k: v.cpu() for k, v in result.model.state_dict().items()}, result.seconds, result.history)
-        if result is not None else None)
-    if result is not None:
-        return result
-    dnn = ctx.prepare(ctx.models.dnn("combine"))
-    dnn.load_state_dict(payload[0])
-    return StageResult(dnn, payload[1], payload[2])
-
-
-def _train_dnn(ctx: Context, ensemble) -> StageResult:
+    """The DNN on the frozen local CNNs' logits, computed once (each process those of its own local CNNs);
+    trained on rank 0 and broadcast to the others."""
     dnn = ctx.prepare(ctx.models.dnn("combine"))
     ckpt = ctx.run_dir.checkpoints
     if ckpt.has("combine") and ckpt.state("combine").get("done"):  # finished: fit only loads the DNN
         state = fit(ctx.spec("combine"), dnn, None, None, None)
         return StageResult(dnn, state["seconds"] + state.get("feature_seconds", 0.0), state["history"])
     start = time.perf_counter()
+    features = frozen_local_logits(ctx, done["local"], ctx.train.images)
+    val_features = frozen_local_logits(ctx, done["local"], ctx.val.images) if len(ctx.val) else None
+    feature_seconds = ctx.env.max(time.perf_counter() - start)
+    if ctx.env.is_main:
+        result = _train_dnn(ctx, dnn, features, val_features, feature_seconds)
+    payload = ctx.env.broadcast(
+        ({k: v.cpu() for k, v in result.model.state_dict().items()}, result.seconds, result.history)
+        if ctx.env.is_main else None)
+    if ctx.env.is_main:
+        return result
+    dnn.load_state_dict(payload[0])
+    return StageResult(dnn, payload[1], payload[2])
+
+
+def _train_dnn(ctx: Context, dnn, features: torch.Tensor, val_features: torch.Tensor | None,
+               feature_seconds: float) -> StageResult:
     device = ctx.runtime.device
-    features = frozen_local_logits(ctx, ensemble, ctx.train.images).to(device)
-    val_features = frozen_local_logits(ctx, ensemble, ctx.val.images).to(device) if len(ctx.val) else None
-    feature_seconds = time.perf_counter() - start
+    features = features.to(device)
+    val_features = val_features.to(device) if val_features is not None else None
 
     def evaluate():
         if val_features is None:
@@ -122,27 +136,44 @@ def _train_dnn(ctx: Context, ensemble) -> StageResult:
     return StageResult(dnn, state["seconds"] + state.get("feature_seconds", feature_seconds), state["history"])
 
 
-def _train_cnn_dnn(ctx: Context, stage: str, model: CNNDNN, extras: dict | None = None) -> StageResult:
-    model = ctx.prepare(model)
-    run, batches, sync = ctx.data_parallel(stage, model)
-    state = fit(ctx.spec(stage, sync=sync), model, ctx.classifier_loss(stage, run), batches,
-                lambda: ctx.val_metrics(model))
+def parallel_mode(ctx: Context, stage: str) -> str:
+    """How a CNN-DNN stage uses the processes: "single" (one process), "model" or "data"."""
+    if not ctx.env.enabled:
+        return "single"
+    return ctx.cfg.stages.get(stage).parallel or PARALLEL[stage][0]
+
+
+def _train_cnn_dnn(ctx: Context, stage: str, ensemble, combiner, extras: dict | None = None) -> StageResult:
+    """Train a CNN-DNN end to end: ``ensemble`` is this process's shard of the local CNNs under model parallelism,
+    else all of them. Either way the checkpoint holds the whole model (:class:`CNNDNNState`)."""
+    if parallel_mode(ctx, stage) == "model":
+        model = ctx.prepare(ShardedCNNDNN(ctx.decomposition, ensemble, combiner, ctx.env))
+        run, batches, sync = ctx.compiled(model), ctx.batches(stage), ModelParallelSync(ctx.env)
+        spec = ctx.spec(stage, sync=sync, saver=CNNDNNState(model, ctx.env), clip=model.clip_grad_norm_)
+    else:
+        model = ctx.prepare(CNNDNN(ctx.decomposition, ensemble, combiner))
+        run, batches, sync = ctx.data_parallel(stage, model)
+        spec = ctx.spec(stage, sync=sync, saver=CNNDNNState(model))
+    state = fit(spec, model, ctx.classifier_loss(stage, run), batches, lambda: ctx.val_metrics(model))
     return StageResult(model, state["seconds"], state["history"], extras or {})
 
 
 def train_coherent(ctx: Context, done: Done) -> StageResult:
     """A CNN-DNN trained end to end from random initialisation."""
-    return _train_cnn_dnn(ctx, "coherent", ctx.models.cnn_dnn("coherent"))
+    sharded = parallel_mode(ctx, "coherent") == "model"
+    ensemble = ctx.models.ensemble(shard_range(ctx.n_local, ctx.env.rank, ctx.env.world) if sharded else None)
+    return _train_cnn_dnn(ctx, "coherent", ensemble, ctx.models.dnn("coherent"))
 
 
 def train_transfer(ctx: Context, done: Done) -> StageResult:
     """A CNN-DNN trained end to end, initialised from the trained local CNNs (and the DNN: ``init_dnn``)."""
     use_dnn = ctx.cfg.stages.transfer.init_dnn and "combine" in done
+    local = done["local"].model if parallel_mode(ctx, "transfer") == "model" else full_ensemble(ctx, done["local"])
     torch.manual_seed(derive_seed(ctx.cfg.seed, "transfer", 0))
     c = ctx.cfg.combiner
-    model = transfer_cnn_dnn(ctx.decomposition, done["local"].model, done["combine"].model if use_dnn else None,
-                             hidden=c.hidden, activation=c.activation, dropout=c.dropout)
-    return _train_cnn_dnn(ctx, "transfer", model, {"initialised_from": ("combine",) if use_dnn else ()})
+    ensemble, combiner = transfer_parts(local, done["combine"].model if use_dnn else None, ctx.n_local,
+                                        hidden=c.hidden, activation=c.activation, dropout=c.dropout)
+    return _train_cnn_dnn(ctx, "transfer", ensemble, combiner, {"initialised_from": ("combine",) if use_dnn else ()})
 
 
 def _read_json_if_present(ctx: Context, name: str) -> dict | None:

@@ -84,27 +84,6 @@ def predictors(trained: Mapping[str, nn.Module], decomposition: Decomposition, n
     return out
 
 
-def score_all(trained: Mapping[str, nn.Module], decomposition: Decomposition, num_classes: int):
-    """One function for the test evaluation: ``x -> (scores of each available strategy..., local logits or
-    None)``, computing the local CNNs' logits once for every combiner."""
-    names = available(trained)
-    n = decomposition.n_subdomains
-    combiners = {name: STRATEGIES[name].combiner(trained, n, num_classes) for name in names
-                 if STRATEGIES[name].combiner is not None}
-
-    def fn(x: torch.Tensor):
-        local = trained["local"](decomposition.split(x)) if "local" in trained else None
-        scores = []
-        for name in names:
-            if name in combiners:
-                scores.append(_combine(combiners[name], local))
-            else:  # a model of whole images: the global CNN or a CNN-DNN
-                scores.append(trained[name](x))
-        return (*scores, local)
-
-    return names, fn
-
-
 def _combine(combiner: nn.Module, local: torch.Tensor) -> torch.Tensor:
     with torch.autocast(local.device.type, enabled=False):
         return combiner(local.float())
