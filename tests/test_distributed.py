@@ -57,8 +57,11 @@ def _records(out, stage):
     return [r for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines()) if r["stage"] == stage]
 
 
-def test_more_processes_than_local_cnns_is_a_clear_error(tiny_config, tmp_path):
-    cfg = tiny_config(overrides=["decomposition.grid=[1, 2]"])
+@pytest.mark.parametrize("stages", [[], ["stages.local.enabled=false", "stages.combine.enabled=false",
+                                         "stages.transfer.enabled=false"]])
+def test_more_processes_than_local_cnns_is_a_clear_error(tiny_config, tmp_path, stages):
+    """The local stage, or a model-parallel coherent stage alone, gives every process at least one local CNN."""
+    cfg = tiny_config(overrides=["decomposition.grid=[1, 2]", *stages])
     with pytest.raises(ConfigError, match="3 processes but only 2 local CNNs"):
         Experiment(cfg, tmp_path / "r", verbose=False, env=DistEnv(rank=0, world=3)).setup()
 
@@ -67,7 +70,10 @@ def test_more_processes_than_local_cnns_is_a_clear_error(tiny_config, tmp_path):
 def two_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
     cfg = _config(tmp)
-    one, two = _run(["run", cfg], tmp / "one"), _run(["run", cfg], tmp / "two", processes=2)
+    # The coherent stage data-parallel (DDP), the transfer stage model-parallel (the default).
+    data_parallel = ["--set", "stages.coherent.parallel=data"]
+    one, two = _run(["run", cfg, *data_parallel], tmp / "one"), _run(["run", cfg, *data_parallel], tmp / "two",
+                                                                     processes=2)
     _finish(one), _finish(two)
     return cfg, tmp / "one", tmp / "two"
 
@@ -126,8 +132,19 @@ def test_data_parallel_stages_agree_within_the_batchnorm_tolerance(two_runs):
     we allow 10 points."""
     _, one, two = two_runs
     r1, r2 = (json.loads((p / "results.json").read_text()) for p in (one, two))
-    for name in ("global", "coherent", "transfer"):
+    assert r2["parallel"] == {"coherent": "data", "transfer": "model"}
+    for name in ("global", "coherent"):
         assert abs(r1["strategies"][name]["test_accuracy"] - r2["strategies"][name]["test_accuracy"]) <= 0.10, name
+
+
+def test_a_model_parallel_grouped_transfer_stage_agrees_to_float32_rounding(two_runs):
+    """The grouped backend sums 2-slot shards in another order than 4 slots: the local stage agrees to rounding,
+    and the model-parallel transfer stage that starts from it stays within rounding of the 1-process run."""
+    _, one, two = two_runs
+    a, b = _weights(one, "transfer"), _weights(two, "transfer")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
 def _ddp_step_worker(rank, world, store_path, result_path):
@@ -185,12 +202,15 @@ def _children(pid):
     return kids
 
 
-def test_a_killed_worker_is_restarted_and_the_run_completes_with_the_same_results(two_runs, tmp_path):
-    cfg, _, two = two_runs
+@pytest.mark.parametrize("stage", ["local", "transfer"])
+def test_a_killed_worker_is_restarted_and_the_run_completes_with_the_same_results(loop_runs, tmp_path, stage):
+    """torchrun restarts both workers after one is killed in the middle of the (sharded) local stage or the
+    model-parallel transfer stage; they resume from the checkpoints and end bit-identical to an unbroken run."""
+    cfg, _, two = loop_runs
     out = tmp_path / "killed"
-    proc = _run(["run", cfg], out, processes=2, extra=["--max-restarts=2"])
-    manifest = out / "checkpoints" / "local.json"
-    deadline = time.time() + 120
+    proc = _run(["run", cfg, *MODEL_PARALLEL], out, processes=2, extra=["--max-restarts=2"])
+    manifest = out / "checkpoints" / f"{stage}.json"
+    deadline = time.time() + 180
     while time.time() < deadline:
         try:
             state = json.loads(manifest.read_text())["state"]
@@ -201,7 +221,7 @@ def test_a_killed_worker_is_restarted_and_the_run_completes_with_the_same_result
         time.sleep(0.05)
     else:
         proc.kill()
-        pytest.fail("the local stage never reached its first checkpoint")
+        pytest.fail(f"the {stage} stage never reached its first checkpoint")
     workers = _children(proc.pid)
     assert workers, "no worker processes found"
     os.kill(max(workers), signal.SIGKILL)  # one worker dies mid-stage
@@ -210,10 +230,10 @@ def test_a_killed_worker_is_restarted_and_the_run_completes_with_the_same_result
     r_got = json.loads((out / "results.json").read_text())
     for name, entry in r_ref["strategies"].items():
         assert r_got["strategies"][name]["test_accuracy"] == entry["test_accuracy"], name
-    for stage in ("local", "transfer"):
-        a, b = _weights(two, stage), _weights(out, stage)
+    for done_stage in ("local", "coherent", "transfer"):
+        a, b = _weights(two, done_stage), _weights(out, done_stage)
         for key in a:
-            assert torch.equal(a[key], b[key]), (stage, key)
+            assert torch.equal(a[key], b[key]), (done_stage, key)
 
 
 def test_a_batch_size_that_does_not_divide_among_the_processes_is_a_clear_error():

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddcnn.config import Config
+from ddcnn.config import PARALLEL, STAGES, Config
 from ddcnn.data.datasets import load_datasets
 from ddcnn.data.loading import Augment, Normalizer, make_batches, split_dataset
 from ddcnn.data.readers import ImageDataset
@@ -143,11 +143,15 @@ def build_context(cfg: Config, run_dir: RunDir, runtime: Runtime, env: DistEnv, 
     classes = list(train_full.classes)
     shapes = Shapes(train.in_channels, len(classes), train.image_size)
     models = Models(cfg, shapes)
-    if env.enabled and cfg.stages.local.enabled and env.world > models.n_local:
+    sharded = [stage for stage in STAGES if cfg.stages.get(stage).enabled and (
+        stage == "local" or (stage in PARALLEL and (cfg.stages.get(stage).parallel or PARALLEL[stage][0]) == "model"))]
+    if env.enabled and sharded and env.world > models.n_local:
+        # Model and data parallelism together (a 2-D mesh of processes) is not built: refused, not half-done.
         raise ConfigError(
             f"{env.world} processes but only {models.n_local} local CNNs (grid {list(models.decomposition.grid)}): "
-            f"every process trains at least one local CNN; start at most {models.n_local} processes "
-            f"(--nproc-per-node) or use a finer grid"
+            f"in the {' and '.join(sharded)} stage(s) every process holds at least one local CNN; start at most "
+            f"{models.n_local} processes (--nproc-per-node), use a finer grid, or set stages.<stage>.parallel=data "
+            f"for coherent and transfer"
         )
     normalizer = Normalizer.fit(train.images)
     distributed.init(env, runtime.device.type)
