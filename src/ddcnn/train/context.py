@@ -21,7 +21,7 @@ from ddcnn.train.distributed import DataParallelSync, DistEnv
 from ddcnn.train.loop import StageSpec, Sync
 from ddcnn.train.metrics import MetricsLog
 from ddcnn.train.rundir import RunDir
-from ddcnn.train.runtime import Runtime
+from ddcnn.train.runtime import M, Runtime
 
 
 @dataclass
@@ -93,7 +93,7 @@ class Context:
             return {"val_loss": None, "val_accuracy": None}
         return self.val_scores(self.predict(fn, self.val.images))
 
-    def prepare(self, model: nn.Module) -> nn.Module:
+    def prepare(self, model: M) -> M:
         """``model`` on the device, in the memory layout of the run."""
         return self.runtime.prepare(model, self.models.dims)
 

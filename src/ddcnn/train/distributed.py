@@ -121,11 +121,11 @@ def launch_id() -> str | None:
 def cat_states(states: list[dict | None]) -> dict:
     """Concatenate per-rank stacked states along dim 0 (ranks holding nothing give ``None``); scalars from the
     first rank that has them."""
-    states = [s for s in states if s is not None]
+    present = [s for s in states if s is not None]
     out = {}
-    for key, first in states[0].items():
+    for key, first in present[0].items():
         if isinstance(first, torch.Tensor) and first.dim() > 0:
-            out[key] = torch.cat([s[key] for s in states])
+            out[key] = torch.cat([s[key] for s in present])
         else:
             out[key] = first
     return out

@@ -174,6 +174,8 @@ def fit(spec: StageSpec, model: nn.Module, loss_fn: LossFn | None, batches, eval
                 group.update({k: v for k, v in optimizer.defaults.items() if k != "lr"})
     if state["done"]:
         return state
+    if loss_fn is None or batches is None or evaluate is None:
+        raise TrainingError(f"stage {stage!r} is not finished but fit was given nothing to train it with")
     steps_per_epoch = len(batches)
     if steps_per_epoch == 0:
         raise TrainingError(f"stage {stage!r} has no training batches: the training set is smaller than one batch "
@@ -186,7 +188,7 @@ def fit(spec: StageSpec, model: nn.Module, loss_fn: LossFn | None, batches, eval
         runtime.synchronize()
         start = time.perf_counter()
         loss_sum = torch.zeros((), device=runtime.device)
-        correct_sum = None
+        correct_sum: torch.Tensor | None = None
         seen = 0
         bad_step = torch.full((), -1, dtype=torch.long, device=runtime.device)
         for i, (x, y) in enumerate(batches):
@@ -210,12 +212,12 @@ def fit(spec: StageSpec, model: nn.Module, loss_fn: LossFn | None, batches, eval
                 # Several processes decide together at the end of the epoch (no communication inside it).
                 if not sync.distributed and bad_step.item() >= 0:
                     progress.close()
-                    raise _non_finite(stage, epoch, bad_step.item(), False, cfg)
+                    raise _non_finite(stage, epoch, int(bad_step.item()), False, cfg)
                 progress.update(loss=f"{loss.item():.3f}")
             else:
                 progress.update()
         # The last steps' updates can make the weights non-finite with a finite loss: never checkpoint them.
-        first_bad = bad_step.item()
+        first_bad = int(bad_step.item())
         bad_weights = not all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()
                               if t.is_floating_point())
         if sync.any(first_bad >= 0 or bad_weights):
@@ -224,6 +226,7 @@ def fit(spec: StageSpec, model: nn.Module, loss_fn: LossFn | None, batches, eval
         runtime.synchronize()
         state["seconds"] += sync.seconds(time.perf_counter() - start)
         progress.close()
+        assert correct_sum is not None  # steps_per_epoch > 0
         loss_sum, correct_sum, seen = sync.reduce(loss_sum, correct_sum, seen)
         acc = (correct_sum.float() / seen).cpu()
         record = {"stage": stage, "epoch": epoch, "train_loss": (loss_sum / seen).item() * spec.loss_scale,

@@ -119,7 +119,7 @@ class CNNDNNState(ModelState):
         super().__init__(model)
         self.ensemble, self.combiner = model.ensemble, model.combiner
         self.sharded = isinstance(model, ShardedCNNDNN)
-        self.env = env if self.sharded else DistEnv()
+        self.env = env if self.sharded and env is not None else DistEnv()
         self.n_total = model.decomposition.n_subdomains
         self.shard = model.shard if isinstance(model, ShardedCNNDNN) else range(self.n_total)
 
@@ -146,8 +146,7 @@ class CNNDNNState(ModelState):
             parts = self.env.all_gather(stacked)
             stacked = {"state": {j: cat_states([p["state"][j] for p in parts]) for j in parts[0]["state"]},
                        "param_groups": parts[0]["param_groups"]}
-        first = len(list(self.ensemble.parameters())) if self.ensemble.backend != "loop" else \
-            len(list(self.ensemble.models[0].parameters()))
+        first = len(self.ensemble._parameters_by_position())
         state = dict(stacked["state"])
         for j, p in enumerate(self.combiner.parameters()):
             if optimizer.state.get(p):
@@ -156,8 +155,7 @@ class CNNDNNState(ModelState):
         return {"state": state, "param_groups": stacked["param_groups"]}
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
-        first = len(list(self.ensemble.parameters())) if self.ensemble.backend != "loop" else \
-            len(list(self.ensemble.models[0].parameters()))
+        first = len(self.ensemble._parameters_by_position())
         entries = {int(j): v for j, v in state["state"].items()}
         ensemble_part = {"state": {j: v for j, v in entries.items() if j < first},
                          "param_groups": state["param_groups"]}

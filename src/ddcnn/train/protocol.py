@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import platform
 from pathlib import Path
+from typing import cast
 
 import torch
 
 import ddcnn
 from ddcnn.config import STAGES, Config
 from ddcnn.data.loading import to_float
-from ddcnn.models import count_parameters, forward_flops
+from ddcnn.models import LocalEnsemble, count_parameters, forward_flops
 from ddcnn.train import distributed, stages
 from ddcnn.train.context import Context, StageResult, accuracy, build_context, check_stages
 from ddcnn.train.distributed import DistEnv
@@ -87,7 +88,7 @@ def evaluate_test(ctx: Context, done: dict[str, StageResult], command: str = "")
     image_shape = (shapes.in_channels, *shapes.image_size)
     local = stages.frozen_local_logits(ctx, done["local"], ctx.test.images) if "local" in done else None
     if "local" in done:  # the ensemble's cost, summed over the processes' shards
-        shard = done["local"].model
+        shard = cast(LocalEnsemble, done["local"].model)
         ensemble_cost = _summed(env, count_parameters(shard), forward_flops(
             shard, (shard.n_local, shapes.in_channels, *d.subimage_size)))
     scores, costs = {}, {}
@@ -95,6 +96,7 @@ def evaluate_test(ctx: Context, done: dict[str, StageResult], command: str = "")
         strategy = STRATEGIES[name]
         if strategy.combiner is not None:  # a rule or the DNN on the local logits: rank 0 alone
             if env.is_main:
+                assert local is not None  # a combiner's strategies need the local stage
                 combiner = strategy.combiner({s: r.model.eval() for s, r in done.items()}, n, k)
                 with torch.no_grad(), torch.autocast(ctx.runtime.device.type, enabled=False):
                     scores[name] = combiner(local.to(ctx.runtime.device)).float().cpu()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import platform
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import nn
@@ -13,6 +13,8 @@ from torch import nn
 from ddcnn.config import Config
 from ddcnn.data.loading import to_float
 from ddcnn.errors import ConfigError
+
+M = TypeVar("M", bound=nn.Module)
 
 if TYPE_CHECKING:  # distributed imports the loop, which imports this module
     from ddcnn.train.distributed import DistEnv
@@ -27,7 +29,7 @@ class Runtime:
     channels_last: bool = False  # convolution models in channels-last layout (2D; 3D where ``channels_last_3d``)
     channels_last_3d: bool = False
 
-    def prepare(self, model: nn.Module, dims: int) -> nn.Module:
+    def prepare(self, model: M, dims: int) -> M:
         """``model`` on the device, in the memory layout chosen for ``dims``-D convolutions."""
         model.to(self.device)
         if self.channels_last and (dims == 2 or self.channels_last_3d):

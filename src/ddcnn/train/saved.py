@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 from ddcnn.config import from_dict
 from ddcnn.data.loading import Normalizer
 from ddcnn.errors import CheckpointError, ConfigError, did_you_mean
+from ddcnn.models import CNNDNN, LocalEnsemble
 from ddcnn.train.build import Models, Shapes
 from ddcnn.train.model_parallel import CNNDNNState
 from ddcnn.train.rundir import RunDir
@@ -51,9 +53,9 @@ class SavedRun:
         self.models = Models(self.cfg, self.shapes)
         self.decomposition = self.models.decomposition
         self.trained: dict[str, nn.Module] = {}
-        builders = {"global": self.models.global_cnn, "local": self.models.ensemble, "combine": self.models.dnn,
-                    "coherent": lambda: self.models.cnn_dnn("coherent"),
-                    "transfer": lambda: self.models.cnn_dnn("transfer")}
+        builders: dict[str, Callable[[], nn.Module]] = {
+            "global": self.models.global_cnn, "local": self.models.ensemble, "combine": self.models.dnn,
+            "coherent": lambda: self.models.cnn_dnn("coherent"), "transfer": lambda: self.models.cnn_dnn("transfer")}
         ckpt = self.run_dir.checkpoints
         for stage, build in builders.items():
             if not ckpt.has(stage) or not ckpt.state(stage).get("done"):
@@ -61,9 +63,9 @@ class SavedRun:
             weights, _, _ = ckpt.load(stage)
             model = build()
             try:  # the local CNNs in the stacked layout, whatever the backend and the number of processes
-                if stage == "local":
+                if isinstance(model, LocalEnsemble):
                     model.load_stacked_state_dict(weights)
-                elif stage in ("coherent", "transfer"):
+                elif isinstance(model, CNNDNN):
                     CNNDNNState(model).load_weights(weights)
                 else:
                     model.load_state_dict(weights)

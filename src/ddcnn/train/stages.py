@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from typing import cast
 
 import torch
 
 from ddcnn.config import PARALLEL
-from ddcnn.models import CNNDNN, local_loss
+from ddcnn.models import CNNDNN, LocalEnsemble, local_loss
 from ddcnn.models.cnn_dnn import transfer_parts
+from ddcnn.models.combiners import Combiner
 from ddcnn.seeds import derive_seed
 from ddcnn.shards import shard_range
 from ddcnn.train.batches import TensorBatches
 from ddcnn.train.context import Context, StageResult
 from ddcnn.train.distributed import EnsembleSaver, ShardSync
-from ddcnn.train.loop import fit
+from ddcnn.train.loop import Sync, fit
 from ddcnn.train.model_parallel import CNNDNNState, ModelParallelSync, ShardedCNNDNN
 from ddcnn.train.timing import critical_path
 
@@ -76,10 +78,10 @@ def train_local(ctx: Context, done: Done) -> StageResult:
     return StageResult(ensemble, state["seconds"], state["history"], {"local_timing": timing, "shard": shard})
 
 
-def full_ensemble(ctx: Context, local: StageResult):
+def full_ensemble(ctx: Context, local: StageResult) -> LocalEnsemble:
     """All N trained local CNNs on every process (gathered from the shards; all processes call it together)."""
     if len(local.extras["shard"]) == ctx.n_local:
-        return local.model
+        return cast(LocalEnsemble, local.model)
     weights = EnsembleSaver(local.model, ctx.env, local.extras["shard"], ctx.n_local).weights()
     full = ctx.prepare(ctx.models.ensemble())
     full.load_stacked_state_dict(weights)
@@ -146,6 +148,8 @@ def parallel_mode(ctx: Context, stage: str) -> str:
 def _train_cnn_dnn(ctx: Context, stage: str, ensemble, combiner, extras: dict | None = None) -> StageResult:
     """Train a CNN-DNN end to end: ``ensemble`` is this process's shard of the local CNNs under model parallelism,
     else all of them. Either way the checkpoint holds the whole model (:class:`CNNDNNState`)."""
+    model: CNNDNN | ShardedCNNDNN
+    sync: Sync | None
     if parallel_mode(ctx, stage) == "model":
         model = ctx.prepare(ShardedCNNDNN(ctx.decomposition, ensemble, combiner, ctx.env))
         run, batches, sync = ctx.compiled(model), ctx.batches(stage), ModelParallelSync(ctx.env)
@@ -168,10 +172,12 @@ def train_coherent(ctx: Context, done: Done) -> StageResult:
 def train_transfer(ctx: Context, done: Done) -> StageResult:
     """A CNN-DNN trained end to end, initialised from the trained local CNNs (and the DNN: ``init_dnn``)."""
     use_dnn = ctx.cfg.stages.transfer.init_dnn and "combine" in done
-    local = done["local"].model if parallel_mode(ctx, "transfer") == "model" else full_ensemble(ctx, done["local"])
+    local = cast(LocalEnsemble, done["local"].model) if parallel_mode(ctx, "transfer") == "model" else \
+        full_ensemble(ctx, done["local"])
     torch.manual_seed(derive_seed(ctx.cfg.seed, "transfer", 0))
     c = ctx.cfg.combiner
-    ensemble, combiner = transfer_parts(local, done["combine"].model if use_dnn else None, ctx.n_local,
+    trained_dnn = cast(Combiner, done["combine"].model) if use_dnn else None
+    ensemble, combiner = transfer_parts(local, trained_dnn, ctx.n_local,
                                         hidden=c.hidden, activation=c.activation, dropout=c.dropout)
     return _train_cnn_dnn(ctx, "transfer", ensemble, combiner, {"initialised_from": ("combine",) if use_dnn else ()})
 

@@ -6,7 +6,7 @@ its order is the order of every table.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -63,7 +63,7 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
 )}
 
 
-def available(trained: Mapping[str, nn.Module]) -> list[str]:
+def available(trained: Collection[str]) -> list[str]:
     """The strategies whose stages were all trained, in registry order."""
     return [name for name, s in STRATEGIES.items() if all(stage in trained for stage in s.stages)]
 
