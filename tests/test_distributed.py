@@ -99,7 +99,7 @@ def test_two_processes_train_the_same_local_cnns_as_one(two_runs):
     assert r2["local"]["processes"] == 2
 
 
-@pytest.mark.parametrize("backend", ["loop", "grouped"])
+@pytest.mark.parametrize("backend", ["loop", "grouped", "vmap"])
 def test_shards_trained_apart_equal_the_whole_ensemble(backend):
     """What each process does in the local stage, in one process: shards {0, 1} and {2, 3} of a 4-CNN ensemble
     trained on the same batches, gathered with cat_states, equal the 4-CNN ensemble trained at once."""

@@ -17,10 +17,10 @@ CASES = [
 N, C, K = 3, 2, 5
 
 
-def _pair(case, seed=0, **kw):
+def _pair(case, seed=0, backend="grouped", **kw):
     args = dict(n_local=N, in_channels=C, num_classes=K, backbone=case["backbone"], width=4, depth=(1, 1, 1),
                 dims=case["dims"], seed=seed, **kw)
-    return LocalEnsemble(backend="grouped", **args), LocalEnsemble(backend="loop", **args)
+    return LocalEnsemble(backend=backend, **args), LocalEnsemble(backend="loop", **args)
 
 
 def _batch(case, b=6, seed=1):
@@ -28,9 +28,10 @@ def _batch(case, b=6, seed=1):
     return torch.randn(b, N, C, *case["sub"], generator=g), torch.randint(0, K, (b,), generator=g)
 
 
+@pytest.mark.parametrize("backend", ["grouped", "vmap"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['backbone']}{c['dims']}d")
-def test_grouped_and_loop_backends_agree_in_train_and_eval(case):
-    grouped, loop = _pair(case)
+def test_batched_and_loop_backends_agree_in_train_and_eval(case, backend):
+    grouped, loop = _pair(case, backend=backend)
     x, _ = _batch(case)
     for mode in (True, False):
         grouped.train(mode), loop.train(mode)
@@ -44,9 +45,10 @@ def test_grouped_and_loop_backends_agree_in_train_and_eval(case):
             torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["grouped", "vmap"])
 @pytest.mark.parametrize("case", CASES[:2], ids=lambda c: f"{c['backbone']}{c['dims']}d")
-def test_local_model_is_a_standalone_cnn_equal_to_its_slot(case):
-    grouped, _ = _pair(case)
+def test_local_model_is_a_standalone_cnn_equal_to_its_slot(case, backend):
+    grouped, _ = _pair(case, backend=backend)
     grouped.eval()
     x, _ = _batch(case)
     local = grouped(x)
@@ -56,10 +58,11 @@ def test_local_model_is_a_standalone_cnn_equal_to_its_slot(case):
         torch.testing.assert_close(single(x[:, i]), local[:, i], rtol=1e-5, atol=1e-5)
 
 
-def test_set_local_model_is_the_inverse_of_local_model():
+@pytest.mark.parametrize("backend", ["grouped", "vmap", "loop"])
+def test_set_local_model_is_the_inverse_of_local_model(backend):
     case = CASES[0]
-    a, _ = _pair(case, seed=0)
-    b, _ = _pair(case, seed=7)
+    a, _ = _pair(case, seed=0, backend=backend)
+    b, _ = _pair(case, seed=7, backend=backend)
     b.set_local_model(1, a.local_model(1))
     x, _ = _batch(case)
     a.eval(), b.eval()
@@ -98,17 +101,18 @@ def _separate_training(models, batches, make_opt, steps_fn):
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-@pytest.mark.parametrize("backend", ["grouped", "loop"])
+@pytest.mark.parametrize("backend", ["grouped", "loop", "vmap"])
 @pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=lambda c: f"{c['backbone']}{c['dims']}d")
 def test_training_the_ensemble_equals_training_each_local_cnn_alone(case, backend, optimizer):
     _check_ensemble_training_equals_separate_training(case, backend, optimizer)
 
 
+@pytest.mark.parametrize("backend", ["grouped", "vmap"])
 @pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=lambda c: f"{c['backbone']}{c['dims']}d")
-def test_channels_last_ensemble_trains_like_separate_default_layout_cnns(case):
+def test_channels_last_ensemble_trains_like_separate_default_layout_cnns(case, backend):
     # the layout training runs use (Runtime.prepare) against separate CNNs in the default layout
     runtime = Runtime(torch.device("cpu"), channels_last=True, channels_last_3d=True)
-    _check_ensemble_training_equals_separate_training(case, "grouped", "adam",
+    _check_ensemble_training_equals_separate_training(case, backend, "adam",
                                                       prepare=lambda m: runtime.prepare(m, case["dims"]))
 
 
@@ -140,7 +144,7 @@ def _check_ensemble_training_equals_separate_training(case, backend, optimizer, 
             torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
-@pytest.mark.parametrize("backend", ["grouped", "loop"])
+@pytest.mark.parametrize("backend", ["grouped", "loop", "vmap"])
 def test_gradient_clipping_is_per_local_cnn(backend):
     case = CASES[0]
     ensemble = LocalEnsemble(N, C, K, width=4, depth=(1, 1, 1), backend=backend, seed=5)
@@ -182,10 +186,21 @@ def test_wrong_input_shape_and_bad_arguments():
         LocalEnsemble(2, 1, 3, backbone="resnt")
     with pytest.raises(ConfigError, match="n_local"):
         LocalEnsemble(0, 1, 3)
+    with pytest.raises(ConfigError, match="width"):
+        LocalEnsemble(2, 1, 3, width=True)  # a bool is not a width
 
 
-@pytest.mark.parametrize("source", ["grouped", "loop"])
-@pytest.mark.parametrize("target", ["grouped", "loop"])
+def test_the_grouped_and_vmap_backends_share_state_dict_keys_and_layout():
+    """A built-in ensemble's state moves between grouped and vmap with load_state_dict (checkpoints of a CNN-DNN)."""
+    grouped, _ = _pair(CASES[1], backend="grouped", seed=4)
+    vmapped, _ = _pair(CASES[1], backend="vmap", seed=9)
+    vmapped.load_state_dict(grouped.state_dict())
+    x, _ = _batch(CASES[1])
+    torch.testing.assert_close(vmapped.eval()(x), grouped.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("source", ["grouped", "loop", "vmap"])
+@pytest.mark.parametrize("target", ["grouped", "loop", "vmap"])
 def test_stacked_state_and_optimizer_state_move_training_between_backends(source, target):
     """Train 2 steps on one backend, move weights and Adam state to the other, train 2 more: equals 4 steps."""
     case = CASES[0]

@@ -67,11 +67,12 @@ class DecompositionConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "vgg"
-    width: int = 32  # the global CNN's first-stage width
+    backbone: str = "vgg"  # vgg | resnet | an import path: torchvision.models.resnet18, my_package.nets:SmallNet
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # more arguments for an imported backbone
+    width: int = 32  # the global CNN's first-stage width (an imported backbone gets it as a `width` keyword)
     local_width: int | None = None  # default round(width / sqrt(N))
-    depth: list[int] | None = None  # layers per stage; the family's default when None
-    backend: str = "grouped"  # how the local CNNs are run on one device: grouped | loop
+    depth: list[int] | None = None  # layers per stage of vgg / resnet; the family's default when None
+    backend: str = "grouped"  # how the local CNNs run on one device: grouped (vgg, resnet) | vmap | loop
 
 
 @dataclass
@@ -160,6 +161,8 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} = {value!r} must be a mapping")
+        if typing.get_args(annotation)[1] is Any:  # arguments for the user's code, checked where they are used
+            return {str(k): copy.deepcopy(v) for k, v in value.items()}
         return {str(k): str(v) for k, v in value.items()}
     if annotation is bool:
         if not isinstance(value, bool):
@@ -265,18 +268,13 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def validate(cfg: Config) -> Config:
     """Range checks that the types alone do not express."""
-    from ddcnn.models.backbones import BACKBONES
+    from ddcnn.checks import choice
     from ddcnn.models.combiners import ACTIVATIONS
     from ddcnn.models.ensemble import BACKENDS
 
-    def choice(key, value, valid):
-        if value not in valid:
-            raise ConfigError(f"{key} = {value!r} is not valid{did_you_mean(str(value), valid)}; choose one of "
-                              f"{', '.join(valid)}")
-
     choice("data.name", cfg.data.name, DATASETS)
-    choice("model.backbone", cfg.model.backbone, BACKBONES)
     choice("model.backend", cfg.model.backend, BACKENDS)
+    validate_backbone(cfg.model)
     choice("combiner.activation", cfg.combiner.activation, tuple(ACTIVATIONS))
     choice("precision", cfg.precision, ("auto", "fp32", "bf16"))
     if not (cfg.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", cfg.device)):
@@ -344,6 +342,28 @@ def validate(cfg: Config) -> Config:
     if not any(cfg.stages.get(s).enabled for s in STAGES):
         raise ConfigError("every stage is disabled; enable at least one of " + ", ".join(STAGES))
     return cfg
+
+
+def validate_backbone(model: ModelConfig) -> None:
+    """A built-in family, or an import path that imports (checked here, before any data is read)."""
+    from ddcnn.checks import choice
+    from ddcnn.models.backbones import BACKBONES
+    from ddcnn.models.family import import_backbone, is_import_path
+
+    if model.backbone in BACKBONES:
+        if model.backbone_kwargs:
+            raise ConfigError(f"model.backbone_kwargs = {model.backbone_kwargs} apply to imported backbones only; "
+                              f"{model.backbone!r} takes model.width and model.depth")
+        return
+    if not is_import_path(model.backbone):
+        choice("model.backbone", model.backbone, BACKBONES + ("an import path such as torchvision.models.resnet18",))
+    import_backbone(model.backbone, "model.backbone")
+    if model.depth is not None:
+        raise ConfigError(f"model.depth applies to vgg and resnet only; set the layers of {model.backbone!r} "
+                          f"through model.backbone_kwargs")
+    if model.backend == "grouped":
+        raise ConfigError(f"model.backend = 'grouped' fuses vgg and resnet only; set model.backend: vmap (or loop) "
+                          f"for {model.backbone!r}")
 
 
 def from_dict(data: dict, overrides: list[str] | None = None) -> Config:

@@ -35,7 +35,8 @@ def describe(cfg: Config, png: Path | None = None) -> str:
         f"{shapes.in_channels} channel(s), {shapes.num_classes} classes",
         f"decomposition  grid {list(d.grid)}, overlap {list(d.overlap)} -> {d.n_subdomains} subimages of "
         f"{list(d.subimage_size)}",
-        f"backbone       {cfg.model.backbone}, depth {list(ensemble.depth)}, global width {cfg.model.width}, "
+        f"backbone       {cfg.model.backbone}, depth {list(ensemble.depth or []) or 'its own'}, global width "
+        f"{cfg.model.width}, "
         f"local width {models.local_width}",
         "",
         f"{'model':<16} {'width':>6} {'parameters':>12} {'MFLOPs/image':>13}",

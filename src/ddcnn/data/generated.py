@@ -19,6 +19,7 @@ import math
 import torch
 
 from ddcnn.data.readers import ImageDataset
+from ddcnn.checks import whole, wholes
 from ddcnn.errors import ConfigError
 
 _GOLDEN_ANGLE = math.pi * (3.0 - math.sqrt(5.0))
@@ -59,18 +60,10 @@ def make_generated(n: int, image_size, num_classes: int = 4, channels: int = 1, 
     ``image_size`` is (H, W) or (D, H, W). Pixel values are about in [-0.5, 1.5] before noise of standard
     deviation ``noise``. All channels show the same pattern with independent noise.
     """
-    try:
-        size = tuple(int(s) for s in image_size)
-    except (TypeError, ValueError):
-        size = ()
-    if len(size) not in (2, 3) or min(size) < 1:
-        raise ConfigError(f"image_size must be (H, W) or (D, H, W) with positive sizes, got {image_size!r}.")
-    if not isinstance(n, int) or n < 0:
-        raise ConfigError(f"the number of generated images must be a non-negative integer, got {n!r}.")
-    if not isinstance(num_classes, int) or num_classes < 2:
-        raise ConfigError(f"num_classes must be an integer of at least 2, got {num_classes!r}.")
-    if not isinstance(channels, int) or channels < 1:
-        raise ConfigError(f"channels must be a positive integer, got {channels!r}.")
+    size = tuple(wholes("image_size", image_size, example="(28, 28)"))
+    if len(size) not in (2, 3):
+        raise ConfigError(f"image_size must be (H, W) or (D, H, W), got {image_size!r}.")
+    whole("the number of generated images", n, 0), whole("num_classes", num_classes, 2), whole("channels", channels)
     if not noise >= 0:
         raise ConfigError(f"noise must be a non-negative standard deviation, got {noise!r}.")
 

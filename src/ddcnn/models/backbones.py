@@ -14,13 +14,15 @@ out of an ordinary CNN with that layout.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddcnn.errors import ConfigError, ShapeError, did_you_mean
+from ddcnn.checks import choice, whole, wholes
+from ddcnn.errors import ConfigError, ShapeError
 
 BACKBONES = ("vgg", "resnet")
 DEFAULT_DEPTH = {"vgg": (2, 2, 2), "resnet": (2, 2, 2)}
@@ -129,23 +131,32 @@ class Backbone(nn.Sequential):
         return super().forward(x)
 
 
-def check_backbone_args(name: str, width: int, depth: Sequence[int] | None, dims: int) -> tuple[int, ...]:
-    """Validate backbone arguments and return the depth (the family's default when ``None``)."""
-    if not isinstance(name, str) or name not in BACKBONES:
-        raise ConfigError(f"unknown backbone {name!r}{did_you_mean(str(name), BACKBONES)}; choose one of {BACKBONES}")
-    if not isinstance(dims, int) or isinstance(dims, bool) or dims not in (2, 3):
+def check_backbone_args(name: str, depth: Sequence[int] | None, dims: int) -> tuple[int, ...]:
+    """Validate a built-in family's arguments and return the depth (the family's default when ``None``)."""
+    choice("backbone", name, BACKBONES)
+    check_dims(dims)
+    return tuple(wholes("depth", DEFAULT_DEPTH[name] if depth is None else depth, example="[2, 2, 2]"))
+
+
+def check_dims(dims: int) -> int:
+    if whole("dims", dims) not in (2, 3):
         raise ConfigError(f"dims must be 2 (images) or 3 (volumes), got {dims!r}")
-    if not isinstance(width, int) or isinstance(width, bool) or width < 1:
-        raise ConfigError(f"width must be a positive whole number, got {width!r}")
-    try:
-        depth = DEFAULT_DEPTH[name] if depth is None else tuple(depth)
-    except TypeError:
-        raise ConfigError(f"depth must be a list of layer counts per stage, e.g. [2, 2, 2], got {depth!r}") from None
-    if not depth or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in depth):
-        raise ConfigError(
-            f"depth must list at least one stage with a positive number of layers, e.g. [2, 2, 2], got {list(depth)}"
-        )
-    return depth
+    return dims
+
+
+def check_fits(decomposition, backbone: str, depth: Sequence[int] | None) -> None:
+    """Refuse a decomposition whose subimages are smaller than a built-in backbone accepts, suggesting a grid
+    that fits."""
+    depth = DEFAULT_DEPTH[backbone] if depth is None else depth
+    need = min_input_size(backbone, depth)
+    if min(decomposition.subimage_size) >= need:
+        return
+    fitting = [max(1, min(g, length // need)) for g, length in zip(decomposition.grid, decomposition.image_size)]
+    raise ConfigError(
+        f"grid {list(decomposition.grid)} cuts {list(decomposition.image_size)} images into subimages of "
+        f"{list(decomposition.subimage_size)}, smaller than the {need} pixels per axis that the {backbone} backbone "
+        f"with {len(depth)} stages needs; use a coarser grid such as {fitting} or fewer stages"
+    )
 
 
 def min_input_size(name: str, depth: Sequence[int] | None = None) -> int:
@@ -171,10 +182,10 @@ def build_backbone(
 
     Both end in global average pooling and a linear layer to ``num_classes`` logits.
     """
-    depth = check_backbone_args(name, width, depth, dims)
-    for label, value in (("in_channels", in_channels), ("num_classes", num_classes), ("groups", groups)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{label} must be a positive whole number, got {value!r}")
+    depth = check_backbone_args(name, depth, dims)
+    for label, value in (("width", width), ("in_channels", in_channels), ("num_classes", num_classes),
+                         ("groups", groups)):
+        whole(label, value)
     layers: dict[str, nn.Module] = {}
     cin = in_channels
     if name == "resnet":
@@ -193,8 +204,6 @@ def build_backbone(
             blocks.insert(0, _layer("maxpool", dims)(2))
         layers[f"stage{s + 1}"] = nn.Sequential(*blocks)
     layers["head"] = Head(cin, num_classes, dims, groups)
-    from collections import OrderedDict
-
     return Backbone(name, in_channels, num_classes, width, depth, dims, groups, OrderedDict(layers))
 
 

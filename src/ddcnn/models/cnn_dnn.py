@@ -10,24 +10,14 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ddcnn.decomposition import Decomposition
+from ddcnn.checks import whole
 from ddcnn.errors import ConfigError, ShapeError
-from ddcnn.models.backbones import DEFAULT_DEPTH, build_backbone, check_backbone_args, min_input_size
+from ddcnn.models.backbones import check_fits
 from ddcnn.models.combiners import DNN, Combiner
 from ddcnn.models.ensemble import LocalEnsemble
+from ddcnn.models.family import Family
 
-
-def check_fits(decomposition: Decomposition, backbone: str, depth: Sequence[int] | None) -> None:
-    """Refuse a decomposition whose subimages are smaller than the backbone accepts, suggesting a grid that fits."""
-    depth = DEFAULT_DEPTH[backbone] if depth is None else depth
-    need = min_input_size(backbone, depth)
-    if min(decomposition.subimage_size) >= need:
-        return
-    fitting = [max(1, min(g, length // need)) for g, length in zip(decomposition.grid, decomposition.image_size)]
-    raise ConfigError(
-        f"grid {list(decomposition.grid)} cuts {list(decomposition.image_size)} images into subimages of "
-        f"{list(decomposition.subimage_size)}, smaller than the {need} pixels per axis that the {backbone} backbone "
-        f"with {len(depth)} stages needs; use a coarser grid such as {fitting} or fewer stages"
-    )
+__all__ = ["CNNDNN", "GlobalCNN", "check_fits", "count_parameters", "forward_flops", "transfer_cnn_dnn"]
 
 
 class CNNDNN(nn.Module):
@@ -56,7 +46,7 @@ class CNNDNN(nn.Module):
             )
         if ensemble.dims != decomposition.dims:
             raise ConfigError(f"a {ensemble.dims}D ensemble cannot run on a {decomposition.dims}D decomposition")
-        check_fits(decomposition, ensemble.backbone, ensemble.depth)
+        ensemble.check_subimages(decomposition)
         self.decomposition, self.ensemble, self.combiner = decomposition, ensemble, combiner
 
     @property
@@ -77,15 +67,20 @@ class CNNDNN(nn.Module):
 
 
 class GlobalCNN(nn.Module):
-    """The baseline: one CNN of the same family at global width on whole images, ``(B, C, *size) -> (B, K)``."""
+    """The baseline: one CNN of the same family at global width on whole images, ``(B, C, *size) -> (B, K)``.
 
-    def __init__(self, in_channels: int, num_classes: int, backbone: str = "vgg", width: int = 32,
-                 depth: Sequence[int] | None = None, dims: int = 2):
+    ``backbone``, ``depth`` and ``backbone_kwargs`` as for :class:`LocalEnsemble`.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, backbone="vgg", width: int = 32,
+                 depth: Sequence[int] | None = None, dims: int = 2, backbone_kwargs: dict | None = None):
         super().__init__()
-        depth = check_backbone_args(backbone, width, depth, dims)
-        self.net = build_backbone(backbone, in_channels, num_classes, width, depth, dims)
+        for label, value in (("in_channels", in_channels), ("num_classes", num_classes), ("width", width)):
+            whole(label, value)
+        family = Family(backbone, depth, dims, backbone_kwargs)
+        self.net = family.build(in_channels, num_classes, width, dims)
         self.in_channels, self.num_classes, self.dims = in_channels, num_classes, dims
-        self.backbone, self.width, self.depth = backbone, width, depth
+        self.backbone, self.width, self.depth = family.name, width, family.depth
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)

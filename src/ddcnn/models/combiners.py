@@ -17,7 +17,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ddcnn.errors import ConfigError, ShapeError, did_you_mean
+from ddcnn.checks import choice, whole, wholes
+from ddcnn.errors import ConfigError, ShapeError
 
 COMBINERS = ("dnn", "mean_probability", "majority_vote", "weighted_mean")
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
@@ -30,9 +31,7 @@ class Combiner(nn.Module):
 
     def __init__(self, n_local: int, num_classes: int):
         super().__init__()
-        for label, value in (("n_local", n_local), ("num_classes", num_classes)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{label} must be a positive whole number, got {value!r}")
+        whole("n_local", n_local), whole("num_classes", num_classes)
         self.n_local, self.num_classes = n_local, num_classes
 
     def forward(self, local_logits: torch.Tensor) -> torch.Tensor:
@@ -104,17 +103,13 @@ class DNN(Combiner):
     def __init__(self, n_local: int, num_classes: int, hidden: Sequence[int] | None = None,
                  activation: str = "relu", dropout: float = 0.0):
         super().__init__(n_local, num_classes)
-        if not isinstance(activation, str) or activation not in ACTIVATIONS:
-            raise ConfigError(f"unknown activation {activation!r}{did_you_mean(str(activation), ACTIVATIONS)}; "
-                              f"choose one of {tuple(ACTIVATIONS)}")
+        choice("activation", activation, ACTIVATIONS)
         if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
             raise ConfigError(f"dropout must be a number in [0, 1), got {dropout!r}")
         inputs = n_local * num_classes
-        if hidden is not None and (isinstance(hidden, str) or not isinstance(hidden, Sequence)):
-            raise ConfigError(f"hidden must be a list of layer sizes, e.g. [64, 64], got {hidden!r}")
-        hidden = default_hidden(n_local, num_classes) if hidden is None else list(hidden)
-        if not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden):
-            raise ConfigError(f"hidden sizes must be positive whole numbers, got {hidden!r}")
+        if hidden is None:
+            hidden = default_hidden(n_local, num_classes)
+        hidden = wholes("hidden", hidden, example="[64, 64]", empty=True)
         layers: list[nn.Module] = []
         for width in hidden:
             layers += [nn.Linear(inputs, width), ACTIVATIONS[activation]()]
@@ -139,8 +134,7 @@ def build_combiner(name: str, n_local: int, num_classes: int, **options) -> Comb
     """A combiner by name (``COMBINERS``); ``options`` go to :class:`DNN`."""
     classes = {"dnn": DNN, "mean_probability": MeanProbability, "majority_vote": MajorityVote,
                "weighted_mean": WeightedMean}
-    if not isinstance(name, str) or name not in classes:
-        raise ConfigError(f"unknown combiner {name!r}{did_you_mean(str(name), COMBINERS)}; choose one of {COMBINERS}")
+    choice("combiner", name, COMBINERS)
     if options and name != "dnn":
         raise ConfigError(f"combiner {name!r} takes no options, got {sorted(options)}")
     return classes[name](n_local, num_classes, **options)

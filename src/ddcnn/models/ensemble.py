@@ -1,11 +1,19 @@
 """N independent local CNNs evaluated in one call.
 
-``LocalEnsemble`` maps subimages ``(B, N, C, *sub)`` to local logits ``(B, N, K)``. Two backends compute the same
-function:
+``LocalEnsemble`` maps subimages ``(B, N, C, *sub)`` to local logits ``(B, N, K)``. Three backends compute the
+same function:
 
-* ``"grouped"`` (default): the N CNNs fused into one network with grouped convolutions (see ``backbones``); one
-  kernel launch per layer for all subdomains, which is what makes training them on one device fast.
+* ``"grouped"`` (default, built-in backbones): the N CNNs fused into one network with grouped convolutions (see
+  ``backbones``); one kernel launch per layer for all subdomains, which is what makes training them on one device
+  fast.
+* ``"vmap"`` (any backbone): the N CNNs as one functional model, ``torch.func.vmap`` of ``functional_call`` over
+  their stacked parameters and buffers. BatchNorm running statistics are stacked too and updated in place through
+  their per-slot views, exactly as N separate models update theirs.
 * ``"loop"``: N ordinary CNNs in a ``ModuleList`` called one after the other; the reference implementation.
+
+``grouped`` and ``vmap`` keep one module, ``net``, with the names of ONE local CNN and every tensor the N slot
+tensors concatenated along dim 0 (scalars such as ``num_batches_tracked`` once): the same state dict keys and
+layout for both, and the layout every backend saves (:meth:`LocalEnsemble.stacked_state_dict`).
 
 Local CNN ``i`` is initialised from the pair ``(seed, i)`` only, so the same local CNN comes out whichever backend,
 process or shard builds it.
@@ -13,33 +21,42 @@ process or shard builds it.
 
 from __future__ import annotations
 
-import operator
+import copy
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
 
-from ddcnn.errors import ConfigError, ShapeError, did_you_mean
-from ddcnn.models.backbones import Backbone, build_backbone, check_backbone_args, load_slot_state, slot_state
+from ddcnn.checks import choice, whole, wholes
+from ddcnn.errors import ConfigError, ShapeError
+from ddcnn.models.backbones import check_fits, load_slot_state, slot_state
+from ddcnn.models.family import Family, probe
 from ddcnn.seeds import derive_seed
 
-BACKENDS = ("grouped", "loop")
-
-
-def _whole(value) -> int | None:
-    """``value`` as an int when it is a whole number (int, numpy integer; not bool), else None."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
+BACKENDS = ("grouped", "loop", "vmap")
 
 
 def slot_seed(seed: int, index: int) -> int:
     """The seed that initialises local CNN ``index`` of an ensemble seeded with ``seed``."""
     return derive_seed(seed, "local CNN", index)
+
+
+def stack_modules(singles: list[nn.Module]) -> nn.Module:
+    """One module with the names of ``singles[0]`` and every parameter and buffer the slots' tensors concatenated
+    along dim 0 (0-dim buffers, the same in every slot, once). It holds the state of the ``vmap`` backend; its own
+    ``forward`` is only ever called through :func:`torch.func.functional_call` with per-slot views."""
+    params, buffers = stack_module_state(singles)
+    net = copy.deepcopy(singles[0])
+    for name, value in {**params, **buffers}.items():
+        owner, _, leaf = name.rpartition(".")
+        module = net.get_submodule(owner)
+        if name in params:
+            module._parameters[leaf] = nn.Parameter(value.detach().flatten(0, 1).clone())
+        else:
+            module._buffers[leaf] = value.flatten(0, 1).clone() if value.dim() > 1 else value[0].clone()
+    return net
 
 
 class LocalEnsemble(nn.Module):
@@ -48,9 +65,11 @@ class LocalEnsemble(nn.Module):
     Args:
         n_local: number of local CNNs held here.
         in_channels, num_classes: channels of a subimage, classes to predict.
-        backbone: ``"vgg"`` or ``"resnet"``; ``width`` the first stage's channels of ONE local CNN; ``depth`` the
-            layers per stage (family default when ``None``); ``dims`` 2 or 3.
-        backend: ``"grouped"`` or ``"loop"``.
+        backbone: ``"vgg"``, ``"resnet"``, an import path, a factory ``(in_channels, num_classes, width) ->
+            nn.Module`` or a module (see :mod:`ddcnn.models.family`); ``width`` the first stage's channels of ONE
+            local CNN; ``depth`` the layers per stage of a built-in family (its default when ``None``); ``dims``
+            2 or 3; ``backbone_kwargs`` more arguments for a foreign backbone's factory.
+        backend: ``"grouped"`` (built-in backbones), ``"vmap"`` or ``"loop"``.
         seed: local CNN ``i`` is initialised from ``(seed, indices[i])``; ``None`` draws the seed from torch's
             global generator (so ``torch.manual_seed`` still makes it reproducible).
         indices: the global subdomain numbers of the local CNNs held here (default ``range(n_local)``); a shard
@@ -62,60 +81,48 @@ class LocalEnsemble(nn.Module):
         n_local: int,
         in_channels: int,
         num_classes: int,
-        backbone: str = "vgg",
+        backbone="vgg",
         width: int = 16,
         depth: Sequence[int] | None = None,
         dims: int = 2,
         backend: str = "grouped",
         seed: int | None = None,
         indices: Sequence[int] | None = None,
+        backbone_kwargs: dict | None = None,
     ):
         super().__init__()
-        if not isinstance(n_local, int) or isinstance(n_local, bool) or n_local < 1:
-            raise ConfigError(f"n_local must be a positive whole number of local CNNs, got {n_local!r}")
-        if not isinstance(backend, str) or backend not in BACKENDS:
-            raise ConfigError(f"unknown backend {backend!r}{did_you_mean(str(backend), BACKENDS)}; choose one of "
-                              f"{BACKENDS}")
-        for label, value in (("in_channels", in_channels), ("num_classes", num_classes)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{label} must be a positive whole number, got {value!r}")
-        depth = check_backbone_args(backbone, width, depth, dims)
-        if seed is not None and (_whole(seed) is None or seed < 0):
-            raise ConfigError(f"seed must be a non-negative whole number (or None), got {seed!r}")
-        if indices is None:
-            indices = list(range(n_local))
-        else:
-            try:
-                whole = [None] if isinstance(indices, str) else [_whole(i) for i in indices]
-            except TypeError:  # not iterable
-                whole = [None]
-            if any(i is None or i < 0 for i in whole):
-                raise ConfigError(f"indices must be a list of non-negative subdomain numbers, got {indices!r}")
-            indices = whole
+        for label, value in (("n_local", n_local), ("in_channels", in_channels), ("num_classes", num_classes),
+                             ("width", width)):
+            whole(label, value)
+        choice("backend", backend, BACKENDS)
+        self.family = Family(backbone, depth, dims, backbone_kwargs)
+        if backend == "grouped" and not self.family.builtin:
+            raise ConfigError(f"backend 'grouped' fuses the built-in backbones (vgg, resnet) only; use backend "
+                              f"'vmap' (or 'loop') for {self.family.name!r}")
+        indices = list(range(n_local)) if indices is None else wholes("indices", indices, 0, example="[0, 1]")
         if len(indices) != n_local:
             raise ConfigError(f"indices {indices} must name {n_local} local CNNs")
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
+        seed = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else whole("seed", seed, 0)
         self.n_local, self.in_channels, self.num_classes = n_local, in_channels, num_classes
-        self.backbone, self.width, self.depth, self.dims = backbone, width, depth, dims
-        self.backend, self.seed, self.indices = backend, int(seed), indices
+        self.backbone, self.width, self.depth, self.dims = self.family.name, width, self.family.depth, dims
+        self.backend, self.seed, self.indices = backend, seed, indices
 
         singles = [self._seeded_single(i) for i in indices]
         if backend == "loop":
             self.models = nn.ModuleList(singles)
+        elif backend == "vmap":
+            self.net = stack_modules(singles)
         else:
             with torch.random.fork_rng(devices=[]):  # its own initialisation is overwritten slot by slot
                 self.net = self._build(groups=n_local)
             for slot, single in enumerate(singles):
                 load_slot_state(self.net, single.state_dict(), n_local, slot)
-        self.min_input_size = singles[0].min_input_size
+        self.min_input_size = getattr(singles[0], "min_input_size", None)
 
-    def _build(self, groups: int = 1) -> Backbone:
-        return build_backbone(
-            self.backbone, self.in_channels, self.num_classes, self.width, self.depth, self.dims, groups
-        )
+    def _build(self, groups: int = 1) -> nn.Module:
+        return self.family.build(self.in_channels, self.num_classes, self.width, self.dims, groups)
 
-    def _seeded_single(self, index: int) -> Backbone:
+    def _seeded_single(self, index: int) -> nn.Module:
         # fork_rng keeps the caller's global generator untouched by the initialisation.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(slot_seed(self.seed, index))
@@ -136,17 +143,50 @@ class LocalEnsemble(nn.Module):
             )
         b = subimages.shape[0]
         if self.backend == "loop":
-            return torch.stack([m(subimages[:, i]) for i, m in enumerate(self.models)], dim=1)
-        # (B, N, C, *sub) -> (B, N*C, *sub): slot i owns channels [i*C, (i+1)*C), as the grouped layers expect.
-        logits = self.net(subimages.reshape(b, self.n_local * self.in_channels, *subimages.shape[3:]))
-        return logits.view(b, self.n_local, self.num_classes)
+            logits = torch.stack([m(subimages[:, i]) for i, m in enumerate(self.models)], dim=1)
+        elif self.backend == "vmap":
+            logits = self._vmap_forward(subimages)
+        else:
+            # (B, N, C, *sub) -> (B, N*C, *sub): slot i owns channels [i*C, (i+1)*C), as the grouped layers expect.
+            logits = self.net(subimages.reshape(b, self.n_local * self.in_channels, *subimages.shape[3:]))
+            return logits.view(b, self.n_local, self.num_classes)
+        if logits.shape != (b, self.n_local, self.num_classes):
+            raise ShapeError(f"backbone {self.backbone!r} gives local logits {list(logits.shape)} for subimages "
+                             f"{list(subimages.shape)}; a local CNN must end in {self.num_classes} outputs")
+        return logits
+
+    def _vmap_forward(self, subimages: torch.Tensor) -> torch.Tensor:
+        """``(B, N, C, *sub) -> (B, N, K)``: ``self.net`` called once per slot, batched over the slots by vmap.
+
+        Each slot gets views ``(N, ...)[i]`` of the stacked tensors, so BatchNorm's in-place running-statistics
+        update lands in its own rows of the stacked buffers; a 0-dim buffer (``num_batches_tracked``) is shared,
+        counted once per call, as every slot sees the same batches.
+        """
+        n = self.n_local
+        params = {k: v.unflatten(0, (n, -1)) for k, v in self.net.named_parameters()}
+        buffers = {k: v.unflatten(0, (n, -1)) for k, v in self.net.named_buffers() if v.dim() > 0}
+        shared = {k: v for k, v in self.net.named_buffers() if v.dim() == 0}
+
+        def one_slot(slot_params, slot_buffers, x):
+            return functional_call(self.net, {**slot_params, **slot_buffers, **shared}, (x,))
+
+        return vmap(one_slot, in_dims=(0, 0, 1), out_dims=1)(params, buffers, subimages)
+
+    def check_subimages(self, decomposition) -> None:
+        """Refuse subimages the local CNNs cannot take: smaller than a built-in family accepts, or, for a foreign
+        backbone, failing (or giving other than ``(1, K)`` logits) on a one-sample probe of local CNN 0."""
+        if self.family.builtin:
+            check_fits(decomposition, self.backbone, self.depth)
+        else:
+            probe(self.local_model(0), (self.in_channels, *decomposition.subimage_size), self.num_classes,
+                  self.backbone)
 
     # ------------------------------------------------------------------ moving single local CNNs in and out
     def _check_index(self, i: int) -> None:
         if not 0 <= i < self.n_local:
             raise ConfigError(f"local CNN index {i} is out of range for an ensemble of {self.n_local}")
 
-    def local_model(self, i: int) -> Backbone:
+    def local_model(self, i: int) -> nn.Module:
         """Slot ``i`` as a standalone ordinary CNN ``(B, C, *sub) -> (B, K)``: same weights, same BatchNorm state."""
         self._check_index(i)
         single = self._build()
@@ -171,7 +211,7 @@ class LocalEnsemble(nn.Module):
     def stacked_state_dict(self) -> dict[str, torch.Tensor]:
         """The ensemble's state in the grouped layout, whatever the backend: one ordinary CNN's keys, every tensor
         the N slot tensors concatenated along dim 0 (scalars such as ``num_batches_tracked`` once)."""
-        if self.backend == "grouped":
+        if self.backend != "loop":
             return {k: v.detach().clone() for k, v in self.net.state_dict().items()}
         states = [m.state_dict() for m in self.models]
         return {k: (v.detach().clone() if v.dim() == 0 else torch.cat([s[k] for s in states]))
@@ -179,7 +219,7 @@ class LocalEnsemble(nn.Module):
 
     def load_stacked_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Inverse of :meth:`stacked_state_dict`."""
-        if self.backend == "grouped":
+        if self.backend != "loop":
             self.net.load_state_dict(state)
             return
         for i, m in enumerate(self.models):
@@ -187,7 +227,7 @@ class LocalEnsemble(nn.Module):
 
     def _parameters_by_position(self) -> list[list[nn.Parameter]]:
         """For each parameter of one CNN, the tensors holding it: one stacked tensor (grouped) or N (loop)."""
-        if self.backend == "grouped":
+        if self.backend != "loop":
             return [[p] for p in self.net.parameters()]
         return [list(ps) for ps in zip(*[list(m.parameters()) for m in self.models])]
 

@@ -8,7 +8,8 @@ import torch
 
 from ddcnn.config import Config
 from ddcnn.decomposition import Decomposition
-from ddcnn.models import CNNDNN, DNN, GlobalCNN, LocalEnsemble, check_fits, local_width
+from ddcnn.models import BACKBONES, CNNDNN, DNN, GlobalCNN, LocalEnsemble, check_fits, local_width
+from ddcnn.models.family import probe
 from ddcnn.seeds import derive_seed
 
 
@@ -27,9 +28,15 @@ class Models:
     def __init__(self, cfg: Config, shapes: Shapes):
         self.cfg, self.shapes = cfg, shapes
         self.decomposition = Decomposition(shapes.image_size, cfg.decomposition.grid, cfg.decomposition.overlap)
-        check_fits(self.decomposition, cfg.model.backbone, cfg.model.depth)
         self.n_local = self.decomposition.n_subdomains
         self.local_width = cfg.model.local_width or local_width(cfg.model.width, self.n_local)
+        if cfg.model.backbone in BACKBONES:
+            check_fits(self.decomposition, cfg.model.backbone, cfg.model.depth)
+        else:  # a foreign backbone: one forward of the global CNN and of a local CNN, before anything is trained
+            with torch.random.fork_rng(devices=[]):
+                probe(self.global_cnn().net, (shapes.in_channels, *shapes.image_size), shapes.num_classes,
+                      cfg.model.backbone, "the global CNN")
+                self.ensemble(range(1)).check_subimages(self.decomposition)
 
     @property
     def dims(self) -> int:
@@ -41,7 +48,8 @@ class Models:
     def global_cnn(self) -> GlobalCNN:
         self._seeded("global")
         m = self.cfg.model
-        return GlobalCNN(self.shapes.in_channels, self.shapes.num_classes, m.backbone, m.width, m.depth, self.dims)
+        return GlobalCNN(self.shapes.in_channels, self.shapes.num_classes, m.backbone, m.width, m.depth, self.dims,
+                         m.backbone_kwargs)
 
     def ensemble(self, indices: range | None = None) -> LocalEnsemble:
         """All N local CNNs, or those of ``indices`` (a process's shard), each initialised from (seed, i)."""
@@ -49,7 +57,7 @@ class Models:
         indices = range(self.n_local) if indices is None else indices
         return LocalEnsemble(len(indices), self.shapes.in_channels, self.shapes.num_classes, m.backbone,
                              self.local_width, m.depth, self.dims, m.backend, seed=self.cfg.seed,
-                             indices=list(indices))
+                             indices=list(indices), backbone_kwargs=m.backbone_kwargs)
 
     def dnn(self, stage: str = "combine") -> DNN:
         self._seeded(stage)
