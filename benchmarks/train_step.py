@@ -1,11 +1,13 @@
 #!/usr/bin/env python
-"""Throughput of one training step: the global CNN against the local ensemble (fused ``grouped`` and ``loop``).
+"""Throughput of one training step: the global CNN against the local ensemble (``grouped``, ``vmap`` and ``loop``).
 
 For each configuration (image size, channels, grid, widths, depth, batch) the script measures, one model at a time:
 
 * ``global``: ``ddcnn.GlobalCNN`` of width W on whole images, cross-entropy loss;
 * ``grouped``: ``ddcnn.LocalEnsemble(backend="grouped")``, the N local CNNs fused into one network with grouped
   convolutions;
+* ``vmap``: ``ddcnn.LocalEnsemble(backend="vmap")``, the N local CNNs as one functional model (``torch.func.vmap``
+  over their stacked parameters): the batched backend for any CNN, measured here on the same built-in backbone;
 * ``loop``: ``ddcnn.LocalEnsemble(backend="loop")``, N ordinary CNNs called one after the other.
 
 The local width is ``ddcnn.local_width(W, N)`` unless ``--local-width`` is given. With ``--compile`` every model,
@@ -50,7 +52,7 @@ Derived columns (per image)
 * ``% roofline`` = measured img/s / roofline img/s; ``TFLOP/s`` = train FLOPs per image * img/s.
 * ``peak MiB``: ``torch.cuda.max_memory_allocated`` while building data, compiling and stepping that model (stats
   reset once the model is on the device, so parameters count); "-" on CPU.
-* ``vs global`` = ensemble img/s / global img/s of the same configuration; ``vs loop`` = grouped img/s / loop img/s.
+* ``vs global`` = ensemble img/s / global img/s of the same configuration; ``vs loop`` = grouped (or vmap) img/s / loop img/s.
 
 A model that runs out of memory or fails to compile gets a row with the error; the sweep goes on.
 
@@ -91,8 +93,8 @@ import ddcnn
 from ddcnn.models.backbones import BACKBONES, BasicBlock
 from ddcnn.models.cnn_dnn import check_fits
 
-MODEL_KINDS = ("global", "grouped", "loop")
-ENSEMBLE_BACKENDS = ("grouped", "loop")
+MODEL_KINDS = ("global", "grouped", "vmap", "loop")
+ENSEMBLE_BACKENDS = ("grouped", "vmap", "loop")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
 CUDA_PEAK_TFLOPS = {"bf16": 790.0, "fp32": 60.0}  # H100/H200 SXM, dense
@@ -171,7 +173,7 @@ _CPU_COMMON = dict(image_size=(28, 28), channels=1, width=16, depth=(2, 2, 2), b
 SWEEPS: dict[str, dict] = {
     "h100": {
         "description": "H100/H200: bf16, channels-last, VGG (2,2,2) width 64; loop only where N <= 16",
-        "settings": dict(device="cuda", precision="bf16", channels_last=True, backends=("grouped", "loop"),
+        "settings": dict(device="cuda", precision="bf16", channels_last=True, backends=("grouped", "vmap", "loop"),
                          max_loop_n=16),
         "configs": [
             Config(image_size=(32, 32), grid=(2, 2), batch=4096, **_H100_COMMON),
@@ -183,7 +185,7 @@ SWEEPS: dict[str, dict] = {
     "cpu": {
         "description": "small CPU set: 28x28x1 (width 16, batch 256) and 24^3x1 (batch 32), fp32, channels-last "
                        "(about a minute on 2 cores)",
-        "settings": dict(device="cpu", precision="fp32", channels_last=True, backends=("grouped", "loop"),
+        "settings": dict(device="cpu", precision="fp32", channels_last=True, backends=("grouped", "vmap", "loop"),
                          warmup=3, repeats=11),
         "configs": [Config(grid=(2, 2), **_CPU_COMMON), Config(grid=(4, 4), **_CPU_COMMON),
                     Config(**{**_CPU_COMMON, "image_size": (24, 24, 24), "grid": (2, 2, 2), "batch": 32})],
@@ -237,8 +239,11 @@ def activation_elements(module: nn.Module, input_shape) -> int:
     """Sum of the output sizes of the layers in ``ACTIVATION_LAYERS`` for one input (batch-1 eval pass)."""
     counts: list[int] = []
 
+    # Under vmap a hook sees one slot's output; the ensemble's N slots each write one.
+    per_call = module.n_local if getattr(module, "backend", None) == "vmap" else 1
+
     def hook(_module, _inputs, output):
-        counts.append(output.numel())
+        counts.append(output.numel() * per_call)
 
     handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, ACTIVATION_LAYERS)]
     was_training = module.training
@@ -376,7 +381,7 @@ def run_config(cfg: Config, st: Settings, deadline: float | None, log) -> list[d
             continue
         if "global" in by_model:
             r["ratio_global"] = r["img_s"] / by_model["global"]["img_s"]
-        if r["model"] == "grouped" and "loop" in by_model:
+        if r["model"] in ("grouped", "vmap") and "loop" in by_model:
             r["ratio_loop"] = r["img_s"] / by_model["loop"]["img_s"]
     return rows
 
@@ -505,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default on for CUDA 2D")
     r.add_argument("--warmup", type=int, default=None, help="default 5 (2 on CPU)")
     r.add_argument("--repeats", type=int, default=None, help="default 20 (5 on CPU)")
-    r.add_argument("--backends", default=None, help="comma-separated ensemble backends (default grouped,loop)")
+    r.add_argument("--backends", default=None, help="comma-separated ensemble backends (default grouped,vmap,loop)")
     r.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="skip the models and configurations left once this much time has passed")
     r.add_argument("--peak-tflops", type=float, default=None, help="roofline compute peak (default: see docstring)")

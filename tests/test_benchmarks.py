@@ -30,7 +30,7 @@ def _expected_flops():
     glob = ddcnn.GlobalCNN(1, 3, "vgg", 4, (1, 1), 2)
     expected = {"global": ddcnn.forward_flops(glob, (1, 16, 16))}
     lw = ddcnn.local_width(4, 4)
-    for backend in ("grouped", "loop"):
+    for backend in ("grouped", "vmap", "loop"):
         ens = ddcnn.LocalEnsemble(4, 1, 3, "vgg", lw, (1, 1), 2, backend=backend)
         expected[backend] = ddcnn.forward_flops(ens, (4, 1, 8, 8))
     return expected, lw
@@ -41,7 +41,7 @@ def test_tiny_cpu_run_has_all_rows_and_the_library_flops(bench, one_thread, tmp_
     rows = bench.main(TINY + ["--json", str(out), "--markdown"])
     printed = capsys.readouterr().out
 
-    assert [r["model"] for r in rows] == ["global", "grouped", "loop"]
+    assert [r["model"] for r in rows] == ["global", "grouped", "vmap", "loop"]
     expected, lw = _expected_flops()
     for row in rows:
         assert "error" not in row, row
@@ -50,17 +50,17 @@ def test_tiny_cpu_run_has_all_rows_and_the_library_flops(bench, one_thread, tmp_
         assert row["train_flops"] == 3 * row["fwd_flops"]
         assert row["bytes_img"] > 0 and row["roofline_img_s"] > 0
         assert row["peak_mem_mib"] is None  # CPU
-    assert [r["width"] for r in rows] == [4, lw, lw]
-    assert [r["n_local"] for r in rows] == [1, 4, 4]
-    assert rows[1]["ratio_global"] > 0 and rows[1]["ratio_loop"] > 0 and rows[2]["ratio_global"] > 0
-    # fp32: 4 bytes per element, 3 passes; the fused and the loop ensemble move the same activations
-    assert rows[0]["bytes_img"] % 12 == 0 and rows[1]["bytes_img"] == rows[2]["bytes_img"]
+    assert [r["width"] for r in rows] == [4, lw, lw, lw]
+    assert [r["n_local"] for r in rows] == [1, 4, 4, 4]
+    assert rows[1]["ratio_loop"] > 0 and rows[2]["ratio_loop"] > 0 and rows[3]["ratio_global"] > 0
+    # fp32: 4 bytes per element, 3 passes; the fused, vmapped and loop ensembles move the same activations
+    assert rows[0]["bytes_img"] % 12 == 0 and rows[1]["bytes_img"] == rows[2]["bytes_img"] == rows[3]["bytes_img"]
 
-    for model in ("global", "grouped", "loop"):
+    for model in ("global", "grouped", "vmap", "loop"):
         assert f"| {model} |" in printed
     assert "measured on this CPU" in printed and "command: python benchmarks/train_step.py --device cpu" in printed
     saved = json.loads(out.read_text())
-    assert [r["model"] for r in saved["rows"]] == ["global", "grouped", "loop"]
+    assert [r["model"] for r in saved["rows"]] == ["global", "grouped", "vmap", "loop"]
     assert saved["header"]["precision"].startswith("fp32")
 
 
@@ -99,5 +99,5 @@ def test_sweep_presets_are_valid_configurations(bench, sweep, capsys):
         cfg.validate()
         assert cfg.label in printed
     if sweep == "h100":
-        assert "N=64" in printed and printed.count("global, grouped, loop") == 3  # loop only where N <= 16
+        assert "N=64" in printed and printed.count("global, grouped, vmap, loop") == 3  # loop only where N <= 16
         assert all(c.batch in (4096, 512, 64) for c in configs)
