@@ -52,7 +52,8 @@ Derived columns (per image)
 * ``% roofline`` = measured img/s / roofline img/s; ``TFLOP/s`` = train FLOPs per image * img/s.
 * ``peak MiB``: ``torch.cuda.max_memory_allocated`` while building data, compiling and stepping that model (stats
   reset once the model is on the device, so parameters count); "-" on CPU.
-* ``vs global`` = ensemble img/s / global img/s of the same configuration; ``vs loop`` = grouped (or vmap) img/s / loop img/s.
+* ``vs global`` = ensemble img/s / global img/s of the same configuration; ``vs loop`` = grouped (or vmap) img/s /
+  loop img/s.
 
 A model that runs out of memory or fails to compile gets a row with the error; the sweep goes on.
 

@@ -441,7 +441,7 @@ def test_random_ensembles_and_global_cnns_raise_only_ddcnn_errors(data):
     width = data.draw(small(st.integers(1, 4)))
     depth = data.draw(small(st.none() | st.lists(st.integers(-1, 2), max_size=3)))
     dims = data.draw(maybe(st.sampled_from([2, 3])))
-    backend = data.draw(maybe(st.sampled_from(["grouped", "loop"])))
+    backend = data.draw(maybe(st.sampled_from(["grouped", "loop", "vmap"])))
     seed = data.draw(maybe(st.none() | st.integers(0, 2**63)))
     indices = data.draw(maybe(st.none() | st.lists(st.integers(-1, 8), max_size=4)))
     ensemble = only_ddcnn_errors(LocalEnsemble, n, c, k, backbone, width, depth, dims, backend, seed, indices)

@@ -6,13 +6,12 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import tiny_dict
 from ddcnn import CNNDNN, DNN, Decomposition, GlobalCNN, LocalEnsemble, local_loss
 from ddcnn.config import from_dict
 from ddcnn.errors import ConfigError, ShapeError
 from ddcnn.models.backbones import slot_state
 from ddcnn.models.family import Family, import_backbone
-
-from conftest import tiny_dict
 
 
 class SmallNet(nn.Module):

@@ -18,8 +18,8 @@ import math
 
 import torch
 
-from ddcnn.data.readers import ImageDataset
 from ddcnn.checks import whole, wholes
+from ddcnn.data.readers import ImageDataset
 from ddcnn.errors import ConfigError
 
 _GOLDEN_ANGLE = math.pi * (3.0 - math.sqrt(5.0))

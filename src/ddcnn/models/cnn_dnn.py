@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ddcnn.decomposition import Decomposition
 from ddcnn.checks import whole
+from ddcnn.decomposition import Decomposition
 from ddcnn.errors import ConfigError, ShapeError
 from ddcnn.models.backbones import check_fits
 from ddcnn.models.combiners import DNN, Combiner
