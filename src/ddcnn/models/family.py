@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import importlib
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -115,10 +115,11 @@ class Family:
         if self.builtin:
             return build_backbone(self.name, in_channels, num_classes, width, self.depth, dims, groups)
         if self.template is not None:
-            model, told = copy.deepcopy(self.template), set()
+            model, told = copy.deepcopy(self.template), set[str]()
             for module in model.modules():
-                if hasattr(module, "reset_parameters"):
-                    module.reset_parameters()
+                reset = getattr(module, "reset_parameters", None)
+                if callable(reset):
+                    reset()
         else:
             model, told = self._call(in_channels, num_classes, width)
         _check_parameters(model, self.name)
@@ -129,8 +130,11 @@ class Family:
         return model
 
     def _call(self, in_channels: int, num_classes: int, width: int) -> tuple[nn.Module, set[str]]:
+        factory = self.factory
+        assert factory is not None  # set in __init__ for everything but a template module
+        parameters: Mapping[str, inspect.Parameter]
         try:
-            parameters = inspect.signature(self.factory).parameters
+            parameters = inspect.signature(factory).parameters
         except (TypeError, ValueError):  # a builtin without a signature: only backbone_kwargs reach it
             parameters = {}
         takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
@@ -138,7 +142,7 @@ class Family:
         given = {k: v for k, v in offered.items() if k in parameters or (k == "num_classes" and takes_any)}
         given.update(self.kwargs)
         try:
-            model = self.factory(**given)
+            model = factory(**given)
         except DDCNNError:
             raise
         except Exception as err:
