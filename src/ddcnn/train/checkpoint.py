@@ -9,6 +9,7 @@ previous manifest pointing at complete files, and a file damaged later is detect
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -39,8 +40,24 @@ def _umask() -> int:
     return mask
 
 
+@contextlib.contextmanager
+def naming(path: Path):
+    """OS errors inside name ``path`` (a failed flush or fsync names no file): the user is told which file."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None and err.errno is not None:
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that ``path`` holds either the old or the new content, never a part."""
+    with naming(path):
+        _atomic_write(path, data)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -13,7 +13,7 @@ import yaml
 from ddcnn.config import STAGES, Config, dump_config, to_dict
 from ddcnn.errors import CheckpointError, ConfigError
 from ddcnn.files import load_yaml, read_json, read_text
-from ddcnn.train.checkpoint import CheckpointDir, atomic_write_text
+from ddcnn.train.checkpoint import CheckpointDir, atomic_write_text, naming
 from ddcnn.train.runfiles import MARKER as MARKER_SCHEMA
 from ddcnn.train.runfiles import TRAINING_STATE, check_resumable, fix_for
 
@@ -154,7 +154,7 @@ class RunDir:
                 )
 
     def append_metrics(self, record: dict) -> None:
-        with open(self.path / "metrics.jsonl", "a") as f:
+        with naming(self.path / "metrics.jsonl"), open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
