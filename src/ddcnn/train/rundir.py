@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from ddcnn.config import STAGES, Config, dump_config, to_dict
+from ddcnn.config import STAGES, Config, dump_config, from_dict, to_dict
 from ddcnn.errors import CheckpointError, ConfigError
 from ddcnn.files import load_yaml, read_json, read_text
 from ddcnn.train.checkpoint import CheckpointDir, atomic_write_text, naming
@@ -135,6 +135,16 @@ class RunDir:
         if not isinstance(saved, dict):
             raise CheckpointError(f"{str(path)!r} does not hold a config (a mapping of keys to values); "
                                   f"{fix_for('config.yaml')}")
+        # A run writes every section of the resolved config: one that is missing means a file cut short.
+        lacking = [key for key in to_dict(Config()) if key not in saved] or \
+            [f"stages.{s}" for s in STAGES if s not in (saved.get("stages") or {})]
+        if lacking:
+            raise CheckpointError(f"{str(path)!r} is corrupt (it lacks {lacking[0]}, which a run always writes: cut "
+                                  f"short?); {fix_for('config.yaml')}")
+        try:
+            from_dict(saved)
+        except ConfigError as err:
+            raise CheckpointError(f"{str(path)!r} is not a valid config ({err}); {fix_for('config.yaml')}") from None
         return saved
 
     def check_same_config(self, cfg: Config) -> None:
@@ -149,8 +159,9 @@ class RunDir:
             if diff:
                 key, old_value, new_value = diff
                 raise CheckpointError(
-                    f"--resume: {key} was {old_value!r} when the checkpoints were written but is {new_value!r} now; "
-                    f"resume with the run's own config (or start a new run in another --out)"
+                    f"--resume: {key} was {old_value!r} when the checkpoints were written (in "
+                    f"{str(self.path / 'config.yaml')!r}) but is {new_value!r} now; resume with the run's own config "
+                    f"(or start a new run in another --out)"
                 )
 
     def append_metrics(self, record: dict) -> None:

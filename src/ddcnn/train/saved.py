@@ -30,14 +30,9 @@ class SavedRun:
             raise CheckpointError(f"{str(path)!r} is not a ddcnn run directory (no ddcnn-run.json); give the --out "
                                   f"of a `ddcnn run`")
         self.run_dir.read_marker()
-        raw = self.run_dir.read_config()
-        try:
-            self.cfg = from_dict(raw)
-        except ConfigError as err:
-            raise CheckpointError(f"{str(self.run_dir.path / 'config.yaml')!r} is not a valid config ({err}); "
-                                  f"{fix_for('config.yaml')}") from None
-        if device is not None:  # the user's own value: its errors are the user's
-            self.cfg = from_dict({**raw, "device": device})
+        raw = self.run_dir.read_config()  # checked: a valid config
+        # --device is the user's own value: its errors are the user's
+        self.cfg = from_dict(raw if device is None else {**raw, "device": device})
         facts = self.run_dir.read_json("data.json", DATA_FACTS)
         self.classes = list(facts["classes"])
         self.shapes = Shapes(facts["in_channels"], len(self.classes), tuple(facts["image_size"]))
