@@ -88,7 +88,12 @@ def conform(value, schema, where: str = "") -> Any:
     if isinstance(schema, Opt):
         return None if value is None else conform(value, schema.schema, where)
     if isinstance(schema, Check):
-        conform(value, schema.schema, where)
+        try:
+            conform(value, schema.schema, where)
+        except _Mismatch as err:
+            if err.where != at or not err.message.startswith("is "):  # keep 'lacks the key ...' and inner places
+                raise
+            raise _Mismatch(at, f"is {_kind(value)} but must be {schema.what}") from None
         if not schema.test(value):
             shown = repr(value) if len(repr(value)) <= 40 else _kind(value)
             raise _Mismatch(at, f"is {shown} but must be {schema.what}")
