@@ -34,7 +34,7 @@ UNREAD = re.compile(r"(metrics\.jsonl|report\.md|plots/.*\.png|tensorboard/.*)$"
 @pytest.fixture(scope="module", autouse=True)
 def generated_once():
     """The tiny generated datasets, made once per argument set: each command would make them again."""
-    import ddcnn.data.select as select
+    import ddcnn.data.datasets as select
 
     real = select.make_generated
     cached = functools.lru_cache(maxsize=8)(lambda *args, **kwargs: real(*args, **kwargs))

@@ -53,8 +53,10 @@ def weight_shapes(stage: str, model: nn.Module) -> dict[str, tuple]:
 
 def meta_model(models, stage: str) -> nn.Module:
     """``stage``'s model on the meta device; a model too large even to describe is a ConfigError."""
+    # Building seeds torch's global generators: a check before training must leave them as they were.
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     try:
-        with torch.device("meta"):
+        with torch.random.fork_rng(devices=cuda), torch.device("meta"):
             return stage_model(models, stage)
     except DDCNNError:
         raise

@@ -159,9 +159,8 @@ class RunDir:
             if diff:
                 key, old_value, new_value = diff
                 raise CheckpointError(
-                    f"--resume: {key} was {old_value!r} when the checkpoints were written (in "
-                    f"{str(self.path / 'config.yaml')!r}) but is {new_value!r} now; resume with the run's own config "
-                    f"(or start a new run in another --out)"
+                    f"--resume: {key} was {old_value!r} when the checkpoints were written but is {new_value!r} now; "
+                    f"resume with the run's own config (or start a new run in another --out)"
                 )
 
     def append_metrics(self, record: dict) -> None:

@@ -65,9 +65,9 @@ def fix_for(name: str) -> str:
     return "restore it, or start the run over with --force"
 
 
-def check_stage_settings(stage: str, state: dict, cfg: Config) -> None:
-    """A checkpointed stage keeps the settings its schedule, data order and optimizer state depend on."""
-    settings = cfg.stages.get(stage)
+def check_stage_settings(stage: str, state: dict, settings) -> None:
+    """A checkpointed stage keeps the settings (a StageConfig) its schedule, data order and optimizer state depend
+    on. (``ddcnn.train.loop.fit`` makes the same check when it loads the stage: it can call this.)"""
     for key in ("epochs", "batch_size", "optimizer"):
         if state.get(key, getattr(settings, key)) != getattr(settings, key):
             raise CheckpointError(
@@ -115,4 +115,4 @@ def check_resumable(run_dir, cfg: Config, models=None) -> None:
     states = check_checkpoints(run_dir, cfg, models)
     for stage, state in states.items():
         if cfg.stages.get(stage).enabled:
-            check_stage_settings(stage, state, cfg)
+            check_stage_settings(stage, state, cfg.stages.get(stage))
