@@ -290,7 +290,7 @@ CLI_CASES = [
     Case("evaluate-corrupt-manifest", ["evaluate", "run_manifest"], CheckpointError,
          ["run_manifest/checkpoints/global.json", "corrupt", "delete it"]),
     Case("evaluate-damaged-data-json", ["evaluate", "run_facts"], CheckpointError,
-         ["run_facts/data.json", "rerun the experiment"]),
+         ["run_facts/data.json", "lacks the key 'classes'", "--resume the run"]),
     Case("evaluate-damaged-config", ["evaluate", "run_config", "--device", "cpu"], CheckpointError,
          ["run_config/config.yaml", "restore"]),
     # 13. NaN / Inf

@@ -305,7 +305,9 @@ def test_resume_removes_what_a_kill_left_behind(tmp_path, tiny_config):
     cfg = tiny_config()
     run = RunDir(tmp_path / "run")
     run.prepare(cfg, resume=False, force=False)
-    run.checkpoints.save("global", "e1", {"w": torch.ones(2)}, {"epoch": 1}, optimizer=None)
+    state = {"epoch": 1, "seconds": 0.5, "done": False, "step": 5,  # the state ddcnn.train.loop.fit saves
+             "history": [{"epoch": 1, "train_loss": 1.0, "train_accuracy": 0.5, "lr": 1e-3, "seconds": 0.5}]}
+    run.checkpoints.save("global", "e1", {"w": torch.ones(2)}, state, optimizer=None)
     kept = sorted(p.name for p in run.checkpoints.root.iterdir())
     (run.checkpoints.root / "global-e0.weights.safetensors").write_bytes(b"old version")
     (run.checkpoints.root / ".global-e2.weights.safetensors.ab12cd34.tmp").write_bytes(b"half")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import shlex
 import sys
 from pathlib import Path
 
 from ddcnn.errors import DDCNNError
+from ddcnn.paths import user_path
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,8 +63,9 @@ def cmd_run(args) -> int:
     if args.resume and args.force:
         raise ConfigError("--resume continues the run in --out and --force starts it over: give one of them")
 
-    cfg = load_config(args.config, args.overrides)
-    out = Path(args.out or Path("runs") / cfg.name)
+    cfg = load_config(user_path(args.config, "the config file"), args.overrides)
+    out = user_path(args.out, "--out") if args.out else user_path(Path("runs") / cfg.name, "the run directory "
+                                                                 "runs/NAME (from the config's name)")
     command = "ddcnn " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     results = Experiment(cfg, out, resume=args.resume, force=args.force, command=command,
                          verbose=not args.quiet).run()
@@ -76,16 +79,19 @@ def cmd_evaluate(args) -> int:
     from ddcnn.report import format_table
     from ddcnn.train.evaluate import evaluate_run
 
-    results = evaluate_run(args.run_dir, device=args.device)
+    run_dir = user_path(args.run_dir, "the run directory")
+    results = evaluate_run(run_dir, device=args.device)
     print(format_table(results))
-    print(f"written: {Path(args.run_dir) / 'evaluation.json'}")
+    print(f"written: {run_dir / 'evaluation.json'}")
     return 0
 
 
 def cmd_predict(args) -> int:
     from ddcnn.train.evaluate import predict_files
 
-    for line in predict_files(args.run_dir, args.files, strategy=args.strategy, device=args.device):
+    files = [str(user_path(f, "the file")) for f in args.files]
+    for line in predict_files(user_path(args.run_dir, "the run directory"), files, strategy=args.strategy,
+                              device=args.device):
         print(line)
     return 0
 
@@ -94,16 +100,30 @@ def cmd_show(args) -> int:
     from ddcnn.config import load_config
     from ddcnn.describe import describe
 
-    cfg = load_config(args.config, args.overrides)
-    print(describe(cfg, Path(args.png)))
+    cfg = load_config(user_path(args.config, "the config file"), args.overrides)
+    print(describe(cfg, user_path(args.png, "--png")))
     return 0
 
 
 def cmd_data(args) -> int:
     from ddcnn.data.fetch import fetch
 
-    print(fetch(args.name, args.dir))
+    print(fetch(args.name, user_path(args.dir, "--dir") if args.dir is not None else None))
     return 0
+
+
+def _error(message: str) -> int:
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    print(f"ddcnn: error: {' '.join(lines)}", file=sys.stderr)  # one line, whatever the message held
+    return 2
+
+
+def _silence_stdout() -> None:
+    """Point standard output at /dev/null, so that the flush at exit cannot fail a second time."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # not a real file (a test's capture): nothing to flush at exit
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,17 +132,28 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args([a for a in argv if a != "--debug"])
     handlers = {"run": cmd_run, "evaluate": cmd_evaluate, "predict": cmd_predict, "show": cmd_show,
                 "data": cmd_data}
+    debug = debug or os.environ.get("DDCNN_DEBUG", "0") not in ("", "0")
     try:
-        return handlers[args.command](args)
+        status = handlers[args.command](args)
+        sys.stdout.flush()  # here, not at exit: a full disk or a closed pipe is then one of the cases below
+        return status
     except DDCNNError as err:
-        if debug or os.environ.get("DDCNN_DEBUG", "0") not in ("", "0"):
+        if debug:
             raise
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        print(f"ddcnn: error: {' '.join(lines)}", file=sys.stderr)  # one line, whatever the message held
-        return 2
+        return _error(str(err))
     except BrokenPipeError:  # the output went to a pipe that closed early (e.g. `| head`)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _silence_stdout()
         return 0
+    except OSError as err:  # the operating system refused: a full disk, a read-only or vanished folder...
+        if debug:
+            raise
+        if err.filename is None:  # a write to standard output (the only file ddcnn does not name)
+            _silence_stdout()
+            return _error(f"cannot write the output ({err.strerror or err}); free space on the device it goes to, "
+                          f"or send it elsewhere")
+        fix = "free some space on that device (a stopped run continues with --resume)" \
+            if err.errno in (errno.ENOSPC, errno.EDQUOT) else "check that path, or choose another --out"
+        return _error(f"{err.filename}: {err.strerror or err}; {fix}")
     except KeyboardInterrupt:
         print("ddcnn: interrupted; continue with --resume", file=sys.stderr)
         return 130

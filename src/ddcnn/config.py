@@ -21,6 +21,7 @@ from typing import Any, Union
 import yaml
 
 from ddcnn.errors import ConfigError, did_you_mean
+from ddcnn.files import load_yaml
 
 STAGES = ("global", "local", "combine", "coherent", "transfer")
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "image-folder", "volume-folder", "generated")
@@ -171,6 +172,9 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key} = {value!r} must be a whole number")
+        if not -(2**63) <= value < 2**63:  # torch and numpy hold 64-bit integers: seeds, sizes, counts
+            raise ConfigError(f"{key} = {value} is too large: whole numbers must be below 2**63 "
+                              f"(9223372036854775808) in size")
         return value
     if annotation is float:
         if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string: accept what float() accepts
@@ -242,7 +246,7 @@ def parse_set(expression: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"--set {expression!r} has an empty key; write it as key=value, e.g. seed=1")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw, f"--set {expression!r}") if raw.strip() else None
     except yaml.YAMLError:
         raise ConfigError(f"--set {expression!r}: the value {raw!r} is not a valid YAML value") from None
     return key.split("."), value
@@ -373,11 +377,14 @@ def from_dict(data: dict, overrides: list[str] | None = None) -> Config:
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read a YAML config, apply ``--set`` overrides, check it."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a folder; give the path of a YAML file such as "
+                          f"configs/fashion_mnist_2x2.yaml")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; give the path of a YAML file such as "
                           f"configs/fashion_mnist_2x2.yaml")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text(), f"config file {str(path)!r}")
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""

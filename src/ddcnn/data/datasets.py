@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from ddcnn.data.readers import (
     load_volume_folder,
 )
 from ddcnn.errors import ConfigError, DataError, DataNotFoundError, ShapeError
+from ddcnn.paths import user_path
 
 
 def _root(data, name: str):
@@ -49,6 +51,11 @@ def _limit(ds: ImageDataset, limit: int | None, sorted_by_class: bool, seed: int
 def load_datasets(data) -> tuple[ImageDataset, ImageDataset]:
     """``(train, test)`` for a :class:`~ddcnn.config.DataConfig`; image and volume folders are split by
     ``test_fraction`` (stratified, ``split_seed``) since they ship no test set."""
+    from ddcnn.train.budget import check_data_size
+
+    if data.root is not None:  # '~' read as everywhere else, and impossible paths refused, before any search
+        data = dataclasses.replace(data, root=str(user_path(data.root, "data.root")))
+    check_data_size(data)
     name = data.name
     if data.class_map and name != "volume-folder":
         raise ConfigError(f"data.class_map merges class folders of a volume-folder dataset; data.name = {name!r} "

@@ -354,6 +354,9 @@ def _read_volume(path: Path) -> np.ndarray:
             vol = vol.transpose(2, 1, 0)
     if vol.ndim != 3:
         raise DataError(f"{path} holds a {vol.ndim}-D array of shape {vol.shape}; a volume must be 3-D.")
+    if 0 in vol.shape:
+        raise DataError(f"{path} holds an empty volume of shape {vol.shape} (an axis of length 0); replace or "
+                        f"remove the file.")
     if not (np.issubdtype(vol.dtype, np.number) or vol.dtype == np.bool_) or np.iscomplexobj(vol):
         raise DataError(f"{path} holds {vol.dtype} values; a volume must hold real numbers.")
     return np.ascontiguousarray(vol, dtype=np.float32)
@@ -423,6 +426,11 @@ def read_image_file(path, size=None, channels: int | None = None) -> torch.Tenso
             raise DataError(f"{path} cannot be read as a .npy array ({e}).") from e
         if not isinstance(arr, np.ndarray) or arr.ndim not in (2, 3) or not np.issubdtype(arr.dtype, np.number):
             raise DataError(f"{path} must hold a numeric (H, W) or (C, H, W) array.")
+        if np.iscomplexobj(arr):
+            raise DataError(f"{path} holds complex numbers ({arr.dtype}); give real pixel values (e.g. the "
+                            f"magnitude, numpy.abs).")
+        if 0 in arr.shape:
+            raise DataError(f"{path} holds an empty array of shape {arr.shape} (an axis of length 0); give an image.")
         if arr.dtype == np.uint16:  # 16-bit pixels: to [0, 1], the scale 8-bit pixels get
             return torch.from_numpy(arr.astype(np.float32) / 65535.0)
         if np.issubdtype(arr.dtype, np.integer):  # 8-bit pixels, whatever the integer type: to_float scales by 1/255

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -181,26 +182,40 @@ def write_report(
         lines += _local_section(local, decomposition, plots, run_dir)
 
     if metrics:
-        path = plot_learning_curves(metrics, plots / "learning_curves.png")
-        lines += ["", "## Learning curves", "", f"![learning curves]({_relative(path, run_dir)})"]
+        lines += ["", "## Learning curves", "",
+                  _figure("learning curves", run_dir, plot_learning_curves, metrics, plots / "learning_curves.png")]
 
     if sample_image is not None and decomposition is not None:
-        path = plot_decomposition(sample_image, decomposition, plots / "decomposition.png")
-        lines += ["", "## Decomposition", "", f"![decomposition of a sample image]({_relative(path, run_dir)})"]
+        lines += ["", "## Decomposition", "",
+                  _figure("decomposition of a sample image", run_dir, plot_decomposition, sample_image, decomposition,
+                          plots / "decomposition.png")]
 
     confusion = results.get("confusion_matrix")
     if confusion and confusion.get("matrix"):
         label = _strategy_label(confusion.get("strategy") or best or "")
-        path = plot_confusion_matrix(
-            confusion["matrix"], _class_names(results, len(confusion["matrix"])), plots / "confusion_matrix.png",
-            title=f"confusion matrix: {label} (test set)" if label else "confusion matrix (test set)",
-        )
         heading = f"## Confusion matrix ({_md_cell(label)})" if label else "## Confusion matrix"
-        lines += ["", heading, "", f"![confusion matrix]({_relative(path, run_dir)})"]
+        lines += ["", heading, "", _figure(
+            "confusion matrix", run_dir, plot_confusion_matrix, confusion["matrix"],
+            _class_names(results, len(confusion["matrix"])), plots / "confusion_matrix.png",
+            title=f"confusion matrix: {label} (test set)" if label else "confusion matrix (test set)",
+        )]
 
     report = run_dir / "report.md"
     report.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return report
+
+
+def _figure(what: str, run_dir: Path, plot, *args, **kwargs) -> str:
+    """The Markdown image of ``plot(*args, **kwargs)``; a plot that fails is a warning and a note in the report,
+    never the loss of a finished run's report."""
+    try:
+        path = plot(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001 - matplotlib and fonts can fail in many ways; the numbers stand
+        reason = (str(err).strip().splitlines() or [""])[0]
+        message = f"the plot '{what}' could not be drawn ({type(err).__name__}: {reason})"
+        print(f"ddcnn: warning: {message}; the report is written without it", file=sys.stderr)
+        return f"({_md_cell(message)}.)"
+    return f"![{what}]({_relative(path, run_dir)})"
 
 
 def _class_names(results: Mapping, k: int) -> list[str]:
@@ -266,8 +281,8 @@ def _local_section(local: Mapping, decomposition: Decomposition | None, plots: P
         if decomposition is not None and decomposition.n_subdomains == len(test) and all(
             v is not None for v in test
         ):
-            path = plot_subdomain_heatmap(test, decomposition, plots / "local_accuracy.png")
-            lines += ["", f"![test accuracy per subdomain]({_relative(path, run_dir)})"]
+            lines += ["", _figure("test accuracy per subdomain", run_dir, plot_subdomain_heatmap, test,
+                                  decomposition, plots / "local_accuracy.png")]
         elif decomposition is not None and decomposition.n_subdomains != len(test):
             lines += ["", f"(No heat map: {len(test)} accuracies for {decomposition.n_subdomains} subdomains.)"]
     return lines

@@ -287,8 +287,10 @@ def plot_confusion_matrix(matrix, classes: Sequence[str] | None, path, title: st
                 ax.text(c, r, text, ha="center", va="center", fontsize=fontsize,
                         color=_text_colour(cmap, float(share[r, c])))
     labelsize = max(4.0, min(10.0, 200.0 / k))
-    ax.set_xticks(range(k), classes, rotation=45, ha="right", rotation_mode="anchor", fontsize=labelsize)
-    ax.set_yticks(range(k), classes, fontsize=labelsize)
+    # Class names are the user's folder names: '$' or '\\' in them must not be read as mathtext.
+    ax.set_xticks(range(k), classes, rotation=45, ha="right", rotation_mode="anchor", fontsize=labelsize,
+                  parse_math=False)
+    ax.set_yticks(range(k), classes, fontsize=labelsize, parse_math=False)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(title)

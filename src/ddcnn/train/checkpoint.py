@@ -9,9 +9,11 @@ previous manifest pointing at complete files, and a file damaged later is detect
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,14 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from ddcnn.errors import CheckpointError
+from ddcnn.files import Check, MapOf, Opt, read_bytes, read_json
+
+# A bare file name inside checkpoints/: a manifest never reaches (or deletes) other files.
+_FILE_NAME = Check(str, lambda n: n == Path(n).name and n.endswith(".safetensors") and not n.startswith(".")
+                   and "\0" not in n, "a file name in checkpoints/ ending in .safetensors")
+_FILE = {"file": _FILE_NAME, "sha256": Check(str, lambda h: re.fullmatch("[0-9a-f]{64}", h) is not None,
+                                             "a SHA-256 in hexadecimal")}
+_OPTIMIZER_META = {"param_groups": [MapOf(Any)], "state": MapOf(MapOf(Any))}
 
 
 def _umask() -> int:
@@ -30,8 +40,24 @@ def _umask() -> int:
     return mask
 
 
+@contextlib.contextmanager
+def naming(path: Path):
+    """OS errors inside name ``path`` (a failed flush or fsync names no file): the user is told which file."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None and err.errno is not None:
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that ``path`` holds either the old or the new content, never a part."""
+    with naming(path):
+        _atomic_write(path, data)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -87,14 +113,18 @@ def _sha256(data: bytes) -> str:
 class CheckpointDir:
     """The ``checkpoints/`` folder of a run."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, state_schema=Any):
+        """``state_schema``: what the stage's state in every manifest must look like (see :mod:`ddcnn.files`)."""
         self.root = Path(root)
+        self.schema = {"stage": str, "tag": str, "files": {"weights": _FILE, "optimizer?": _FILE},
+                       "state": state_schema, "optimizer_meta": Opt(_OPTIMIZER_META)}
 
     def manifest_path(self, stage: str) -> Path:
         return self.root / f"{stage}.json"
 
     def has(self, stage: str) -> bool:
-        return self.manifest_path(stage).is_file()
+        """Whether ``stage`` has a manifest (a folder in its place counts: reading it says what is wrong)."""
+        return self.manifest_path(stage).exists()
 
     def save(self, stage: str, tag: str, weights: dict[str, torch.Tensor], state: dict[str, Any],
              optimizer: dict | None = None) -> None:
@@ -121,36 +151,35 @@ class CheckpointDir:
                     (self.root / entry["file"]).unlink(missing_ok=True)
 
     def _read_manifest(self, stage: str) -> dict:
+        """The manifest of ``stage``, checked: the one reader of manifests (loading, resuming, cleaning up)."""
         path = self.manifest_path(stage)
-        try:
-            manifest = json.loads(path.read_text())
-            if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-                raise ValueError
-            for entry in manifest["files"].values():
-                # a bare file name inside checkpoints/: the manifest never reaches (or deletes) other files
-                name = entry.get("file") if isinstance(entry, dict) else None
-                if not (isinstance(name, str) and name == Path(name).name and name.endswith(".safetensors")
-                        and not name.startswith(".") and isinstance(entry.get("sha256"), str)):
-                    raise ValueError
-        except (ValueError, UnicodeDecodeError):
-            raise CheckpointError(f"checkpoint manifest {str(path)!r} is corrupt; delete it to restart the "
-                                  f"{stage!r} stage, or the run directory to start over") from None
+        fix = f"delete it to restart the {stage!r} stage, or the run directory to start over"
+        manifest = read_json(path, self.schema, fix)
+        if manifest["stage"] != stage:
+            raise CheckpointError(f"checkpoint manifest {str(path)!r} is corrupt: it describes stage "
+                                  f"{manifest['stage']!r}; {fix}")
+        if ("optimizer" in manifest["files"]) != (manifest["optimizer_meta"] is not None):
+            raise CheckpointError(f"checkpoint manifest {str(path)!r} is corrupt: optimizer file and optimizer_meta "
+                                  f"do not go together; {fix}")
         return manifest
+
+    def named_files(self, stage: str) -> set[str]:
+        """The files the (valid) manifest of ``stage`` keeps."""
+        return {entry["file"] for entry in self._read_manifest(stage)["files"].values()}
 
     def _read_tensors(self, stage: str, entry: dict) -> dict[str, torch.Tensor]:
         path = self.root / entry["file"]
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint file {str(path)!r} of stage {stage!r} is missing; delete "
-                                  f"{str(self.manifest_path(stage))!r} to restart that stage")
-        data = path.read_bytes()
+        restart = f"delete {str(self.manifest_path(stage))!r} to restart the {stage!r} stage"
+        if not path.exists() and not path.is_symlink():
+            raise CheckpointError(f"checkpoint file {str(path)!r} of stage {stage!r} is missing; {restart}")
+        data = read_bytes(path, restart)
         if _sha256(data) != entry["sha256"]:
             raise CheckpointError(f"checkpoint file {str(path)!r} is truncated or corrupted (its SHA-256 does not "
-                                  f"match the manifest); delete {str(self.manifest_path(stage))!r} to restart the "
-                                  f"{stage!r} stage")
+                                  f"match the manifest); {restart}")
         try:
             return load_safetensors(data)
-        except SafetensorError:
-            raise CheckpointError(f"checkpoint file {str(path)!r} is not a valid safetensors file") from None
+        except (SafetensorError, ValueError, RuntimeError):
+            raise CheckpointError(f"checkpoint file {str(path)!r} is not a valid safetensors file; {restart}") from None
 
     def load(self, stage: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict | None]:
         """``(weights, state, optimizer_state_dict or None)`` of the stage's last checkpoint."""
@@ -159,8 +188,35 @@ class CheckpointDir:
         optimizer = None
         if "optimizer" in manifest["files"]:
             tensors = self._read_tensors(stage, manifest["files"]["optimizer"])
-            optimizer = _unflatten_optimizer(tensors, manifest["optimizer_meta"])
+            try:
+                optimizer = _unflatten_optimizer(tensors, manifest["optimizer_meta"])
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(
+                    f"checkpoint manifest {str(self.manifest_path(stage))!r} is corrupt: its optimizer_meta does not "
+                    f"match {manifest['files']['optimizer']['file']!r}; delete it to restart the {stage!r} stage"
+                ) from None
         return weights, manifest["state"], optimizer
+
+    def check_weights(self, stage: str, weights: dict[str, torch.Tensor], expected: dict[str, tuple]) -> None:
+        """Refuse ``weights`` (of ``stage``'s checkpoint) whose names or shapes differ from ``expected``, the
+        model's ``{name: shape}``: weights of another stage or config, even with a matching SHA-256."""
+        problem = None
+        missing = [k for k in expected if k not in weights]
+        extra = [k for k in weights if k not in expected]
+        if missing:
+            problem = f"it lacks {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+        elif extra:
+            problem = f"it holds {extra[0]!r}, which the model has not"
+        else:
+            for key, shape in expected.items():
+                if tuple(weights[key].shape) != tuple(shape):
+                    problem = f"{key!r} is {list(weights[key].shape)} but the model's is {list(shape)}"
+                    break
+        if problem:
+            name = self._read_manifest(stage)["files"]["weights"]["file"]
+            raise CheckpointError(f"checkpoint file {str(self.root / name)!r} does not hold the weights of the "
+                                  f"{stage!r} model that config.yaml describes ({problem}); restore the run's own "
+                                  f"files, or delete {str(self.manifest_path(stage))!r} to restart that stage")
 
     def state(self, stage: str) -> dict[str, Any]:
         return self._read_manifest(stage)["state"]

@@ -16,6 +16,7 @@ from ddcnn.data.loading import Augment, Normalizer, make_batches, split_dataset
 from ddcnn.data.readers import ImageDataset
 from ddcnn.errors import ConfigError
 from ddcnn.train import distributed
+from ddcnn.train.budget import check_budget
 from ddcnn.train.build import Models, Shapes
 from ddcnn.train.distributed import DataParallelSync, DistEnv
 from ddcnn.train.loop import StageSpec, Sync
@@ -143,6 +144,7 @@ def build_context(cfg: Config, run_dir: RunDir, runtime: Runtime, env: DistEnv, 
     classes = list(train_full.classes)
     shapes = Shapes(train.in_channels, len(classes), train.image_size)
     models = Models(cfg, shapes)
+    check_budget(cfg, models, runtime.device, len(train), env.world)  # every model built (on meta) and sized
     sharded = [stage for stage in STAGES if cfg.stages.get(stage).enabled and (
         stage == "local" or (stage in PARALLEL and (cfg.stages.get(stage).parallel or PARALLEL[stage][0]) == "model"))]
     if env.enabled and sharded and env.world > models.n_local:
@@ -156,7 +158,7 @@ def build_context(cfg: Config, run_dir: RunDir, runtime: Runtime, env: DistEnv, 
     normalizer = Normalizer.fit(train.images)
     distributed.init(env, runtime.device.type)
     if env.is_main:
-        run_dir.prepare(cfg, resume, force, launch=distributed.launch_id())
+        run_dir.prepare(cfg, resume, force, launch=distributed.launch_id(), models=models)
         run_dir.write_json("data.json", {
             "classes": classes, "in_channels": shapes.in_channels, "image_size": list(shapes.image_size),
             "normalizer": normalizer.state_dict(), "train": len(train), "val": len(val), "test": len(test),

@@ -20,11 +20,7 @@ def evaluate_run(run_dir, device: str | None = None) -> dict:
     run = SavedRun(run_dir, device)
     _, test = load_datasets(run.cfg.data)
     images, labels = to_float(test.images), test.labels
-    previous = {}
-    try:
-        previous = run.run_dir.read_json("results.json")
-    except Exception:  # noqa: BLE001 - the evaluation stands on its own without results.json
-        pass
+    previous = run.best or {}  # the evaluation stands on its own without results.json
     strategies = {}
     for name, fn in run.strategies().items():
         scores, _ = run.run_batches(fn, images)

@@ -6,12 +6,16 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from ddcnn.config import Config, dump_config, to_dict
+from ddcnn.config import STAGES, Config, dump_config, from_dict, to_dict
 from ddcnn.errors import CheckpointError, ConfigError
-from ddcnn.train.checkpoint import CheckpointDir, atomic_write_text
+from ddcnn.files import load_yaml, read_json, read_text
+from ddcnn.train.checkpoint import CheckpointDir, atomic_write_text, naming
+from ddcnn.train.runfiles import MARKER as MARKER_SCHEMA
+from ddcnn.train.runfiles import TRAINING_STATE, check_resumable, fix_for
 
 MARKER = "ddcnn-run.json"
 # Settings that the saved weights depend on: a resumed run must not change them.
@@ -28,24 +32,29 @@ class RunDir:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.checkpoints = CheckpointDir(self.path / "checkpoints")
+        self.checkpoints = CheckpointDir(self.path / "checkpoints", state_schema=TRAINING_STATE)
 
     @property
     def is_run(self) -> bool:
-        return (self.path / MARKER).is_file()
+        return (self.path / MARKER).exists()  # a damaged marker is still one: reading it says what is wrong
+
+    def read_marker(self) -> dict:
+        return self.read_json(MARKER, MARKER_SCHEMA)
 
     def launched_by(self, launch: str | None) -> bool:
         """Whether the run here was started by the torchrun launch ``launch`` (then a restarted worker resumes)."""
         if launch is None or not self.is_run:
             return False
         try:
-            return json.loads((self.path / MARKER).read_text()).get("launch") == launch
-        except (OSError, ValueError, AttributeError):
+            return self.read_marker().get("launch") == launch
+        except CheckpointError:
             return False
 
-    def prepare(self, cfg: Config, resume: bool, force: bool, launch: str | None = None) -> None:
+    def prepare(self, cfg: Config, resume: bool, force: bool, launch: str | None = None, models=None) -> None:
         """Create, resume or (with ``force``) restart the run in this directory; refuse anything surprising.
-        ``launch`` (torchrun's run id) is recorded so that only a restart of the same launch resumes by itself."""
+        ``launch`` (torchrun's run id) is recorded so that only a restart of the same launch resumes by itself.
+        A resumed run is checked whole first (with ``models``, the checkpoints' shapes too): a refused
+        ``--resume`` leaves every file as it was."""
         path = self.path
         if path.exists() and not path.is_dir():
             raise ConfigError(f"output directory {str(path)!r} is a file; choose another --out")
@@ -55,7 +64,7 @@ class RunDir:
                     "with --force instead of --resume (ddcnn replaces only the files a run writes)"
                 raise CheckpointError(f"--resume: {str(path)!r} holds no ddcnn run (a run killed before it began "
                                       f"leaves none); start it {how}")
-            self._check_same_config(cfg)
+            check_resumable(self, cfg, models)
             self._remove_leftovers()
         elif path.exists() and any(path.iterdir()):
             if not force:
@@ -65,13 +74,17 @@ class RunDir:
                 raise ConfigError(f"output directory {str(path)!r} already holds files that are not a ddcnn run; use "
                                   f"--force to start a run there anyway (only the files a run writes are replaced), "
                                   f"or choose another --out")
-            for name in OUTPUTS:  # only what a run writes; other files stay
-                target = path / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
-            self._remove_temporary_files()
+            try:
+                for name in OUTPUTS:  # only what a run writes; other files stay
+                    target = path / name
+                    if target.is_dir() and not target.is_symlink():
+                        shutil.rmtree(target)
+                    elif target.exists() or target.is_symlink():
+                        target.unlink()
+                self._remove_temporary_files()
+            except OSError as err:
+                raise ConfigError(f"--force: cannot remove {err.filename or str(path)!r} ({err.strerror}); remove "
+                                  f"it yourself or choose another --out") from None
         try:
             path.mkdir(parents=True, exist_ok=True)
             probe = path / ".write-test"
@@ -87,21 +100,20 @@ class RunDir:
 
     def _remove_leftovers(self) -> None:
         """After a kill: delete temporary files of interrupted writes, and checkpoint files that no manifest names
-        (a kill between writing a manifest and deleting the previous version's files). Nothing else is touched."""
+        (a kill between writing a manifest and deleting the previous version's files). Nothing else is touched:
+        a stage's files are read through the one manifest reader loading uses (already checked by
+        :func:`check_resumable`), and only files of that stage's own name that its manifest does not keep go."""
         self._remove_temporary_files()
         (self.path / ".write-test").unlink(missing_ok=True)
         root = self.checkpoints.root
         if not root.is_dir():
             return
-        named = set()
-        for manifest in root.glob("*.json"):
-            try:
-                named.update(entry["file"] for entry in json.loads(manifest.read_text())["files"].values())
-            except (OSError, ValueError, KeyError, TypeError, AttributeError):
-                return  # a damaged manifest: keep every file, loading it will say what is wrong
-        for weights in root.glob("*.safetensors"):
-            if weights.name not in named:
-                weights.unlink(missing_ok=True)
+        kept = {stage: self.checkpoints.named_files(stage) if self.checkpoints.has(stage) else set()
+                for stage in STAGES}
+        for stage, named in kept.items():
+            for weights in root.glob(f"{stage}-*.safetensors"):
+                if weights.name not in named and weights.is_file():
+                    weights.unlink(missing_ok=True)
 
     def _remove_temporary_files(self) -> None:
         """The ``.NAME.XXXXXXXX.tmp`` files that :func:`atomic_write` leaves when the process dies mid-write."""
@@ -112,14 +124,31 @@ class RunDir:
             for tmp in self.checkpoints.root.glob(".*.tmp"):
                 tmp.unlink(missing_ok=True)
 
-    def _check_same_config(self, cfg: Config) -> None:
+    def read_config(self) -> dict:
+        """The run's ``config.yaml`` as plain data (a mapping), or one CheckpointError naming it."""
+        path = self.path / "config.yaml"
+        text = read_text(path, fix_for("config.yaml"))
         try:
-            saved = yaml.safe_load((self.path / "config.yaml").read_text())
-            if not isinstance(saved, dict):
-                raise ValueError
-        except (OSError, ValueError, yaml.YAMLError):
-            raise CheckpointError(f"--resume: {str(self.path / 'config.yaml')!r} is missing or unreadable; restore "
-                                  f"it, or start over with --force") from None
+            saved = load_yaml(text, repr(str(path)), CheckpointError)
+        except yaml.YAMLError:
+            raise CheckpointError(f"{str(path)!r} is corrupt (not valid YAML); {fix_for('config.yaml')}") from None
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"{str(path)!r} does not hold a config (a mapping of keys to values); "
+                                  f"{fix_for('config.yaml')}")
+        # A run writes every section of the resolved config: one that is missing means a file cut short.
+        lacking = [key for key in to_dict(Config()) if key not in saved] or \
+            [f"stages.{s}" for s in STAGES if s not in (saved.get("stages") or {})]
+        if lacking:
+            raise CheckpointError(f"{str(path)!r} is corrupt (it lacks {lacking[0]}, which a run always writes: cut "
+                                  f"short?); {fix_for('config.yaml')}")
+        try:
+            from_dict(saved)
+        except ConfigError as err:
+            raise CheckpointError(f"{str(path)!r} is not a valid config ({err}); {fix_for('config.yaml')}") from None
+        return saved
+
+    def check_same_config(self, cfg: Config) -> None:
+        saved = self.read_config()
         new = to_dict(cfg)
         for key in FREE_DATA_KEYS:  # how the data is fed, not what it is
             for config in (saved, new):
@@ -135,7 +164,7 @@ class RunDir:
                 )
 
     def append_metrics(self, record: dict) -> None:
-        with open(self.path / "metrics.jsonl", "a") as f:
+        with naming(self.path / "metrics.jsonl"), open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -145,11 +174,13 @@ class RunDir:
         if not path.is_file():
             return []
         records = []
-        for line in path.read_text().splitlines():
+        for line in path.read_text(errors="replace").splitlines():
             try:
-                records.append(json.loads(line))
-            except ValueError:
+                record = json.loads(line)
+            except (ValueError, RecursionError):
                 continue  # a line cut by a kill; the checkpointed history is authoritative
+            if isinstance(record, dict):
+                records.append(record)
         return records
 
     def rewrite_metrics(self, records: list[dict]) -> None:
@@ -158,14 +189,15 @@ class RunDir:
     def write_json(self, name: str, data: dict) -> None:
         atomic_write_text(self.path / name, json.dumps(data, indent=2))
 
-    def read_json(self, name: str) -> dict:
+    def read_json(self, name: str, schema=Any, optional: bool = False):
+        """The JSON file ``name`` of the run, checked against ``schema`` (:mod:`ddcnn.files`); a damaged file is a
+        CheckpointError naming it. A missing file is None when ``optional``, else an error too."""
         path = self.path / name
-        if not path.is_file():
+        if not path.exists() and not path.is_symlink():
+            if optional:
+                return None
             raise CheckpointError(f"{str(path)!r} does not exist; is {str(self.path)!r} a finished ddcnn run?")
-        try:
-            return json.loads(path.read_text())
-        except ValueError:
-            raise CheckpointError(f"{str(path)!r} is corrupt; rerun the experiment") from None
+        return read_json(path, schema, fix_for(name))
 
 
 def _first_difference(old, new, key):

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
-from ddcnn.config import from_dict
+from ddcnn.config import STAGES, from_dict
 from ddcnn.data.loading import Normalizer
-from ddcnn.errors import CheckpointError, ConfigError, did_you_mean
+from ddcnn.errors import CheckpointError, ConfigError, DDCNNError, did_you_mean
 from ddcnn.models import CNNDNN, LocalEnsemble
+from ddcnn.train.budget import check_budget, stage_model, weight_shapes
 from ddcnn.train.build import Models, Shapes
 from ddcnn.train.model_parallel import CNNDNNState
 from ddcnn.train.rundir import RunDir
+from ddcnn.train.runfiles import DATA_FACTS, RESULTS, fix_for
 from ddcnn.train.runtime import make_runtime
 from ddcnn.train.strategies import STRATEGIES, predictors
 
@@ -29,49 +29,41 @@ class SavedRun:
         if not self.run_dir.is_run:
             raise CheckpointError(f"{str(path)!r} is not a ddcnn run directory (no ddcnn-run.json); give the --out "
                                   f"of a `ddcnn run`")
-        try:
-            raw = yaml.safe_load((self.run_dir.path / "config.yaml").read_text())
-        except (OSError, yaml.YAMLError):
-            raise CheckpointError(f"{str(path)!r} has no readable config.yaml") from None
-        if not isinstance(raw, dict):
-            raise CheckpointError(f"{str(self.run_dir.path / 'config.yaml')!r} does not hold a config (a mapping of "
-                                  f"keys to values); restore the run's config.yaml or rerun the experiment")
-        if device is not None:
-            raw["device"] = device
-        self.cfg = from_dict(raw)
-        facts = self.run_dir.read_json("data.json")
-        try:
-            self.classes = list(facts["classes"])
-            size = tuple(int(s) for s in facts["image_size"])
-            self.shapes = Shapes(int(facts["in_channels"]), len(self.classes), size)
-            self.normalizer = Normalizer.from_state(facts["normalizer"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{str(self.run_dir.path / 'data.json')!r} lacks the classes, in_channels, "
-                                  f"image_size or normalizer of the run; rerun the experiment (or --resume "
-                                  f"it)") from None
+        self.run_dir.read_marker()
+        raw = self.run_dir.read_config()  # checked: a valid config
+        # --device is the user's own value: its errors are the user's
+        self.cfg = from_dict(raw if device is None else {**raw, "device": device})
+        facts = self.run_dir.read_json("data.json", DATA_FACTS)
+        self.classes = list(facts["classes"])
+        self.shapes = Shapes(facts["in_channels"], len(self.classes), tuple(facts["image_size"]))
+        if len(facts["normalizer"]["mean"]) != facts["in_channels"] or \
+                len(facts["normalizer"]["std"]) != facts["in_channels"]:
+            raise CheckpointError(f"{str(self.run_dir.path / 'data.json')!r} is corrupt (its normalizer does not have "
+                                  f"one mean and std per channel); {fix_for('data.json')}")
+        self.normalizer = Normalizer.from_state(facts["normalizer"])
+        self.best = self.run_dir.read_json("results.json", RESULTS, optional=True)
         self.runtime = make_runtime(self.cfg)
-        self.models = Models(self.cfg, self.shapes)
+        try:
+            self.models = Models(self.cfg, self.shapes)
+        except DDCNNError as err:
+            raise CheckpointError(f"{str(self.run_dir.path / 'config.yaml')!r} does not fit the run's data.json "
+                                  f"({err}); {fix_for('config.yaml')}") from None
         self.decomposition = self.models.decomposition
-        self.trained: dict[str, nn.Module] = {}
-        builders: dict[str, Callable[[], nn.Module]] = {
-            "global": self.models.global_cnn, "local": self.models.ensemble, "combine": self.models.dnn,
-            "coherent": lambda: self.models.cnn_dnn("coherent"), "transfer": lambda: self.models.cnn_dnn("transfer")}
         ckpt = self.run_dir.checkpoints
-        for stage, build in builders.items():
-            if not ckpt.has(stage) or not ckpt.state(stage).get("done"):
-                continue
+        done = [stage for stage in STAGES if ckpt.has(stage) and ckpt.state(stage)["done"]]
+        check_budget(self.cfg, self.models, self.runtime.device, training=False, stages=done)
+        self.trained: dict[str, nn.Module] = {}
+        for stage in done:
             weights, _, _ = ckpt.load(stage)
-            model = build()
-            try:  # the local CNNs in the stacked layout, whatever the backend and the number of processes
-                if isinstance(model, LocalEnsemble):
-                    model.load_stacked_state_dict(weights)
-                elif isinstance(model, CNNDNN):
-                    CNNDNNState(model).load_weights(weights)
-                else:
-                    model.load_state_dict(weights)
-            except RuntimeError:
-                raise CheckpointError(f"the {stage!r} checkpoint of {str(path)!r} does not fit the model its "
-                                      f"config.yaml describes; was config.yaml edited after the run?") from None
+            model = stage_model(self.models, stage)
+            ckpt.check_weights(stage, weights, weight_shapes(stage, model))
+            # the local CNNs in the stacked layout, whatever the backend and the number of processes
+            if isinstance(model, LocalEnsemble):
+                model.load_stacked_state_dict(weights)
+            elif isinstance(model, CNNDNN):
+                CNNDNNState(model).load_weights(weights)
+            else:
+                model.load_state_dict(weights)
             self.trained[stage] = model.to(self.runtime.device).eval()
         if not self.trained:
             raise CheckpointError(f"{str(path)!r} has no finished stage to evaluate; run (or --resume) it first")
@@ -84,10 +76,8 @@ class SavedRun:
         """The named strategy's function, or the best one of results.json (else the first available)."""
         available = self.strategies()
         if name is None:
-            try:
-                name = self.run_dir.read_json("results.json")["best_strategy"]
-            except (CheckpointError, KeyError):
-                name = next(iter(available))
+            best = (self.best or {}).get("best_strategy")
+            name = best if best in available else next(iter(available))
         if name not in available:
             if name not in STRATEGIES:
                 raise ConfigError(f"unknown strategy {name!r}{did_you_mean(str(name), STRATEGIES)}; this run has: "

@@ -23,6 +23,7 @@ from ddcnn.train.context import Context, StageResult
 from ddcnn.train.distributed import EnsembleSaver, ShardSync
 from ddcnn.train.loop import Sync, fit
 from ddcnn.train.model_parallel import CNNDNNState, ModelParallelSync, ShardedCNNDNN
+from ddcnn.train.runfiles import LOCAL_TIMING
 from ddcnn.train.timing import critical_path
 
 Done = Mapping[str, StageResult]
@@ -68,7 +69,7 @@ def train_local(ctx: Context, done: Done) -> StageResult:
     spec = ctx.spec("local", clip=ensemble.clip_grad_norm_, loss_scale=1 / ctx.n_local, saver=saver,
                     sync=ShardSync(ctx.env))
     state = fit(spec, ensemble, loss_fn, batches, evaluate)
-    timing = _read_json_if_present(ctx, "local_timing.json")
+    timing = ctx.run_dir.read_json("local_timing.json", LOCAL_TIMING, optional=True)
     if timing is None:
         timing = critical_path(ensemble, batches, ctx.decomposition.split, ctx.cfg.stages.local, ctx.runtime,
                                ctx.env, state["seconds"])
@@ -181,9 +182,6 @@ def train_transfer(ctx: Context, done: Done) -> StageResult:
                                         hidden=c.hidden, activation=c.activation, dropout=c.dropout)
     return _train_cnn_dnn(ctx, "transfer", ensemble, combiner, {"initialised_from": ("combine",) if use_dnn else ()})
 
-
-def _read_json_if_present(ctx: Context, name: str) -> dict | None:
-    return ctx.run_dir.read_json(name) if (ctx.run_dir.path / name).is_file() else None
 
 
 STAGES: dict[str, Callable[[Context, Done], StageResult]] = {

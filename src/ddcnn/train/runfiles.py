@@ -1,0 +1,118 @@
+"""The schema of every file a run directory holds, and the check of a whole run directory before ``--resume``.
+
+Each file is read back through :func:`ddcnn.files.read_json` with its schema below, so a damaged file is one
+:class:`~ddcnn.errors.CheckpointError` that names it and what is wrong, wherever it is read (``evaluate``,
+``predict``, ``--resume``). :func:`check_resumable` reads everything a resumed run will read, before the run
+directory is touched: a refused ``--resume`` leaves every file as it was.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ddcnn.config import STAGES, Config
+from ddcnn.errors import CheckpointError
+from ddcnn.files import Check, MapOf, Opt
+
+POSITIVE = Check(int, lambda v: v > 0, "a positive whole number")
+COUNT = Check(int, lambda v: v >= 0, "a whole number >= 0")
+SECONDS = Check(float, lambda v: v >= 0, "a number >= 0")
+FRACTION = Check(float, lambda v: 0 <= v <= 1, "a number from 0 to 1")
+SIZE = Check([POSITIVE], lambda v: len(v) in (2, 3), "[H, W] or [D, H, W]")
+
+MARKER = {"format": Check(int, lambda v: v == 1, "1 (the format this ddcnn writes)"), "launch?": Opt(str)}
+
+DATA_FACTS = {
+    "classes": Check([str], lambda v: len(v) >= 2 and len(set(v)) == len(v), "a list of two or more distinct names"),
+    "in_channels": POSITIVE, "image_size": SIZE,
+    "normalizer": {"mean": [float], "std": [Check(float, lambda v: v > 0, "a positive number")]},
+    "train?": COUNT, "val?": COUNT, "test?": COUNT,
+}
+
+LOCAL_TIMING = {"measured_seconds": SECONDS, "critical_path_seconds": SECONDS, "processes": POSITIVE,
+                "critical_path_note?": str}
+
+_STRATEGY = {"test_accuracy": FRACTION, "train_seconds?": Opt(SECONDS), "parameters?": Opt(COUNT),
+             "flops_per_image?": Opt(SECONDS)}
+RESULTS = {
+    "strategies": MapOf(_STRATEGY), "best_strategy": str,
+    "dataset?": str, "name?": str, "image_size?": SIZE, "grid?": [POSITIVE], "overlap?": [COUNT],
+    "subimage_size?": [POSITIVE], "num_classes?": POSITIVE, "classes?": [str], "backbone?": str,
+    "global_width?": POSITIVE, "local_width?": POSITIVE, "n_local?": POSITIVE, "device?": str, "device_name?": str,
+    "torch_version?": str, "ddcnn_version?": str, "python?": str, "command?": str, "seed?": COUNT,
+    "data_sizes?": MapOf(COUNT), "stage_seconds?": MapOf(SECONDS), "transfer_used_dnn?": Opt(bool),
+    "confusion_matrix?": {"strategy": str, "matrix": [[COUNT]]},
+    "local?": {"test_accuracy": [FRACTION], "val_accuracy?": Opt([FRACTION]), **LOCAL_TIMING},
+}
+
+_RECORD = {"epoch": POSITIVE, "train_loss": float, "train_accuracy": FRACTION, "lr": float, "seconds": SECONDS,
+           "val_loss?": Opt(float), "val_accuracy?": Opt(FRACTION), "val_accuracy_per_subdomain?": Opt([FRACTION])}
+# The state of a stage in its checkpoint manifest (what ddcnn.train.loop.fit saves).
+TRAINING_STATE = Check(
+    {"epoch": COUNT, "seconds": SECONDS, "history": [_RECORD], "done": bool, "step": COUNT, "epochs?": POSITIVE,
+     "batch_size?": POSITIVE, "optimizer?": str, "feature_seconds?": SECONDS},
+    lambda s: len(s["history"]) == s["epoch"] and ("epochs" not in s or s["done"] == (s["epoch"] == s["epochs"])),
+    "a stage's state whose history has one record per epoch reached",
+)
+
+
+def fix_for(name: str) -> str:
+    """How to recover from a damaged ``name`` of a run directory."""
+    if name == "config.yaml":
+        return "restore the run's config.yaml or rerun the experiment"
+    if name in ("data.json", "local_timing.json", "results.json", "evaluation.json"):
+        return "restore it, or delete it and --resume the run (it is written again)"
+    return "restore it, or start the run over with --force"
+
+
+def check_stage_settings(stage: str, state: dict, settings) -> None:
+    """A checkpointed stage keeps the settings (a StageConfig) its schedule, data order and optimizer state depend
+    on. (``ddcnn.train.loop.fit`` makes the same check when it loads the stage: it can call this.)"""
+    for key in ("epochs", "batch_size", "optimizer"):
+        if state.get(key, getattr(settings, key)) != getattr(settings, key):
+            raise CheckpointError(
+                f"--resume: stage {stage!r} was checkpointed with {key} = {state[key]} but the config now says "
+                f"{getattr(settings, key)}; resume with --set stages.{stage}.{key}={state[key]}, or start a new run"
+            )
+
+
+def check_checkpoints(run_dir, cfg: Config, models=None, stages=STAGES) -> dict[str, Any]:
+    """Read every checkpoint of ``stages`` as loading will (manifest, SHA-256, safetensors) and, with ``models``,
+    check its weights' names and shapes against the models the config describes. Returns ``{stage: state}``."""
+    from ddcnn.train.budget import meta_model, weight_shapes
+
+    ckpt, states = run_dir.checkpoints, {}
+    for stage in stages:
+        if not ckpt.has(stage):
+            continue
+        weights, states[stage], _ = ckpt.load(stage)
+        if models is not None:
+            ckpt.check_weights(stage, weights, weight_shapes(stage, meta_model(models, stage)))
+    return states
+
+
+def check_resumable(run_dir, cfg: Config, models=None) -> None:
+    """Everything a resumed run reads, read now: nothing has been written, moved or deleted yet."""
+    path = run_dir.path
+    run_dir.read_marker()
+    if run_dir.checkpoints.root.exists() and not run_dir.checkpoints.root.is_dir():
+        raise CheckpointError(f"{str(run_dir.checkpoints.root)!r} is a file where the run's checkpoint folder "
+                              f"belongs; move it away, or start the run over with --force")
+    run_dir.check_same_config(cfg)
+    if (path / "data.json").exists():
+        facts = run_dir.read_json("data.json", DATA_FACTS)
+        if models is not None:
+            shapes = models.shapes
+            now = (len(facts["classes"]), facts["in_channels"], list(facts["image_size"]))
+            data = (shapes.num_classes, shapes.in_channels, list(shapes.image_size))
+            if now != data:
+                raise CheckpointError(
+                    f"--resume: the run was trained on {now[0]} classes of {now[1]}-channel images of {now[2]} "
+                    f"({str(path / 'data.json')!r}) but the data now has {data[0]} classes of {data[1]}-channel "
+                    f"images of {data[2]}; resume with the run's own data, or start a new run")
+    if (path / "local_timing.json").exists():
+        run_dir.read_json("local_timing.json", LOCAL_TIMING)
+    states = check_checkpoints(run_dir, cfg, models)
+    for stage, state in states.items():
+        if cfg.stages.get(stage).enabled:
+            check_stage_settings(stage, state, cfg.stages.get(stage))
