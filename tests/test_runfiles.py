@@ -256,7 +256,7 @@ def test_a_manifest_the_loader_refuses_keeps_every_checkpoint(space, own_run, ca
 
 @pytest.mark.parametrize(("sets", "fragment"), [
     (["model.width=100000000"], "lower model.width"),
-    (["combiner.hidden=[0]"], "hidden sizes"),
+    (["combiner.hidden=[0]"], "hidden must hold whole numbers of at least 1"),
     (["data.augment.crop_padding=1000000"], "data.augment.crop_padding"),
 ])
 def test_force_refuses_a_new_config_before_it_removes_the_old_run(space, own_run, capsys, sets, fragment):

@@ -290,7 +290,7 @@ def validate(cfg: Config) -> Config:
     if size is not None and (len(size) not in (2, 3) or min(size) < 1):
         raise ConfigError(f"data.image_size = {size} must be [H, W] (images) or [D, H, W] (volumes) with positive "
                           f"sizes, e.g. [32, 32]")
-    positive = {
+    positive: dict[str, float] = {
         "model.width": cfg.model.width, "eval_batch_size": cfg.eval_batch_size,
         "data.generated_train": cfg.data.generated_train, "data.generated_test": cfg.data.generated_test,
         "data.num_classes": cfg.data.num_classes,

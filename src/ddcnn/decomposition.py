@@ -152,7 +152,7 @@ class Decomposition:
         if subdomains is not None and len(subdomains) < self.n_subdomains:
             windows = [tuple(slice(a, z) for a, z in zip(loc[: self.dims], loc[self.dims:]))
                        for loc in self.locations[subdomains.start:subdomains.stop].tolist()]
-            return torch.stack([x[(slice(None), slice(None), *w)] for w in windows], dim=1)
+            return torch.stack([x[(slice(None), slice(None)) + w] for w in windows], dim=1)
         b, c = x.shape[:2]
         for axis in range(self.dims):
             dim = 2 + 2 * axis  # each earlier axis has become (grid, size)

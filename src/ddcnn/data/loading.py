@@ -240,7 +240,7 @@ class _Batches:
 
     def _finish(self, x: torch.Tensor, params) -> torch.Tensor:
         x = to_float(x)
-        if params is not None:
+        if params is not None and self.augment is not None:
             x = self.augment.apply(x, params)
         return self.normalizer(x) if self.normalizer is not None else x
 
@@ -291,7 +291,8 @@ class LoaderBatches(_Batches):
         if not isinstance(workers, int) or workers < 0:
             raise ConfigError(f"workers must be a non-negative integer, got {workers!r}.")
         self.pin_memory = bool(pin_memory) and self.device.type == "cuda"
-        self._view, self._workers, self._params = _IndexView(ds.images, ds.labels), workers, collections.deque()
+        self._view, self._workers = _IndexView(ds.images, ds.labels), workers
+        self._params: collections.deque[dict | None] = collections.deque()
         self.loader = self._make_loader()
 
     def _make_loader(self):

@@ -70,8 +70,8 @@ class ImageDataset:
 
 
 # ---------------------------------------------------------------------------------------------------- IDX ----
-_IDX_DTYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
-               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+_IDX_DTYPES: dict[int, np.dtype] = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"),
+                                    0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -300,7 +300,7 @@ def _read_picture(path: Path, size: tuple[int, int] | None, channels: int | None
             elif im.mode not in ("L", "RGB"):
                 im = im.convert("RGB" if im.mode in ("RGBA", "P", "CMYK", "YCbCr") else "L")
             if size is not None:
-                im = ImageOps.fit(im, (size[1], size[0]), method=Image.BILINEAR)
+                im = ImageOps.fit(im, (size[1], size[0]), method=Image.Resampling.BILINEAR)
             arr = np.asarray(im, dtype=np.uint8)
     except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, ValueError...) for a bad file
         raise DataError(f"{path} cannot be read as an image ({e}); {fix}.") from e
@@ -344,7 +344,7 @@ def _read_volume(path: Path) -> np.ndarray:
             raise DataError(f"{path} is a NIfTI file and reading it needs nibabel; run `pip install nibabel` "
                             "(or install the extra `ddcnn[nifti]`).") from e
         try:
-            vol = np.asarray(nibabel.load(str(path)).dataobj)
+            vol = np.asarray(nibabel.load(str(path)).dataobj)  # type: ignore[attr-defined]
         except Exception as e:  # nibabel raises ImageFileError, EOFError, zlib/gzip errors...
             raise DataError(f"{path} cannot be read as a NIfTI volume ({e}); the file is corrupt, "
                             "replace it.") from e

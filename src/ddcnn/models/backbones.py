@@ -81,7 +81,7 @@ class BasicBlock(nn.Module):
         self.body = nn.Sequential(
             ConvBNReLU(cin, cout, dims, groups, stride=stride), ConvBNReLU(cout, cout, dims, groups, relu=False)
         )
-        self.shortcut = nn.Identity()
+        self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(
                 _layer("conv", dims)(cin * groups, cout * groups, 1, stride=stride, groups=groups, bias=False),
@@ -193,7 +193,7 @@ def build_backbone(
         cin = width
     for s, n_layers in enumerate(depth):
         cout = width * 2**s
-        blocks = []
+        blocks: list[nn.Module] = []
         for k in range(n_layers):
             if name == "vgg":
                 blocks.append(ConvBNReLU(cin, cout, dims, groups))

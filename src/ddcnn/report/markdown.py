@@ -53,8 +53,7 @@ def _best_strategy(results: Mapping) -> tuple[str | None, str]:
     if best:
         return str(best), ""
     strategies = results.get("strategies") or {}
-    scored = [(n, _number((e or {}).get("test_accuracy"))) for n, e in strategies.items()]
-    scored = [(n, a) for n, a in scored if a is not None]
+    scored = [(n, a) for n, e in strategies.items() if (a := _number((e or {}).get("test_accuracy"))) is not None]
     if not scored:
         return None, ""
     return max(scored, key=lambda item: item[1])[0], " (not recorded by the run; highest test accuracy)"
@@ -270,7 +269,7 @@ def _local_section(local: Mapping, decomposition: Decomposition | None, plots: P
         lines += ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
         for i, accuracy in enumerate(test):
             row = [str(i)]
-            if locations is not None:
+            if locations is not None and decomposition is not None:
                 d = decomposition.dims
                 row.append(_dims_text(_grid_index(decomposition, i)).replace("×", ", "))
                 row.append(" × ".join(f"{a}:{b}" for a, b in zip(locations[i][:d], locations[i][d:])))

@@ -126,7 +126,8 @@ def plot_subdomain_heatmap(
     cmap = matplotlib.colormaps["viridis"]
 
     if decomposition.dims == 2:
-        panels = [(None, painted, list(range(decomposition.n_subdomains)))]
+        panels: list[tuple[str | None, np.ndarray, list[int]]] = [
+            (None, painted, list(range(decomposition.n_subdomains)))]
     else:
         panels = []
         start, size = decomposition.axis_starts[0], decomposition.subimage_size[0]
@@ -157,6 +158,7 @@ def plot_subdomain_heatmap(
         ax.set_yticks([])
         if panel_title:
             ax.set_title(panel_title, fontsize="medium")
+    assert image is not None  # one panel at least
     fig.colorbar(image, ax=list(axes), label=label, shrink=0.85)
     fig.suptitle(title)
     return _save(fig, path)

@@ -32,7 +32,7 @@ class _GatherSubdomains(torch.autograd.Function):
     """``(B, N_r, K)`` of this rank -> ``(B, N, K)`` of all ranks; the gradient is this rank's slice."""
 
     @staticmethod
-    def forward(ctx, local: torch.Tensor, shards: list[range], rank: int) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, local: torch.Tensor, shards: list[range], rank: int) -> torch.Tensor:
         ctx.own = shards[rank]
         width = max(len(s) for s in shards)  # all_gather needs equal shapes: pad the smaller shards
         padded = local.new_zeros((local.shape[0], width, *local.shape[2:]))
@@ -42,7 +42,7 @@ class _GatherSubdomains(torch.autograd.Function):
         return torch.cat([part[:, :len(s)] for part, s in zip(parts, shards)], dim=1)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor):
         # Every rank computed the same DNN on the same gathered logits: its gradient is already complete here.
         return grad[:, ctx.own.start:ctx.own.stop], None, None
 
