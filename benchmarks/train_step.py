@@ -195,18 +195,15 @@ SWEEPS: dict[str, dict] = {
 
 
 # ---------------------------------------------------------------------------------------------- models
-class SplitEnsemble(nn.Module):
-    """``decomposition.split`` followed by the local ensemble: ``(B, C, *size) -> (B, N, K)``.
-
-    The split is part of the module so that it is timed (and compiled) with the ensemble.
-    """
+class SplitEnsemble(ddcnn.CNNDNN):
+    """A CNN-DNN whose output is its local logits: ``(B, C, *size) -> (B, N, K)``, the split timed (and compiled)
+    with the ensemble. The combiner (mean probability: no parameters) is never called."""
 
     def __init__(self, decomposition: ddcnn.Decomposition, ensemble: ddcnn.LocalEnsemble):
-        super().__init__()
-        self.decomposition, self.ensemble = decomposition, ensemble
+        super().__init__(decomposition, ensemble, ddcnn.MeanProbability(ensemble.n_local, ensemble.num_classes))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.ensemble(self.decomposition.split(images))
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.local_logits(images)
 
 
 def global_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,9 @@
 Nothing here unpickles: the pickled CIFAR "python version" is refused and ``.npy`` files are read with
 ``allow_pickle=False``. Every problem with a file is raised as :class:`~ddcnn.errors.DataError` (or
 :class:`~ddcnn.errors.DataNotFoundError`) with the file's path in the message.
+
+Past 400 lines on purpose: the four formats are short independent sections that share the folder listing, the
+class map and the damaged-file checks; split into four files they would each import most of the others.
 """
 
 from __future__ import annotations

@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from ddcnn.config import StageConfig
-from ddcnn.errors import CheckpointError, TrainingError
+from ddcnn.errors import TrainingError
 from ddcnn.seeds import derive_seed
 from ddcnn.train.checkpoint import CheckpointDir
+from ddcnn.train.runfiles import check_stage_settings
 from ddcnn.train.runtime import Runtime
 
 # loss_fn(x, y) -> (loss to backpropagate, correct predictions: a count, or one count per local CNN ``(N,)``)
@@ -159,14 +160,9 @@ def fit(spec: StageSpec, model: nn.Module, loss_fn: LossFn | None, batches, eval
              "batch_size": cfg.batch_size, "optimizer": cfg.optimizer, **(spec.extra_state or {})}
     if ckpt.has(stage):
         weights, state, opt_state = ckpt.load(stage)
-        # The schedule, the data order and the optimizer state depend on these: a resumed stage must keep them
-        # (the learning rate, weight decay and momentum may change, e.g. to recover from a NaN loss).
-        for key in ("epochs", "batch_size", "optimizer"):
-            if state.get(key, getattr(cfg, key)) != getattr(cfg, key):
-                raise CheckpointError(
-                    f"--resume: stage {stage!r} was checkpointed with {key} = {state[key]} but the config now says "
-                    f"{getattr(cfg, key)}; resume with --set stages.{stage}.{key}={state[key]}, or start a new run"
-                )
+        # The schedule, the data order and the optimizer state depend on epochs, batch size and optimizer: a
+        # resumed stage must keep them (the learning rate, weight decay and momentum may change, e.g. after a NaN).
+        check_stage_settings(stage, state, cfg)
         saver.load_weights(weights)
         if opt_state is not None and not state["done"]:
             saver.load_optimizer_state(optimizer, opt_state)

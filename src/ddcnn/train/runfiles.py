@@ -67,7 +67,8 @@ def fix_for(name: str) -> str:
 
 def check_stage_settings(stage: str, state: dict, settings) -> None:
     """A checkpointed stage keeps the settings (a StageConfig) its schedule, data order and optimizer state depend
-    on. (``ddcnn.train.loop.fit`` makes the same check when it loads the stage: it can call this.)"""
+    on: checked for the whole run before ``--resume`` touches a file, and by ``ddcnn.train.loop.fit`` when it
+    loads the stage."""
     for key in ("epochs", "batch_size", "optimizer"):
         if state.get(key, getattr(settings, key)) != getattr(settings, key):
             raise CheckpointError(
