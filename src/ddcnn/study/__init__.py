@@ -9,7 +9,10 @@ directory, aggregated into means, confidence intervals and the paper's claims as
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import threading
 from pathlib import Path
 
 from ddcnn.study.aggregate import RunData, aggregate, read_run
@@ -19,6 +22,24 @@ from ddcnn.study.stats import summarize, t_quantile, verdict
 
 __all__ = ["Study", "StudyDir", "RunData", "aggregate", "collect", "commands", "execute", "load_study", "read_run",
            "summarize", "t_quantile", "verdict"]
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (a scheduler's or `kill`'s stop) ends the study as Ctrl-C does: its runs in flight are stopped too,
+    instead of going on as orphans while a resumed study starts them again."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def collect(study_dir: StudyDir, command: str | None = None) -> dict:
@@ -71,7 +92,8 @@ def run_study(path: str | Path, out: str | Path | None = None, jobs: int = 1, re
         raise ConfigError(f"study directory {str(study_dir.path)!r} already holds runs of this study; use --resume "
                           f"to run the ones not finished (finished runs are kept), or choose another --out")
     study_dir.create()
-    failed = execute(study_dir, study_dir.plan(), jobs, echo=echo)
+    with _terminate_as_interrupt():
+        failed = execute(study_dir, study_dir.plan(), jobs, echo=echo)
     echo(summary_text(collect(study_dir, command)))
     echo(f"report: {study_dir.path / 'study.md'}")
     if failed:

@@ -196,6 +196,7 @@ def execute(study_dir: StudyDir, runs: list[Run], jobs: int, echo=print) -> list
     failed: list[Run] = []
     done = [0]
     stop = threading.Event()
+    active: set[subprocess.Popen] = set()
 
     def one(run: Run) -> None:
         if stop.is_set():
@@ -209,17 +210,28 @@ def execute(study_dir: StudyDir, runs: list[Run], jobs: int, echo=print) -> list
             with open(run.log, "w") as log:
                 log.write("ddcnn " + " ".join(shlex.quote(a) for a in args) + "\n")
                 log.flush()
-                status = subprocess.call([sys.executable, "-m", "ddcnn", *args], stdout=log,
-                                         stderr=subprocess.STDOUT, env=_environment(slot, jobs, devices))
+                with lock:
+                    if stop.is_set():
+                        return
+                    process = subprocess.Popen([sys.executable, "-m", "ddcnn", *args], stdout=log,
+                                               stderr=subprocess.STDOUT, env=_environment(slot, jobs, devices))
+                    active.add(process)
+                status = process.wait()
+                with lock:
+                    active.discard(process)
                 seconds = time.monotonic() - start
                 log.write(f"{EXIT_PREFIX}{status} after {seconds:.1f} s\n")
             ok = status == 0 and finished(run.out)
             with lock:
                 done[0] += 1
-                if not ok:
+                if not ok and status not in INTERRUPTED:
                     failed.append(run)
-                what = f"done in {seconds:.0f} s" if ok else f"FAILED (exit {status}): {last_error(run.log)}; " \
-                                                            f"log: {run.log}"
+                if ok:
+                    what = f"done in {seconds:.0f} s"
+                elif status in INTERRUPTED:
+                    what = "stopped; continue with --resume"
+                else:
+                    what = f"FAILED (exit {status}): {last_error(run.log)}; log: {run.log}"
                 echo(f"[{done[0]}/{len(todo)}] {run.cell.id} seed {run.seed}: {what}")
         finally:
             with lock:
@@ -231,8 +243,11 @@ def execute(study_dir: StudyDir, runs: list[Run], jobs: int, echo=print) -> list
     try:
         for future in [pool.submit(one, run) for run in todo]:
             future.result()
-    except BaseException:  # Ctrl-C: the runs in flight got it too; start no other
-        stop.set()
+    except BaseException:  # Ctrl-C or SIGTERM: start no other run and stop those in flight (they resume later)
+        with lock:
+            stop.set()
+            for process in active:
+                process.terminate()
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
