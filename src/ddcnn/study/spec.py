@@ -151,14 +151,16 @@ def load_study(path: str | Path) -> Study:
         if key in settings or key in axes:
             raise ConfigError(f"{where}: {key!r} cannot be set or be an axis; the study sets it for every run "
                               f"({'list the seeds under seeds:' if key == 'seed' else 'name the study with name:'})")
-    base_data = apply_overrides(base_data, [f"{k}={_yaml_value(v)}" for k, v in settings.items()])
     base_data["name"] = name
     _check(base_data, [], f"{where}: the base config")
+    sets = [f"{k}={_yaml_value(v)}" for k, v in settings.items()]
+    _check(base_data, sets, f"{where}: set")
+    base_data = apply_overrides(base_data, sets)
 
     clean_axes = {}
     for key, values in axes.items():
         if not isinstance(values, list):
-            raise ConfigError(f"{where}: axis {key!r} must be a list of values, e.g. {key}: [{values!r}]")
+            raise ConfigError(f"{where}: axis {key!r} must be a list of values, e.g. {key}: [{_yaml_value(values)}]")
         if not values:
             raise ConfigError(f"{where}: axis {key!r} has no values, so the study would have no runs; give at least "
                               f"one value or remove the axis")
