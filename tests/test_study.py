@@ -159,3 +159,19 @@ def test_a_study_directory_of_another_study_or_of_other_files_is_refused(workspa
     assert "holds no study yet" in one_error_line(capsys)
     assert main(["study", str(other), "--jobs", "0"]) == 2
     assert "--jobs 0 must be at least 1" in one_error_line(capsys)
+
+
+def test_parallel_runs_split_the_threads_and_take_one_gpu_each(monkeypatch):
+    import os
+
+    from ddcnn.study.runner import _environment
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    env = _environment(slot=3, jobs=2, devices=["0", "1", "2"])
+    assert env["OMP_NUM_THREADS"] == str(max(1, cores // 2)) and env["CUDA_VISIBLE_DEVICES"] == "0"
+    assert _environment(slot=1, jobs=2, devices=["4", "6"])["CUDA_VISIBLE_DEVICES"] == "6"
+    assert "CUDA_VISIBLE_DEVICES" not in _environment(slot=0, jobs=1, devices=[""])  # no GPU: the run's default
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice is kept
+    assert _environment(slot=0, jobs=2, devices=[""])["OMP_NUM_THREADS"] == "3"

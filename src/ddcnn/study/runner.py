@@ -178,7 +178,7 @@ def _environment(slot: int, jobs: int, devices: list[str]) -> dict[str, str]:
     # The runs import this ddcnn, also from a source tree that is not installed.
     package_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    if jobs > 1 or "OMP_NUM_THREADS" not in env:  # J runs share the cores instead of each taking all of them
+    if "OMP_NUM_THREADS" not in env:  # J runs share the cores instead of each taking all of them
         threads = str(max(1, len(os.sched_getaffinity(0)) // jobs))
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = threads
     if devices != [""]:
