@@ -124,3 +124,17 @@ def test_aggregate_reports_each_cells_seed_states():
     assert data["cells"][0]["seeds"] == {"finished": [0], "failed": [1], "interrupted": [], "new": []}
     assert data["cells"][1]["seeds"]["new"] == [0] and data["cells"][1]["strategies"] == {}
     assert data["environment"]["device"] == "cpu"
+
+
+def test_the_claims_matrix_and_summary_show_every_claim_of_every_cell():
+    from ddcnn.study.report import claims_matrix, summary_text
+
+    cells = [{"id": "c", "label": "grid=2x2", "values": {}}, {"id": "b", "label": "grid=4x4", "values": {}}]
+    runs = [_run(s, {"cnn_dnn": 0.90 + s / 1000, "mean_probability": 0.88}) for s in range(3)]
+    data = {"name": "s", **aggregate(cells, runs, {"c": {s: "finished" for s in range(3)}, "b": {0: "new"}})}
+    lines = claims_matrix(data).splitlines()
+    assert lines[0] == "| claim | grid=2x2 | grid=4x4 |" and len(lines) == 2 + len(CLAIMS)
+    assert lines[2].startswith("| CNN-DNN − mean probability | +2.10 [") and "3/3 **holds** |" in lines[2]
+    assert lines[2].endswith("| not measured |") and lines[3].endswith("| not measured | not measured |")
+    summary = summary_text(data)
+    assert "3 of 4 runs finished, 1 not started" in summary and len(summary.splitlines()) == 3 + 2 * len(CLAIMS)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from ddcnn.report.plots import _save
 from ddcnn.report.tables import STRATEGY_ORDER, _md_code, _ordered, _strategy_label
@@ -40,13 +41,14 @@ def _claim_label(claim: Mapping) -> str:
     return f"{_strategy_label(claim['a'])} − {_strategy_label(claim['b'])}"
 
 
-def _claim_rows(data: Mapping) -> list[tuple[str, ...]]:
+def _claim_rows(data: Mapping, short: bool = False) -> list[tuple[str, ...]]:
     rows = []
     for cell in data["cells"]:
         for claim in cell["claims"].values():
             n = claim.get("n", 0)
-            rows.append((cell["label"], _claim_label(claim), _pp(claim.get("mean"), True), _interval(claim, True),
-                         f"{claim.get('holds_in', 0)}/{n}" if n else _MISSING, claim["verdict"]))
+            rows.append((cell["id" if short else "label"], _claim_label(claim), _pp(claim.get("mean"), True),
+                         _interval(claim, True), f"{claim.get('holds_in', 0)}/{n}" if n else _MISSING,
+                         claim["verdict"]))
     return rows
 
 
@@ -55,6 +57,25 @@ def claims_table(data: Mapping) -> str:
     lines = ["| cell | claim | mean difference (pp) | 95% CI (pp) | seeds where it holds | verdict |",
              "|:---|:---|---:|:---:|---:|:---|"]
     lines += ["| " + " | ".join(row) + " |" for row in _claim_rows(data)]
+    return "\n".join(lines)
+
+
+def claims_matrix(data: Mapping) -> str:
+    """The claims at a glance, as Markdown: one row per claim, one column per cell; each entry the mean paired
+    difference in points, its 95% CI, the seeds where it holds and the verdict."""
+    cells = data["cells"]
+    lines = ["| claim | " + " | ".join(cell["label"] for cell in cells) + " |",
+             "|:---|" + ":---:|" * len(cells)]
+    for key in data["claims"]:
+        entries = []
+        for cell in cells:
+            claim = cell["claims"][key]
+            if not claim.get("n"):
+                entries.append(claim["verdict"])
+                continue
+            entries.append(f"{_pp(claim['mean'], True)} {_interval(claim, True)} {claim['holds_in']}/{claim['n']} "
+                           f"**{claim['verdict']}**")
+        lines.append(f"| {_claim_label(cells[0]['claims'][key])} | " + " | ".join(entries) + " |")
     return "\n".join(lines)
 
 
@@ -84,7 +105,7 @@ def _runs_line(data: Mapping) -> str:
 def summary_text(data: Mapping) -> str:
     """The one-screen summary for the terminal: the runs' state and every claim per cell."""
     env = data.get("environment") or {}
-    rows = [("cell", "claim", "diff (pp)", "95% CI (pp)", "holds", "verdict"), *_claim_rows(data)]
+    rows = [("cell", "claim", "diff (pp)", "95% CI (pp)", "holds", "verdict"), *_claim_rows(data, short=True)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [f"study {data['name']}: {_runs_line(data)} ({env.get('device_name') or 'device unknown'}, torch "
              f"{env.get('torch_version') or '?'})"]
@@ -176,6 +197,7 @@ def plot_curves(data: Mapping, path) -> Path:
                                 [100 * p["ci_high"] for p in band], color=f"C{j}", alpha=0.2)
         ax.set_title(cell["label"], fontsize=8)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("validation accuracy (%)")
     axes[0].legend(fontsize=7)
@@ -201,6 +223,11 @@ def write_report(data: Mapping, folder: Path) -> Path:
         f"Method: {data['method']}.",
         "",
         "## Claims (paired over seeds)",
+        "",
+        "Mean difference in test accuracy (percentage points) over the seeds, its 95% CI, the seeds where it holds, "
+        "and the verdict:",
+        "",
+        claims_matrix(data),
         "",
         claims_table(data),
         "",
