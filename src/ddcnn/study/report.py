@@ -11,7 +11,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from ddcnn.report.plots import _save
-from ddcnn.report.tables import STRATEGY_ORDER, _md_code, _ordered, _strategy_label
+from ddcnn.report.tables import _md_code, _ordered, _strategy_label
+from ddcnn.train.strategies import STRATEGIES
 
 _MISSING = "—"
 _MARKERS = "osD^v<>ph*"
@@ -34,7 +35,7 @@ def _seconds(summary: Mapping) -> str:
 
 
 def _strategies(data: Mapping) -> list[str]:
-    return _ordered([name for cell in data["cells"] for name in cell["strategies"]], STRATEGY_ORDER)
+    return _ordered([name for cell in data["cells"] for name in cell["strategies"]], tuple(STRATEGIES))
 
 
 def _claim_label(claim: Mapping) -> str:
@@ -84,7 +85,7 @@ def strategies_table(data: Mapping) -> str:
     lines = ["| cell | strategy | test accuracy (%) | std (pp) | 95% CI (%) | n | train time (s) | parameters |",
              "|:---|:---|---:|---:|:---:|---:|---:|---:|"]
     for cell in data["cells"]:
-        for name in _ordered(cell["strategies"], STRATEGY_ORDER):
+        for name in _ordered(cell["strategies"], tuple(STRATEGIES)):
             entry = cell["strategies"][name]
             acc = entry["accuracy"]
             parameters = entry["parameters"]
