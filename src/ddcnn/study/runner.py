@@ -179,7 +179,8 @@ def _environment(slot: int, jobs: int, devices: list[str]) -> dict[str, str]:
     package_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     if "OMP_NUM_THREADS" not in env:  # J runs share the cores instead of each taking all of them
-        threads = str(max(1, len(os.sched_getaffinity(0)) // jobs))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = str(max(1, cores // jobs))
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = threads
     if devices != [""]:
         env["CUDA_VISIBLE_DEVICES"] = devices[slot % len(devices)]
