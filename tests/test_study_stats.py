@@ -133,7 +133,7 @@ def test_the_claims_matrix_and_summary_show_every_claim_of_every_cell():
     runs = [_run(s, {"cnn_dnn": 0.90 + s / 1000, "mean_probability": 0.88}) for s in range(3)]
     data = {"name": "s", **aggregate(cells, runs, {"c": {s: "finished" for s in range(3)}, "b": {0: "new"}})}
     lines = claims_matrix(data).splitlines()
-    assert lines[0] == "| claim | grid=2x2 | grid=4x4 |" and len(lines) == 2 + len(CLAIMS)
+    assert lines[0] == "| claim | grid=2x2 | grid=4x4 |" and len(lines) == 2 + len(CLAIMS)  # no axes: the labels
     assert lines[2].startswith("| CNN-DNN − mean probability | +2.10 [") and "3/3 **holds** |" in lines[2]
     assert lines[2].endswith("| not measured |") and lines[3].endswith("| not measured | not measured |")
     summary = summary_text(data)

@@ -12,6 +12,7 @@ from matplotlib.ticker import MaxNLocator
 
 from ddcnn.report.plots import _save
 from ddcnn.report.tables import _md_code, _ordered, _strategy_label
+from ddcnn.study.spec import _text
 from ddcnn.train.strategies import STRATEGIES
 
 _MISSING = "—"
@@ -61,11 +62,16 @@ def claims_table(data: Mapping) -> str:
     return "\n".join(lines)
 
 
+def _short_label(cell: Mapping) -> str:
+    """The cell's axis values alone (``2x2, vgg``): the column header where the axes are named elsewhere."""
+    return ", ".join(_text(v) for v in cell["values"].values()) or cell["label"]
+
+
 def claims_matrix(data: Mapping) -> str:
     """The claims at a glance, as Markdown: one row per claim, one column per cell; each entry the mean paired
     difference in points, its 95% CI, the seeds where it holds and the verdict."""
     cells = data["cells"]
-    lines = ["| claim | " + " | ".join(cell["label"] for cell in cells) + " |",
+    lines = ["| claim | " + " | ".join(_short_label(cell) for cell in cells) + " |",
              "|:---|" + ":---:|" * len(cells)]
     for key in data["claims"]:
         entries = []
@@ -74,8 +80,9 @@ def claims_matrix(data: Mapping) -> str:
             if not claim.get("n"):
                 entries.append(claim["verdict"])
                 continue
+            word = claim["verdict"] if claim["verdict"] == "inconclusive" else f"**{claim['verdict']}**"
             entries.append(f"{_pp(claim['mean'], True)} {_interval(claim, True)} {claim['holds_in']}/{claim['n']} "
-                           f"**{claim['verdict']}**")
+                           f"{word}")
         lines.append(f"| {_claim_label(cells[0]['claims'][key])} | " + " | ".join(entries) + " |")
     return "\n".join(lines)
 
@@ -225,8 +232,8 @@ def write_report(data: Mapping, folder: Path) -> Path:
         "",
         "## Claims (paired over seeds)",
         "",
-        "Mean difference in test accuracy (percentage points) over the seeds, its 95% CI, the seeds where it holds, "
-        "and the verdict:",
+        f"Columns: {', '.join(data['cells'][0]['values']) or 'the base config'}. Each entry: the mean difference in "
+        f"test accuracy (percentage points) over the seeds, its 95% CI, the seeds where it holds, and the verdict.",
         "",
         claims_matrix(data),
         "",
