@@ -117,7 +117,7 @@ def aggregate(cells: Sequence[Mapping], runs: Sequence[RunData], status: Mapping
         out_cells.append({**cell, "seeds": {state: sorted(s for s, st in seeds.items() if st == state)
                                             for state in ("finished", "failed", "interrupted", "new")},
                           **aggregate_cell(mine)})
-    environment = {}
+    environment: dict[str, object] = {}
     for run in runs:
         for key in ENVIRONMENT_KEYS:
             environment.setdefault(key, run.results.get(key))

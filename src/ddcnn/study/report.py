@@ -44,7 +44,7 @@ def _claim_label(claim: Mapping) -> str:
 
 
 def _claim_rows(data: Mapping, short: bool = False) -> list[tuple[str, ...]]:
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for cell in data["cells"]:
         for claim in cell["claims"].values():
             n = claim.get("n", 0)
@@ -139,7 +139,9 @@ def plot_accuracy(data: Mapping, path) -> Path:
     ax = fig.add_subplot()
     width = 0.8 / max(1, len(names))
     for j, name in enumerate(names):
-        xs, means, errors = [], [], [[], []]
+        xs: list[float] = []
+        means: list[float] = []
+        errors: list[list[float]] = [[], []]
         for i, cell in enumerate(cells):
             acc = cell["strategies"].get(name, {}).get("accuracy")
             if not acc or acc["mean"] is None:

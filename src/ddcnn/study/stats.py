@@ -106,7 +106,7 @@ def summarize(values: Sequence[float], level: float = LEVEL) -> Summary:
 
 def verdict(summary: Summary) -> str:
     """``holds`` when the interval lies above 0, ``fails`` when below 0, else ``inconclusive`` (also for n < 2)."""
-    if summary.n < 2 or summary.ci_low is None:
+    if summary.n < 2 or summary.ci_low is None or summary.ci_high is None:
         return "inconclusive"
     if summary.ci_low > 0:
         return "holds"
