@@ -46,6 +46,15 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--png", help="where to draw the grid over a sample image (default decomposition.png)",
                       default="decomposition.png")
 
+    study = sub.add_parser("study", help="run a config over axes of values and seeds; means, CIs, paired claims")
+    study.add_argument("study", help="study YAML, e.g. studies/fashion_mnist_claims.yaml")
+    study.add_argument("--out", help="study directory (default runs/<study name>)")
+    study.add_argument("--jobs", type=int, default=1, help="runs at once (threads split; one GPU each)")
+    study.add_argument("--resume", action="store_true", help="run what is not finished; finished runs are kept")
+    mode = study.add_mutually_exclusive_group()
+    mode.add_argument("--print-commands", action="store_true", help="print one `ddcnn run` line per run to do")
+    mode.add_argument("--aggregate", action="store_true", help="only aggregate the runs that exist")
+
     data = sub.add_parser("data", help="datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     fetch = data_sub.add_parser("fetch", help="find or download fashion-mnist, mnist or cifar10")
@@ -105,6 +114,14 @@ def cmd_show(args) -> int:
     return 0
 
 
+def cmd_study(args) -> int:
+    from ddcnn.study import run_study
+
+    command = "ddcnn " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    return run_study(args.study, args.out, jobs=args.jobs, resume=args.resume, print_commands=args.print_commands,
+                     aggregate_only=args.aggregate, command=command)
+
+
 def cmd_data(args) -> int:
     from ddcnn.data.fetch import fetch
 
@@ -131,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv  # accepted anywhere on the line, before or after the command
     args = _parser().parse_args([a for a in argv if a != "--debug"])
     handlers = {"run": cmd_run, "evaluate": cmd_evaluate, "predict": cmd_predict, "show": cmd_show,
-                "data": cmd_data}
+                "data": cmd_data, "study": cmd_study}
     debug = debug or os.environ.get("DDCNN_DEBUG", "0") not in ("", "0")
     try:
         status = handlers[args.command](args)

@@ -1,0 +1,125 @@
+"""From the runs of a study to its numbers: per cell and strategy, the paper's claims, averaged learning curves.
+
+:func:`aggregate` is a pure function of the runs' contents (results.json and metrics.jsonl as read by
+:func:`read_run`); it returns the plain data written as ``study.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ddcnn.study.stats import METHOD, paired_differences, summarize, verdict
+
+# The paper's claims, as (a, b): "a beats b". Everything else is read from each run's results.json.
+CLAIMS = (("cnn_dnn", "mean_probability"), ("cnn_dnn", "majority_vote"), ("transfer", "coherent"),
+          ("transfer", "cnn_dnn"), ("transfer", "global"))
+CURVE_STAGES = ("transfer", "coherent")  # trained end to end: does starting from the trained parts speed it up?
+ENVIRONMENT_KEYS = ("device", "device_name", "torch_version", "python", "ddcnn_version", "dataset")
+
+
+@dataclass
+class RunData:
+    """What one finished run contributes: its results.json and its per-epoch records."""
+
+    cell: str
+    seed: int
+    results: dict
+    metrics: list[dict] = field(default_factory=list)
+
+
+def read_run(cell: str, seed: int, out: Path) -> RunData:
+    """Read a finished run directory; unreadable metrics lines are skipped (a kill can cut the last one)."""
+    results = json.loads((out / "results.json").read_text())
+    metrics = []
+    try:
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            metrics.append(record)
+    return RunData(cell, seed, results, metrics)
+
+
+def _accuracies(runs: Sequence[RunData]) -> dict[str, dict[int, float]]:
+    """strategy -> seed -> test accuracy, for the strategies the runs report."""
+    table: dict[str, dict[int, float]] = {}
+    for run in runs:
+        for name, entry in (run.results.get("strategies") or {}).items():
+            accuracy = entry.get("test_accuracy") if isinstance(entry, dict) else None
+            if isinstance(accuracy, int | float) and not isinstance(accuracy, bool):
+                table.setdefault(name, {})[run.seed] = float(accuracy)
+    return table
+
+
+def _strategy_stats(runs: Sequence[RunData], name: str, accuracy: Mapping[int, float]) -> dict:
+    entries = [run.results["strategies"][name] for run in runs if name in (run.results.get("strategies") or {})]
+    seconds = [e["train_seconds"] for e in entries if isinstance(e.get("train_seconds"), int | float)]
+    parameters = sorted({e["parameters"] for e in entries if isinstance(e.get("parameters"), int)})
+    return {"accuracy": summarize(list(accuracy.values())).as_dict(),
+            "train_seconds": summarize(seconds).as_dict(),
+            "parameters": parameters[0] if len(parameters) == 1 else parameters,
+            "per_seed": {str(s): a for s, a in sorted(accuracy.items())}}
+
+
+def claim(a: Mapping[int, float], b: Mapping[int, float]) -> dict:
+    """The paired claim "a beats b" over the seeds both hold: the difference's summary, how many seeds it holds
+    in, and the verdict from its confidence interval."""
+    differences = paired_differences(a, b)
+    summary = summarize(list(differences.values()))
+    return {**summary.as_dict(), "holds_in": sum(d > 0 for d in differences.values()), "verdict": verdict(summary),
+            "per_seed": {str(s): d for s, d in differences.items()}}
+
+
+def learning_curve(runs: Sequence[RunData], stage: str) -> list[dict]:
+    """Validation accuracy per epoch of ``stage``, averaged over the runs, with its t interval per epoch."""
+    by_epoch: dict[int, list[float]] = {}
+    for run in runs:
+        last: dict[int, float] = {}  # a resumed run may log an epoch twice: its last record counts
+        for record in run.metrics:
+            value, epoch = record.get("val_accuracy"), record.get("epoch")
+            if record.get("stage") == stage and isinstance(epoch, int) and isinstance(value, int | float):
+                last[epoch] = float(value)
+        for epoch, value in last.items():
+            by_epoch.setdefault(epoch, []).append(value)
+    return [{"epoch": epoch, **summarize(values).as_dict()} for epoch, values in sorted(by_epoch.items())]
+
+
+def aggregate_cell(runs: Sequence[RunData]) -> dict:
+    """Strategies, claims and learning curves of one cell's finished runs."""
+    accuracies = _accuracies(runs)
+    claims = {}
+    for a, b in CLAIMS:
+        if a in accuracies and b in accuracies:
+            claims[f"{a} - {b}"] = {"a": a, "b": b, **claim(accuracies[a], accuracies[b])}
+        else:
+            claims[f"{a} - {b}"] = {"a": a, "b": b, "n": 0, "verdict": "not measured",
+                                    "missing": [s for s in (a, b) if s not in accuracies]}
+    return {"strategies": {name: _strategy_stats(runs, name, acc) for name, acc in accuracies.items()},
+            "claims": claims,
+            "curves": {stage: learning_curve(runs, stage) for stage in CURVE_STAGES}}
+
+
+def aggregate(cells: Sequence[Mapping], runs: Sequence[RunData], status: Mapping[str, Mapping[int, str]]) -> dict:
+    """The study's numbers. ``cells``: ``{"id", "label", "values"}`` per cell in order; ``runs``: the finished runs;
+    ``status``: cell id -> seed -> finished / failed / interrupted / new."""
+    out_cells = []
+    for cell in cells:
+        mine = [run for run in runs if run.cell == cell["id"]]
+        seeds = status.get(cell["id"], {})
+        out_cells.append({**cell, "seeds": {state: sorted(s for s, st in seeds.items() if st == state)
+                                            for state in ("finished", "failed", "interrupted", "new")},
+                          **aggregate_cell(mine)})
+    environment: dict[str, object] = {}
+    for run in runs:
+        for key in ENVIRONMENT_KEYS:
+            environment.setdefault(key, run.results.get(key))
+    return {"method": METHOD, "claims": [f"{a} - {b}" for a, b in CLAIMS], "environment": environment,
+            "cells": out_cells}

@@ -1,0 +1,255 @@
+"""The study directory and its runs: plan them from what is on disk, print them, or run them J at a time.
+
+```
+DIR/
+  study.yaml          the study file as given
+  study-spec.json     its resolved spec and SHA-256: a different study pointed at DIR is refused
+  base.yaml           the base config with the study's `set` applied; every run is `ddcnn run DIR/base.yaml ...`
+  runs/<cell>/seed-<s>/   ordinary run directories (resumable and inspectable on their own)
+  logs/<cell>/seed-<s>.log   each run's output, with the command first and its exit status last
+  study.json, study.md, plots/   the aggregate (ddcnn.study.aggregate, ddcnn.study.report)
+```
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from ddcnn.errors import ConfigError
+from ddcnn.study.spec import Cell, Study
+
+SPEC_FILE = "study-spec.json"
+EXIT_PREFIX = "[study] exit status "
+INTERRUPTED = (0, 130, -2, -9, -15)  # stopped by Ctrl-C or a signal: not a failure of the run itself
+
+
+@dataclass(frozen=True)
+class Run:
+    """One cell at one seed; ``state`` is finished, failed, interrupted (started, no results) or new."""
+
+    cell: Cell
+    seed: int
+    out: Path
+    log: Path
+    state: str
+
+    def args(self, base: Path) -> list[str]:
+        """The arguments after ``ddcnn``: a fresh run, ``--resume`` of a started one, ``--force`` of a leftover."""
+        extra = []
+        if (self.out / "ddcnn-run.json").is_file():
+            extra = ["--resume"]
+        elif self.out.is_dir() and any(self.out.iterdir()):  # killed before the run wrote its marker
+            extra = ["--force"]
+        sets = [a for override in [*self.cell.overrides(), f"seed={self.seed}"] for a in ("--set", override)]
+        return ["run", str(base), *sets, "--out", str(self.out), "--quiet", *extra]
+
+
+def finished(out: Path) -> bool:
+    """Whether ``out`` holds a run's results: results.json that parses and lists strategies."""
+    try:
+        results = json.loads((out / "results.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(results, dict) and isinstance(results.get("strategies"), dict) and bool(results["strategies"])
+
+
+def exit_status(log: Path) -> int | None:
+    """The exit status the log's last line records (None: no log, or the run was killed with the study)."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    if lines and lines[-1].startswith(EXIT_PREFIX):
+        try:
+            return int(lines[-1][len(EXIT_PREFIX):].split()[0])
+        except (ValueError, IndexError):
+            return None
+    return None
+
+
+def last_error(log: Path) -> str:
+    """The line of the log that says why the run failed (its `ddcnn: error:` line, else its last output)."""
+    try:
+        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "no log"
+    lines = [ln for ln in lines if not ln.startswith(EXIT_PREFIX)]
+    errors = [ln for ln in lines if ln.startswith("ddcnn: error:") or "Error" in ln]
+    return (errors or lines or ["no output"])[-1].strip()
+
+
+class StudyDir:
+    def __init__(self, study: Study, path: str | Path | None):
+        self.study = study
+        self.path = Path(path) if path is not None else Path("runs") / study.name
+        self.base = self.path / "base.yaml"
+
+    def check(self) -> None:
+        """Refuse a directory that holds another study or other files; accept this study's own or a new one."""
+        path = self.path
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"study directory {str(path)!r} is a file; choose another --out")
+        spec = path / SPEC_FILE
+        if spec.is_file():
+            try:
+                recorded = json.loads(spec.read_text())
+                sha = recorded["sha256"]
+            except (OSError, ValueError, KeyError, TypeError):
+                raise ConfigError(f"study directory {str(path)!r}: {SPEC_FILE} is damaged; restore it or choose "
+                                  f"another --out") from None
+            if sha != self.study.sha256:
+                raise ConfigError(
+                    f"study directory {str(path)!r} holds the study {recorded.get('name')!r} (spec "
+                    f"{sha[:12]}), not {str(self.study.path)!r} (spec {self.study.sha256[:12]}): its base, set, axes "
+                    f"or seeds differ; choose another --out, or give the study file it was made from "
+                    f"({str(path / 'study.yaml')!r})")
+        elif path.is_dir() and any(path.iterdir()):
+            raise ConfigError(f"study directory {str(path)!r} already holds files that are not a ddcnn study; "
+                              f"choose another --out")
+
+    def create(self) -> None:
+        """Write the study's record (once): the spec, the study file and the base config the runs start from."""
+        from ddcnn.train.checkpoint import atomic_write_text
+
+        self.check()
+        if (self.path / SPEC_FILE).is_file():
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path / "study.yaml", self.study.text)
+        atomic_write_text(self.base, yaml.safe_dump(self.study.base, sort_keys=False))
+        # The spec last: its presence says the directory is complete.
+        atomic_write_text(self.path / SPEC_FILE, json.dumps({"name": self.study.name, "sha256": self.study.sha256,
+                                                             "spec": self.study.spec}, indent=2) + "\n")
+
+    def plan(self) -> list[Run]:
+        runs = []
+        # Seed by seed, so that a study stopped early has the same seeds in every cell (paired claims need them).
+        for seed in self.study.seeds:
+            for cell in self.study.cells():
+                out = self.path / "runs" / cell.id / f"seed-{seed}"
+                log = self.path / "logs" / cell.id / f"seed-{seed}.log"
+                if finished(out):
+                    state = "finished"
+                elif (exit_status(log) or 0) not in INTERRUPTED:
+                    state = "failed"
+                elif out.exists() or log.exists():
+                    state = "interrupted"
+                else:
+                    state = "new"
+                runs.append(Run(cell, seed, out, log, state))
+        return runs
+
+    def started(self) -> bool:
+        return (self.path / "runs").is_dir() and any((self.path / "runs").iterdir())
+
+
+def commands(study_dir: StudyDir, runs: list[Run]) -> list[str]:
+    """One ``ddcnn run ...`` line per run that is not finished (for a SLURM array, GNU parallel, ...)."""
+    return ["ddcnn " + " ".join(shlex.quote(a) for a in run.args(study_dir.base))
+            for run in runs if run.state != "finished"]
+
+
+def _devices() -> list[str]:
+    """The GPUs to deal out one per run ('' when there is none to choose: the run's own default)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [d.strip() for d in visible.split(",") if d.strip()] or [""]
+    try:
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())] or [""]
+    except Exception:  # noqa: BLE001 - no CUDA runtime: CPU runs
+        return [""]
+
+
+def _environment(slot: int, jobs: int, devices: list[str]) -> dict[str, str]:
+    env = dict(os.environ)
+    # The runs import this ddcnn, also from a source tree that is not installed.
+    package_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    if "OMP_NUM_THREADS" not in env:  # J runs share the cores instead of each taking all of them
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = str(max(1, cores // jobs))
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = threads
+    if devices != [""]:
+        env["CUDA_VISIBLE_DEVICES"] = devices[slot % len(devices)]
+    return env
+
+
+def execute(study_dir: StudyDir, runs: list[Run], jobs: int, echo=print) -> list[Run]:
+    """Run every run that is not finished, ``jobs`` at a time; return the runs that failed. A failed run keeps its log
+    and does not stop the others; a finished run is never touched."""
+    todo = [run for run in runs if run.state != "finished"]
+    devices = _devices()
+    slots = list(range(jobs))
+    lock = threading.Lock()
+    failed: list[Run] = []
+    done = [0]
+    stop = threading.Event()
+    active: set[subprocess.Popen] = set()
+
+    def one(run: Run) -> None:
+        if stop.is_set():
+            return
+        with lock:
+            slot = slots.pop(0)
+        try:
+            run.log.parent.mkdir(parents=True, exist_ok=True)
+            args = run.args(study_dir.base)
+            start = time.monotonic()
+            with open(run.log, "w") as log:
+                log.write("ddcnn " + " ".join(shlex.quote(a) for a in args) + "\n")
+                log.flush()
+                with lock:
+                    if stop.is_set():
+                        return
+                    process = subprocess.Popen([sys.executable, "-m", "ddcnn", *args], stdout=log,
+                                               stderr=subprocess.STDOUT, env=_environment(slot, jobs, devices))
+                    active.add(process)
+                status = process.wait()
+                with lock:
+                    active.discard(process)
+                seconds = time.monotonic() - start
+                log.write(f"{EXIT_PREFIX}{status} after {seconds:.1f} s\n")
+            ok = status == 0 and finished(run.out)
+            with lock:
+                done[0] += 1
+                if not ok and status not in INTERRUPTED:
+                    failed.append(run)
+                if ok:
+                    what = f"done in {seconds:.0f} s"
+                elif status in INTERRUPTED:
+                    what = "stopped; continue with --resume"
+                else:
+                    what = f"FAILED (exit {status}): {last_error(run.log)}; log: {run.log}"
+                echo(f"[{done[0]}/{len(todo)}] {run.cell.id} seed {run.seed}: {what}")
+        finally:
+            with lock:
+                slots.append(slot)
+
+    echo(f"study {study_dir.study.name}: {len(todo)} of {len(runs)} runs to do, {jobs} at a time, in "
+         f"{study_dir.path}")
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    try:
+        for future in [pool.submit(one, run) for run in todo]:
+            future.result()
+    except BaseException:  # Ctrl-C or SIGTERM: start no other run and stop those in flight (they resume later)
+        with lock:
+            stop.set()
+            for process in active:
+                process.terminate()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return failed

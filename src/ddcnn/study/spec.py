@@ -1,0 +1,194 @@
+"""A study file: a base config, axes of config values, seeds; checked once, here, against the config schema.
+
+```yaml
+name: fashion_mnist_claims            # optional; default: the file's stem
+base: ../configs/fashion_mnist_2x2.yaml   # a config file (relative to this file) or an inline mapping
+set: {model.width: 16}                # optional: overrides for every run, as --set would give them
+axes:                                 # optional: every combination of the values is one cell
+  decomposition.grid: [[2, 2], [4, 4]]
+  model.backbone: [vgg, resnet]
+seeds: [0, 1, 2, 3, 4]                # every cell runs once per seed
+```
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ddcnn.config import apply_overrides, from_dict
+from ddcnn.errors import ConfigError, did_you_mean
+
+KEYS = ("name", "base", "set", "axes", "seeds")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One combination of axis values: ``id`` names its folder, ``values`` maps each axis key to its value."""
+
+    id: str
+    values: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        return ", ".join(f"{key}={_text(value)}" for key, value in self.values.items()) or "base"
+
+    def overrides(self) -> list[str]:
+        return [f"{key}={_yaml_value(value)}" for key, value in self.values.items()]
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    path: Path
+    base: dict  # the base config with `set` applied: what every run starts from
+    axes: dict[str, list]
+    seeds: list[int]
+    text: str  # the study file as written
+
+    @property
+    def spec(self) -> dict:
+        """What defines the study's runs (not where its file lives): two studies with the same spec are one study."""
+        return {"name": self.name, "base": self.base, "axes": self.axes, "seeds": self.seeds}
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(json.dumps(self.spec, sort_keys=True).encode()).hexdigest()
+
+    def cells(self) -> list[Cell]:
+        keys = list(self.axes)
+        combos = [dict(zip(keys, values)) for values in itertools.product(*self.axes.values())]
+        if not keys:
+            return [Cell("base", {})]
+        for ids in (_ids(combos, short=True), _ids(combos, short=False)):
+            if len(set(ids)) == len(ids):
+                return [Cell(i, c) for i, c in zip(ids, combos)]
+        raise ConfigError(f"study {str(self.path)!r}: two cells would share the folder name {ids[0]!r}; give the axis "
+                          f"values that differ in more than punctuation")
+
+
+def _yaml_value(value) -> str:
+    """``value`` as --set parses it back: a plain string where YAML reads it unchanged, else JSON (a subset of YAML's
+    flow style)."""
+    if isinstance(value, str) and value.strip() == value and value:
+        try:
+            if yaml.safe_load(value) == value:
+                return value
+        except yaml.YAMLError:
+            pass
+    return json.dumps(value)
+
+
+def _text(value) -> str:
+    if isinstance(value, list):
+        return "x".join(_text(v) for v in value)
+    return json.dumps(value) if not isinstance(value, str) else value
+
+
+def _ids(combos: list[dict], short: bool) -> list[str]:
+    def part(key, value):
+        name = key.split(".")[-1] if short else key.replace("*", "all")
+        return re.sub(r"[^A-Za-z0-9.+-]+", "-", f"{name}-{_text(value)}").strip("-")
+
+    return ["_".join(part(k, v) for k, v in combo.items()) for combo in combos]
+
+
+def _read_yaml(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise ConfigError(f"{what} {str(path)!r} does not exist; give the path of a YAML file")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{what} {str(path)!r} is not valid YAML{where}; fix its syntax") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {str(path)!r} is not a text file; give a YAML file") from None
+
+
+def load_study(path: str | Path) -> Study:
+    """Read and check a study file: every axis value and every cell must make a valid config."""
+    path = Path(path)
+    data = _read_yaml(path, "study file")
+    where = f"study {str(path)!r}"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must hold a mapping with base, axes and seeds, not a {type(data).__name__}")
+    for key in data:
+        if key not in KEYS:
+            raise ConfigError(f"{where}: unknown key {key!r}{did_you_mean(str(key), KEYS)}; valid keys: "
+                              f"{', '.join(KEYS)}")
+    name = data.get("name", path.stem)
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+        raise ConfigError(f"{where}: name = {name!r} must be letters, digits, '.', '_' or '-', e.g. my_study")
+
+    base = data.get("base")
+    if isinstance(base, str):
+        base_data = _read_yaml(path.parent / base, f"{where}: base config")
+        if not isinstance(base_data, dict):
+            raise ConfigError(f"{where}: base config {base!r} must hold a mapping of config keys to values")
+    elif isinstance(base, dict):
+        base_data = copy.deepcopy(base)
+    else:
+        raise ConfigError(f"{where}: base must be a config file (a path relative to the study file) or a mapping of "
+                          f"config keys, e.g. base: ../configs/fashion_mnist_2x2.yaml")
+
+    settings = data.get("set") or {}
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{where}: set must map config keys to values, e.g. set: {{model.width: 16}}")
+    axes = data.get("axes") or {}
+    if not isinstance(axes, dict):
+        raise ConfigError(f"{where}: axes must map config keys to lists of values, e.g. axes: {{model.backbone: "
+                          f"[vgg, resnet]}}")
+    for key in ("seed", "name"):
+        if key in settings or key in axes:
+            raise ConfigError(f"{where}: {key!r} cannot be set or be an axis; the study sets it for every run "
+                              f"({'list the seeds under seeds:' if key == 'seed' else 'name the study with name:'})")
+    base_data["name"] = name
+    _check(base_data, [], f"{where}: the base config")
+    sets = [f"{k}={_yaml_value(v)}" for k, v in settings.items()]
+    _check(base_data, sets, f"{where}: set")
+    base_data = apply_overrides(base_data, sets)
+
+    clean_axes = {}
+    for key, values in axes.items():
+        if not isinstance(values, list):
+            raise ConfigError(f"{where}: axis {key!r} must be a list of values, e.g. {key}: [{_yaml_value(values)}]")
+        if not values:
+            raise ConfigError(f"{where}: axis {key!r} has no values, so the study would have no runs; give at least "
+                              f"one value or remove the axis")
+        texts = [json.dumps(v, sort_keys=True) for v in values]
+        if len(set(texts)) != len(texts):
+            duplicate = next(t for t in texts if texts.count(t) > 1)
+            raise ConfigError(f"{where}: axis {key!r} lists the value {duplicate} twice; give each value once")
+        for value in values:
+            _check(base_data, [f"{key}={_yaml_value(value)}"], f"{where}: axis {key!r} = {_text(value)}")
+        clean_axes[str(key)] = values
+
+    seeds = data.get("seeds")
+    if not isinstance(seeds, list) or not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0
+                                                       for s in seeds):
+        raise ConfigError(f"{where}: seeds must be a non-empty list of whole numbers >= 0, e.g. seeds: [0, 1, 2, 3, "
+                          f"4], got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        duplicate = next(s for s in seeds if seeds.count(s) > 1)
+        raise ConfigError(f"{where}: seed {duplicate} is listed twice; each seed gives one run per cell, list it once")
+
+    study = Study(name, path, base_data, clean_axes, list(seeds), path.read_text())
+    for cell in study.cells():  # combinations of valid values can still clash (a check across sections)
+        _check(base_data, cell.overrides(), f"{where}: cell {cell.label}")
+    return study
+
+
+def _check(base: dict, overrides: list[str], where: str) -> None:
+    try:
+        from_dict(base, overrides)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None

@@ -1,0 +1,177 @@
+"""`ddcnn study` end to end on tiny generated-data studies: runs, a failed run, --aggregate over a partial study,
+--print-commands, --resume after a simulated kill, and the bad inputs."""
+
+import hashlib
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import tiny_dict
+from ddcnn.cli import main
+from ddcnn.config import load_config, parse_set
+from ddcnn.study.spec import Cell
+
+
+def write_study(folder: Path, name="s.yaml", **changes) -> Path:
+    base = tiny_dict(2)
+    base["stages"] = {stage: {"epochs": 1, "batch_size": 32} for stage in base["stages"]}
+    study = {"name": "tiny_study", "base": base, "axes": {"decomposition.grid": [[2, 2], [16, 16]]}, "seeds": [0, 1]}
+    study.update(changes)
+    path = folder / name
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return path
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the runs are tiny: one thread each
+    return tmp_path
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ddcnn: error: "), err
+    return err[0]
+
+
+def test_a_study_reports_a_failed_run_aggregates_a_partial_study_and_resumes(workspace, capsys):
+    study, out = write_study(workspace), workspace / "out"
+    # A [16, 16] grid cuts the 16x16 images into 1-pixel subimages: that cell's runs fail, the others go on.
+    assert main(["study", str(study), "--out", str(out), "--jobs", "2"]) == 1
+    printed = capsys.readouterr().out
+    assert "FAILED (exit 2): ddcnn: error: grid [16, 16]" in printed and "2 run(s) failed" in printed
+    assert "ddcnn: error: grid [16, 16]" in (out / "logs/grid-16x16/seed-1.log").read_text()
+    data = json.loads((out / "study.json").read_text())
+    ok, bad = data["cells"]
+    assert ok["seeds"]["finished"] == [0, 1] and bad["seeds"]["failed"] == [0, 1]
+    assert ok["claims"]["cnn_dnn - mean_probability"]["n"] == 2
+    assert bad["claims"]["transfer - global"]["verdict"] == "not measured"
+    assert [p["epoch"] for p in ok["curves"]["transfer"]] == [1]
+    for name in ("study.md", "plots/accuracy.png", "plots/accuracy_vs_time.png", "plots/learning_curves.png"):
+        assert (out / name).is_file()
+    assert "| decomposition.grid=2x2 | CNN-DNN − mean probability |" in (out / "study.md").read_text()
+
+    # Without --resume an existing study is refused, and nothing changes.
+    before = snapshot(out)
+    assert main(["study", str(study), "--out", str(out)]) == 2
+    assert "use --resume" in one_error_line(capsys)
+    assert snapshot(out) == before
+
+    # A run killed before its results: --aggregate collects what exists, leaving the runs alone.
+    kept = out / "runs/grid-2x2/seed-0/results.json"
+    kept_bytes, kept_mtime = kept.read_bytes(), kept.stat().st_mtime_ns
+    (out / "runs/grid-2x2/seed-1/results.json").unlink()
+    runs_before = snapshot(out / "runs")
+    assert main(["study", str(study), "--out", str(out), "--aggregate"]) == 0
+    assert "1 of 4 runs finished, 2 failed, 1 interrupted" in capsys.readouterr().out
+    ok = json.loads((out / "study.json").read_text())["cells"][0]
+    assert ok["seeds"]["interrupted"] == [1] and ok["claims"]["transfer - coherent"]["n"] == 1
+    assert ok["claims"]["transfer - coherent"]["verdict"] == "inconclusive"
+    assert snapshot(out / "runs") == runs_before
+
+    # --print-commands lists the runs still to do: the interrupted one resumes, the failed ones start again.
+    assert main(["study", str(study), "--out", str(out), "--print-commands"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and not any("grid-2x2/seed-0" in line for line in lines)
+    assert any("grid-2x2/seed-1" in line and line.endswith("--resume") for line in lines)
+
+    # --resume runs only what is not finished; the finished run is not touched.
+    assert main(["study", str(study), "--out", str(out), "--resume"]) == 1
+    assert "3 of 4 runs to do" in capsys.readouterr().out
+    assert kept.read_bytes() == kept_bytes and kept.stat().st_mtime_ns == kept_mtime
+    assert "--resume" in (out / "logs/grid-2x2/seed-1.log").read_text().splitlines()[0]
+    assert json.loads((out / "study.json").read_text())["cells"][0]["seeds"]["finished"] == [0, 1]
+
+
+def test_print_commands_gives_one_run_per_cell_and_seed_that_ddcnn_run_accepts(workspace, capsys):
+    study = write_study(workspace, axes={"model.backbone": ["vgg", "resnet"], "decomposition.overlap": [0, 1]},
+                        seeds=[3, 5])
+    assert main(["study", str(study), "--out", "out", "--print-commands"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 8 and len(set(lines)) == 8
+    seen = set()
+    for line in lines:
+        args = shlex.split(line)
+        assert args[:2] == ["ddcnn", "run"] and "--out" in args
+        sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+        cfg = load_config(args[2], sets)
+        seen.add((cfg.model.backbone, cfg.decomposition.overlap, cfg.seed))
+        assert args[args.index("--out") + 1].endswith(f"seed-{cfg.seed}")
+    assert seen == {(b, o, s) for b in ("vgg", "resnet") for o in (0, 1) for s in (3, 5)}
+    assert sorted(p.name for p in (workspace / "out").iterdir()) == ["base.yaml", "study-spec.json", "study.yaml"]
+
+
+@pytest.mark.parametrize("value", ["vgg", "yes", "1.0", "a b", "", 3, 0.5, [2, 2], None, True, {"CT-1": "x"}])
+def test_axis_values_survive_the_set_syntax(value):
+    (override,) = Cell("c", {"k": value}).overrides()
+    assert parse_set(override)[1] == value
+
+
+BAD_STUDIES = {
+    "unknown-axis-key": ({"axes": {"model.backbon": ["vgg"]}}, "unknown config key 'model.backbon' (did you mean "
+                                                                "'backbone'?)"),
+    "empty-axis": ({"axes": {"model.backbone": []}}, "axis 'model.backbone' has no values"),
+    "axis-not-a-list": ({"axes": {"model.backbone": "vgg"}}, "axis 'model.backbone' must be a list of values"),
+    "bad-axis-value": ({"axes": {"model.backbone": ["vgg", "resnt"]}}, "axis 'model.backbone' = resnt: "
+                                                                       "model.backbone = 'resnt' is not valid"),
+    "duplicate-axis-value": ({"axes": {"model.width": [4, 4]}}, "lists the value 4 twice"),
+    "duplicate-seeds": ({"seeds": [0, 1, 0]}, "seed 0 is listed twice"),
+    "no-seeds": ({"seeds": []}, "seeds must be a non-empty list"),
+    "seed-as-axis": ({"axes": {"seed": [0, 1]}}, "'seed' cannot be set or be an axis"),
+    "unknown-study-key": ({"seed": [0]}, "unknown key 'seed' (did you mean 'seeds'?)"),
+    "unknown-set-key": ({"set": {"stages.local.epocs": 1}}, "set: unknown config key 'stages.local.epocs'"),
+    "missing-base": ({"base": "nowhere.yaml"}, "base config"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_STUDIES))
+def test_bad_studies_are_one_error_that_names_the_value(workspace, capsys, case):
+    changes, message = BAD_STUDIES[case]
+    study = write_study(workspace, **changes)
+    assert main(["study", str(study), "--out", "out"]) == 2
+    assert message in one_error_line(capsys)
+    assert not (workspace / "out").exists()
+
+
+def test_a_study_directory_of_another_study_or_of_other_files_is_refused(workspace, capsys):
+    assert main(["study", str(write_study(workspace)), "--out", "out", "--print-commands"]) == 0
+    capsys.readouterr()
+    before = snapshot(workspace / "out")
+    other = write_study(workspace, "other.yaml", seeds=[0, 1, 2])
+    for extra in ([], ["--resume"], ["--aggregate"], ["--print-commands"]):
+        assert main(["study", str(other), "--out", "out", *extra]) == 2
+        assert "holds the study 'tiny_study'" in one_error_line(capsys)
+    assert snapshot(workspace / "out") == before
+    (workspace / "mine").mkdir()
+    (workspace / "mine/notes.txt").write_text("x")
+    assert main(["study", str(other), "--out", "mine"]) == 2
+    assert "not a ddcnn study" in one_error_line(capsys)
+    assert main(["study", str(other), "--out", "new", "--aggregate"]) == 2
+    assert "holds no study yet" in one_error_line(capsys)
+    assert main(["study", str(other), "--jobs", "0"]) == 2
+    assert "--jobs 0 must be at least 1" in one_error_line(capsys)
+
+
+def test_parallel_runs_split_the_threads_and_take_one_gpu_each(monkeypatch):
+    import os
+
+    from ddcnn.study.runner import _environment
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    env = _environment(slot=3, jobs=2, devices=["0", "1", "2"])
+    assert env["OMP_NUM_THREADS"] == str(max(1, cores // 2)) and env["CUDA_VISIBLE_DEVICES"] == "0"
+    assert _environment(slot=1, jobs=2, devices=["4", "6"])["CUDA_VISIBLE_DEVICES"] == "6"
+    assert "CUDA_VISIBLE_DEVICES" not in _environment(slot=0, jobs=1, devices=[""])  # no GPU: the run's default
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice is kept
+    assert _environment(slot=0, jobs=2, devices=[""])["OMP_NUM_THREADS"] == "3"
