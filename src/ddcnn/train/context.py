@@ -151,7 +151,7 @@ def build_context(cfg: Config, run_dir: RunDir, runtime: Runtime, env: DistEnv, 
         # Model and data parallelism together (a 2-D mesh of processes) is not built: refused, not half-done.
         raise ConfigError(
             f"{env.world} processes but only {models.n_local} local CNNs (grid {list(models.decomposition.grid)}): "
-            f"in the {' and '.join(sharded)} stage(s) every process holds at least one local CNN; start at most "
+            f"in the {', '.join(sharded)} stage(s) every process holds at least one local CNN; start at most "
             f"{models.n_local} processes (--nproc-per-node), use a finer grid, or set stages.<stage>.parallel=data "
             f"for coherent and transfer"
         )
