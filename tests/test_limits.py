@@ -19,7 +19,15 @@ from ddcnn.cli import main
 from ddcnn.config import from_dict
 from ddcnn.errors import ConfigError, DataError
 from ddcnn.paths import user_path
-from ddcnn.train.budget import _activation_bound, _activation_bytes, check_budget, meta_model, stage_sizes
+from ddcnn.train.budget import (
+    _activation_bound,
+    _activation_bytes,
+    check_budget,
+    count_exactly,
+    held_per_process,
+    meta_model,
+    stage_sizes,
+)
 from ddcnn.train.build import Models, Shapes
 
 PREFIX = "ddcnn: error: "
@@ -93,6 +101,27 @@ def test_the_budget_compares_with_the_memory_given(tiny_config):
     check_budget(cfg, models, torch.device("cpu"), free=need)
     with pytest.raises(ConfigError, match="but only"):
         check_budget(cfg, models, torch.device("cpu"), free=_activation_bound(models.dnn(), 1, 1, ()) // 10)
+
+
+@pytest.mark.parametrize("parallel", ["model", "data"])
+def test_several_processes_are_sized_by_what_each_one_holds(tiny_config, parallel):
+    """A model-parallel process holds half the local CNNs (and the DNN); a data-parallel one half the batch: with
+    2 processes the transfer stage needs less per process than in one, and a budget between the two passes."""
+    cfg = tiny_config(overrides=[f"stages.transfer.parallel={parallel}"])
+    models = Models(cfg, Shapes(1, 3, (16, 16)))
+    size = stage_sizes(cfg, models, ["transfer"])[0]
+    count_exactly(cfg, models, size)  # as check_budget does before it refuses
+    held = held_per_process(cfg, models, size, 2)
+    assert held.training_bytes < size.training_bytes
+    if parallel == "model":
+        dnn = sum(p.numel() for p in models.dnn().parameters())
+        assert held.parameters == dnn + (size.parameters - dnn) // 2  # 2 of the 4 local CNNs
+    else:
+        assert held.parameters == size.parameters
+    between = (held.training_bytes + size.training_bytes) // 2
+    check_budget(cfg, models, torch.device("cpu"), free=between, world=2, stages=["transfer"])
+    with pytest.raises(ConfigError, match="but only"):
+        check_budget(cfg, models, torch.device("cpu"), free=between, world=1, stages=["transfer"])
 
 
 def test_seeds_up_to_two_to_the_63_train(tiny_config):

@@ -270,6 +270,17 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def parallelism(cfg: Config, stage: str) -> str:
+    """How ``stage`` uses several processes: ``"model"`` (each holds a shard of the local CNNs and sees whole
+    batches: the local stage, and coherent and transfer by default), ``"data"`` (each holds the whole model and a
+    part of every batch: the global stage, or ``parallel: data``) or ``"single"`` (the combine stage: rank 0)."""
+    if stage == "local":
+        return "model"
+    if stage == "combine":
+        return "single"
+    return cfg.stages.get(stage).parallel or PARALLEL.get(stage, ("data",))[0]
+
+
 def validate(cfg: Config) -> Config:
     """Range checks that the types alone do not express."""
     from ddcnn.checks import choice

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ddcnn.config import STAGES, Config, DataConfig
+from ddcnn.config import STAGES, Config, DataConfig, parallelism
 from ddcnn.errors import ConfigError, DDCNNError
 
 GIB = 2**30
@@ -186,6 +186,22 @@ def free_memory(device: torch.device) -> int | None:
     return free
 
 
+def held_per_process(cfg: Config, models, size: StageSize, world: int) -> StageSize:
+    """The part of ``size`` one of ``world`` processes holds: a model-parallel stage holds the largest shard of the
+    local CNNs (and the whole DNN) with their activations, and the whole batch; a data-parallel one the whole model
+    and its part of the batch; the combine stage (rank 0) all of it."""
+    mode = parallelism(cfg, size.stage)
+    if world <= 1 or mode == "single":
+        return size
+    if mode == "data":
+        return replace(size, activation_bytes=-(-size.activation_bytes // world),
+                       input_bytes=-(-size.input_bytes // world))
+    share = -(-models.n_local // world) / models.n_local
+    dnn = 0 if size.stage == "local" else sum(p.numel() for p in meta_model(models, "combine").parameters())
+    return replace(size, parameters=dnn + math.ceil((size.parameters - dnn) * share),
+                   activation_bytes=math.ceil(size.activation_bytes * share))
+
+
 def _gib(n: float) -> str:
     return f"{n / GIB:,.1f} GiB" if n >= GIB / 10 else f"{n / 2**20:,.1f} MiB"
 
@@ -199,7 +215,7 @@ def check_budget(cfg: Config, models, device: torch.device, n_train: int | None 
     if n_train is not None:
         for size in sizes:
             batch = cfg.stages.get(size.stage).batch_size
-            parts = world if size.stage in ("global", "coherent", "transfer") else 1
+            parts = world if parallelism(cfg, size.stage) == "data" else 1
             # The protocol leaves out a last batch too small to split among the processes (BatchNorm).
             steps = n_train // batch + (1 if n_train % batch >= 2 * parts or size.stage == "combine" else 0)
             if steps == 0 or (size.stage == "combine" and n_train == 0):
@@ -209,15 +225,17 @@ def check_budget(cfg: Config, models, device: torch.device, n_train: int | None 
     if free is None:
         return sizes
     for size in sizes:
-        need = size.training_bytes if training else size.inference_bytes
+        held = held_per_process(cfg, models, size, world)
+        need = held.training_bytes if training else held.inference_bytes
         if need <= free:
             continue
         if not size.exact:  # the bound does not fit: count exactly before refusing
             count_exactly(cfg, models, size)
-            need = size.training_bytes if training else size.inference_bytes
+            held = held_per_process(cfg, models, size, world)
+            need = held.training_bytes if training else held.inference_bytes
             if need <= free:
                 continue
-        params = (16 if training else 4) * size.parameters
+        params = (16 if training else 4) * held.parameters
         if size.stage == "combine":
             fix = "lower combiner.hidden or stages.combine.batch_size"
         elif params >= need / 2:
@@ -225,7 +243,8 @@ def check_budget(cfg: Config, models, device: torch.device, n_train: int | None 
         else:
             fix = f"lower stages.{size.stage}.batch_size, data.image_size or data.augment.crop_padding"
         raise ConfigError(
-            f"the {size.stage!r} stage needs about {_gib(need)} on {device.type} ({size.parameters:,} parameters: "
+            f"the {size.stage!r} stage needs about {_gib(need)}{' per process' if world > 1 else ''} on "
+            f"{device.type} ({held.parameters:,} parameters: "
             f"{_gib(params)} of weights{' with gradients and optimizer state' if training else ''}; "
             f"{_gib(need - params)} "
             f"of activations for a batch of {cfg.stages.get(size.stage).batch_size}) but only {_gib(free)} are "

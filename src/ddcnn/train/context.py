@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddcnn.config import PARALLEL, STAGES, Config
+from ddcnn.config import STAGES, Config, parallelism
 from ddcnn.data.datasets import load_datasets
 from ddcnn.data.loading import Augment, Normalizer, make_batches, split_dataset
 from ddcnn.data.readers import ImageDataset
@@ -145,8 +145,7 @@ def build_context(cfg: Config, run_dir: RunDir, runtime: Runtime, env: DistEnv, 
     shapes = Shapes(train.in_channels, len(classes), train.image_size)
     models = Models(cfg, shapes)
     check_budget(cfg, models, runtime.device, len(train), env.world)  # every model built (on meta) and sized
-    sharded = [stage for stage in STAGES if cfg.stages.get(stage).enabled and (
-        stage == "local" or (stage in PARALLEL and (cfg.stages.get(stage).parallel or PARALLEL[stage][0]) == "model"))]
+    sharded = [stage for stage in STAGES if cfg.stages.get(stage).enabled and parallelism(cfg, stage) == "model"]
     if env.enabled and sharded and env.world > models.n_local:
         # Model and data parallelism together (a 2-D mesh of processes) is not built: refused, not half-done.
         raise ConfigError(

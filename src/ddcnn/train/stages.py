@@ -12,7 +12,7 @@ from typing import cast
 
 import torch
 
-from ddcnn.config import PARALLEL
+from ddcnn.config import parallelism
 from ddcnn.models import CNNDNN, LocalEnsemble, local_loss
 from ddcnn.models.cnn_dnn import transfer_parts
 from ddcnn.models.combiners import Combiner
@@ -141,9 +141,7 @@ def _train_dnn(ctx: Context, dnn, features: torch.Tensor, val_features: torch.Te
 
 def parallel_mode(ctx: Context, stage: str) -> str:
     """How a CNN-DNN stage uses the processes: "single" (one process), "model" or "data"."""
-    if not ctx.env.enabled:
-        return "single"
-    return ctx.cfg.stages.get(stage).parallel or PARALLEL[stage][0]
+    return parallelism(ctx.cfg, stage) if ctx.env.enabled else "single"
 
 
 def _train_cnn_dnn(ctx: Context, stage: str, ensemble, combiner, extras: dict | None = None) -> StageResult:
