@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -304,3 +305,24 @@ def test_model_parallel_coherent_and_transfer_equal_one_process_bit_for_bit(loop
         assert entry["flops_per_image"] == r2["strategies"][name]["flops_per_image"], name
     assert r2["processes"] == 2 and r2["parallel"] == {"coherent": "model", "transfer": "model"}
     assert r1["parallel"] == {"coherent": "single", "transfer": "single"}
+
+
+def test_evaluate_and_predict_with_two_processes_equal_one(loop_runs, tmp_path):
+    """Under torchrun each process loads its shard of the local CNNs and of the CNN-DNNs; the evaluation and the
+    predictions (the local CNNs' votes included) equal those of one process."""
+    _, one, _ = loop_runs
+    evaluation = Path(one) / "evaluation.json"
+    picture = tmp_path / "picture.npy"
+    np.save(picture, np.random.default_rng(0).random((1, 16, 16)).astype(np.float32))
+    outputs = {}
+    for processes in (1, 2):
+        cmd = [sys.executable, "-m", "ddcnn"] if processes == 1 else [*TORCHRUN, "--nproc-per-node=2", "-m", "ddcnn"]
+        done = subprocess.run([*cmd, "evaluate", str(one)], env=ENV, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stdout + done.stderr
+        scores = json.loads(evaluation.read_text())["strategies"]
+        shown = subprocess.run([*cmd, "predict", str(one), str(picture), "--strategy", "transfer"], env=ENV,
+                               capture_output=True, text=True, timeout=240)
+        assert shown.returncode == 0, shown.stdout + shown.stderr
+        outputs[processes] = scores, shown.stdout
+    assert outputs[1][0] == outputs[2][0]
+    assert outputs[1][1] == outputs[2][1] and "subdomain 3" in outputs[1][1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import shlex
@@ -89,9 +90,11 @@ def cmd_evaluate(args) -> int:
     from ddcnn.train.evaluate import evaluate_run
 
     run_dir = user_path(args.run_dir, "the run directory")
-    results = evaluate_run(run_dir, device=args.device)
-    print(format_table(results))
-    print(f"written: {run_dir / 'evaluation.json'}")
+    with _processes() as env:
+        results = evaluate_run(run_dir, device=args.device, env=env)
+    if results is not None:  # rank 0 (or the only process)
+        print(format_table(results))
+        print(f"written: {run_dir / 'evaluation.json'}")
     return 0
 
 
@@ -99,10 +102,24 @@ def cmd_predict(args) -> int:
     from ddcnn.train.evaluate import predict_files
 
     files = [str(user_path(f, "the file")) for f in args.files]
-    for line in predict_files(user_path(args.run_dir, "the run directory"), files, strategy=args.strategy,
-                              device=args.device):
+    with _processes() as env:
+        lines = predict_files(user_path(args.run_dir, "the run directory"), files, strategy=args.strategy,
+                              device=args.device, env=env)
+    for line in lines:
         print(line)
     return 0
+
+
+@contextlib.contextmanager
+def _processes():
+    """The ranks torchrun set (one process without it); the process group, if one is joined, is left at the end."""
+    from ddcnn.train import distributed
+
+    env = distributed.env_from_environment()
+    try:
+        yield env
+    finally:
+        distributed.shutdown()
 
 
 def cmd_show(args) -> int:

@@ -11,13 +11,18 @@ from ddcnn.data.loading import to_float
 from ddcnn.data.readers import read_image_file, read_volume_file
 from ddcnn.errors import DataError
 from ddcnn.train.context import accuracy
+from ddcnn.train.distributed import DistEnv
 from ddcnn.train.runtime import device_name
 from ddcnn.train.saved import SavedRun
 
 
-def evaluate_run(run_dir, device: str | None = None) -> dict:
-    """Test accuracy of every saved strategy, recomputed from the checkpoints; written to ``evaluation.json``."""
-    run = SavedRun(run_dir, device)
+def evaluate_run(run_dir, device: str | None = None, env: DistEnv | None = None) -> dict | None:
+    """Test accuracy of every saved strategy, recomputed from the checkpoints; written to ``evaluation.json``.
+
+    Under torchrun (``env``) each process holds its shard of the local CNNs and all compute together; rank 0
+    writes the file and returns the results, the others None.
+    """
+    run = SavedRun(run_dir, device, env)
     _, test = load_datasets(run.cfg.data)
     images, labels = to_float(test.images), test.labels
     previous = run.best or {}  # the evaluation stands on its own without results.json
@@ -31,6 +36,8 @@ def evaluate_run(run_dir, device: str | None = None) -> dict:
                "overlap": list(run.decomposition.overlap), "device_name": device_name(run.runtime.device),
                "torch_version": torch.__version__,
                "strategies": strategies}
+    if not run.env.is_main:
+        return None
     run.run_dir.write_json("evaluation.json", results)
     return results
 
@@ -60,12 +67,16 @@ def _read_input(path: Path, run: SavedRun) -> torch.Tensor:
     return x
 
 
-def predict_files(run_dir, files, strategy: str | None = None, device: str | None = None) -> list[str]:
-    """One line per file: the global class from the chosen strategy, then each subdomain's vote and probability."""
-    run = SavedRun(run_dir, device)
+def predict_files(run_dir, files, strategy: str | None = None, device: str | None = None,
+                  env: DistEnv | None = None) -> list[str]:
+    """One line per file: the global class from the chosen strategy, then each subdomain's vote and probability
+    (under torchrun, ``env``: computed by all processes together, the lines on rank 0, none elsewhere)."""
+    run = SavedRun(run_dir, device, env)
     name, fn = run.strategy(strategy)
     images = torch.stack([_read_input(Path(f), run) for f in files])
     scores, local = run.run_batches(fn, images)
+    if not run.env.is_main:
+        return []
     lines = [f"strategy: {name}"]
     for i, f in enumerate(files):
         k = int(scores[i].argmax())

@@ -52,6 +52,22 @@ def gather_subdomains(local: torch.Tensor, shards: list[range], rank: int) -> to
     return _GatherSubdomains.apply(local, shards, rank)
 
 
+class ShardedLocalCNNs(nn.Module):
+    """This process's local CNNs (``ensemble``, of its shard) on their own subimages, gathered over the processes:
+    ``(B, C, *image_size) -> (B, N, K)``, the same on every process. All processes must call it together."""
+
+    def __init__(self, decomposition: Decomposition, ensemble: LocalEnsemble, env: DistEnv):
+        super().__init__()
+        self.decomposition, self.ensemble, self.env = decomposition, ensemble, env
+        self.n_total = decomposition.n_subdomains
+        self.shards = [shard_range(self.n_total, r, env.world) for r in range(env.world)]
+        self.shard = self.shards[env.rank]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        own = self.ensemble(self.decomposition.split(images, self.shard))
+        return gather_subdomains(own, self.shards, self.env.rank)
+
+
 class ShardedCNNDNN(nn.Module):
     """This process's part of a CNN-DNN: ``(B, C, *image_size) -> (B, K)``, the same on every process.
 

@@ -11,9 +11,12 @@ from ddcnn.config import STAGES, from_dict
 from ddcnn.data.loading import Normalizer
 from ddcnn.errors import CheckpointError, ConfigError, DDCNNError, did_you_mean
 from ddcnn.models import CNNDNN, LocalEnsemble
-from ddcnn.train.budget import check_budget, stage_model, weight_shapes
+from ddcnn.shards import shard_range
+from ddcnn.train import distributed
+from ddcnn.train.budget import check_budget, meta_model, stage_model, weight_shapes
 from ddcnn.train.build import Models, Shapes
-from ddcnn.train.model_parallel import CNNDNNState
+from ddcnn.train.distributed import DistEnv, slice_state
+from ddcnn.train.model_parallel import CNNDNNState, ShardedCNNDNN, ShardedLocalCNNs
 from ddcnn.train.rundir import RunDir
 from ddcnn.train.runfiles import DATA_FACTS, RESULTS, fix_for
 from ddcnn.train.runtime import make_runtime
@@ -24,7 +27,10 @@ class SavedRun:
     """Models of a run directory, ready to predict. ``strategies()`` maps each available strategy to a function
     ``normalised images -> (global scores (B, K), local logits (B, N, K) or None)``."""
 
-    def __init__(self, path: str | Path, device: str | None = None):
+    def __init__(self, path: str | Path, device: str | None = None, env: DistEnv | None = None):
+        """``env``: under torchrun, each process loads only its shard of the local CNNs (and the whole DNN and
+        global CNN); every function of :meth:`strategies` must then be called by all processes together."""
+        self.env = env or DistEnv()
         self.run_dir = RunDir(path)
         if not self.run_dir.is_run:
             raise CheckpointError(f"{str(path)!r} is not a ddcnn run directory (no ddcnn-run.json); give the --out "
@@ -42,7 +48,7 @@ class SavedRun:
                                   f"one mean and std per channel); {fix_for('data.json')}")
         self.normalizer = Normalizer.from_state(facts["normalizer"])
         self.best = self.run_dir.read_json("results.json", RESULTS, optional=True)
-        self.runtime = make_runtime(self.cfg)
+        self.runtime = make_runtime(self.cfg, self.env)
         try:
             self.models = Models(self.cfg, self.shapes)
         except DDCNNError as err:
@@ -51,22 +57,37 @@ class SavedRun:
         self.decomposition = self.models.decomposition
         ckpt = self.run_dir.checkpoints
         done = [stage for stage in STAGES if ckpt.has(stage) and ckpt.state(stage)["done"]]
-        check_budget(self.cfg, self.models, self.runtime.device, training=False, stages=done)
+        check_budget(self.cfg, self.models, self.runtime.device, training=False, stages=done, world=self.env.world)
+        distributed.init(self.env, self.runtime.device.type)
         self.trained: dict[str, nn.Module] = {}
         for stage in done:
             weights, _, _ = ckpt.load(stage)
+            ckpt.check_weights(stage, weights, weight_shapes(stage, meta_model(self.models, stage)))
+            self.trained[stage] = self._load(stage, weights).to(self.runtime.device).eval()
+        if not self.trained:
+            raise CheckpointError(f"{str(path)!r} has no finished stage to evaluate; run (or --resume) it first")
+
+    def _load(self, stage: str, weights: dict) -> nn.Module:
+        """``stage``'s model with ``weights`` (checked): the whole model, or under torchrun this process's part of
+        the local CNNs and CNN-DNNs (both saved with the local CNNs stacked, whatever the backend and process count)."""
+        sharded = self.env.enabled and stage in ("local", "coherent", "transfer")
+        if not sharded:
             model = stage_model(self.models, stage)
-            ckpt.check_weights(stage, weights, weight_shapes(stage, model))
-            # the local CNNs in the stacked layout, whatever the backend and the number of processes
             if isinstance(model, LocalEnsemble):
                 model.load_stacked_state_dict(weights)
             elif isinstance(model, CNNDNN):
                 CNNDNNState(model).load_weights(weights)
             else:
                 model.load_state_dict(weights)
-            self.trained[stage] = model.to(self.runtime.device).eval()
-        if not self.trained:
-            raise CheckpointError(f"{str(path)!r} has no finished stage to evaluate; run (or --resume) it first")
+            return model
+        shard = shard_range(self.models.n_local, self.env.rank, self.env.world)
+        ensemble = self.models.ensemble(shard)
+        if stage == "local":
+            ensemble.load_stacked_state_dict(slice_state(weights, self.models.n_local, shard))
+            return ShardedLocalCNNs(self.decomposition, ensemble, self.env)
+        model = ShardedCNNDNN(self.decomposition, ensemble, self.models.dnn(stage), self.env)
+        CNNDNNState(model, self.env).load_weights(weights)
+        return model
 
     def strategies(self) -> dict:
         """Every strategy this run trained: name -> ``normalised images -> (scores (B, K), local logits or None)``."""

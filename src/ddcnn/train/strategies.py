@@ -14,7 +14,7 @@ from torch import nn
 
 from ddcnn.config import STAGES
 from ddcnn.decomposition import Decomposition
-from ddcnn.models import MajorityVote, MeanProbability
+from ddcnn.models import LocalEnsemble, MajorityVote, MeanProbability
 
 
 @dataclass(frozen=True)
@@ -90,8 +90,11 @@ def _combine(combiner: nn.Module, local: torch.Tensor) -> torch.Tensor:
 
 
 def _combined(ensemble: nn.Module, combiner: nn.Module, decomposition: Decomposition):
+    # A LocalEnsemble takes subimages; a process's shard of the local CNNs (ShardedLocalCNNs) takes the images.
+    takes_images = not isinstance(ensemble, LocalEnsemble)
+
     def fn(x):
-        local = ensemble(decomposition.split(x))
+        local = ensemble(x) if takes_images else ensemble(decomposition.split(x))
         return _combine(combiner, local), local
 
     return fn
