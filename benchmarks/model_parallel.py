@@ -7,7 +7,8 @@ on random data and prints, per setting, the median step time and each process's 
 
 * ``global``: the global CNN on one process;
 * ``single``: the whole CNN-DNN on one process;
-* ``model``: P processes, each with its shard of the local CNNs and the whole DNN (ddcnn's default under torchrun);
+* ``model``: P processes, each with its shard of the local CNNs and the whole DNN (ddcnn's default under torchrun),
+  and of every image only the region of its subdomains;
 * ``data``: P processes, each with the whole CNN-DNN, the batch split among them (DistributedDataParallel).
 
 Peak memory on a GPU is ``torch.cuda.max_memory_allocated``; on the CPU it is the peak resident set of the process
@@ -89,6 +90,9 @@ def worker(case: str, setting: str, batch: int, steps: int, device_name: str) ->
     if setting == "data" and env.enabled:  # each process its part of the global batch
         part = shard_range(batch, env.rank, env.world)
         x, y = x[part.start:part.stop], y[part.start:part.stop]
+    if setting == "model":  # each process the pixels of its subdomains' region, as ddcnn run's batches give it
+        start, stop = d.region(model.shard)
+        x = x[(slice(None), slice(None), *[slice(a, b) for a, b in zip(start, stop)])].contiguous()
     x, y = x.to(device), y.to(device)
     times = []
     for _ in range(steps):

@@ -156,3 +156,20 @@ def test_a_shard_of_subdomains_is_the_same_slice_of_the_full_split(layout, data)
     stop = data.draw(st.integers(start + 1, d.n_subdomains))
     x = torch.randn(2, 3, *d.image_size)
     assert torch.equal(d.split(x, range(start, stop)), d.split(x)[:, start:stop])
+
+
+@settings(max_examples=40, deadline=None)
+@given(layouts(), st.data())
+def test_images_cut_to_a_shards_region_give_the_same_subimages(layout, data):
+    """A process that holds only the box of its subdomains' pixels cuts the same subimages as from whole images."""
+    d = _make(*layout)
+    if d is None:
+        return
+    start = data.draw(st.integers(0, d.n_subdomains - 1))
+    shard = range(start, data.draw(st.integers(start + 1, d.n_subdomains)))
+    low, high = d.region(shard)
+    x = torch.randn(2, 3, *d.image_size)
+    cut = x[(slice(None), slice(None), *[slice(a, b) for a, b in zip(low, high)])]
+    assert torch.equal(d.split(cut, shard), d.split(x)[:, shard.start:shard.stop])
+    for loc in d.locations[shard.start:shard.stop].tolist():  # the box holds every subimage of the shard
+        assert all(a <= s and e <= b for a, b, s, e in zip(low, high, loc[: d.dims], loc[d.dims:]))

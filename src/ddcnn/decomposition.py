@@ -142,17 +142,28 @@ class Decomposition:
                 f"got {shape}; resize the images or build the Decomposition for their size"
             )
 
+    def region(self, subdomains: range) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``(start, stop)`` per axis of the smallest box holding the subimages of ``subdomains``."""
+        loc = self.locations[subdomains.start:subdomains.stop]
+        return tuple(loc[:, : self.dims].min(0).values.tolist()), tuple(loc[:, self.dims:].max(0).values.tolist())
+
     def split(self, x: torch.Tensor, subdomains: range | None = None) -> torch.Tensor:
         """Cut images into subimages: ``(B, C, *image_size) -> (B, N, C, *subimage_size)``.
 
         ``subdomains``: only these (a process's contiguous shard), ``(B, len(subdomains), C, *subimage_size)``; the
-        other subimages are never copied.
+        other subimages are never copied. ``x`` may then also be the images cut to :meth:`region` of the shard.
         """
-        self._check_input(x)
         if subdomains is not None and len(subdomains) < self.n_subdomains:
-            windows = [tuple(slice(a, z) for a, z in zip(loc[: self.dims], loc[self.dims:]))
+            start, stop = self.region(subdomains)
+            origin = start if isinstance(x, torch.Tensor) and x.dim() == self.dims + 2 and tuple(
+                x.shape[2:]) == tuple(b - a for a, b in zip(start, stop)) else None
+            if origin is None:
+                self._check_input(x)
+                origin = (0,) * self.dims
+            windows = [tuple(slice(a - o, z - o) for a, z, o in zip(loc[: self.dims], loc[self.dims:], origin))
                        for loc in self.locations[subdomains.start:subdomains.stop].tolist()]
             return torch.stack([x[(slice(None), slice(None)) + w] for w in windows], dim=1)
+        self._check_input(x)
         b, c = x.shape[:2]
         for axis in range(self.dims):
             dim = 2 + 2 * axis  # each earlier axis has become (grid, size)

@@ -66,16 +66,25 @@ class Context:
         return StageSpec(stage, self.cfg.stages.get(stage), self.run_dir.checkpoints, self.runtime, self.cfg.seed,
                          self.log, verbose=self.verbose, **options)
 
-    def batches(self, stage: str, parts: int = 1):
-        """Training batches of ``stage``; ``parts``: the processes each batch will be split among."""
+    def batches(self, stage: str, parts: int = 1, shard: range | None = None):
+        """Training batches of ``stage``; ``parts``: the processes each batch will be split among. With ``shard``
+        (a process's subdomains) and no augmentation, the images are cut to the shard's region before they reach
+        the device, so a process never holds the other subdomains' pixels there. (A random crop or flip moves
+        pixels across subdomains: with augmentation the batches keep whole images.)"""
         a = self.cfg.data.augment
+        augment = Augment(a.crop_padding, a.hflip)
         batch_size = self.cfg.stages.get(stage).batch_size
         # BatchNorm cannot train on one image (one value per channel): a last batch that would leave some part
         # with fewer than two images is left out.
         remainder = len(self.train) % batch_size
+        train = self.train
+        if shard is not None and augment.identity and len(shard) < self.n_local:
+            start, stop = self.decomposition.region(shard)
+            box = (slice(None), slice(None), *[slice(a, b) for a, b in zip(start, stop)])
+            train = ImageDataset(self.train.images[box].contiguous(), self.train.labels, self.train.classes)
         return make_batches(
-            self.train, batch_size, self.runtime.device, shuffle=True, drop_last=0 < remainder < 2 * parts,
-            augment=Augment(a.crop_padding, a.hflip), normalizer=self.normalizer,
+            train, batch_size, self.runtime.device, shuffle=True, drop_last=0 < remainder < 2 * parts,
+            augment=augment, normalizer=self.normalizer,
             seed=self.cfg.seed, workers=self.cfg.data.workers,
             limit_bytes=int(self.cfg.data.device_resident_limit_gb * 2**30),
         )

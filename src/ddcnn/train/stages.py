@@ -45,8 +45,8 @@ def train_local(ctx: Context, done: Done) -> StageResult:
     ensemble = ctx.prepare(ctx.models.ensemble(shard))
     run = ctx.compiled(ensemble)
 
-    def split(x):  # the subimages of this rank's local CNNs
-        return ctx.decomposition.split(x)[:, shard.start:shard.stop]
+    def split(x):  # the subimages of this rank's local CNNs, from whole images or the shard's region
+        return ctx.decomposition.split(x, shard)
 
     def loss_fn(x, y):
         logits = run(split(x))
@@ -63,7 +63,7 @@ def train_local(ctx: Context, done: Done) -> StageResult:
         return {"val_loss": per_loss.mean().item(), "val_accuracy": per.mean().item(),
                 "val_accuracy_per_subdomain": per.tolist()}
 
-    batches = ctx.batches("local")  # not sharded: every local CNN sees every image
+    batches = ctx.batches("local", shard=shard)  # every image, cut to this rank's region
     saver = EnsembleSaver(ensemble, ctx.env, shard, ctx.n_local)
     # The loss is the sum over local CNNs; the logged train_loss is their mean, comparable to val_loss.
     spec = ctx.spec("local", clip=ensemble.clip_grad_norm_, loss_scale=1 / ctx.n_local, saver=saver,
@@ -71,8 +71,8 @@ def train_local(ctx: Context, done: Done) -> StageResult:
     state = fit(spec, ensemble, loss_fn, batches, evaluate)
     timing = ctx.run_dir.read_json("local_timing.json", LOCAL_TIMING, optional=True)
     if timing is None:
-        timing = critical_path(ensemble, batches, ctx.decomposition.split, ctx.cfg.stages.local, ctx.runtime,
-                               ctx.env, state["seconds"])
+        timing = critical_path(ensemble, batches, split, ctx.cfg.stages.local, ctx.runtime, ctx.env,
+                               state["seconds"])
         if ctx.env.is_main:
             ctx.run_dir.write_json("local_timing.json", timing)
     # Each process keeps its own shard: no process ever holds all N local CNNs unless a stage asks for them.
@@ -151,7 +151,7 @@ def _train_cnn_dnn(ctx: Context, stage: str, ensemble, combiner, extras: dict | 
     sync: Sync | None
     if parallel_mode(ctx, stage) == "model":
         model = ctx.prepare(ShardedCNNDNN(ctx.decomposition, ensemble, combiner, ctx.env))
-        run, batches, sync = ctx.compiled(model), ctx.batches(stage), ModelParallelSync(ctx.env)
+        run, batches, sync = ctx.compiled(model), ctx.batches(stage, shard=model.shard), ModelParallelSync(ctx.env)
         spec = ctx.spec(stage, sync=sync, saver=CNNDNNState(model, ctx.env), clip=model.clip_grad_norm_)
     else:
         model = ctx.prepare(CNNDNN(ctx.decomposition, ensemble, combiner))

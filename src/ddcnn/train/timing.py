@@ -19,7 +19,8 @@ from ddcnn.train.runtime import Runtime
 def critical_path(ensemble: LocalEnsemble, batches, split: Callable[[torch.Tensor], torch.Tensor],
                   cfg: StageConfig, runtime: Runtime, env: DistEnv, measured_seconds: float, steps: int = 6) -> dict:
     """Time each local CNN of ``ensemble`` trained alone for a few steps on copies of its weights; the slowest,
-    scaled to the stage's steps, is the critical path. ``split``: images ``(B, C, *size) -> (B, N, C, *sub)``.
+    scaled to the stage's steps, is the critical path. ``split``: images ``(B, C, *size)`` to the subimages of
+    the ensemble's local CNNs ``(B, n_local, C, *sub)``.
 
     Returns what ``local_timing.json`` holds: the measured and the estimated seconds, and how it was estimated.
     """
@@ -41,7 +42,7 @@ def critical_path(ensemble: LocalEnsemble, batches, split: Callable[[torch.Tenso
                 runtime.synchronize()
                 start = time.perf_counter()
                 with runtime.autocast():
-                    loss = F.cross_entropy(single(sub[:, ensemble.indices[i]]).float(), y)
+                    loss = F.cross_entropy(single(sub[:, i]).float(), y)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
