@@ -1,11 +1,13 @@
-"""Several processes (``torchrun``): local CNNs sharded over ranks, the other stages data-parallel.
+"""Several processes (``torchrun``): local CNNs sharded over ranks, the global CNN data-parallel.
 
 * ``local``: rank ``r`` of ``P`` trains a contiguous shard of the N local CNNs (:func:`shard_range`) as one batched
   ensemble, on every training image, in the same order as a single process would, with no communication until
-  the end of each epoch; then the shards are gathered (for the checkpoint and the metrics), and after the stage
-  every rank holds all N local CNNs. Every rank holds at least one local CNN: ``P > N`` is refused.
-* ``combine``: trained once on rank 0 and broadcast.
-* ``global``, ``coherent``, ``transfer``: DistributedDataParallel; each global batch is split into ``P`` parts.
+  the end of each epoch; then the shards are gathered (for the checkpoint and the metrics). Each rank keeps its
+  shard after the stage. Every rank holds at least one local CNN: ``P > N`` is refused.
+* ``combine``: the features are computed shard by shard and gathered; the DNN is trained on rank 0 and broadcast.
+* ``coherent``, ``transfer``: model-parallel by default (:mod:`ddcnn.train.model_parallel`), or
+  DistributedDataParallel with ``parallel: data``.
+* ``global``: DistributedDataParallel; each global batch is split into ``P`` parts.
 * Only rank 0 prints, writes metrics, checkpoints, plots and the report.
 
 Every gathered state is concatenated along dim 0 in rank order: because the shards are contiguous and every
