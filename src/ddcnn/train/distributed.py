@@ -144,12 +144,12 @@ def slice_state(state: dict, n_total: int, shard: range) -> dict:
     return out
 
 
-def _cat_optimizer(states: list[dict]) -> dict:
+def cat_optimizer(states: list[dict]) -> dict:
     return {"state": {j: cat_states([s["state"][j] for s in states]) for j in states[0]["state"]},
             "param_groups": states[0]["param_groups"]}
 
 
-def _slice_optimizer(state: dict, n_total: int, shard: range) -> dict:
+def slice_optimizer(state: dict, n_total: int, shard: range) -> dict:
     return {"state": {int(j): slice_state(entry, n_total, shard) for j, entry in state["state"].items()},
             "param_groups": state["param_groups"]}
 
@@ -170,10 +170,10 @@ class EnsembleSaver(ModelState):
         self.ensemble.load_stacked_state_dict(slice_state(weights, self.n_total, self.shard))
 
     def optimizer_state(self, optimizer) -> dict:
-        return _cat_optimizer(self.env.all_gather(self.ensemble.stacked_optimizer_state(optimizer)))
+        return cat_optimizer(self.env.all_gather(self.ensemble.stacked_optimizer_state(optimizer)))
 
     def load_optimizer_state(self, optimizer, state: dict) -> None:
-        self.ensemble.load_stacked_optimizer_state(optimizer, _slice_optimizer(state, self.n_total, self.shard))
+        self.ensemble.load_stacked_optimizer_state(optimizer, slice_optimizer(state, self.n_total, self.shard))
 
 
 class _RankSync(Sync):

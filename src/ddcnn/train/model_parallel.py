@@ -21,7 +21,7 @@ from ddcnn.decomposition import Decomposition
 from ddcnn.models import CNNDNN, LocalEnsemble
 from ddcnn.models.combiners import Combiner
 from ddcnn.shards import shard_range
-from ddcnn.train.distributed import DistEnv, _RankSync, cat_states, slice_state
+from ddcnn.train.distributed import DistEnv, _RankSync, cat_optimizer, cat_states, slice_optimizer, slice_state
 from ddcnn.train.loop import ModelState
 
 ENSEMBLE = "ensemble.net."  # checkpoint keys of the stacked ensemble (the grouped backend's own keys)
@@ -71,21 +71,22 @@ class ShardedLocalCNNs(nn.Module):
 class ShardedCNNDNN(nn.Module):
     """This process's part of a CNN-DNN: ``(B, C, *image_size) -> (B, K)``, the same on every process.
 
-    ``ensemble`` holds the local CNNs of ``shard`` (:func:`ddcnn.shards.shard_range` of ``n_total`` for this
+    ``ensemble`` holds the local CNNs of ``shard`` (:func:`ddcnn.shards.shard_range` of the N subdomains for this
     rank), ``combiner`` is the whole DNN. All processes must call it together (it gathers).
     """
 
     def __init__(self, decomposition: Decomposition, ensemble: LocalEnsemble, combiner: Combiner, env: DistEnv):
         super().__init__()
-        self.decomposition, self.ensemble, self.combiner, self.env = decomposition, ensemble, combiner, env
-        self.n_total = decomposition.n_subdomains
-        self.shards = [shard_range(self.n_total, r, env.world) for r in range(env.world)]
-        self.shard = self.shards[env.rank]
+        self.local, self.combiner = ShardedLocalCNNs(decomposition, ensemble, env), combiner
+        self.decomposition, self.env, self.shard = decomposition, env, self.local.shard
+
+    @property
+    def ensemble(self) -> LocalEnsemble:
+        return self.local.ensemble
 
     def local_logits(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, C, *image_size) -> (B, N, K)``: this rank's local CNNs on its own subimages, then gathered."""
-        own = self.ensemble(self.decomposition.split(images, self.shard))
-        return gather_subdomains(own, self.shards, self.env.rank)
+        return self.local(images)
 
     def forward(self, images: torch.Tensor, return_local: bool = False):
         local = self.local_logits(images)
@@ -106,17 +107,6 @@ class ShardedCNNDNN(nn.Module):
             if p.grad is not None:
                 p.grad.mul_(scale.to(p.grad.dtype))
         return total
-
-
-def shard_cnn_dnn(model: CNNDNN, env: DistEnv, build_shard) -> ShardedCNNDNN:
-    """This rank's part of ``model`` (built whole, or from the local CNNs it trained): ``build_shard(shard)``
-    makes an empty ensemble of the shard, which takes the shard's rows of ``model.ensemble``."""
-    sharded = ShardedCNNDNN(model.decomposition, build_shard(shard_range(model.ensemble.n_local, env.rank,
-                                                                         env.world)), model.combiner, env)
-    if sharded.ensemble is not model.ensemble:
-        stacked = model.ensemble.stacked_state_dict()
-        sharded.ensemble.load_stacked_state_dict(slice_state(stacked, sharded.n_total, sharded.shard))
-    return sharded
 
 
 class ModelParallelSync(_RankSync):
@@ -159,9 +149,7 @@ class CNNDNNState(ModelState):
         (stacked over all local CNNs), then the DNN's."""
         stacked = self.ensemble.stacked_optimizer_state(optimizer)
         if self.sharded:
-            parts = self.env.all_gather(stacked)
-            stacked = {"state": {j: cat_states([p["state"][j] for p in parts]) for j in parts[0]["state"]},
-                       "param_groups": parts[0]["param_groups"]}
+            stacked = cat_optimizer(self.env.all_gather(stacked))
         first = len(self.ensemble._parameters_by_position())
         state = dict(stacked["state"])
         for j, p in enumerate(self.combiner.parameters()):
@@ -176,14 +164,10 @@ class CNNDNNState(ModelState):
         ensemble_part = {"state": {j: v for j, v in entries.items() if j < first},
                          "param_groups": state["param_groups"]}
         self.ensemble.load_stacked_optimizer_state(
-            optimizer, _slice_optimizer_state(ensemble_part, self.n_total, self.shard))
+            optimizer, slice_optimizer(ensemble_part, self.n_total, self.shard))
         for j, p in enumerate(self.combiner.parameters()):
             entry = entries.get(first + j)
             if entry is not None:
                 optimizer.state[p] = {k: v.to(p.device).clone() if torch.is_tensor(v) and v.dim() > 0
                                       else (v.clone() if torch.is_tensor(v) else v) for k, v in entry.items()}
 
-
-def _slice_optimizer_state(state: dict, n_total: int, shard: range) -> dict:
-    return {"state": {j: slice_state(entry, n_total, shard) for j, entry in state["state"].items()},
-            "param_groups": state["param_groups"]}
