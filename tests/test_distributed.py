@@ -327,3 +327,18 @@ def test_evaluate_and_predict_with_two_processes_equal_one(loop_runs, tmp_path, 
     shown = done.stdout
     assert json.loads(evaluation.read_text())["strategies"] == alone[0]
     assert shown == alone[1].split("\n", 1)[1] and "subdomain 3" in shown
+
+
+def test_the_vmap_backend_trains_model_parallel_like_one_process(tmp_path):
+    """Any CNN's batched backend (vmap) under torchrun: the sharded local stage and the model-parallel CNN-DNN
+    stages end with the weights of one process, to float32 rounding (vmap batches 2 slots in another order than
+    4, as the grouped backend does)."""
+    cfg = _config(tmp_path, local_epochs=1, transfer_epochs=1)
+    args = ["run", cfg, "--set", "stages.global.enabled=false", "--set", "model.backend=vmap"]
+    one, two = _run(args, tmp_path / "one"), _run(args, tmp_path / "two", processes=2)
+    _finish(one), _finish(two)
+    for stage in ("local", "combine", "coherent", "transfer"):
+        a, b = _weights(tmp_path / "one", stage), _weights(tmp_path / "two", stage)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=f"{stage} {key}")
