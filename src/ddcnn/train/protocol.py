@@ -86,33 +86,34 @@ def evaluate_test(ctx: Context, done: dict[str, StageResult], command: str = "")
     labels, k, n = ctx.test.labels, len(ctx.classes), ctx.n_local
     shapes, d, env = ctx.models.shapes, ctx.decomposition, ctx.env
     image_shape = (shapes.in_channels, *shapes.image_size)
+    trained = {stage: result.model.eval() for stage, result in done.items()}
     local = stages.frozen_local_logits(ctx, done["local"], ctx.test.images) if "local" in done else None
-    if "local" in done:  # the ensemble's cost, summed over the processes' shards
-        shard = cast(LocalEnsemble, done["local"].model)
-        ensemble_cost = _summed(env, count_parameters(shard), forward_flops(
-            shard, (shard.n_local, shapes.in_channels, *d.subimage_size)))
+
+    def local_cost(ensemble: LocalEnsemble) -> tuple[int, int]:
+        """Parameters and forward FLOPs per image of the local CNNs, summed over the processes' shards (all
+        processes call it)."""
+        return _summed(env, count_parameters(ensemble), forward_flops(
+            ensemble, (ensemble.n_local, shapes.in_channels, *d.subimage_size)))
+
+    def with_dnn(cost: tuple[int, int], dnn) -> tuple[int, int]:
+        return cost[0] + count_parameters(dnn), cost[1] + forward_flops(dnn, (n, k))
+
+    ensemble_cost = local_cost(cast(LocalEnsemble, trained["local"])) if "local" in trained else (0, 0)
     scores, costs = {}, {}
     for name in available(done):
         strategy = STRATEGIES[name]
         if strategy.combiner is not None:  # a rule or the DNN on the local logits: rank 0 alone
             if env.is_main:
                 assert local is not None  # a combiner's strategies need the local stage
-                combiner = strategy.combiner({s: r.model.eval() for s, r in done.items()}, n, k)
+                combiner = strategy.combiner(trained, n, k)
                 with torch.no_grad(), torch.autocast(ctx.runtime.device.type, enabled=False):
                     scores[name] = combiner(local.to(ctx.runtime.device)).float().cpu()
-                params, flops = ensemble_cost
-                if "combine" in strategy.stages:
-                    params += count_parameters(combiner)
-                    flops += forward_flops(combiner, (n, k))
-                costs[name] = params, flops
+                costs[name] = with_dnn(ensemble_cost, combiner) if "combine" in strategy.stages else ensemble_cost
             continue
-        model = done[strategy.stages[0]].model.eval()
+        model = trained[strategy.stages[0]]
         if isinstance(model, ShardedCNNDNN):  # every process computes its part
             scores[name] = ctx.predict(model, ctx.test.images)
-            params, flops = _summed(env, count_parameters(model.ensemble), forward_flops(
-                model.ensemble, (model.ensemble.n_local, shapes.in_channels, *d.subimage_size)))
-            costs[name] = (params + count_parameters(model.combiner),
-                           flops + forward_flops(model.combiner, (n, k)))
+            costs[name] = with_dnn(local_cost(model.ensemble), model.combiner)
         elif env.is_main:
             scores[name] = ctx.predict(model, ctx.test.images)
             costs[name] = count_parameters(model), forward_flops(model, image_shape)
