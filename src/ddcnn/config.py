@@ -4,6 +4,9 @@ Unknown keys, wrong types and out-of-range values are :class:`~ddcnn.errors.Conf
 the closest valid key for a typo). ``--set key=value`` overrides use dotted keys (``stages.local.epochs=5``); a
 ``*`` in place of a stage name sets the key on every stage (``stages.*.epochs=2``). Values are parsed as YAML
 scalars or flow lists (``[2, 2]``), never evaluated as code.
+
+Just past 400 lines on purpose: the option dataclasses, their type check and their range checks are read together
+when an option is added; the YAML loading that bounds alias expansion is in :mod:`ddcnn.files`.
 """
 
 from __future__ import annotations
