@@ -39,13 +39,12 @@ def weight_shapes(stage: str, model: nn.Module) -> dict[str, tuple]:
     """``{name: shape}`` of what ``stage``'s checkpoint holds for ``model``: the local CNNs in the stacked layout,
     a CNN-DNN as :class:`~ddcnn.train.model_parallel.CNNDNNState` saves it (works on the meta device)."""
     from ddcnn.models import CNNDNN, LocalEnsemble
-    from ddcnn.train.model_parallel import COMBINER, ENSEMBLE
+    from ddcnn.train.model_parallel import whole_state
 
     if isinstance(model, LocalEnsemble):
         state = model.stacked_state_dict()
     elif isinstance(model, CNNDNN):
-        state = {**{ENSEMBLE + k: v for k, v in model.ensemble.stacked_state_dict().items()},
-                 **{COMBINER + k: v for k, v in model.combiner.state_dict().items()}}
+        state = whole_state(model.ensemble.stacked_state_dict(), model.combiner.state_dict())
     else:
         state = model.state_dict()
     return {k: tuple(v.shape) for k, v in state.items()}

@@ -109,6 +109,12 @@ class ShardedCNNDNN(nn.Module):
         return total
 
 
+def whole_state(stacked_ensemble: dict, combiner: dict) -> dict:
+    """A CNN-DNN's checkpoint layout: the ensemble's stacked state under ``ensemble.net.``, the DNN's under
+    ``combiner.``."""
+    return {**{ENSEMBLE + k: v for k, v in stacked_ensemble.items()}, **{COMBINER + k: v for k, v in combiner.items()}}
+
+
 class ModelParallelSync(_RankSync):
     """Every rank saw the whole batch and computed the same loss: the statistics are already complete."""
 
@@ -133,8 +139,7 @@ class CNNDNNState(ModelState):
         stacked = {k: v.cpu() for k, v in self.ensemble.stacked_state_dict().items()}
         if self.sharded:
             stacked = cat_states(self.env.all_gather(stacked))
-        return {**{ENSEMBLE + k: v for k, v in stacked.items()},
-                **{COMBINER + k: v.detach().cpu().clone() for k, v in self.combiner.state_dict().items()}}
+        return whole_state(stacked, {k: v.detach().cpu().clone() for k, v in self.combiner.state_dict().items()})
 
     def load_weights(self, weights: dict) -> None:
         stacked = {k[len(ENSEMBLE):]: v for k, v in weights.items() if k.startswith(ENSEMBLE)}

@@ -22,7 +22,7 @@ from ddcnn.train.batches import TensorBatches
 from ddcnn.train.context import Context, StageResult
 from ddcnn.train.distributed import EnsembleSaver, ShardSync
 from ddcnn.train.loop import Sync, fit
-from ddcnn.train.model_parallel import CNNDNNState, ModelParallelSync, ShardedCNNDNN
+from ddcnn.train.model_parallel import CNNDNNState, ModelParallelSync, ShardedCNNDNN, ShardedLocalCNNs
 from ddcnn.train.runfiles import LOCAL_TIMING
 from ddcnn.train.timing import critical_path
 
@@ -92,9 +92,10 @@ def full_ensemble(ctx: Context, local: StageResult) -> LocalEnsemble:
 def frozen_local_logits(ctx: Context, local: StageResult, images: torch.Tensor) -> torch.Tensor:
     """The trained local CNNs' logits ``(M, N, K)`` of images ``(M, C, *size)`` in eval mode, on every process:
     each computes those of its own shard on its own subimages, then they are gathered (all processes call it)."""
-    ensemble, shard = local.model.eval(), local.extras["shard"]
-    own = ctx.predict(lambda x: ensemble(ctx.decomposition.split(x, shard)), images)
-    return torch.cat(ctx.env.all_gather(own), dim=1) if ctx.env.enabled else own
+    ensemble = cast(LocalEnsemble, local.model).eval()
+    if ctx.env.enabled:
+        return ctx.predict(ShardedLocalCNNs(ctx.decomposition, ensemble, ctx.env), images)
+    return ctx.predict(lambda x: ensemble(ctx.decomposition.split(x)), images)
 
 
 def train_combine(ctx: Context, done: Done) -> StageResult:
