@@ -1,13 +1,19 @@
 """Spatial parallelism of the global CNN: P processes (gloo, spawned) compute what one process computes."""
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
+from conftest import tiny_dict
 from ddcnn.errors import ConfigError
 from ddcnn.train.spatial import slab_rows
+from test_distributed import ENV, _finish, _run, _weights
 
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
@@ -89,7 +95,7 @@ def _spawn(tmp_path_factory, world):
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
-@pytest.fixture(scope="module", params=[2, 4])
+@pytest.fixture(scope="module", params=[2, pytest.param(4, marks=pytest.mark.slow)])
 def ranks(request, tmp_path_factory):
     return _spawn(tmp_path_factory, request.param)
 
@@ -141,3 +147,53 @@ def test_slabs_that_do_not_stay_aligned_are_refused_with_the_sizes_that_work():
         slab_rows((24, 32), 4, (2, 2, 2), "vgg")
     with pytest.raises(ConfigError, match="along D"):
         slab_rows((6, 8, 8), 4, (1, 1), "resnet")
+
+
+def _cli_config(tmp_path, dims, backbone):
+    data = tiny_dict(dims, generated_train=96, generated_test=32)
+    data["model"]["backbone"] = backbone
+    for stage in ("local", "combine", "coherent", "transfer"):
+        data["stages"][stage]["enabled"] = False
+    data["stages"]["global"].update({"epochs": 2, "batch_size": 16, "lr": 0.01})
+    path = tmp_path / f"spatial{dims}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dims,backbone", [(2, "vgg"), (3, "resnet")])
+def test_torchrun_spatial_trains_the_global_cnn_of_one_process(tmp_path, dims, backbone):
+    """``torchrun --nproc-per-node 2 -m ddcnn run CONFIG --set stages.global.parallel=spatial``: the checkpoint of
+    the global CNN is the one-process run's to float32 rounding, and it loads with one process (``evaluate``)."""
+    cfg = _cli_config(tmp_path, dims, backbone)
+    spatial = ["--set", "stages.global.parallel=spatial"]
+    one, two = _run(["run", cfg], tmp_path / "one"), _run(["run", cfg, *spatial], tmp_path / "two", processes=2)
+    _finish(one), _finish(two)
+    a, b = _weights(tmp_path / "one", "global"), _weights(tmp_path / "two", "global")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-4, msg=key)
+    results = json.loads((tmp_path / "two" / "results.json").read_text())
+    _finish(subprocess.Popen([sys.executable, "-m", "ddcnn", "evaluate", str(tmp_path / "two")], env=ENV,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    again = json.loads((tmp_path / "two" / "evaluation.json").read_text())
+    assert again["strategies"]["global"]["test_accuracy"] == results["strategies"]["global"]["test_accuracy"]
+
+
+def test_spatial_refuses_a_foreign_backbone_and_other_stages(tiny_config):
+    with pytest.raises(ConfigError, match="splits the layers of the built-in backbones"):
+        tiny_config(overrides=["stages.global.parallel=spatial", "model.backbone=torch.nn.Identity",
+                               "model.backend=loop"])
+    with pytest.raises(ConfigError, match="stages.coherent.parallel = 'spatial' is not valid"):
+        tiny_config(overrides=["stages.coherent.parallel=spatial"])
+
+
+def test_an_image_that_does_not_split_is_refused_before_anything_is_written(tiny_config, tmp_path):
+    from ddcnn.train.distributed import DistEnv
+    from ddcnn.train.protocol import Experiment
+
+    others = [f"stages.{s}.enabled=false" for s in ("local", "combine", "coherent", "transfer")]
+    cfg = tiny_config(overrides=["stages.global.parallel=spatial", "data.image_size=[12, 16]", *others])
+    with pytest.raises(ConfigError, match=r"\[12, 16\] images along H \(12\) over 4 processes"):
+        Experiment(cfg, tmp_path / "r", verbose=False, env=DistEnv(rank=0, world=4)).setup()
+    assert not (tmp_path / "r").exists()

@@ -15,6 +15,7 @@ from ddcnn.data.datasets import load_datasets
 from ddcnn.data.loading import Augment, Normalizer, make_batches, split_dataset
 from ddcnn.data.readers import ImageDataset
 from ddcnn.errors import ConfigError
+from ddcnn.models.backbones import DEFAULT_DEPTH
 from ddcnn.train import distributed
 from ddcnn.train.budget import check_budget
 from ddcnn.train.build import Models, Shapes
@@ -23,6 +24,7 @@ from ddcnn.train.loop import StageSpec, Sync
 from ddcnn.train.metrics import MetricsLog
 from ddcnn.train.rundir import RunDir
 from ddcnn.train.runtime import M, Runtime
+from ddcnn.train.spatial import slab_rows
 
 
 @dataclass
@@ -66,11 +68,12 @@ class Context:
         return StageSpec(stage, self.cfg.stages.get(stage), self.run_dir.checkpoints, self.runtime, self.cfg.seed,
                          self.log, verbose=self.verbose, **options)
 
-    def batches(self, stage: str, parts: int = 1, shard: range | None = None):
+    def batches(self, stage: str, parts: int = 1, shard: range | None = None, slab: range | None = None):
         """Training batches of ``stage``; ``parts``: the processes each batch will be split among. With ``shard``
         (a process's subdomains) and no augmentation, the images are cut to the shard's region before they reach
-        the device, so a process never holds the other subdomains' pixels there. (A random crop or flip moves
-        pixels across subdomains: with augmentation the batches keep whole images.)"""
+        the device, so a process never holds the other subdomains' pixels there; with ``slab`` (rows of dim 2,
+        spatial parallelism) to those rows. (A random crop or flip moves pixels across subdomains: with
+        augmentation the batches keep whole images.)"""
         a = self.cfg.data.augment
         augment = Augment(a.crop_padding, a.hflip)
         batch_size = self.cfg.stages.get(stage).batch_size
@@ -82,6 +85,9 @@ class Context:
             start, stop = self.decomposition.region(shard)
             box = (slice(None), slice(None), *[slice(a, b) for a, b in zip(start, stop)])
             train = ImageDataset(self.train.images[box].contiguous(), self.train.labels, self.train.classes)
+        if slab is not None and augment.identity:
+            rows = self.train.images[:, :, slab.start:slab.stop].contiguous()
+            train = ImageDataset(rows, self.train.labels, self.train.classes)
         return make_batches(
             train, batch_size, self.runtime.device, shuffle=True, drop_last=0 < remainder < 2 * parts,
             augment=augment, normalizer=self.normalizer,
@@ -163,6 +169,9 @@ def build_context(cfg: Config, run_dir: RunDir, runtime: Runtime, env: DistEnv, 
             f"{models.n_local} processes (--nproc-per-node), use a finer grid, or set stages.<stage>.parallel=data "
             f"for coherent and transfer"
         )
+    if env.enabled and cfg.stages.global_.enabled and parallelism(cfg, "global") == "spatial":
+        slab_rows(shapes.image_size, env.world, cfg.model.depth or DEFAULT_DEPTH[cfg.model.backbone],
+                  cfg.model.backbone)
     normalizer = Normalizer.fit(train.images)
     distributed.init(env, runtime.device.type)
     if env.is_main:

@@ -51,7 +51,8 @@ def _exchange(to_prev: torch.Tensor | None, to_next: torch.Tensor | None, rank: 
     """Send ``to_prev`` to rank - 1 and ``to_next`` to rank + 1, receive buffers shaped like the ``*_like``
     tensors from them (``None``: nothing that way). Non-blocking both ways, so neighbours never wait on each
     other's order."""
-    requests, received = [], []
+    requests: list = []
+    received: list[torch.Tensor | None] = []
     for peer, out, like in ((rank - 1, to_prev, from_prev_like), (rank + 1, to_next, from_next_like)):
         if not 0 <= peer < world:
             received.append(None)

@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddcnn.config import spatial_backbone_error
 from ddcnn.errors import ConfigError
-from ddcnn.models.backbones import BACKBONES, BasicBlock, Head
+from ddcnn.models.backbones import Backbone, BasicBlock, Head
 from ddcnn.train.distributed import DistEnv
 from ddcnn.train.halo import CommMeter, halo, replicated_sum, slab_sum, sum_gradients
 
@@ -62,12 +64,6 @@ def slab_rows(image_size: Sequence[int], world: int, depth: Sequence[int], backb
     return [range(r * step, (r + 1) * step) for r in range(world)]
 
 
-def check_spatial(backbone: str) -> None:
-    if backbone not in BACKBONES:
-        raise ConfigError(f"stages.global.parallel = spatial splits the layers of the built-in backbones (vgg, "
-                          f"resnet) only, not {backbone!r}; use stages.global.parallel: data")
-
-
 class SpatialCNN(nn.Module):
     """This process's part of a built-in global CNN: ``(B, C, *image_size)`` whole images, or this process's slab
     ``(B, C, L, ...)`` of them, -> ``(B, K)`` logits, the same on every process. All processes call it together.
@@ -79,8 +75,9 @@ class SpatialCNN(nn.Module):
     def __init__(self, cnn: nn.Module, env: DistEnv, image_size: Sequence[int], meter: CommMeter | None = None):
         super().__init__()
         net = getattr(cnn, "net", None)
-        check_spatial(getattr(cnn, "backbone", type(cnn).__name__))
-        self.cnn, self.net = cnn, net
+        if not isinstance(net, Backbone) or net.groups != 1:
+            raise spatial_backbone_error(getattr(cnn, "backbone", type(cnn).__name__))
+        self.cnn = cnn
         self.rank, self.world, self.meter = env.rank, env.world, meter
         self.image_length = image_size[0]
         self.slabs = slab_rows(image_size, env.world, net.depth, net.name)
@@ -89,7 +86,7 @@ class SpatialCNN(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[2] == self.image_length and len(self.rows) != self.image_length:
             images = images.narrow(2, self.rows.start, len(self.rows))
-        return self._run(self.net, images)
+        return self._run(cast(nn.Module, self.cnn.net), images)
 
     def _run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if isinstance(module, Head):
@@ -112,7 +109,8 @@ class SpatialCNN(nn.Module):
                           f"stages.global.parallel: data")
 
     def _conv(self, conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
-        k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+        # The built-ins pad with numbers, never "same" (a string): slab_rows relies on it.
+        k, s, p = conv.kernel_size[0], conv.stride[0], int(conv.padding[0])
         length = x.shape[2]
         x = halo(x, p, max(0, k - s - p), self.rank, self.world, self.meter)
         weight = sum_gradients(conv.weight, self.world, self.meter)
