@@ -37,7 +37,7 @@ def _model(backbone, dims):
     return GlobalCNN(1, 3, backbone, width=4, depth=(1, 1), dims=dims)
 
 
-def _train(model, forward, x, y):
+def _train(model, forward, x, y, after_step=lambda: None):
     """A few Adam steps with a clipped gradient (so that the gradient norm must agree too); the logits."""
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
     for _ in range(STEPS):
@@ -45,6 +45,7 @@ def _train(model, forward, x, y):
         F.cross_entropy(forward(x), y).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
         opt.step()
+        after_step()
     model.eval()
     with torch.no_grad():
         return forward(x)
@@ -80,8 +81,9 @@ def _worker(rank, world, store_path, out_dir):
         model = _model(backbone, dims)
         meter = CommMeter()
         spatial = SpatialCNN(model, env, _size(dims), meter)
-        logits = _train(spatial, spatial, *_data(dims))
-        results[f"{backbone}{dims}"] = (logits, model.state_dict(), meter.sent)
+        per_step = []
+        logits = _train(spatial, spatial, *_data(dims), after_step=lambda: per_step.append(meter.total))
+        results[f"{backbone}{dims}"] = (logits, model.state_dict(), torch.tensor(per_step))
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -138,6 +140,18 @@ def test_every_process_holds_identical_weights(ranks):
         for other in ranks[1:]:
             for key, value in first.items():
                 assert torch.equal(other[name][1][key], value), (name, key)
+
+
+def test_the_bytes_sent_per_step_are_the_formula_of_ddcnn_show(ranks):
+    """What the exchange code counted in each training step, on the busiest process, is
+    :func:`spatial_step_bytes` of the model and the batch."""
+    from ddcnn.train.scaling import spatial_step_bytes
+
+    for backbone, dims in CASES:
+        counted = torch.stack([r[f"{backbone}{dims}"][2] for r in ranks]).max(0).values
+        steps = torch.diff(counted, prepend=torch.zeros(1, dtype=counted.dtype))
+        expected = spatial_step_bytes(_model(backbone, dims), tuple(_data(dims)[0].shape), len(ranks))
+        assert steps.tolist() == [expected] * STEPS, (backbone, dims)
 
 
 def test_slabs_that_do_not_stay_aligned_are_refused_with_the_sizes_that_work():
