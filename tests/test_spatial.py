@@ -82,7 +82,7 @@ def _worker(rank, world, store_path, out_dir):
         meter = CommMeter()
         spatial = SpatialCNN(model, env, _size(dims), meter)
         per_step = []
-        logits = _train(spatial, spatial, *_data(dims), after_step=lambda: per_step.append(meter.total))
+        logits = _train(spatial, spatial, *_data(dims), after_step=lambda m=meter, s=per_step: s.append(m.total))
         results[f"{backbone}{dims}"] = (logits, model.state_dict(), torch.tensor(per_step))
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()

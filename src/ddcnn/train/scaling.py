@@ -20,12 +20,14 @@ state, activations kept for the backward pass and their gradients, the input bat
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import nn
 
 from ddcnn.config import Config
 from ddcnn.errors import ConfigError
+from ddcnn.models import GlobalCNN
 from ddcnn.models.backbones import Head
 from ddcnn.train.budget import held_per_process, meta_model, stage_sizes
 from ddcnn.train.spatial import slab_rows
@@ -104,7 +106,7 @@ def parallelisms(cfg: Config, models, world: int) -> list[tuple[str, int | None,
     if cfg.model.backbone in ("vgg", "resnet"):
         cnn = meta_model(models, "global")
         try:
-            slab_rows(models.shapes.image_size, world, cnn.net.depth, cfg.model.backbone)
+            slab_rows(models.shapes.image_size, world, cast(GlobalCNN, cnn).depth or (), cfg.model.backbone)
             shape = (batch["global"], models.shapes.in_channels, *models.shapes.image_size)
             spatial = spatial_step_bytes(cnn, shape, world), held("global", "spatial")
         except ConfigError:
