@@ -128,6 +128,27 @@ def worker(case: str, setting: str, steps: int) -> dict:
     return out
 
 
+def projection(case: str, worlds=(2, 4, 8, 64)) -> list[str]:
+    """The formulae of :mod:`ddcnn.train.scaling` for the case's models (what ``ddcnn show`` prints)."""
+    from ddcnn.config import from_dict
+    from ddcnn.train.build import Models, Shapes
+    from ddcnn.train.scaling import parallelisms
+
+    c = CASES[case]
+    stages = {s: {"batch_size": c["batch"]} for s in ("global", "local", "coherent", "transfer")}
+    cfg = from_dict({"model": {"width": c["width"], "depth": list(c["depth"])}, "stages": stages,
+                     "decomposition": {"grid": list(c["grid"])}})
+    models = Models(cfg, Shapes(1, CLASSES, c["size"]))
+    columns = {w: parallelisms(cfg, models, w) for w in worlds}
+    lines = [f"| {case}: estimated KiB sent / MiB held per process | " + " | ".join(f"P = {w}" for w in worlds)
+             + " |", "|---|" + "---:|" * len(worlds)]
+    for i, (name, _, _) in enumerate(columns[worlds[0]]):
+        cells = ["-" if columns[w][i][1] is None else
+                 f"{columns[w][i][1] / 1024:,.1f} / {columns[w][i][2] / 2**20:,.0f}" for w in worlds]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def launch(case: str, setting: str, procs: int, threads: int, steps: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         args = [__file__, "--worker", case, setting, "--steps", str(steps), "--results", tmp]
@@ -146,7 +167,12 @@ def main(argv=None) -> int:
     p.add_argument("--procs", nargs="+", type=int, default=[2, 4])
     p.add_argument("--threads", type=int, default=2, help="threads in all, split among the processes")
     p.add_argument("--steps", type=int, default=3, help="steps per setting; the first is not timed")
+    p.add_argument("--projection", action="store_true", help="print the estimates only (no processes)")
     args = p.parse_args(argv)
+    if args.projection:
+        for case in args.cases:
+            print("\n".join(projection(case)))
+        return 0
     if args.worker:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         out = worker(*args.worker, args.steps)
@@ -165,6 +191,9 @@ def main(argv=None) -> int:
                 sent = max(r["sent"] for r in ranks) / 1024
                 peak = max(r["peak_bytes"] for r in ranks) / 2**20
                 print(f"| {case} | {setting} | {procs} | {step:.3f} | {sent:,.1f} | {peak:,.0f} |", flush=True)
+    for case in args.cases:
+        print()
+        print("\n".join(projection(case)))
     return 0
 
 

@@ -29,7 +29,7 @@ from ddcnn.config import Config
 from ddcnn.errors import ConfigError
 from ddcnn.models import GlobalCNN
 from ddcnn.models.backbones import Head
-from ddcnn.train.budget import held_per_process, meta_model, stage_sizes
+from ddcnn.train.budget import count_exactly, held_per_process, meta_model, stage_sizes
 from ddcnn.train.spatial import slab_rows
 
 FLOAT = 4
@@ -92,6 +92,8 @@ def parallelisms(cfg: Config, models, world: int) -> list[tuple[str, int | None,
     """``(name, bytes sent per step, bytes held per process)`` of every way of training with ``world``
     processes; ``None`` where that way cannot use ``world`` processes."""
     sizes = {s.stage: s for s in stage_sizes(cfg, models, ["global", "local", "coherent"])}
+    for size in sizes.values():  # counted by a meta forward pass, not bounded
+        count_exactly(cfg, models, size)
     n, k = models.n_local, models.shapes.num_classes
     batch = {stage: cfg.stages.get(stage).batch_size for stage in ("global", "local", "coherent")}
     parameters = {stage: sum(p.numel() for p in meta_model(models, stage).parameters())
