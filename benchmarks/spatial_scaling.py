@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from model_parallel import _rss_bytes  # this folder is on sys.path when the script runs
 
 CASES = {
     "3d-64": {"size": (64, 64, 64), "grid": (2, 2, 2), "width": 4, "depth": (1, 1, 1), "batch": 2},
@@ -44,14 +45,6 @@ CASES = {
 }
 SETTINGS = ("global", "global-data", "global-spatial", "cnn-dnn-model", "local")
 CLASSES = 10
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def worker(case: str, setting: str, steps: int) -> dict:
