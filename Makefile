@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 OPTIONAL_EXTRAS := 'nibabel>=5' 'tensorboard>=2.12'
 
-.PHONY: install test lint demo demo-3d bench clean
+.PHONY: install test test-heavy lint demo demo-3d bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ install: $(VENV)/.installed
 
 test: install
 	$(PY) -m pytest
+
+# The multi-process cases left out of `make test` (4 processes, a second torchrun case): minutes on 2 cores.
+test-heavy: install
+	$(PY) -m pytest -m heavy
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -147,6 +147,7 @@ def test_show_describes_sizes_parameters_and_draws_the_grid(tmp_path, capsys):
     assert main(["show", cfg, "--png", str(png)]) == 0
     printed = capsys.readouterr().out
     assert "4 subimages of [8, 8]" in printed and "CNN-DNN" in printed and "one local CNN" in printed
+    assert "MiB sent / MiB held per process" in printed and "global CNN, spatial-parallel" in printed
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 

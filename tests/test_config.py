@@ -86,9 +86,10 @@ def test_config_files_that_are_missing_not_yaml_or_not_a_mapping(tmp_path):
 @pytest.mark.parametrize("override, fragment", [
     ("stages.transfer.parallel=pipeline", "parallel = 'pipeline' is not valid; choose one of model, data"),
     ("stages.coherent.parallel=modle", "did you mean 'model'"),
-    ("stages.global.parallel=model", "the global stage has one way to use several processes: remove the key"),
+    ("stages.global.parallel=model", "stages.global.parallel = 'model' is not valid; choose one of data, spatial"),
+    ("stages.combine.parallel=data", "the combine stage has one way to use several processes: remove the key"),
     ("stages.local.parallel=data", "the local stage has one way"),
 ])
-def test_parallel_is_model_or_data_and_only_for_the_cnn_dnn_stages(tiny_config, override, fragment):
+def test_parallel_is_model_or_data_and_global_data_or_spatial(tiny_config, override, fragment):
     with pytest.raises(ConfigError, match=re.escape(fragment)):
         tiny_config(overrides=[override])

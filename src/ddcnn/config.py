@@ -31,7 +31,7 @@ DATASETS = ("fashion-mnist", "mnist", "cifar10", "image-folder", "volume-folder"
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "step")
 # The ways a stage can use several processes, the default first (docs/scaling.md).
-PARALLEL = {"coherent": ("model", "data"), "transfer": ("model", "data")}
+PARALLEL = {"global": ("data", "spatial"), "coherent": ("model", "data"), "transfer": ("model", "data")}
 
 
 @dataclass
@@ -103,7 +103,8 @@ class StageConfig:
     label_smoothing: float = 0.0
     init_dnn: bool = True  # transfer stage: also start from the combine stage's DNN
     # coherent and transfer under torchrun: "model" (each process holds its shard of the local CNNs; the default)
-    # or "data" (DistributedDataParallel: each process holds the whole CNN-DNN). The other stages have one way.
+    # or "data" (DistributedDataParallel: each process holds the whole CNN-DNN). global: "data" (the default) or
+    # "spatial" (each process holds a slab of every image, vgg and resnet). The other stages have one way.
     parallel: str | None = None
 
 
@@ -276,7 +277,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def parallelism(cfg: Config, stage: str) -> str:
     """How ``stage`` uses several processes: ``"model"`` (each holds a shard of the local CNNs and sees whole
     batches: the local stage, and coherent and transfer by default), ``"data"`` (each holds the whole model and a
-    part of every batch: the global stage, or ``parallel: data``) or ``"single"`` (the combine stage: rank 0)."""
+    part of every batch: the global stage, or ``parallel: data``), ``"spatial"`` (the global stage with
+    ``parallel: spatial``: each holds the whole model and a slab of every image) or ``"single"`` (the combine
+    stage: rank 0)."""
     if stage == "local":
         return "model"
     if stage == "combine":
@@ -292,7 +295,7 @@ def validate(cfg: Config) -> Config:
 
     choice("data.name", cfg.data.name, DATASETS)
     choice("model.backend", cfg.model.backend, BACKENDS)
-    validate_backbone(cfg.model)
+    validate_backbone(cfg.model, cfg.stages.global_.parallel == "spatial")
     choice("combiner.activation", cfg.combiner.activation, tuple(ACTIVATIONS))
     choice("precision", cfg.precision, ("auto", "fp32", "bf16"))
     if not (cfg.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", cfg.device)):
@@ -362,8 +365,9 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def validate_backbone(model: ModelConfig) -> None:
-    """A built-in family, or an import path that imports (checked here, before any data is read)."""
+def validate_backbone(model: ModelConfig, spatial: bool = False) -> None:
+    """A built-in family, or an import path that imports (checked here, before any data is read); ``spatial``:
+    the global CNN is split over slabs of the images, which only the built-in families can be."""
     from ddcnn.checks import choice
     from ddcnn.models.backbones import BACKBONES
     from ddcnn.models.family import import_backbone, is_import_path
@@ -375,6 +379,8 @@ def validate_backbone(model: ModelConfig) -> None:
         return
     if not is_import_path(model.backbone):
         choice("model.backbone", model.backbone, BACKBONES + ("an import path such as torchvision.models.resnet18",))
+    if spatial:
+        raise spatial_backbone_error(model.backbone)
     import_backbone(model.backbone, "model.backbone")
     if model.depth is not None:
         raise ConfigError(f"model.depth applies to vgg and resnet only; set the layers of {model.backbone!r} "
@@ -382,6 +388,11 @@ def validate_backbone(model: ModelConfig) -> None:
     if model.backend == "grouped":
         raise ConfigError(f"model.backend = 'grouped' fuses vgg and resnet only; set model.backend: vmap (or loop) "
                           f"for {model.backbone!r}")
+
+
+def spatial_backbone_error(backbone: str) -> ConfigError:
+    return ConfigError(f"stages.global.parallel = spatial splits the layers of the built-in backbones (vgg, resnet) "
+                       f"only, not {backbone!r}; use stages.global.parallel: data")
 
 
 def from_dict(data: dict, overrides: list[str] | None = None) -> Config:

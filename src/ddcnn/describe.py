@@ -10,6 +10,7 @@ from ddcnn.data.datasets import load_datasets
 from ddcnn.data.loading import to_float
 from ddcnn.errors import ConfigError
 from ddcnn.models import count_parameters, forward_flops
+from ddcnn.train.scaling import scaling_lines
 
 
 def describe(cfg: Config, png: Path | None = None) -> str:
@@ -42,6 +43,8 @@ def describe(cfg: Config, png: Path | None = None) -> str:
         f"{'model':<16} {'width':>6} {'parameters':>12} {'MFLOPs/image':>13}",
     ]
     lines += [f"{n:<16} {w:>6} {p:>12,} {f / 1e6:>13.2f}" for n, w, p, f in rows]
+    lines.append("")
+    lines += scaling_lines(cfg, models)
     lines.append("")
     lines.append("subdomain locations (start..., stop...):")
     lines += [f"  {i:3d}: {loc}" for i, loc in enumerate(d.locations.tolist())]

@@ -8,7 +8,8 @@ touched, so a refused run leaves every file as it was.
    (:class:`ddcnn.build.Models`).
 5. The models against the machine (:func:`admit_models`): the memory each stage needs per process
    (:func:`ddcnn.train.budget.check_budget`), and the number of processes against the local CNNs
-   (:func:`check_processes`).
+   (:func:`check_processes`), and a spatial-parallel global CNN's slabs against the image size
+   (:func:`check_spatial`).
 6. The run directory: a new one, ``--force``, or a ``--resume`` read whole against the config and the models
    (:meth:`ddcnn.train.rundir.RunDir.prepare`).
 """
@@ -20,8 +21,10 @@ import torch
 from ddcnn.build import Models
 from ddcnn.config import STAGES, Config, parallelism
 from ddcnn.errors import ConfigError
+from ddcnn.models.backbones import DEFAULT_DEPTH
 from ddcnn.train.budget import check_budget
 from ddcnn.train.dist import DistEnv
+from ddcnn.train.spatial import slab_rows
 
 
 def check_stages(cfg: Config) -> None:
@@ -51,3 +54,12 @@ def admit_models(cfg: Config, models: Models, device: torch.device, n_train: int
     of processes against the local CNNs."""
     check_budget(cfg, models, device, n_train, env.world)
     check_processes(cfg, models, env)
+    check_spatial(cfg, models, env)
+
+
+def check_spatial(cfg: Config, models: Models, env: DistEnv) -> None:
+    """A spatial-parallel global CNN splits every image into ``world`` slabs that stay aligned through every
+    downsampling: an image size that does not allow it is refused, naming the sizes that do."""
+    if env.enabled and cfg.stages.global_.enabled and parallelism(cfg, "global") == "spatial":
+        m = cfg.model
+        slab_rows(models.shapes.image_size, env.world, m.depth or DEFAULT_DEPTH[m.backbone], m.backbone)

@@ -114,14 +114,15 @@ def count_exactly(cfg: Config, models, size: StageSize) -> None:
     size.exact = True
 
 
-def held_per_process(cfg: Config, models, size: StageSize, world: int) -> StageSize:
+def held_per_process(cfg: Config, models, size: StageSize, world: int, mode: str | None = None) -> StageSize:
     """The part of ``size`` one of ``world`` processes holds: a model-parallel stage holds the largest shard of the
     local CNNs (and the whole DNN) with their activations, and the whole batch; a data-parallel one the whole model
-    and its part of the batch; the combine stage (rank 0) all of it."""
-    mode = parallelism(cfg, size.stage)
+    and its part of the batch; a spatial-parallel one the whole model and its slab of the batch; the combine stage
+    (rank 0) all of it. ``mode``: the stage's parallelism (the config's when None)."""
+    mode = mode or parallelism(cfg, size.stage)
     if world <= 1 or mode == "single":
         return size
-    if mode == "data":
+    if mode in ("data", "spatial"):
         return replace(size, activation_bytes=-(-size.activation_bytes // world),
                        input_bytes=-(-size.input_bytes // world))
     share = -(-models.n_local // world) / models.n_local

@@ -66,11 +66,12 @@ class Context:
         return StageSpec(stage, self.cfg.stages.get(stage), self.run_dir.checkpoints, self.runtime, self.cfg.seed,
                          self.log, verbose=self.verbose, **options)
 
-    def batches(self, stage: str, parts: int = 1, shard: range | None = None):
+    def batches(self, stage: str, parts: int = 1, shard: range | None = None, slab: range | None = None):
         """Training batches of ``stage``; ``parts``: the processes each batch will be split among. With ``shard``
         (a process's subdomains) and no augmentation, the images are cut to the shard's region before they reach
-        the device, so a process never holds the other subdomains' pixels there. (A random crop or flip moves
-        pixels across subdomains: with augmentation the batches keep whole images.)"""
+        the device, so a process never holds the other subdomains' pixels there; with ``slab`` (rows of dim 2,
+        spatial parallelism) to those rows. (A random crop or flip moves pixels across subdomains: with
+        augmentation the batches keep whole images.)"""
         a = self.cfg.data.augment
         augment = Augment(a.crop_padding, a.hflip)
         batch_size = self.cfg.stages.get(stage).batch_size
@@ -82,6 +83,9 @@ class Context:
             start, stop = self.decomposition.region(shard)
             box = (slice(None), slice(None), *[slice(a, b) for a, b in zip(start, stop)])
             train = ImageDataset(self.train.images[box].contiguous(), self.train.labels, self.train.classes)
+        if slab is not None and augment.identity:
+            rows = self.train.images[:, :, slab.start:slab.stop].contiguous()
+            train = ImageDataset(rows, self.train.labels, self.train.classes)
         return make_batches(
             train, batch_size, self.runtime.device, shuffle=True, drop_last=0 < remainder < 2 * parts,
             augment=augment, normalizer=self.normalizer,

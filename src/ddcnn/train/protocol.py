@@ -23,6 +23,7 @@ from ddcnn.train.metrics import MetricsLog
 from ddcnn.train.model_parallel import ShardedCNNDNN
 from ddcnn.train.rundir import RunDir
 from ddcnn.train.runtime import device_name, make_runtime
+from ddcnn.train.spatial import SpatialCNN
 
 
 class Experiment:
@@ -115,6 +116,9 @@ def evaluate_test(ctx: Context, done: dict[str, StageResult], command: str = "")
         if isinstance(model, ShardedCNNDNN):  # every process computes its part
             scores[name] = ctx.predict(model, ctx.test.images)
             costs[name] = with_dnn(local_cost(model.ensemble), model.combiner)
+        elif isinstance(model, SpatialCNN):  # every process its slab of every image
+            scores[name] = ctx.predict(model, ctx.test.images)
+            costs[name] = count_parameters(model.cnn), forward_flops(model.cnn, image_shape)
         elif env.is_main:
             scores[name] = ctx.predict(model, ctx.test.images)
             costs[name] = count_parameters(model), forward_flops(model, image_shape)

@@ -22,17 +22,26 @@ from ddcnn.shards import shard_range
 from ddcnn.train.batches import TensorBatches
 from ddcnn.train.context import Context, StageResult
 from ddcnn.train.distributed import EnsembleSaver, ShardSync
-from ddcnn.train.loop import Sync, fit
+from ddcnn.train.loop import ModelState, Sync, fit
 from ddcnn.train.model_parallel import CNNDNNState, ModelParallelSync, ShardedCNNDNN, ShardedLocalCNNs
 from ddcnn.train.runfiles import LOCAL_TIMING
+from ddcnn.train.spatial import SpatialCNN
 from ddcnn.train.timing import critical_path
 
 Done = Mapping[str, StageResult]
 
 
 def train_global(ctx: Context, done: Done) -> StageResult:
-    """The global CNN on whole images (data-parallel over the processes)."""
+    """The global CNN on whole images (data-parallel over the processes, or spatial-parallel: each process a
+    slab of every image, :mod:`ddcnn.train.spatial`)."""
     model = ctx.prepare(ctx.models.global_cnn())
+    if parallel_mode(ctx, "global") == "spatial":
+        spatial = SpatialCNN(model, ctx.env, ctx.models.shapes.image_size)
+        # Every process sees every batch (its slab) and computes the same loss; the checkpoint is the plain CNN.
+        spec = ctx.spec("global", sync=ModelParallelSync(ctx.env), saver=ModelState(model))
+        state = fit(spec, spatial, ctx.classifier_loss("global", spatial), ctx.batches("global", slab=spatial.rows),
+                    lambda: ctx.val_metrics(spatial))
+        return StageResult(spatial, state["seconds"], state["history"])
     run, batches, sync = ctx.data_parallel("global", model)
     state = fit(ctx.spec("global", sync=sync), model, ctx.classifier_loss("global", run), batches,
                 lambda: ctx.val_metrics(model))
@@ -142,7 +151,7 @@ def _train_dnn(ctx: Context, dnn, features: torch.Tensor, val_features: torch.Te
 
 
 def parallel_mode(ctx: Context, stage: str) -> str:
-    """How a CNN-DNN stage uses the processes: "single" (one process), "model" or "data"."""
+    """How a stage uses the processes: "single" (one process), "model", "data" or "spatial"."""
     return parallelism(ctx.cfg, stage) if ctx.env.enabled else "single"
 
 
