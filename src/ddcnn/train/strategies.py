@@ -15,6 +15,8 @@ from torch import nn
 from ddcnn.config import STAGES
 from ddcnn.decomposition import Decomposition
 from ddcnn.models import LocalEnsemble, MajorityVote, MeanProbability
+from ddcnn.train.distributed import DistEnv
+from ddcnn.train.model_parallel import ShardedCNNDNN, ShardedLocalCNNs
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,8 @@ class Strategy:
     the frozen local CNNs' logits ``(B, N, K) -> (B, K)``; ``None`` for a model of whole images (the model of its
     only stage). ``time_stages``: whose train time counts toward it; ``init_stages``: counted too when the
     strategy's model was initialised from them (the transfer CNN-DNN's DNN from the combine stage).
+    ``curve_key``: the key of the epoch records of its own stage (the last it counts) that hold its validation
+    accuracy.
     """
 
     name: str
@@ -33,6 +37,7 @@ class Strategy:
     time_stages: tuple[str, ...]
     combiner: Callable[[Mapping[str, nn.Module], int, int], nn.Module] | None = None
     init_stages: tuple[str, ...] = ()
+    curve_key: str = "val_accuracy"
 
     def counted_stages(self, initialised_from: tuple[str, ...] = ()) -> tuple[str, ...]:
         """The stages whose train time counts, in stage order, given the stages the model was initialised from."""
@@ -55,9 +60,9 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Strategy("cnn_dnn", "CNN-DNN", ("local", "combine"), ("local", "combine"),
              combiner=lambda trained, n, k: trained["combine"]),
     Strategy("mean_probability", "mean probability", ("local",), ("local",),
-             combiner=lambda trained, n, k: MeanProbability(n, k)),
+             combiner=lambda trained, n, k: MeanProbability(n, k), curve_key="val_accuracy_mean_probability"),
     Strategy("majority_vote", "majority vote", ("local",), ("local",),
-             combiner=lambda trained, n, k: MajorityVote(n, k)),
+             combiner=lambda trained, n, k: MajorityVote(n, k), curve_key="val_accuracy_majority_vote"),
     Strategy("coherent", "coherent CNN-DNN", ("coherent",), ("coherent",)),
     Strategy("transfer", "transfer CNN-DNN", ("transfer",), ("local", "transfer"), init_stages=("combine",)),
 )}
@@ -66,6 +71,48 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
 def available(trained: Collection[str]) -> list[str]:
     """The strategies whose stages were all trained, in registry order."""
     return [name for name, s in STRATEGIES.items() if all(stage in trained for stage in s.stages)]
+
+
+def score_strategies(trained: Mapping[str, nn.Module], decomposition: Decomposition, num_classes: int, predict,
+                     images: torch.Tensor, env: DistEnv | None = None
+                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """Scores ``(M, K)`` (float32, CPU) of every available strategy on ``images`` ``(M, C, *size)``, and the local
+    CNNs' logits ``(M, N, K)`` (None without the local stage): the one scoring path of the protocol's evaluation
+    and of ``ddcnn evaluate``.
+
+    ``predict(fn, images)`` runs ``fn`` over normalised batches of ``images``. ``trained["local"]`` is a
+    :class:`LocalEnsemble` (it takes subimages) or, under several processes (``env``), this process's
+    :class:`ShardedLocalCNNs`; the local CNNs' logits are computed once for every strategy that combines them.
+    Models spread over the processes are run by all of them together, the others on rank 0 only: the scores are
+    complete on rank 0.
+    """
+    env = env or DistEnv()
+    n = decomposition.n_subdomains
+    names = available(trained)
+    local = None
+    if "local" in trained:
+        ensemble = trained["local"]
+        if _spans(ensemble) or env.is_main:
+            local = predict(ensemble if _spans(ensemble) else lambda x: ensemble(decomposition.split(x)), images)
+    scores = {}
+    for name in names:
+        strategy = STRATEGIES[name]
+        if strategy.combiner is not None:
+            if env.is_main:
+                assert local is not None  # the combiner's strategies need the local stage
+                combiner = strategy.combiner(trained, n, num_classes)
+                device = next((p.device for p in combiner.parameters()), local.device)
+                scores[name] = _combine(combiner, local.to(device)).float().cpu()
+            continue
+        model = trained[strategy.stages[0]]
+        if _spans(model) or env.is_main:
+            scores[name] = predict(model, images)
+    return scores, local
+
+
+def _spans(model: nn.Module) -> bool:
+    """Whether ``model`` is this process's part of a model spread over the processes (all must run it)."""
+    return isinstance(model, ShardedLocalCNNs | ShardedCNNDNN)
 
 
 def predictors(trained: Mapping[str, nn.Module], decomposition: Decomposition, num_classes: int) -> dict:
