@@ -14,7 +14,8 @@ def test_a_run_writes_the_whole_run_directory(finished_run):
     out, results = finished_run
     for name in ("config.yaml", "metrics.jsonl", "results.json", "report.md", "data.json", "ddcnn-run.json"):
         assert (out / name).is_file(), name
-    for plot in ("learning_curves.png", "local_accuracy.png", "decomposition.png", "confusion_matrix.png"):
+    for plot in ("learning_curves.png", "local_accuracy.png", "decomposition.png", "confusion_matrix.png",
+                 "accuracy_vs_cost.png"):
         assert (out / "plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((out / "results.json").read_text())
     assert set(saved["strategies"]) == set(STRATEGIES)
@@ -45,6 +46,11 @@ def test_a_run_writes_the_whole_run_directory(finished_run):
     # the best strategy is chosen on validation accuracy, reported next to the test accuracy
     val = {name: entry["val_accuracy"] for name, entry in saved["strategies"].items()}
     assert saved["best_strategy"] == max(val, key=val.get) and saved["best_strategy_basis"] == "validation accuracy"
+    report = (out / "report.md").read_text()
+    assert "## Time to accuracy" in report and "the global CNN's best validation accuracy" in report
+    global_best = max(r["val_accuracy"] for r in records if r["stage"] == "global")
+    assert saved["target"]["val_accuracy"] == pytest.approx(global_best - 0.005)
+    assert saved["strategies"]["global"]["time_to_target"]["stage"] == "global"  # the global CNN reaches its own
     transfer = saved["strategies"]["transfer"]["cost"]
     assert transfer["epochs"] == {"local": 2, "combine": 2, "transfer": 2}
     assert transfer["seconds"] == pytest.approx(saved["strategies"]["transfer"]["train_seconds"])

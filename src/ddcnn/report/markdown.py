@@ -12,6 +12,7 @@ from ddcnn.decomposition import Decomposition
 from ddcnn.errors import DDCNNError
 from ddcnn.report.plots import (
     _grid_index,
+    plot_accuracy_vs_cost,
     plot_confusion_matrix,
     plot_decomposition,
     plot_learning_curves,
@@ -30,6 +31,7 @@ from ddcnn.report.tables import (
     _stage_label,
     _strategy_label,
     results_table,
+    time_to_accuracy_table,
 )
 from ddcnn.train.strategies import STRATEGIES
 
@@ -53,10 +55,10 @@ def _best_strategy(results: Mapping) -> tuple[str | None, str]:
     if best:
         return str(best), ""
     strategies = results.get("strategies") or {}
-    scored = [(n, a) for n, e in strategies.items() if (a := _number((e or {}).get("test_accuracy"))) is not None]
-    if not scored:
+    scored = [(n, a) for n, e in strategies.items() if (a := _number((e or {}).get("val_accuracy"))) is not None]
+    if not scored:  # the test set never chooses
         return None, ""
-    return max(scored, key=lambda item: item[1])[0], " (not recorded by the run; highest test accuracy)"
+    return max(scored, key=lambda item: item[1])[0], " (not recorded by the run; highest validation accuracy)"
 
 
 def _header_lines(results: Mapping, decomposition: Decomposition | None) -> list[str]:
@@ -166,9 +168,16 @@ def write_report(
         lines.append("No strategy was evaluated in this run.")
     best, how = _best_strategy(results)
     if best is not None:
-        accuracy = _number((strategies.get(best) or {}).get("test_accuracy"))
-        score = f" ({_percent(accuracy)} % test accuracy)" if accuracy is not None else ""
+        entry = strategies.get(best) or {}
+        val, test = _number(entry.get("val_accuracy")), _number(entry.get("test_accuracy"))
+        score = f" ({_percent(val)} % validation, {_percent(test)} % test accuracy)" if val is not None else \
+            (f" ({_percent(test)} % test accuracy)" if test is not None else "")
+        if results.get("best_strategy_basis"):
+            how = how or f", chosen on {results['best_strategy_basis']}"
         lines += ["", f"**Best strategy:** {_md_cell(_strategy_label(best))}{score}{how}."]
+
+    if any((entry or {}).get("cost") for entry in strategies.values()):
+        lines += _time_to_accuracy_section(results, plots, run_dir)
 
     stage_seconds = results.get("stage_seconds") or {}
     if stage_seconds:
@@ -202,6 +211,31 @@ def write_report(
     report = run_dir / "report.md"
     report.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return report
+
+
+def _time_to_accuracy_section(results: Mapping, plots: Path, run_dir: Path) -> list[str]:
+    target = results.get("target") or {}
+    value = _number(target.get("val_accuracy"))
+    what = (f"Target: {_percent(value)} % validation accuracy ({_md_cell(target.get('source', ''))})."
+            if value is not None else f"No target: {_md_cell(target.get('source') or 'none was set')}.")
+    stages = results.get("stages") or {}
+    stops = [f"{_stage_label(s)} {e['epochs_run']} of {e['cap']} epochs ({e['stop_reason']}, kept epoch "
+             f"{e['kept_epoch']})" for s in _ordered(stages, STAGES) if (e := stages[s]) and "epochs_run" in e]
+    curves = results.get("curves") or {}
+    lines = ["", "## Time to accuracy", "", what, "", time_to_accuracy_table(results), "",
+             "A strategy's cost counts every stage it depends on (all the epochs each ran); the critical path is the "
+             "time if each local CNN had its own device (the local stage's estimate); FLOPs count forward and "
+             "backward passes (3x the forward pass) over the training images seen. \"to target\" is the cost at "
+             "the first epoch whose validation accuracy reached the target. The CNN-DNN's curve is its DNN's "
+             "validation accuracy per combine epoch after the whole local stage; the rules' curves are measured "
+             "every local epoch; the transfer CNN-DNN's starts after the local (and combine) stage."]
+    if stops:
+        lines += ["", "Epochs run: " + "; ".join(stops) + "."]
+    if curves:
+        labels = {name: _strategy_label(name) for name in curves}
+        lines += ["", _figure("validation accuracy against cumulative training cost", run_dir, plot_accuracy_vs_cost,
+                              curves, value, plots / "accuracy_vs_cost.png", labels=labels)]
+    return lines
 
 
 def _figure(what: str, run_dir: Path, plot, *args, **kwargs) -> str:

@@ -297,3 +297,27 @@ def plot_confusion_matrix(matrix, classes: Sequence[str] | None, path, title: st
     ax.set_ylabel("true class")
     ax.set_title(title)
     return _save(fig, path)
+
+
+def plot_accuracy_vs_cost(curves: Mapping[str, Sequence[Mapping]], target: float | None, path,
+                          labels: Mapping[str, str] | None = None) -> Path:
+    """Validation accuracy against cumulative training cost, one line per strategy: measured seconds (left) and
+    critical-path seconds (right, each local CNN on its own device); the target as a dashed line."""
+    fig = Figure(figsize=(11.0, 4.2), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, key, title in ((axes[0], "seconds", "measured"), (axes[1], "critical_path_seconds",
+                                                                 "critical path (a device per local CNN)")):
+        for j, (name, curve) in enumerate(curves.items()):
+            points = [p for p in curve if _number(p.get("val_accuracy")) is not None and _number(p.get(key)) is not None]
+            if not points:
+                continue
+            ax.plot([p[key] for p in points], [100 * p["val_accuracy"] for p in points], marker="o", markersize=3,
+                    color=f"C{j % 10}", label=(labels or {}).get(name, name))
+        if target is not None:
+            ax.axhline(100 * target, color="grey", linestyle="--", linewidth=1, label=f"target {100 * target:.2f} %")
+        ax.set_xlabel(f"cumulative training time (s), {title}")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("validation accuracy (%)")
+    axes[1].legend(fontsize=7, loc="lower right")
+    return _save(fig, path)

@@ -15,7 +15,8 @@ STAGE_LABELS = {
     "transfer": "transfer CNN-DNN",
 }
 
-_COLUMNS = ("strategy", "test accuracy (%)", "train time (s)", "parameters", "forward MFLOPs / image")
+_COLUMNS = ("strategy", "val accuracy (%)", "test accuracy (%)", "train time (s)", "parameters",
+            "forward MFLOPs / image")
 _MISSING = "—"
 
 
@@ -71,7 +72,7 @@ def _ordered(names, order: Sequence[str]) -> list[str]:
     return [n for n in order if n in names] + [n for n in names if n not in order]
 
 
-def _strategy_rows(results: Mapping) -> list[tuple[str, str, str, str, str]]:
+def _strategy_rows(results: Mapping) -> list[tuple[str, ...]]:
     strategies = results.get("strategies") or {}
     rows = []
     for name in _ordered(strategies, tuple(STRATEGIES)):
@@ -79,6 +80,7 @@ def _strategy_rows(results: Mapping) -> list[tuple[str, str, str, str, str]]:
         rows.append(
             (
                 _strategy_label(name),
+                _percent(entry.get("val_accuracy")),
                 _percent(entry.get("test_accuracy")),
                 _seconds(entry.get("train_seconds")),
                 _count(entry.get("parameters")),
@@ -135,4 +137,28 @@ def format_table(results: Mapping) -> str:
 
     lines = [fmt(rows[0]), "  ".join("-" * w for w in widths)]
     lines += [fmt(row) for row in rows[1:]]
+    return "\n".join(lines)
+
+
+def _flops(value) -> str:
+    number = _number(value)
+    return _MISSING if number is None else f"{number:.3g}"
+
+
+def time_to_accuracy_table(results: Mapping) -> str:
+    """Per strategy: its validation accuracy, its whole training cost (every stage it depends on) and the cost at
+    which its validation accuracy first reached the target, as Markdown ("not reached" when it never did)."""
+    lines = ["| strategy | val accuracy (%) | epochs per stage | cost: s | critical path: s | FLOPs | "
+             "to target: s | critical path: s | FLOPs |", "|:---|---:|:---|---:|---:|---:|---:|---:|---:|"]
+    strategies = results.get("strategies") or {}
+    for name in _ordered(strategies, tuple(STRATEGIES)):
+        entry = strategies[name] or {}
+        cost = entry.get("cost") or {}
+        epochs = ", ".join(f"{stage} {n}" for stage, n in (cost.get("epochs") or {}).items()) or _MISSING
+        reached = entry.get("time_to_target")
+        to_target = [_seconds(reached["seconds"]), _seconds(reached["critical_path_seconds"]),
+                     _flops(reached["train_flops"])] if reached else ["not reached", "", ""]
+        lines.append("| " + " | ".join(_md_cell(c) for c in [
+            _strategy_label(name), _percent(entry.get("val_accuracy")), epochs, _seconds(cost.get("seconds")),
+            _seconds(cost.get("critical_path_seconds")), _flops(cost.get("train_flops")), *to_target]) + " |")
     return "\n".join(lines)
