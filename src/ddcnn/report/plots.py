@@ -308,7 +308,7 @@ def plot_accuracy_vs_cost(curves: Mapping[str, Sequence[Mapping]], target: float
     for ax, key, title in ((axes[0], "seconds", "measured"), (axes[1], "critical_path_seconds",
                                                                  "critical path (a device per local CNN)")):
         for j, (name, curve) in enumerate(curves.items()):
-            points = [p for p in curve if _number(p.get("val_accuracy")) is not None and _number(p.get(key)) is not None]
+            points = [p for p in curve if None not in (_number(p.get("val_accuracy")), _number(p.get(key)))]
             if not points:
                 continue
             ax.plot([p[key] for p in points], [100 * p["val_accuracy"] for p in points], marker="o", markersize=3,

@@ -74,7 +74,7 @@ def _ordered(names, order: Sequence[str]) -> list[str]:
 
 def _strategy_rows(results: Mapping) -> list[tuple[str, ...]]:
     strategies = results.get("strategies") or {}
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for name in _ordered(strategies, tuple(STRATEGIES)):
         entry = strategies[name] or {}
         rows.append(
