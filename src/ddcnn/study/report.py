@@ -62,6 +62,56 @@ def claims_table(data: Mapping) -> str:
     return "\n".join(lines)
 
 
+def _ratio(value) -> str:
+    return _MISSING if value is None else f"{value:.2f}"
+
+
+def _time_rows(data: Mapping, short: bool = False) -> list[tuple[str, ...]]:
+    rows: list[tuple[str, ...]] = []
+    for cell in data["cells"]:
+        for claim in (cell.get("time_claims") or {}).values():
+            missed = len(claim.get("not_reached") or {})
+            if not missed and not any((claim.get(key) or {}).get("n") for key in ("seconds", "critical_path_seconds")):
+                continue  # runs without times to target (made before they were measured, or a missing strategy)
+            for key, what in (("seconds", "measured"), ("critical_path_seconds", "critical path")):
+                entry = claim.get(key) or {}
+                interval = _MISSING if entry.get("ci_low") is None else \
+                    f"[{_ratio(entry['ci_low'])}, {_ratio(entry['ci_high'])}]"
+                rows.append((cell["id" if short else "label"], f"{_strategy_label(claim['a'])} / "
+                             f"{_strategy_label(claim['b'])}", what, _ratio(entry.get("geometric_mean")), interval,
+                             str(entry.get("n", 0)), str(missed), entry.get("verdict", "not measured"),
+                             cell.get("regime", _MISSING)))
+    return rows
+
+
+def time_claims_table(data: Mapping) -> str:
+    """The time claims as Markdown: per cell, claim and time measure the geometric mean of the paired ratio of the
+    times to target, its 95% interval, the seeds with a ratio, the seeds where one never reached the target, the
+    verdict and the regime the runs were trained in."""
+    lines = ["| cell | claim (time to target, ratio) | time | geometric mean | 95% CI | seeds | not reached | "
+             "verdict | regime |", "|:---|:---|:---|---:|:---:|---:|---:|:---|:---|"]
+    lines += ["| " + " | ".join(_md(c) for c in row) + " |" for row in _time_rows(data)]
+    return "\n".join(lines)
+
+
+def _md(text: str) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def regime_lines(data: Mapping) -> list[str]:
+    """One line per cell: the regime of its claims, how its stages stopped, and its warnings."""
+    lines = []
+    for cell in data["cells"]:
+        stops = "; ".join(f"{stage}: " + ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items()))
+                          for stage, reasons in (cell.get("stop_reasons") or {}).items())
+        regime = cell.get("regime", _MISSING)
+        what = ("converged under early stopping (patience on every stage)" if regime == "converged"
+                else "a fixed budget (not every stage under early stopping)")
+        lines.append(f"- {cell['label']}: {what}" + (f"; stages stopped by {stops}" if stops else "") + ".")
+        lines += [f"  - **warning**: {w}" for w in cell.get("warnings") or []]
+    return lines
+
+
 def _short_label(cell: Mapping) -> str:
     """The cell's axis values alone (``2x2, vgg``): the column header where the axes are named elsewhere."""
     return ", ".join(_text(v) for v in cell["values"].values()) or cell["label"]
@@ -122,7 +172,14 @@ def summary_text(data: Mapping) -> str:
                                enumerate(zip(row, widths))).rstrip())
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
+    time_rows = _time_rows(data, short=True)
+    if time_rows:
+        lines.append("time to target (ratio a/b, below 1: a is faster)")
+        for row in time_rows:
+            lines.append(f"  {row[0]}  {row[1]} ({row[2]}): {row[3]} {row[4]} n={row[5]} not reached={row[6]} "
+                         f"{row[7]} ({row[8]})")
     for cell in data["cells"]:
+        lines += [f"warning: {cell['id']}: {w}" for w in cell.get("warnings") or []]
         for state in ("failed",):
             for seed in cell["seeds"][state]:
                 lines.append(f"failed: {cell['id']} seed {seed} (log: logs/{cell['id']}/seed-{seed}.log)")
@@ -240,6 +297,17 @@ def write_report(data: Mapping, folder: Path) -> Path:
         claims_matrix(data),
         "",
         claims_table(data),
+        "",
+        "## Time to target (paired ratios over seeds)",
+        "",
+        f"Method: {data.get('time_method') or _MISSING}. The target of a run is its global CNN's best validation "
+        "accuracy minus a margin (evaluation.target_margin) unless evaluation.target_accuracy sets it.",
+        "",
+        time_claims_table(data),
+        "",
+        "## Regime of the claims",
+        "",
+        *regime_lines(data),
         "",
         "## Strategies",
         "",

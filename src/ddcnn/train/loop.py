@@ -176,20 +176,21 @@ class FitResult:
     stop_reason: str
     history: list[dict]
     extra: dict
+    patience: int | None = None
 
     @classmethod
     def from_state(cls, state: dict, cfg: StageConfig, extra_keys=()) -> FitResult:
         return cls(state["seconds"], state.get("flops", 0), state["step"], state["epoch"], state.get("epochs",
                    cfg.epochs), state.get("kept_epoch") or state["epoch"], state.get("best_epoch"),
                    state.get("best_value"), state.get("monitor", cfg.monitor), state.get("stop_reason") or "cap",
-                   state["history"], {k: state[k] for k in extra_keys if k in state})
+                   state["history"], {k: state[k] for k in extra_keys if k in state}, cfg.patience)
 
     def summary(self, stage: str, setup_seconds: float = 0.0, setup_flops: int = 0) -> dict:
         """The end-of-stage record of ``metrics.jsonl`` and ``results.json``; ``setup_*``: work before the first
         epoch that the stage's cost includes (the combine stage's pass of the local CNNs over the data)."""
         return {"stage": stage, "event": "end", "epochs_run": self.epochs_run, "cap": self.cap,
                 "kept_epoch": self.kept_epoch, "best_epoch": self.best_epoch, "monitor": self.monitor,
-                "best_value": self.best_value, "stop_reason": self.stop_reason,
+                "best_value": self.best_value, "stop_reason": self.stop_reason, "patience": self.patience,
                 "seconds": self.seconds + setup_seconds, "train_flops": self.train_flops + setup_flops,
                 "setup_seconds": setup_seconds, "setup_flops": setup_flops}
 
