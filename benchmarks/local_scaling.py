@@ -34,7 +34,8 @@ def run(cfg_path: Path, out: Path, procs: int, threads: int) -> list[dict]:
     cmd = [sys.executable, *base] if procs == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}", *base]
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "epoch" in r]  # the epochs, without the end-of-stage record
 
 
 def main(argv=None) -> int:

@@ -56,7 +56,8 @@ def _weights(out, stage):
 
 
 def _records(out, stage):
-    return [r for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines()) if r["stage"] == stage]
+    return [r for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines())
+            if r["stage"] == stage and "epoch" in r]
 
 
 @pytest.mark.parametrize("stages", [[], ["stages.local.enabled=false", "stages.combine.enabled=false",
@@ -273,6 +274,12 @@ def test_shutdown_leaves_no_gloo_threads_to_race_the_interpreter_exit(tmp_path):
 
 # ----------------------------------------------------------------------------------- model-parallel CNN-DNN stages
 MODEL_PARALLEL = ["--set", "stages.global.enabled=false", "--set", "model.backend=loop"]
+# Early stopping in the sharded local stage and the model-parallel transfer stage: only the first epoch improves
+# (min_delta is out of reach), so local stops at epoch 2 of 2 and transfer at epoch 3 of 4, both keeping epoch 1.
+EARLY_STOPPING = [a for stage, patience in (("local", 1), ("transfer", 2)) for a in (
+    "--set", f"stages.{stage}.patience={patience}", "--set", f"stages.{stage}.monitor=val_loss",
+    "--set", f"stages.{stage}.min_delta=10")]
+MODEL_PARALLEL += EARLY_STOPPING
 
 
 @pytest.fixture(scope="module")
@@ -305,6 +312,11 @@ def test_model_parallel_coherent_and_transfer_equal_one_process_bit_for_bit(loop
         assert entry["flops_per_image"] == r2["strategies"][name]["flops_per_image"], name
     assert r2["processes"] == 2 and r2["parallel"] == {"coherent": "model", "transfer": "model"}
     assert r1["parallel"] == {"coherent": "single", "transfer": "single"}
+    # every process stopped on the same epoch as one process, and kept the same (best) epoch
+    assert r1["stages"]["local"]["stop_reason"] == r2["stages"]["local"]["stop_reason"] == "patience"
+    for stage, stopped in (("local", 2), ("transfer", 3)):
+        for r in (r1, r2):
+            assert (r["stages"][stage]["epochs_run"], r["stages"][stage]["kept_epoch"]) == (stopped, 1), stage
 
 
 def test_evaluate_and_predict_with_two_processes_equal_one(loop_runs, tmp_path, capsys):

@@ -198,6 +198,14 @@ CLI_CASES = [
     Case("label-smoothing-1", _run("stages.global.label_smoothing=1.5"), ConfigError,
          ["stages.global.label_smoothing = 1.5", "below 1"]),
     Case("dropout-1", _run("combiner.dropout=1.5"), ConfigError, ["combiner.dropout = 1.5", "[0, 1)"]),
+    Case("bad-monitor", _run("stages.local.monitor=accuracy"), ConfigError,
+         ["stages.local.monitor", "'accuracy'", "val_accuracy"]),
+    Case("negative-min-delta", _run("stages.local.min_delta=-0.1"), ConfigError,
+         ["stages.local.min_delta = -0.1", "must not be negative"]),
+    Case("patience-without-validation", _run("stages.global.patience=3", "data.val_fraction=0"), ConfigError,
+         ["stages.global.patience", "data.val_fraction = 0", "set data.val_fraction"]),
+    Case("target-above-1", _run("evaluation.target_accuracy=91"), ConfigError,
+         ["evaluation.target_accuracy = 91", "(0, 1]"]),
     Case("channels-2", _run("data.channels=2"), ConfigError, ["data.channels = 2", "1 (grey) or 3 (RGB)"]),
     Case("num-classes-1", _run("data.num_classes=1"), ConfigError, ["data.num_classes = 1", "at least 2"]),
     Case("device-typo", _run("device=cuda:x"), ConfigError, ["device = 'cuda:x'", "cuda:N", "cuda:0"]),
@@ -476,6 +484,7 @@ CONFIG_KEYS = ["seed", "device", "precision", "eval_batch_size", "data.name", "d
                "model.backbone", "model.width", "model.depth", "model.local_width", "combiner.hidden",
                "combiner.dropout", "stages.local.epochs", "stages.*.lr", "stages.global.schedule",
                "stages.combine.grad_clip", "stages.transfer.label_smoothing", "stages.coherent.enabled",
+               "stages.local.patience", "stages.global.keep", "stages.*.min_delta", "evaluation.target_accuracy",
                "no.such.key", "stages.nothing.epochs"]
 
 

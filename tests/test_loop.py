@@ -69,7 +69,8 @@ def _train(tmp_path, epochs=2, grad_clip=None, clip=None):
 
 def test_fit_logs_and_checkpoints_every_epoch(tmp_path):
     model, state, records = _train(tmp_path, epochs=3)
-    assert [r["epoch"] for r in records] == [1, 2, 3] and state["done"] and state["step"] == 12
+    assert [r.get("epoch") for r in records] == [1, 2, 3, None] and records[-1]["event"] == "end"
+    assert state.epochs_run == 3 and state.stop_reason == "cap" and state.steps == 12
     weights, saved, _ = CheckpointDir(tmp_path).load("x")
     assert saved["epoch"] == 3
     for key, value in model.state_dict().items():
@@ -99,3 +100,69 @@ def test_a_resumed_stage_refuses_a_changed_number_of_epochs(tmp_path):
     _train(tmp_path, epochs=2)
     with pytest.raises(CheckpointError, match="epochs = 2 but the config now says 3"):
         _train(tmp_path, epochs=3)
+
+
+# ------------------------------------------------------------------------------------------------ early stopping
+def _scripted(tmp_path, scores, crash_at=None, monitor="val_accuracy", **stopping):
+    """A stage whose validation metric follows ``scores`` epoch by epoch; returns (model, result, records, the
+    weights after every epoch). ``crash_at``: the evaluation of that epoch raises (a kill after its training)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    records, snapshots = [], {}
+    cfg = StageConfig(epochs=len(scores), batch_size=8, optimizer="sgd", lr=0.5, momentum=0.0, schedule="constant",
+                      monitor=monitor, **stopping)
+    spec = StageSpec("x", cfg, CheckpointDir(tmp_path), Runtime(torch.device("cpu")), 0, records.append,
+                     verbose=False)
+
+    def loss_fn(x, y):
+        out = model(x)
+        return torch.nn.functional.cross_entropy(out, y), (out.argmax(-1) == y).sum()
+
+    def evaluate():
+        epoch = len(snapshots) + 1 + (len(CheckpointDir(tmp_path).state("x")["history"])
+                                      if CheckpointDir(tmp_path).has("x") and not snapshots else 0)
+        if epoch == crash_at:
+            raise KeyboardInterrupt
+        snapshots[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
+        return {monitor: scores[epoch - 1]}
+
+    result = fit(spec, model, loss_fn, Batches(), evaluate)
+    return model, result, records, snapshots
+
+
+def test_a_stage_that_stops_improving_stops_after_patience_epochs_and_keeps_the_best(tmp_path):
+    # epoch 3 is the best; 0.605 is not better than 0.6 + min_delta; epochs 4 and 5 are the patience
+    model, result, records, snapshots = _scripted(tmp_path, [0.5, 0.55, 0.6, 0.605, 0.58, 0.9, 0.95],
+                                                  patience=2, min_delta=0.01)
+    assert (result.epochs_run, result.best_epoch, result.kept_epoch, result.stop_reason) == (5, 3, 3, "patience")
+    assert [r.get("epoch") for r in records] == [1, 2, 3, 4, 5, None] and records[-1]["kept_epoch"] == 3
+    weights, state, optimizer = CheckpointDir(tmp_path).load("x")
+    assert state["done"] and optimizer is None
+    for key, value in snapshots[3].items():  # the model and its last checkpoint hold epoch 3's weights
+        assert torch.equal(model.state_dict()[key], value) and torch.equal(weights[key], value)
+        assert not torch.equal(snapshots[5][key], value)
+
+
+def test_keep_last_and_the_cap_and_a_falling_loss(tmp_path):
+    model, result, _, snapshots = _scripted(tmp_path / "last", [0.5, 0.6, 0.4], patience=5, keep="last")
+    assert (result.epochs_run, result.best_epoch, result.kept_epoch, result.stop_reason) == (3, 2, 3, "cap")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in snapshots[3].items())
+    _, result, _, _ = _scripted(tmp_path / "loss", [1.0, 0.8, 0.9, 0.85], monitor="val_loss", patience=2)
+    assert (result.epochs_run, result.best_epoch, result.kept_epoch, result.best_value) == (4, 2, 2, 0.8)
+
+
+def test_a_killed_stage_resumes_with_its_best_so_far_and_a_stopped_stage_stays_stopped(tmp_path):
+    scores = [0.5, 0.7, 0.6, 0.65, 0.62, 0.9]
+    whole = _scripted(tmp_path / "whole", scores, patience=3)
+    with pytest.raises(KeyboardInterrupt):  # killed after epoch 4's training: epochs 1-3 are checkpointed
+        _scripted(tmp_path / "killed", scores, crash_at=4, patience=3)
+    assert CheckpointDir(tmp_path / "killed").state("x")["bad_epochs"] == 1
+    model, result, records, _ = _scripted(tmp_path / "killed", scores, patience=3)
+    assert [r.get("epoch") for r in records] == [4, 5, None]
+    assert (result.epochs_run, result.kept_epoch, result.stop_reason) == (whole[1].epochs_run, 2, "patience")
+    for key, value in whole[0].state_dict().items():
+        assert torch.equal(model.state_dict()[key], value)
+    again = fit(StageSpec("x", StageConfig(epochs=6, batch_size=8, optimizer="sgd", patience=3),
+                          CheckpointDir(tmp_path / "killed"), Runtime(torch.device("cpu")), 0, records.append),
+                torch.nn.Linear(3, 2), None, None, None)
+    assert (again.epochs_run, again.kept_epoch, again.stop_reason) == (5, 2, "patience")

@@ -14,7 +14,8 @@ def test_a_run_writes_the_whole_run_directory(finished_run):
     out, results = finished_run
     for name in ("config.yaml", "metrics.jsonl", "results.json", "report.md", "data.json", "ddcnn-run.json"):
         assert (out / name).is_file(), name
-    for plot in ("learning_curves.png", "local_accuracy.png", "decomposition.png", "confusion_matrix.png"):
+    for plot in ("learning_curves.png", "local_accuracy.png", "decomposition.png", "confusion_matrix.png",
+                 "accuracy_vs_cost.png"):
         assert (out / "plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((out / "results.json").read_text())
     assert set(saved["strategies"]) == set(STRATEGIES)
@@ -24,7 +25,8 @@ def test_a_run_writes_the_whole_run_directory(finished_run):
     assert len(saved["local"]["test_accuracy"]) == 4
     assert saved["local"]["critical_path_seconds"] > 0
     assert saved["grid"] == [2, 2] and saved["dataset"] == "generated"
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in lines if "epoch" in r]
     epochs = {(r["stage"], r["epoch"]) for r in records}
     assert epochs == {("global", 1), ("global", 2), ("local", 1), ("local", 2), ("combine", 1), ("combine", 2),
                       ("coherent", 1), ("transfer", 1), ("transfer", 2)}
@@ -34,6 +36,25 @@ def test_a_run_writes_the_whole_run_directory(finished_run):
     assert saved["strategies"]["transfer"]["train_seconds"] == pytest.approx(s["local"] + s["combine"] + s["transfer"])
     # confusion matrix counts every test image once
     assert sum(map(sum, saved["confusion_matrix"]["matrix"])) == saved["data_sizes"]["test"]
+    # one end-of-stage record per stage, after its epochs; the cost grows epoch by epoch
+    ends = [r for r in lines if r.get("event") == "end"]
+    assert [r["stage"] for r in ends] == ["global", "local", "combine", "coherent", "transfer"]
+    assert all(r["stop_reason"] == "cap" and r["kept_epoch"] == r["epochs_run"] == r["cap"] for r in ends)
+    for stage in ("global", "local", "transfer"):
+        flops = [r["train_flops"] for r in records if r["stage"] == stage]
+        assert flops == sorted(flops) and flops[0] > 0
+    # the best strategy is chosen on validation accuracy, reported next to the test accuracy
+    val = {name: entry["val_accuracy"] for name, entry in saved["strategies"].items()}
+    assert saved["best_strategy"] == max(val, key=val.get) and saved["best_strategy_basis"] == "validation accuracy"
+    report = (out / "report.md").read_text()
+    assert "## Time to accuracy" in report and "the global CNN's best validation accuracy" in report
+    global_best = max(r["val_accuracy"] for r in records if r["stage"] == "global")
+    assert saved["target"]["val_accuracy"] == pytest.approx(global_best - 0.005)
+    assert saved["strategies"]["global"]["time_to_target"]["stage"] == "global"  # the global CNN reaches its own
+    transfer = saved["strategies"]["transfer"]["cost"]
+    assert transfer["epochs"] == {"local": 2, "combine": 2, "transfer": 2}
+    assert transfer["seconds"] == pytest.approx(saved["strategies"]["transfer"]["train_seconds"])
+    assert transfer["train_flops"] == sum(saved["stages"][s]["train_flops"] for s in ("local", "combine", "transfer"))
 
 
 def test_tensorboard_event_files_are_written_when_tensorboard_is_installed(finished_run):
@@ -110,8 +131,8 @@ def test_nan_loss_stops_with_the_stage_named_and_resume_with_a_lower_lr_recovers
     fixed = tiny_config(overrides=only_global + ["stages.global.step_gamma=0.5"])
     results = Experiment(fixed, tmp_path / "run", resume=True, verbose=False).run()
     assert results["strategies"]["global"]["test_accuracy"] > 0
-    epochs = [r["epoch"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())]
-    assert epochs == [1, 2, 3]
+    epochs = [r.get("epoch") for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())]
+    assert epochs == [1, 2, 3, None]  # and the end-of-stage record
 
 
 def test_resume_refuses_a_changed_architecture_and_an_empty_directory(tmp_path, tiny_config, finished_run):
@@ -292,8 +313,34 @@ def test_resuming_a_finished_run_repeats_no_work_and_reports_the_same_times(tmp_
 
     monkeypatch.setattr(stages, "frozen_local_logits", counted)
     second = Experiment(cfg, tmp_path / "run", resume=True, verbose=False).run()
-    # only the test set's pass, for the results: the finished combine stage did not recompute its features
-    assert passes == [second["data_sizes"]["test"]]
+    # the finished combine stage did not recompute its features (the evaluation scores through its own path)
+    assert passes == []
     for name in ("cnn_dnn", "transfer"):
         assert second["strategies"][name]["train_seconds"] == first["strategies"][name]["train_seconds"], name
         assert second["strategies"][name]["test_accuracy"] == first["strategies"][name]["test_accuracy"], name
+
+
+def test_keep_best_hands_the_best_local_cnns_to_the_next_stage(tmp_path, tiny_config):
+    """Only epoch 1 of the local stage counts as an improvement (min_delta out of reach): the stage stops after
+    ``patience`` epochs and hands on epoch 1's local CNNs, so the combine stage trains and validates exactly as
+    after a local stage of one epoch."""
+    only = ["stages.global.enabled=false", "stages.coherent.enabled=false", "stages.transfer.enabled=false",
+            "stages.local.schedule=constant"]
+    stopping = ["stages.local.epochs=4", "stages.local.patience=2", "stages.local.monitor=val_loss",
+                "stages.local.min_delta=100"]
+    best = Experiment(tiny_config(overrides=only + stopping), tmp_path / "best", verbose=False).run()
+    one = Experiment(tiny_config(overrides=only + ["stages.local.epochs=1"]), tmp_path / "one", verbose=False).run()
+    assert (best["stages"]["local"]["epochs_run"], best["stages"]["local"]["kept_epoch"]) == (3, 1)
+    assert best["stages"]["local"]["stop_reason"] == "patience" and best["stages"]["local"]["cap"] == 4
+    records = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+               for run in ("best", "one")]
+    combine = [[(r["epoch"], r["val_loss"], r["val_accuracy"]) for r in rs if r.get("stage") == "combine"
+                and "epoch" in r] for rs in records]
+    assert combine[0] == combine[1] and len(combine[0]) == 2
+    for name in ("mean_probability", "majority_vote", "cnn_dnn"):
+        assert best["strategies"][name]["val_accuracy"] == one["strategies"][name]["val_accuracy"], name
+    # the rules' validation accuracy at the kept epoch is what the evaluation finds for the handed-on CNNs
+    local = [r for r in records[0] if r.get("stage") == "local" and "epoch" in r]
+    assert best["strategies"]["mean_probability"]["val_accuracy"] == local[0]["val_accuracy_mean_probability"]
+    # but the cost counts every epoch the local stage ran
+    assert best["strategies"]["cnn_dnn"]["cost"]["epochs"] == {"local": 3, "combine": 2}

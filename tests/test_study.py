@@ -56,6 +56,15 @@ def test_a_study_reports_a_failed_run_aggregates_a_partial_study_and_resumes(wor
     assert ok["claims"]["cnn_dnn - mean_probability"]["n"] == 2
     assert bad["claims"]["transfer - global"]["verdict"] == "not measured"
     assert [p["epoch"] for p in ok["curves"]["transfer"]] == [1]
+    # the time claim per seed: a ratio where both reached the target, else counted as not reached
+    for key in ("seconds", "critical_path_seconds"):
+        claim = ok["time_claims"]["transfer / global"]
+        assert claim[key]["n"] + len(claim["not_reached"]) == 2
+    # a fixed budget, and the global CNN (1 epoch, at its cap) trained fewer CNN epochs than the transfer CNN-DNN
+    assert ok["regime"] == "fixed budget" and ok["stop_reasons"]["global"] == {"cap": 2}
+    assert any("transfer" in w and "more CNN epochs" in w for w in ok["warnings"])
+    report = (out / "study.md").read_text()
+    assert "## Time to target" in report and "a fixed budget" in report and "**warning**" in report
     for name in ("study.md", "plots/accuracy.png", "plots/accuracy_vs_time.png", "plots/learning_curves.png"):
         assert (out / name).is_file()
     assert "| decomposition.grid=2x2 | CNN-DNN − mean probability |" in (out / "study.md").read_text()
@@ -146,7 +155,7 @@ def test_a_study_directory_of_another_study_or_of_other_files_is_refused(workspa
     assert main(["study", str(write_study(workspace)), "--out", "out", "--print-commands"]) == 0
     capsys.readouterr()
     before = snapshot(workspace / "out")
-    other = write_study(workspace, "other.yaml", seeds=[0, 1, 2])
+    other = write_study(workspace, "other.yaml", seeds=[1, 2])  # seed 0 dropped: not an extension
     for extra in ([], ["--resume"], ["--aggregate"], ["--print-commands"]):
         assert main(["study", str(other), "--out", "out", *extra]) == 2
         assert "holds the study 'tiny_study'" in one_error_line(capsys)
@@ -175,3 +184,23 @@ def test_parallel_runs_split_the_threads_and_take_one_gpu_each(monkeypatch):
     assert "CUDA_VISIBLE_DEVICES" not in _environment(slot=0, jobs=1, devices=[""])  # no GPU: the run's default
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice is kept
     assert _environment(slot=0, jobs=2, devices=[""])["OMP_NUM_THREADS"] == "3"
+
+
+def test_resume_with_more_seeds_and_axis_values_runs_only_the_new_runs(workspace, capsys):
+    first = write_study(workspace, axes={"decomposition.grid": [[2, 2]]}, seeds=[0])
+    assert main(["study", str(first), "--out", "out"]) == 0
+    before = snapshot(workspace / "out/runs")
+    extended = write_study(workspace, "more.yaml", axes={"decomposition.grid": [[2, 2], [1, 2]]}, seeds=[0, 1])
+    assert main(["study", str(extended), "--out", "out"]) == 2  # a started study still needs --resume
+    assert "use --resume" in one_error_line(capsys)
+    assert main(["study", str(extended), "--out", "out", "--resume", "--jobs", "2"]) == 0
+    assert "3 of 4 runs to do" in capsys.readouterr().out
+    after = snapshot(workspace / "out/runs")
+    assert {k: v for k, v in after.items() if k in before} == before  # the finished run, byte for byte
+    data = json.loads((workspace / "out/study.json").read_text())
+    assert [cell["seeds"]["finished"] for cell in data["cells"]] == [[0, 1], [0, 1]]
+    assert json.loads((workspace / "out/study-spec.json").read_text())["spec"]["seeds"] == [0, 1]
+    changed = write_study(workspace, "changed.yaml", axes={"decomposition.grid": [[2, 2], [1, 2]]}, seeds=[0, 1],
+                          set={"model.width": 8})
+    assert main(["study", str(changed), "--out", "out", "--resume"]) == 2  # any other change is refused
+    assert "holds the study 'tiny_study'" in one_error_line(capsys)

@@ -138,3 +138,15 @@ def test_the_claims_matrix_and_summary_show_every_claim_of_every_cell():
     assert lines[2].endswith("| not measured |") and lines[3].endswith("| not measured | not measured |")
     summary = summary_text(data)
     assert "3 of 4 runs finished, 1 not started" in summary and len(summary.splitlines()) == 3 + 2 * len(CLAIMS)
+
+
+def test_a_ratio_claim_is_the_t_interval_of_the_log_ratios():
+    from ddcnn.study.stats import ratio_summary
+
+    ratios = [0.5, 0.6, 0.55, 0.7]
+    logs = summarize([math.log(r) for r in ratios])
+    got = ratio_summary(ratios)
+    assert got["geometric_mean"] == pytest.approx(math.prod(ratios) ** (1 / 4))
+    assert (got["ci_low"], got["ci_high"]) == pytest.approx((math.exp(logs.ci_low), math.exp(logs.ci_high)))
+    assert got["verdict"] == "holds" and ratio_summary([2.0, 2.5, 1.8])["verdict"] == "fails"
+    assert ratio_summary([0.5, 2.0])["verdict"] == "inconclusive" and ratio_summary([0.5])["verdict"] == "inconclusive"

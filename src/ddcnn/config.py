@@ -30,6 +30,8 @@ STAGES = ("global", "local", "combine", "coherent", "transfer")
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "image-folder", "volume-folder", "generated")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "step")
+MONITORS = ("val_accuracy", "val_loss")  # what early stopping watches (higher accuracy, lower loss is better)
+KEEPS = ("best", "last")
 # The ways a stage can use several processes, the default first (docs/scaling.md).
 PARALLEL = {"global": ("data", "spatial"), "coherent": ("model", "data"), "transfer": ("model", "data")}
 
@@ -106,6 +108,25 @@ class StageConfig:
     # or "data" (DistributedDataParallel: each process holds the whole CNN-DNN). global: "data" (the default) or
     # "spatial" (each process holds a slab of every image, vgg and resnet). The other stages have one way.
     parallel: str | None = None
+    # Early stopping: ``epochs`` is the cap; the stage stops after ``patience`` epochs without an improvement of
+    # ``monitor`` by more than ``min_delta`` (None: off). ``keep``: whose weights the stage hands on, the best
+    # epoch's or the last one's (None: best when patience is set, else last).
+    patience: int | None = None
+    min_delta: float = 0.0
+    monitor: str = "val_accuracy"
+    keep: str | None = None
+
+    def kept(self) -> str:
+        """Whose weights the stage keeps: ``best`` or ``last``."""
+        return self.keep or ("best" if self.patience is not None else "last")
+
+
+@dataclass
+class EvaluationConfig:
+    # The validation accuracy whose time to reach is measured per strategy (a fraction, e.g. 0.9); None: the
+    # global CNN's best validation accuracy minus target_margin.
+    target_accuracy: float | None = None
+    target_margin: float = 0.005
 
 
 @dataclass
@@ -134,6 +155,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     combiner: CombinerConfig = field(default_factory=CombinerConfig)
     stages: StagesConfig = field(default_factory=StagesConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
 
 def _yaml_name(name: str) -> str:
@@ -328,6 +350,17 @@ def validate(cfg: Config) -> Config:
         for name in ("weight_decay", "warmup_epochs", "momentum", "label_smoothing"):
             if getattr(s, name) < 0:
                 raise ConfigError(f"stages.{stage}.{name} = {getattr(s, name)} must not be negative")
+        choice(f"stages.{stage}.monitor", s.monitor, MONITORS)
+        if s.keep is not None:
+            choice(f"stages.{stage}.keep", s.keep, KEEPS)
+        if s.patience is not None:
+            positive[f"stages.{stage}.patience"] = s.patience
+        if s.min_delta < 0:
+            raise ConfigError(f"stages.{stage}.min_delta = {s.min_delta} must not be negative, e.g. 0.001")
+        if s.enabled and cfg.data.val_fraction == 0 and (s.patience is not None or s.kept() == "best"):
+            raise ConfigError(f"stages.{stage}.patience / keep: best watch the validation split but "
+                              f"data.val_fraction = 0 leaves none; set data.val_fraction (e.g. 0.1) or remove "
+                              f"stages.{stage}.patience and keep")
         if s.label_smoothing >= 1:
             raise ConfigError(f"stages.{stage}.label_smoothing = {s.label_smoothing} must be below 1, e.g. 0.1")
         if s.parallel is not None:
@@ -360,6 +393,12 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"combiner.dropout = {cfg.combiner.dropout} must be in [0, 1), e.g. 0.1")
     if len(cfg.data.window) != 2 or cfg.data.window[0] >= cfg.data.window[1]:
         raise ConfigError(f"data.window = {cfg.data.window} must be [low, high] with low < high, e.g. [-1000, 400]")
+    target, margin = cfg.evaluation.target_accuracy, cfg.evaluation.target_margin
+    if target is not None and not 0 < target <= 1:
+        raise ConfigError(f"evaluation.target_accuracy = {target} must be a fraction in (0, 1], e.g. 0.9, or null "
+                          f"for the global CNN's best validation accuracy minus evaluation.target_margin")
+    if not 0 <= margin < 1:
+        raise ConfigError(f"evaluation.target_margin = {margin} must be a fraction in [0, 1), e.g. 0.005 (0.5 pp)")
     if not any(cfg.stages.get(s).enabled for s in STAGES):
         raise ConfigError("every stage is disabled; enable at least one of " + ", ".join(STAGES))
     return cfg

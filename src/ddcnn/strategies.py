@@ -25,6 +25,8 @@ class Strategy:
     the frozen local CNNs' logits ``(B, N, K) -> (B, K)``; ``None`` for a model of whole images (the model of its
     only stage). ``time_stages``: whose train time counts toward it; ``init_stages``: counted too when the
     strategy's model was initialised from them (the transfer CNN-DNN's DNN from the combine stage).
+    ``curve_key``: the key of the epoch records of its own stage (the last it counts) that hold its validation
+    accuracy.
     """
 
     name: str
@@ -33,6 +35,7 @@ class Strategy:
     time_stages: tuple[str, ...]
     combiner: Callable[[Mapping[str, nn.Module], int, int], nn.Module] | None = None
     init_stages: tuple[str, ...] = ()
+    curve_key: str = "val_accuracy"
 
     def counted_stages(self, initialised_from: tuple[str, ...] = ()) -> tuple[str, ...]:
         """The stages whose train time counts, in stage order, given the stages the model was initialised from."""
@@ -55,9 +58,9 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Strategy("cnn_dnn", "CNN-DNN", ("local", "combine"), ("local", "combine"),
              combiner=lambda trained, n, k: trained["combine"]),
     Strategy("mean_probability", "mean probability", ("local",), ("local",),
-             combiner=lambda trained, n, k: MeanProbability(n, k)),
+             combiner=lambda trained, n, k: MeanProbability(n, k), curve_key="val_accuracy_mean_probability"),
     Strategy("majority_vote", "majority vote", ("local",), ("local",),
-             combiner=lambda trained, n, k: MajorityVote(n, k)),
+             combiner=lambda trained, n, k: MajorityVote(n, k), curve_key="val_accuracy_majority_vote"),
     Strategy("coherent", "coherent CNN-DNN", ("coherent",), ("coherent",)),
     Strategy("transfer", "transfer CNN-DNN", ("transfer",), ("local", "transfer"), init_stages=("combine",)),
 )}
@@ -84,7 +87,8 @@ def predictors(trained: Mapping[str, nn.Module], decomposition: Decomposition, n
     return out
 
 
-def _combine(combiner: nn.Module, local: torch.Tensor) -> torch.Tensor:
+def combine_local(combiner: nn.Module, local: torch.Tensor) -> torch.Tensor:
+    """``combiner`` on local logits ``(B, N, K)``, in float32 outside autocast."""
     with torch.autocast(local.device.type, enabled=False):
         return combiner(local.float())
 
@@ -95,6 +99,6 @@ def _combined(ensemble: nn.Module, combiner: nn.Module, decomposition: Decomposi
 
     def fn(x):
         local = ensemble(x) if takes_images else ensemble(decomposition.split(x))
-        return _combine(combiner, local), local
+        return combine_local(combiner, local), local
 
     return fn

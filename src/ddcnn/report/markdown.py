@@ -12,24 +12,26 @@ from ddcnn.decomposition import Decomposition
 from ddcnn.errors import DDCNNError
 from ddcnn.report.plots import (
     _grid_index,
+    plot_accuracy_vs_cost,
     plot_confusion_matrix,
     plot_decomposition,
     plot_learning_curves,
     plot_subdomain_heatmap,
 )
 from ddcnn.report.tables import (
-    _MISSING,
-    _count,
-    _percent,
-    _seconds,
+    MISSING,
     dims_text,
+    finite_number,
+    format_count,
+    format_percent,
+    format_seconds,
     md_cell,
     md_code,
-    number,
     ordered,
     results_table,
     stage_label,
     strategy_label,
+    time_to_accuracy_table,
 )
 from ddcnn.strategies import STRATEGIES
 
@@ -53,10 +55,10 @@ def _best_strategy(results: Mapping) -> tuple[str | None, str]:
     if best:
         return str(best), ""
     strategies = results.get("strategies") or {}
-    scored = [(n, a) for n, e in strategies.items() if (a := number((e or {}).get("test_accuracy"))) is not None]
-    if not scored:
+    scored = [(n, a) for n, e in strategies.items() if (a := finite_number((e or {}).get("val_accuracy"))) is not None]
+    if not scored:  # the test set never chooses
         return None, ""
-    return max(scored, key=lambda item: item[1])[0], " (not recorded by the run; highest test accuracy)"
+    return max(scored, key=lambda item: item[1])[0], " (not recorded by the run; highest validation accuracy)"
 
 
 def _header_lines(results: Mapping, decomposition: Decomposition | None) -> list[str]:
@@ -69,7 +71,7 @@ def _header_lines(results: Mapping, decomposition: Decomposition | None) -> list
                                                    else "") + ".")
     sizes = results.get("data_sizes") or {}
     if sizes:
-        facts.append("Data: " + ", ".join(f"{_count(v)} {k}" for k, v in sizes.items()) + " images.")
+        facts.append("Data: " + ", ".join(f"{format_count(v)} {k}" for k, v in sizes.items()) + " images.")
     image_size = results.get("image_size") or (decomposition.image_size if decomposition else None)
     if image_size:
         shape = f"Images {dims_text(image_size)}"
@@ -127,7 +129,7 @@ def _train_time_note(results: Mapping) -> list[str]:
     if any(STRATEGIES[n].stages == ("local",) for n in present):
         text += " Mean probability and majority vote train nothing beyond the local CNNs."
     if any("local" in STRATEGIES[n].time_stages for n in present):
-        processes = int(number((results.get("local") or {}).get("processes")) or 1)
+        processes = int(finite_number((results.get("local") or {}).get("processes")) or 1)
         where = "on this one device" if processes == 1 else f"by {processes} processes in parallel"
         text += (f" The local stage counts all local CNNs trained together {where}"
                  " (see the critical-path estimate below).")
@@ -166,15 +168,22 @@ def write_report(
         lines.append("No strategy was evaluated in this run.")
     best, how = _best_strategy(results)
     if best is not None:
-        accuracy = number((strategies.get(best) or {}).get("test_accuracy"))
-        score = f" ({_percent(accuracy)} % test accuracy)" if accuracy is not None else ""
+        entry = strategies.get(best) or {}
+        val, test = finite_number(entry.get("val_accuracy")), finite_number(entry.get("test_accuracy"))
+        score = (f" ({format_percent(val)} % validation, {format_percent(test)} % test accuracy)" if val is not None
+                 else f" ({format_percent(test)} % test accuracy)" if test is not None else "")
+        if results.get("best_strategy_basis"):
+            how = how or f", chosen on {results['best_strategy_basis']}"
         lines += ["", f"**Best strategy:** {md_cell(strategy_label(best))}{score}{how}."]
+
+    if any((entry or {}).get("cost") for entry in strategies.values()):
+        lines += _time_to_accuracy_section(results, plots, run_dir)
 
     stage_seconds = results.get("stage_seconds") or {}
     if stage_seconds:
         lines += ["", "## Time per stage", "", "| stage | wall time (s) |", "|:---|---:|"]
         for stage in ordered(stage_seconds, STAGES):
-            lines.append(f"| {md_cell(stage_label(stage))} | {_seconds(stage_seconds[stage])} |")
+            lines.append(f"| {md_cell(stage_label(stage))} | {format_seconds(stage_seconds[stage])} |")
 
     local = results.get("local")
     if local:
@@ -204,6 +213,31 @@ def write_report(
     return report
 
 
+def _time_to_accuracy_section(results: Mapping, plots: Path, run_dir: Path) -> list[str]:
+    target = results.get("target") or {}
+    value = finite_number(target.get("val_accuracy"))
+    what = (f"Target: {format_percent(value)} % validation accuracy ({md_cell(target.get('source', ''))})."
+            if value is not None else f"No target: {md_cell(target.get('source') or 'none was set')}.")
+    stages = results.get("stages") or {}
+    stops = [f"{stage_label(s)} {e['epochs_run']} of {e['cap']} epochs ({e['stop_reason']}, kept epoch "
+             f"{e['kept_epoch']})" for s in ordered(stages, STAGES) if (e := stages[s]) and "epochs_run" in e]
+    curves = results.get("curves") or {}
+    lines = ["", "## Time to accuracy", "", what, "", time_to_accuracy_table(results), "",
+             "A strategy's cost counts every stage it depends on (all the epochs each ran); the critical path is the "
+             "time if each local CNN had its own device (the local stage's estimate); FLOPs count forward and "
+             "backward passes (3x the forward pass) over the training images seen. \"to target\" is the cost at "
+             "the first epoch whose validation accuracy reached the target. The CNN-DNN's curve is its DNN's "
+             "validation accuracy per combine epoch after the whole local stage; the rules' curves are measured "
+             "every local epoch; the transfer CNN-DNN's starts after the local (and combine) stage."]
+    if stops:
+        lines += ["", "Epochs run: " + "; ".join(stops) + "."]
+    if curves:
+        labels = {name: strategy_label(name) for name in curves}
+        lines += ["", _figure("validation accuracy against cumulative training cost", run_dir, plot_accuracy_vs_cost,
+                              curves, value, plots / "accuracy_vs_cost.png", labels=labels)]
+    return lines
+
+
 def _figure(what: str, run_dir: Path, plot, *args, **kwargs) -> str:
     """The Markdown image of ``plot(*args, **kwargs)``; a plot that fails is a warning and a note in the report,
     never the loss of a finished run's report."""
@@ -226,19 +260,19 @@ def _class_names(results: Mapping, k: int) -> list[str]:
 
 def _local_section(local: Mapping, decomposition: Decomposition | None, plots: Path, run_dir: Path) -> list[str]:
     lines = ["", "## Local stage", ""]
-    test = [number(v) for v in (local.get("test_accuracy") or [])]
-    val = [number(v) for v in (local.get("val_accuracy") or [])]
+    test = [finite_number(v) for v in (local.get("test_accuracy") or [])]
+    val = [finite_number(v) for v in (local.get("val_accuracy") or [])]
     n = max(len(test), len(val)) or (decomposition.n_subdomains if decomposition else 0)
-    measured, critical = number(local.get("measured_seconds")), number(local.get("critical_path_seconds"))
-    processes = int(number(local.get("processes")) or 1)
+    measured, critical = finite_number(local.get("measured_seconds")), finite_number(local.get("critical_path_seconds"))
+    processes = int(finite_number(local.get("processes")) or 1)
     if measured is not None:
         where = "on this one device" if processes == 1 else f"shared among {processes} processes (the slowest)"
-        lines.append(f"- Measured time: {_seconds(measured)} s, training all {n} local CNNs {where} "
+        lines.append(f"- Measured time: {format_seconds(measured)} s, training all {n} local CNNs {where} "
                      "(measured wall time).")
     if critical is not None:
         text = (
             f"- Critical path if each local CNN had its own device and they trained in parallel: "
-            f"{_seconds(critical)} s (an estimate, not a measurement)."
+            f"{format_seconds(critical)} s (an estimate, not a measurement)."
         )
         note = str(local.get("critical_path_note") or "").strip().rstrip(".")
         if note.lower().startswith("estimated:"):
@@ -256,8 +290,8 @@ def _local_section(local: Mapping, decomposition: Decomposition | None, plots: P
             "### Per-subdomain accuracy",
             "",
             f"Test accuracy of the {len(test)} local CNNs, each on its own subimage: "
-            f"min {_percent(min(known))} %, mean {_percent(sum(known) / len(known))} %, "
-            f"max {_percent(max(known))} %.",
+            f"min {format_percent(min(known))} %, mean {format_percent(sum(known) / len(known))} %, "
+            f"max {format_percent(max(known))} %.",
             "",
         ]
         header = ["subdomain"]
@@ -273,9 +307,9 @@ def _local_section(local: Mapping, decomposition: Decomposition | None, plots: P
                 d = decomposition.dims
                 row.append(dims_text(_grid_index(decomposition, i)).replace("×", ", "))
                 row.append(" × ".join(f"{a}:{b}" for a, b in zip(locations[i][:d], locations[i][d:])))
-            row.append(_percent(accuracy))
+            row.append(format_percent(accuracy))
             if val:
-                row.append(_percent(val[i]) if i < len(val) else _MISSING)
+                row.append(format_percent(val[i]) if i < len(val) else MISSING)
             lines.append("| " + " | ".join(row) + " |")
         if decomposition is not None and decomposition.n_subdomains == len(test) and all(
             v is not None for v in test

@@ -18,7 +18,7 @@ from matplotlib.patches import Rectangle
 from ddcnn.config import STAGES
 from ddcnn.decomposition import Decomposition
 from ddcnn.errors import ShapeError
-from ddcnn.report.tables import dims_text, number, ordered, stage_label
+from ddcnn.report.tables import dims_text, finite_number, ordered, stage_label
 
 _DPI = 100
 
@@ -33,7 +33,7 @@ def save_figure(fig: Figure, path) -> Path:
 
 
 def _curve(records, key) -> np.ndarray:
-    return np.array([np.nan if number(r.get(key)) is None else float(r[key]) for r in records], dtype=float)
+    return np.array([np.nan if finite_number(r.get(key)) is None else float(r[key]) for r in records], dtype=float)
 
 
 def plot_learning_curves(metrics: Sequence[Mapping], path) -> Path:
@@ -44,7 +44,7 @@ def plot_learning_curves(metrics: Sequence[Mapping], path) -> Path:
     """
     by_stage: dict[str, dict[int, Mapping]] = {}
     for record in metrics:
-        stage, epoch = record.get("stage"), number(record.get("epoch"))
+        stage, epoch = record.get("stage"), finite_number(record.get("epoch"))
         if stage is None or epoch is None:
             continue
         by_stage.setdefault(str(stage), {})[int(epoch)] = record
@@ -70,7 +70,7 @@ def plot_learning_curves(metrics: Sequence[Mapping], path) -> Path:
             table = np.full((len(records), n), np.nan)
             for i, p in enumerate(per_sub):
                 for j, v in enumerate(p or []):
-                    table[i, j] = np.nan if number(v) is None else 100 * float(v)
+                    table[i, j] = np.nan if finite_number(v) is None else 100 * float(v)
             for j in range(n):
                 acc_ax.plot(epochs, table[:, j], color="tab:orange", alpha=0.25, linewidth=0.8,
                             label="val, each subdomain" if j == 0 else None)
@@ -79,7 +79,7 @@ def plot_learning_curves(metrics: Sequence[Mapping], path) -> Path:
         loss_ax.plot(epochs, _curve(records, "train_loss"), color="tab:blue", label="train", **style)
         loss_ax.plot(epochs, _curve(records, "val_loss"), color="tab:orange", label="val", **style)
 
-        seconds = number(records[-1].get("seconds"))
+        seconds = finite_number(records[-1].get("seconds"))
         title = stage_label(stage) + (f" ({seconds:,.1f} s)" if seconds is not None else "")
         acc_ax.set_title(title)
         acc_ax.set_ylabel("accuracy (%)")
@@ -296,4 +296,28 @@ def plot_confusion_matrix(matrix, classes: Sequence[str] | None, path, title: st
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(title)
+    return save_figure(fig, path)
+
+
+def plot_accuracy_vs_cost(curves: Mapping[str, Sequence[Mapping]], target: float | None, path,
+                          labels: Mapping[str, str] | None = None) -> Path:
+    """Validation accuracy against cumulative training cost, one line per strategy: measured seconds (left) and
+    critical-path seconds (right, each local CNN on its own device); the target as a dashed line."""
+    fig = Figure(figsize=(11.0, 4.2), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, key, title in ((axes[0], "seconds", "measured"), (axes[1], "critical_path_seconds",
+                                                                 "critical path (a device per local CNN)")):
+        for j, (name, curve) in enumerate(curves.items()):
+            points = [p for p in curve if None not in (finite_number(p.get("val_accuracy")), finite_number(p.get(key)))]
+            if not points:
+                continue
+            ax.plot([p[key] for p in points], [100 * p["val_accuracy"] for p in points], marker="o", markersize=3,
+                    color=f"C{j % 10}", label=(labels or {}).get(name, name))
+        if target is not None:
+            ax.axhline(100 * target, color="grey", linestyle="--", linewidth=1, label=f"target {100 * target:.2f} %")
+        ax.set_xlabel(f"cumulative training time (s), {title}")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("validation accuracy (%)")
+    axes[1].legend(fontsize=7, loc="lower right")
     return save_figure(fig, path)

@@ -15,14 +15,15 @@ STAGE_LABELS = {
     "transfer": "transfer CNN-DNN",
 }
 
-_COLUMNS = ("strategy", "test accuracy (%)", "train time (s)", "parameters", "forward MFLOPs / image")
-_MISSING = "—"
+_COLUMNS = ("strategy", "val accuracy (%)", "test accuracy (%)", "train time (s)", "parameters",
+            "forward MFLOPs / image")
+MISSING = "—"
 
 
 # --------------------------------------------------------------------------------------------------- formatting
 
 
-def number(value) -> float | None:
+def finite_number(value) -> float | None:
     """``value`` as a finite float, or None when it is absent, not a number, NaN or infinite."""
     if value is None or isinstance(value, bool):
         return None
@@ -33,25 +34,25 @@ def number(value) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _percent(value) -> str:
-    value = number(value)
-    return _MISSING if value is None else f"{100 * value:.2f}"
+def format_percent(value) -> str:
+    value = finite_number(value)
+    return MISSING if value is None else f"{100 * value:.2f}"
 
 
-def _seconds(value) -> str:
-    value = number(value)
-    return _MISSING if value is None else f"{value:,.1f}"
+def format_seconds(value) -> str:
+    value = finite_number(value)
+    return MISSING if value is None else f"{value:,.1f}"
 
 
-def _count(value) -> str:
-    value = number(value)
-    return _MISSING if value is None else f"{round(value):,}"
+def format_count(value) -> str:
+    value = finite_number(value)
+    return MISSING if value is None else f"{round(value):,}"
 
 
 def _mflops(value) -> str:
-    value = number(value)
+    value = finite_number(value)
     if value is None:
-        return _MISSING
+        return MISSING
     mflops = value / 1e6
     # Two decimals for ordinary networks; three significant digits for the tiny ones (e.g. a DNN alone).
     return f"{mflops:,.2f}" if mflops >= 0.1 or mflops == 0 else f"{mflops:.3g}"
@@ -71,17 +72,18 @@ def ordered(names, order: Sequence[str]) -> list[str]:
     return [n for n in order if n in names] + [n for n in names if n not in order]
 
 
-def _strategy_rows(results: Mapping) -> list[tuple[str, str, str, str, str]]:
+def _strategy_rows(results: Mapping) -> list[tuple[str, ...]]:
     strategies = results.get("strategies") or {}
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for name in ordered(strategies, tuple(STRATEGIES)):
         entry = strategies[name] or {}
         rows.append(
             (
                 strategy_label(name),
-                _percent(entry.get("test_accuracy")),
-                _seconds(entry.get("train_seconds")),
-                _count(entry.get("parameters")),
+                format_percent(entry.get("val_accuracy")),
+                format_percent(entry.get("test_accuracy")),
+                format_seconds(entry.get("train_seconds")),
+                format_count(entry.get("parameters")),
                 _mflops(entry.get("flops_per_image")),
             )
         )
@@ -106,7 +108,7 @@ def md_code(text) -> str:
 
 
 def dims_text(values) -> str:
-    return "×".join(str(v) for v in values) if values is not None else _MISSING
+    return "×".join(str(v) for v in values) if values is not None else MISSING
 
 
 def results_table(results: Mapping) -> str:
@@ -135,4 +137,29 @@ def format_table(results: Mapping) -> str:
 
     lines = [fmt(rows[0]), "  ".join("-" * w for w in widths)]
     lines += [fmt(row) for row in rows[1:]]
+    return "\n".join(lines)
+
+
+def _flops(value) -> str:
+    number = finite_number(value)
+    return MISSING if number is None else f"{number:.3g}"
+
+
+def time_to_accuracy_table(results: Mapping) -> str:
+    """Per strategy: its validation accuracy, its whole training cost (every stage it depends on) and the cost at
+    which its validation accuracy first reached the target, as Markdown ("not reached" when it never did)."""
+    lines = ["| strategy | val accuracy (%) | epochs per stage | cost: s | critical path: s | FLOPs | "
+             "to target: s | critical path: s | FLOPs |", "|:---|---:|:---|---:|---:|---:|---:|---:|---:|"]
+    strategies = results.get("strategies") or {}
+    for name in ordered(strategies, tuple(STRATEGIES)):
+        entry = strategies[name] or {}
+        cost = entry.get("cost") or {}
+        epochs = ", ".join(f"{stage} {n}" for stage, n in (cost.get("epochs") or {}).items()) or MISSING
+        reached = entry.get("time_to_target")
+        to_target = [format_seconds(reached["seconds"]), format_seconds(reached["critical_path_seconds"]),
+                     _flops(reached["train_flops"])] if reached else ["not reached", "", ""]
+        lines.append("| " + " | ".join(md_cell(c) for c in [
+            strategy_label(name), format_percent(entry.get("val_accuracy")), epochs,
+            format_seconds(cost.get("seconds")),
+            format_seconds(cost.get("critical_path_seconds")), _flops(cost.get("train_flops")), *to_target]) + " |")
     return "\n".join(lines)

@@ -11,11 +11,20 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ddcnn.study.stats import METHOD, paired_differences, summarize, verdict
+from ddcnn.study.stats import METHOD, paired_differences, ratio_summary, summarize, verdict
 
 # The paper's claims, as (a, b): "a beats b". Everything else is read from each run's results.json.
 CLAIMS = (("cnn_dnn", "mean_probability"), ("cnn_dnn", "majority_vote"), ("transfer", "coherent"),
           ("transfer", "cnn_dnn"), ("transfer", "global"))
+# The paper's time claim: "a reaches the target validation accuracy in less time than b", as a paired ratio.
+TIME_CLAIMS = (("transfer", "global"), ("cnn_dnn", "global"))
+TIME_KEYS = ("seconds", "critical_path_seconds")
+CNN_STAGES = ("global", "local", "coherent", "transfer")  # the stages that train CNNs (not the combine DNN)
+TIME_METHOD = ("time claims are paired ratios a/b of the time to reach the target validation accuracy, per seed; "
+               "geometric mean over the seeds where both reached it, 95% interval exp(mean ± t · s / sqrt(n)) of "
+               "the log ratios; a claim holds when the interval lies below 1, fails when it lies above 1, else (or "
+               "with n < 2) is inconclusive; seeds where either strategy never reached the target give no ratio and "
+               "are counted as not reached")
 CURVE_STAGES = ("transfer", "coherent")  # trained end to end: does starting from the trained parts speed it up?
 ENVIRONMENT_KEYS = ("device", "device_name", "torch_version", "python", "ddcnn_version", "dataset")
 
@@ -92,6 +101,56 @@ def learning_curve(runs: Sequence[RunData], stage: str) -> list[dict]:
     return [{"epoch": epoch, **summarize(values).as_dict()} for epoch, values in sorted(by_epoch.items())]
 
 
+def time_claim(runs: Sequence[RunData], a: str, b: str) -> dict:
+    """The paired claim "a reaches the target in less time than b": per seed the ratio of their times to target
+    (measured and critical path), summarised on the log scale; seeds where either did not reach it are listed."""
+    out: dict = {"a": a, "b": b, "not_reached": {}}
+    ratios: dict[str, dict[int, float]] = {key: {} for key in TIME_KEYS}
+    for run in runs:
+        strategies = run.results.get("strategies") or {}
+        if a not in strategies or b not in strategies or "time_to_target" not in strategies[a]:
+            continue
+        times = [strategies[name].get("time_to_target") for name in (a, b)]
+        if None in times:
+            out["not_reached"][str(run.seed)] = [name for name, t in zip((a, b), times) if t is None]
+            continue
+        for key in TIME_KEYS:
+            if times[1][key] > 0 and times[0][key] > 0:
+                ratios[key][run.seed] = times[0][key] / times[1][key]
+    for key in TIME_KEYS:
+        out[key] = {**ratio_summary(list(ratios[key].values())),
+                    "per_seed": {str(s): r for s, r in sorted(ratios[key].items())}}
+    return out
+
+
+def regime(runs: Sequence[RunData]) -> dict:
+    """How the cell's runs were trained: ``converged`` (every stage under early stopping) or ``fixed budget``,
+    with the stages' stop reasons counted, and the runs whose global CNN stopped at its cap while another
+    strategy trained more CNN epochs (its comparison may favour the other)."""
+    stops: dict[str, dict[str, int]] = {}
+    early = bool(runs)
+    warnings = []
+    for run in runs:
+        stages = run.results.get("stages") or {}
+        if not stages:
+            early = False
+        for stage, summary in stages.items():
+            early = early and summary.get("patience") is not None
+            reason = str(summary.get("stop_reason"))
+            stops.setdefault(stage, {}).setdefault(reason, 0)
+            stops[stage][reason] += 1
+        glob = stages.get("global") or {}
+        if glob.get("stop_reason") == "cap":
+            cnn_epochs = {name: sum(n for stage, n in ((e.get("cost") or {}).get("epochs") or {}).items()
+                                    if stage in CNN_STAGES)
+                          for name, e in (run.results.get("strategies") or {}).items()}
+            more = [name for name, n in cnn_epochs.items() if n > glob.get("epochs_run", 0)]
+            if more:
+                warnings.append(f"seed {run.seed}: the global CNN stopped at its cap ({glob.get('epochs_run')} "
+                                f"epochs) while {', '.join(more)} trained more CNN epochs")
+    return {"regime": "converged" if early else "fixed budget", "stop_reasons": stops, "warnings": warnings}
+
+
 def aggregate_cell(runs: Sequence[RunData]) -> dict:
     """Strategies, claims and learning curves of one cell's finished runs."""
     accuracies = _accuracies(runs)
@@ -104,6 +163,8 @@ def aggregate_cell(runs: Sequence[RunData]) -> dict:
                                     "missing": [s for s in (a, b) if s not in accuracies]}
     return {"strategies": {name: _strategy_stats(runs, name, acc) for name, acc in accuracies.items()},
             "claims": claims,
+            "time_claims": {f"{a} / {b}": time_claim(runs, a, b) for a, b in TIME_CLAIMS},
+            **regime(runs),
             "curves": {stage: learning_curve(runs, stage) for stage in CURVE_STAGES}}
 
 
@@ -121,5 +182,6 @@ def aggregate(cells: Sequence[Mapping], runs: Sequence[RunData], status: Mapping
     for run in runs:
         for key in ENVIRONMENT_KEYS:
             environment.setdefault(key, run.results.get(key))
-    return {"method": METHOD, "claims": [f"{a} - {b}" for a, b in CLAIMS], "environment": environment,
+    return {"method": METHOD, "time_method": TIME_METHOD, "claims": [f"{a} - {b}" for a, b in CLAIMS],
+            "time_claims": [f"{a} / {b}" for a, b in TIME_CLAIMS], "environment": environment,
             "cells": out_cells}

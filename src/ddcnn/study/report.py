@@ -15,24 +15,24 @@ from ddcnn.report.tables import md_code, ordered, strategy_label
 from ddcnn.strategies import STRATEGIES
 from ddcnn.study.spec import value_text
 
-_MISSING = "—"
+MISSING = "—"
 _MARKERS = "osD^v<>ph*"
 
 
 def _pp(value, signed: bool = False) -> str:
     if value is None:
-        return _MISSING
+        return MISSING
     return f"{100 * value:+.2f}" if signed else f"{100 * value:.2f}"
 
 
 def _interval(summary: Mapping, signed: bool = False) -> str:
     if summary.get("ci_low") is None:
-        return _MISSING
+        return MISSING
     return f"[{_pp(summary['ci_low'], signed)}, {_pp(summary['ci_high'], signed)}]"
 
 
-def _seconds(summary: Mapping) -> str:
-    return _MISSING if summary.get("mean") is None else f"{summary['mean']:.1f}"
+def format_seconds(summary: Mapping) -> str:
+    return MISSING if summary.get("mean") is None else f"{summary['mean']:.1f}"
 
 
 def _strategies(data: Mapping) -> list[str]:
@@ -49,7 +49,7 @@ def _claim_rows(data: Mapping, short: bool = False) -> list[tuple[str, ...]]:
         for claim in cell["claims"].values():
             n = claim.get("n", 0)
             rows.append((cell["id" if short else "label"], _claim_label(claim), _pp(claim.get("mean"), True),
-                         _interval(claim, True), f"{claim.get('holds_in', 0)}/{n}" if n else _MISSING,
+                         _interval(claim, True), f"{claim.get('holds_in', 0)}/{n}" if n else MISSING,
                          claim["verdict"]))
     return rows
 
@@ -60,6 +60,56 @@ def claims_table(data: Mapping) -> str:
              "|:---|:---|---:|:---:|---:|:---|"]
     lines += ["| " + " | ".join(row) + " |" for row in _claim_rows(data)]
     return "\n".join(lines)
+
+
+def _ratio(value) -> str:
+    return MISSING if value is None else f"{value:.2f}"
+
+
+def _time_rows(data: Mapping, short: bool = False) -> list[tuple[str, ...]]:
+    rows: list[tuple[str, ...]] = []
+    for cell in data["cells"]:
+        for claim in (cell.get("time_claims") or {}).values():
+            missed = len(claim.get("not_reached") or {})
+            if not missed and not any((claim.get(key) or {}).get("n") for key in ("seconds", "critical_path_seconds")):
+                continue  # runs without times to target (made before they were measured, or a missing strategy)
+            for key, what in (("seconds", "measured"), ("critical_path_seconds", "critical path")):
+                entry = claim.get(key) or {}
+                interval = MISSING if entry.get("ci_low") is None else \
+                    f"[{_ratio(entry['ci_low'])}, {_ratio(entry['ci_high'])}]"
+                rows.append((cell["id" if short else "label"], f"{strategy_label(claim['a'])} / "
+                             f"{strategy_label(claim['b'])}", what, _ratio(entry.get("geometric_mean")), interval,
+                             str(entry.get("n", 0)), str(missed), entry.get("verdict", "not measured"),
+                             cell.get("regime", MISSING)))
+    return rows
+
+
+def time_claims_table(data: Mapping) -> str:
+    """The time claims as Markdown: per cell, claim and time measure the geometric mean of the paired ratio of the
+    times to target, its 95% interval, the seeds with a ratio, the seeds where one never reached the target, the
+    verdict and the regime the runs were trained in."""
+    lines = ["| cell | claim (time to target, ratio) | time | geometric mean | 95% CI | seeds | not reached | "
+             "verdict | regime |", "|:---|:---|:---|---:|:---:|---:|---:|:---|:---|"]
+    lines += ["| " + " | ".join(_md(c) for c in row) + " |" for row in _time_rows(data)]
+    return "\n".join(lines)
+
+
+def _md(text: str) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def regime_lines(data: Mapping) -> list[str]:
+    """One line per cell: the regime of its claims, how its stages stopped, and its warnings."""
+    lines = []
+    for cell in data["cells"]:
+        stops = "; ".join(f"{stage}: " + ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items()))
+                          for stage, reasons in (cell.get("stop_reasons") or {}).items())
+        regime = cell.get("regime", MISSING)
+        what = ("converged under early stopping (patience on every stage)" if regime == "converged"
+                else "a fixed budget (not every stage under early stopping)")
+        lines.append(f"- {cell['label']}: {what}" + (f"; stages stopped by {stops}" if stops else "") + ".")
+        lines += [f"  - **warning**: {w}" for w in cell.get("warnings") or []]
+    return lines
 
 
 def _short_label(cell: Mapping) -> str:
@@ -98,7 +148,7 @@ def strategies_table(data: Mapping) -> str:
             parameters = entry["parameters"]
             parameters = f"{parameters:,}" if isinstance(parameters, int) else str(parameters)
             lines.append(f"| {cell['label']} | {strategy_label(name)} | {_pp(acc['mean'])} | {_pp(acc['std'])} | "
-                         f"{_interval(acc)} | {acc['n']} | {_seconds(entry['train_seconds'])} | {parameters} |")
+                         f"{_interval(acc)} | {acc['n']} | {format_seconds(entry['train_seconds'])} | {parameters} |")
     return "\n".join(lines)
 
 
@@ -122,7 +172,14 @@ def summary_text(data: Mapping) -> str:
                                enumerate(zip(row, widths))).rstrip())
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
+    time_rows = _time_rows(data, short=True)
+    if time_rows:
+        lines.append("time to target (ratio a/b, below 1: a is faster)")
+        for row in time_rows:
+            lines.append(f"  {row[0]}  {row[1]} ({row[2]}): {row[3]} {row[4]} n={row[5]} not reached={row[6]} "
+                         f"{row[7]} ({row[8]})")
     for cell in data["cells"]:
+        lines += [f"warning: {cell['id']}: {w}" for w in cell.get("warnings") or []]
         for state in ("failed",):
             for seed in cell["seeds"][state]:
                 lines.append(f"failed: {cell['id']} seed {seed} (log: logs/{cell['id']}/seed-{seed}.log)")
@@ -224,11 +281,11 @@ def write_report(data: Mapping, folder: Path) -> Path:
     lines = [
         f"# Study `{data['name']}`",
         "",
-        f"{_runs_line(data)}. Device: {env.get('device_name') or _MISSING} ({env.get('device') or _MISSING}); "
-        f"torch {env.get('torch_version') or _MISSING}; Python {env.get('python') or _MISSING}; ddcnn "
-        f"{env.get('ddcnn_version') or _MISSING}; dataset {env.get('dataset') or _MISSING}.",
+        f"{_runs_line(data)}. Device: {env.get('device_name') or MISSING} ({env.get('device') or MISSING}); "
+        f"torch {env.get('torch_version') or MISSING}; Python {env.get('python') or MISSING}; ddcnn "
+        f"{env.get('ddcnn_version') or MISSING}; dataset {env.get('dataset') or MISSING}.",
         "",
-        f"Command: {md_code(data.get('command') or _MISSING)}",
+        f"Command: {md_code(data.get('command') or MISSING)}",
         "",
         f"Method: {data['method']}.",
         "",
@@ -240,6 +297,17 @@ def write_report(data: Mapping, folder: Path) -> Path:
         claims_matrix(data),
         "",
         claims_table(data),
+        "",
+        "## Time to target (paired ratios over seeds)",
+        "",
+        f"Method: {data.get('time_method') or MISSING}. The target of a run is its global CNN's best validation "
+        "accuracy minus a margin (evaluation.target_margin) unless evaluation.target_accuracy sets it.",
+        "",
+        time_claims_table(data),
+        "",
+        "## Regime of the claims",
+        "",
+        *regime_lines(data),
         "",
         "## Strategies",
         "",

@@ -108,12 +108,12 @@ class StudyDir:
             except (OSError, ValueError, KeyError, TypeError):
                 raise ConfigError(f"study directory {str(path)!r}: {SPEC_FILE} is damaged; restore it or choose "
                                   f"another --out") from None
-            if sha != self.study.sha256:
+            if sha != self.study.sha256 and not extends(recorded.get("spec"), self.study):
                 raise ConfigError(
                     f"study directory {str(path)!r} holds the study {recorded.get('name')!r} (spec "
                     f"{sha[:12]}), not {str(self.study.path)!r} (spec {self.study.sha256[:12]}): its base, set, axes "
-                    f"or seeds differ; choose another --out, or give the study file it was made from "
-                    f"({str(path / 'study.yaml')!r})")
+                    f"or seeds differ (beyond more seeds or more axis values, which extend it); choose another "
+                    f"--out, or give the study file it was made from ({str(path / 'study.yaml')!r})")
         elif path.is_dir() and any(path.iterdir()):
             raise ConfigError(f"study directory {str(path)!r} already holds files that are not a ddcnn study; "
                               f"choose another --out")
@@ -123,11 +123,14 @@ class StudyDir:
         from ddcnn.files import atomic_write_text
 
         self.check()
-        if (self.path / SPEC_FILE).is_file():
-            return
-        self.path.mkdir(parents=True, exist_ok=True)
+        spec = self.path / SPEC_FILE
+        if spec.is_file():
+            if json.loads(spec.read_text())["sha256"] == self.study.sha256:
+                return
+        else:  # an extended study keeps its base.yaml (the same base: the finished runs' config)
+            self.path.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.base, yaml.safe_dump(self.study.base, sort_keys=False))
         atomic_write_text(self.path / "study.yaml", self.study.text)
-        atomic_write_text(self.base, yaml.safe_dump(self.study.base, sort_keys=False))
         # The spec last: its presence says the directory is complete.
         atomic_write_text(self.path / SPEC_FILE, json.dumps({"name": self.study.name, "sha256": self.study.sha256,
                                                              "spec": self.study.spec}, indent=2) + "\n")
@@ -152,6 +155,28 @@ class StudyDir:
 
     def started(self) -> bool:
         return (self.path / "runs").is_dir() and any((self.path / "runs").iterdir())
+
+
+def extends(recorded, study: Study) -> bool:
+    """Whether ``study`` is the recorded spec with more seeds or more values on its axes, and nothing else changed:
+    then every finished run keeps its folder and its config, and only the new runs are to do."""
+    if not isinstance(recorded, dict):
+        return False
+    old_axes, old_seeds = recorded.get("axes"), recorded.get("seeds")
+    if recorded.get("name") != study.name or recorded.get("base") != study.base or not isinstance(old_axes, dict) \
+            or list(old_axes) != list(study.axes) or not isinstance(old_seeds, list):
+        return False
+    if not set(old_seeds) <= set(study.seeds):
+        return False
+    if any(not isinstance(values, list) or any(v not in study.axes[key] for v in values)
+           for key, values in old_axes.items()):
+        return False
+    old = Study(study.name, study.path, study.base, old_axes, old_seeds, "")
+    try:  # the finished cells keep their folders
+        return {(c.id, json.dumps(c.values, sort_keys=True)) for c in old.cells()} <= \
+            {(c.id, json.dumps(c.values, sort_keys=True)) for c in study.cells()}
+    except ConfigError:
+        return False
 
 
 def commands(study_dir: StudyDir, runs: list[Run]) -> list[str]:

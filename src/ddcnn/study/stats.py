@@ -118,3 +118,16 @@ def verdict(summary: Summary) -> str:
 def paired_differences(a: Mapping[int, float], b: Mapping[int, float]) -> dict[int, float]:
     """``a[s] - b[s]`` for every seed ``s`` both hold, in seed order."""
     return {s: float(a[s]) - float(b[s]) for s in sorted(set(a) & set(b))}
+
+
+def ratio_summary(ratios: Sequence[float], level: float = LEVEL) -> dict:
+    """The geometric mean of positive ``ratios`` with its ``level`` interval, from the Student-t interval of the
+    mean of their logarithms (both ends exponentiated); the verdict of "a ratio below 1": ``holds`` when the
+    interval lies below 1, ``fails`` when it lies above 1, else ``inconclusive`` (also for n < 2)."""
+    logs = summarize([math.log(r) for r in ratios], level)
+    ends = (None, None) if logs.ci_low is None or logs.ci_high is None else (math.exp(logs.ci_low),
+                                                                             math.exp(logs.ci_high))
+    word = ("inconclusive" if ends[0] is None or ends[1] is None else
+            "holds" if ends[1] < 1 else "fails" if ends[0] > 1 else "inconclusive")
+    return {"n": logs.n, "geometric_mean": None if logs.mean is None else math.exp(logs.mean),
+            "ci_low": ends[0], "ci_high": ends[1], "verdict": word}

@@ -5,6 +5,8 @@ A stage's checkpoint is three files in ``checkpoints/``: ``{stage}-{tag}.safeten
 their SHA-256, the epoch reached and the stage's JSON-serialisable state. Each file is written to a temporary name,
 flushed, fsync'ed and renamed; the manifest is written last. A process killed at any point therefore leaves the
 previous manifest pointing at complete files, and a file damaged later is detected by its hash before use.
+A stage that keeps its best epoch's weights (early stopping) has its manifest also name the weights file of that
+epoch (``best``), kept from the epoch that wrote it: no weights are written twice.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ class CheckpointDir:
     def __init__(self, root: str | Path, state_schema=Any):
         """``state_schema``: what the stage's state in every manifest must look like (see :mod:`ddcnn.files`)."""
         self.root = Path(root)
-        self.schema = {"stage": str, "tag": str, "files": {"weights": _FILE, "optimizer?": _FILE},
+        self.schema = {"stage": str, "tag": str, "files": {"weights": _FILE, "optimizer?": _FILE, "best?": _FILE},
                        "state": state_schema, "optimizer_meta": Opt(_OPTIMIZER_META)}
 
     def manifest_path(self, stage: str) -> Path:
@@ -77,8 +79,10 @@ class CheckpointDir:
         return self.manifest_path(stage).exists()
 
     def save(self, stage: str, tag: str, weights: dict[str, torch.Tensor], state: dict[str, Any],
-             optimizer: dict | None = None) -> None:
-        """Save weights, optional optimizer state and JSON state of ``stage``; ``tag`` names this version."""
+             optimizer: dict | None = None, keep_best: bool = False) -> None:
+        """Save weights, optional optimizer state and JSON state of ``stage``; ``tag`` names this version.
+        ``keep_best``: the previous version's best weights (its ``best`` file, else its weights) stay named as the
+        ``best`` of this one: the best epoch was an earlier one."""
         files = {}
         payloads = {"weights": {k: v.detach().cpu().contiguous() for k, v in weights.items()}}
         optimizer_meta = None
@@ -93,6 +97,10 @@ class CheckpointDir:
             old = self._read_manifest(stage) if self.has(stage) else None
         except CheckpointError:  # a broken old manifest is replaced; its files are left where they are
             old = None
+        if keep_best:
+            if old is None:
+                raise CheckpointError(f"stage {stage!r} has no earlier checkpoint whose weights could be the best")
+            files["best"] = old["files"].get("best", old["files"]["weights"])
         manifest = {"stage": stage, "tag": tag, "files": files, "state": state, "optimizer_meta": optimizer_meta}
         atomic_write_text(self.manifest_path(stage), json.dumps(manifest, indent=1))
         if old:  # the previous version's files are no longer named by any manifest
@@ -146,6 +154,11 @@ class CheckpointDir:
                     f"match {manifest['files']['optimizer']['file']!r}; delete it to restart the {stage!r} stage"
                 ) from None
         return weights, manifest["state"], optimizer
+
+    def load_best(self, stage: str) -> dict[str, torch.Tensor]:
+        """The weights of the best epoch so far that the manifest names (its last weights when it names no other)."""
+        files = self._read_manifest(stage)["files"]
+        return self._read_tensors(stage, files.get("best", files["weights"]))
 
     def check_weights(self, stage: str, weights: dict[str, torch.Tensor], expected: dict[str, tuple]) -> None:
         """Refuse ``weights`` (of ``stage``'s checkpoint) whose names or shapes differ from ``expected``, the

@@ -15,14 +15,20 @@ from ddcnn.config import Config
 from ddcnn.data.datasets import load_datasets
 from ddcnn.data.loading import Augment, Normalizer, make_batches, split_dataset
 from ddcnn.data.readers import ImageDataset
+from ddcnn.models import LocalEnsemble, forward_flops
+from ddcnn.models.combiners import Combiner
 from ddcnn.train import dist
 from ddcnn.train.admit import admit_models
 from ddcnn.train.dist import DistEnv
 from ddcnn.train.distributed import DataParallelSync
-from ddcnn.train.loop import StageSpec, Sync
+from ddcnn.train.loop import FitResult, StageSpec, Sync
 from ddcnn.train.metrics import MetricsLog
+from ddcnn.train.model_parallel import ShardedCNNDNN
 from ddcnn.train.rundir import RunDir
 from ddcnn.train.runtime import M, Runtime
+
+# Training FLOPs of one image: the forward pass, and the backward pass at about twice its cost.
+TRAIN_FLOPS_FACTOR = 3
 
 
 @dataclass
@@ -33,6 +39,13 @@ class StageResult:
     seconds: float  # the stage's training time (the combine stage's includes its pass over the training set)
     history: list[dict]  # one record per epoch, as in metrics.jsonl
     extras: dict = field(default_factory=dict)  # "local_timing" (local), "initialised_from" (transfer)
+    summary: dict = field(default_factory=dict)  # the end-of-stage record (FitResult.summary)
+
+    @classmethod
+    def of(cls, model: nn.Module, fit: FitResult, stage: str, extras: dict | None = None, setup_seconds: float = 0.0,
+           setup_flops: int = 0) -> StageResult:
+        summary = fit.summary(stage, setup_seconds, setup_flops)
+        return cls(model, summary["seconds"], fit.history, extras or {}, summary)
 
 
 @dataclass
@@ -61,10 +74,12 @@ class Context:
         return self.models.n_local
 
     # --------------------------------------------------------------------------------- what the stages share
-    def spec(self, stage: str, **options) -> StageSpec:
-        """The :class:`StageSpec` of ``stage`` from the config; ``options`` set the rest (clip, sync, saver...)."""
+    def spec(self, stage: str, model: nn.Module | None = None, **options) -> StageSpec:
+        """The :class:`StageSpec` of ``stage`` from the config; ``options`` set the rest (clip, sync, saver...).
+        With ``model`` (all processes call it), the epochs' FLOPs are counted: 3x its forward pass per image."""
+        flops = TRAIN_FLOPS_FACTOR * self.forward_flops(model) if model is not None else 0
         return StageSpec(stage, self.cfg.stages.get(stage), self.run_dir.checkpoints, self.runtime, self.cfg.seed,
-                         self.log, verbose=self.verbose, **options)
+                         self.log, verbose=self.verbose, flops_per_image=flops, **options)
 
     def batches(self, stage: str, parts: int = 1, shard: range | None = None, slab: range | None = None):
         """Training batches of ``stage``; ``parts``: the processes each batch will be split among. With ``shard``
@@ -96,6 +111,19 @@ class Context:
     def predict(self, fn, images: torch.Tensor):
         """``fn`` on normalised images in eval batches: ``(M, C, *size) -> (M, ...)`` float32 on the CPU."""
         return self.runtime.predict(fn, images, self.normalizer, self.cfg.eval_batch_size)
+
+    def forward_flops(self, model: nn.Module) -> int:
+        """Forward FLOPs of one image through ``model`` (a stage's model: a global CNN, a CNN-DNN, this process's
+        shard of the local CNNs, a DNN on local logits), summed over the processes' shards (all call it)."""
+        shapes, d, n = self.models.shapes, self.decomposition, self.n_local
+        if isinstance(model, LocalEnsemble):
+            own = forward_flops(model, (model.n_local, shapes.in_channels, *d.subimage_size))
+            return sum(self.env.all_gather(own))
+        if isinstance(model, ShardedCNNDNN):
+            return self.forward_flops(model.ensemble) + forward_flops(model.combiner, (n, shapes.num_classes))
+        if isinstance(model, Combiner):
+            return forward_flops(model, (n, shapes.num_classes))
+        return forward_flops(model, (shapes.in_channels, *shapes.image_size))
 
     def val_scores(self, logits: torch.Tensor) -> dict:
         return {"val_loss": F.cross_entropy(logits, self.val.labels).item(),

@@ -59,6 +59,9 @@ class RankSync(Sync):
     def seconds(self, value: float) -> float:
         return self.env.max(value)  # the ranks work in parallel: a stage lasts as long as the slowest
 
+    def agree(self, obj):
+        return self.env.broadcast(obj)
+
 
 class ShardSync(RankSync):
     """Local stage: each rank saw every image with its own local CNNs; losses add up, per-CNN counts concatenate."""

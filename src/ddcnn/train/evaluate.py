@@ -7,37 +7,43 @@ from pathlib import Path
 import torch
 
 from ddcnn.data.datasets import load_datasets
-from ddcnn.data.loading import to_float
+from ddcnn.data.loading import split_dataset, to_float
 from ddcnn.data.readers import read_image_file, read_volume_file
 from ddcnn.errors import DataError
 from ddcnn.train.context import accuracy
 from ddcnn.train.dist import DistEnv
 from ddcnn.train.runtime import device_name
 from ddcnn.train.saved import SavedRun
+from ddcnn.train.scoring import score_strategies
 
 
 def evaluate_run(run_dir, device: str | None = None, env: DistEnv | None = None) -> dict | None:
-    """Test accuracy of every saved strategy, recomputed from the checkpoints; written to ``evaluation.json``.
+    """Validation and test accuracy of every saved strategy, recomputed from the checkpoints through the
+    protocol's scoring path; written to ``evaluation.json``.
 
     Under torchrun (``env``) each process holds its shard of the local CNNs and all compute together; rank 0
     writes the file and returns the results, the others None.
     """
     run = SavedRun(run_dir, device, env)
-    _, test = load_datasets(run.cfg.data)
-    images, labels = to_float(test.images), test.labels
+    train_full, test = load_datasets(run.cfg.data)
+    _, val = split_dataset(train_full, run.cfg.data.val_fraction, run.cfg.data.split_seed)
+    splits = {"val": val, "test": test} if len(val) else {"test": test}
+    scores = {split: score_strategies(run.trained, run.decomposition, run.shapes.num_classes, run.run_batches,
+                                      to_float(data.images), run.env)[0] for split, data in splits.items()}
+    if not run.env.is_main:
+        return None
     previous = run.best or {}  # the evaluation stands on its own without results.json
     strategies = {}
-    for name, fn in run.strategies().items():
-        scores, _ = run.run_batches(fn, images)
+    for name in scores["test"]:
         old = previous.get("strategies", {}).get(name, {})
-        strategies[name] = {"test_accuracy": accuracy(scores, labels), "train_seconds": old.get("train_seconds"),
-                            "parameters": old.get("parameters"), "flops_per_image": old.get("flops_per_image")}
+        strategies[name] = {
+            "val_accuracy": accuracy(scores["val"][name], val.labels) if "val" in scores else None,
+            "test_accuracy": accuracy(scores["test"][name], test.labels), "train_seconds": old.get("train_seconds"),
+            "parameters": old.get("parameters"), "flops_per_image": old.get("flops_per_image")}
     results = {"dataset": run.cfg.data.name, "grid": list(run.decomposition.grid),
                "overlap": list(run.decomposition.overlap), "device_name": device_name(run.runtime.device),
                "torch_version": torch.__version__,
                "strategies": strategies}
-    if not run.env.is_main:
-        return None
     run.run_dir.write_json("evaluation.json", results)
     return results
 

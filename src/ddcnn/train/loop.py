@@ -3,6 +3,12 @@
 The learning rate is a pure function of the global step, and the random state of every epoch is derived from
 ``(seed, stage, epoch)`` (:func:`ddcnn.seeds.derive_seed`); together with per-epoch checkpoints this makes a
 resumed stage bit-identical to an uninterrupted one on the CPU.
+
+Early stopping (``patience``, ``min_delta``, ``monitor``, ``keep`` of the stage's config) follows Keras'
+``EarlyStopping(restore_best_weights=True)``: ``epochs`` is the cap; the best-so-far and the count of epochs
+without improvement are part of the checkpointed state, so a resumed stage goes on with them and a stopped stage
+stays stopped. Under several processes the stop decision is rank 0's, sent to all: every process stops on the same
+epoch.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from ddcnn.train.checkpoint import CheckpointDir
 from ddcnn.train.runfiles import check_stage_settings
 from ddcnn.train.runtime import Runtime
 
+TRACKED = ("best_epoch", "best_value", "bad_epochs", "stop_reason")  # the early-stopping state all ranks share
 # loss_fn(x, y) -> (loss to backpropagate, correct predictions: a count, or one count per local CNN ``(N,)``)
 LossFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -87,6 +94,10 @@ class Sync:
         """True if ``flag`` is true on any process."""
         return flag
 
+    def agree(self, obj):
+        """Rank 0's ``obj`` on every process (the decisions all processes must share)."""
+        return obj
+
 
 class Progress:
     """A tqdm bar on a terminal; otherwise nothing until the caller logs the epoch's line."""
@@ -140,16 +151,85 @@ class StageSpec:
     sync: Sync | None = None
     extra_state: dict | None = None
     check_every: int = 25  # steps between two looks at the NaN guard (each look is a host sync)
+    flops_per_image: int = 0  # training FLOPs of one image (forward and backward, ~3x the forward pass)
+
+
+@dataclass
+class FitResult:
+    """What a stage's training did: its epochs, the one it kept, why it stopped, its cost, its records.
+
+    ``stop_reason`` is ``"patience"`` (early stopping) or ``"cap"`` (``epochs`` reached); ``kept_epoch`` is the
+    epoch whose weights the stage holds and hands on; ``best_epoch`` and ``best_value`` are those of the monitored
+    validation metric (None without validation). ``train_flops`` counts the training images seen times the
+    stage's ``flops_per_image``. ``extra``: what the stage saved with its state (``spec.extra_state``).
+    """
+
+    seconds: float
+    train_flops: int
+    steps: int
+    epochs_run: int
+    cap: int
+    kept_epoch: int
+    best_epoch: int | None
+    best_value: float | None
+    monitor: str
+    stop_reason: str
+    history: list[dict]
+    extra: dict
+    patience: int | None = None
+
+    @classmethod
+    def from_state(cls, state: dict, cfg: StageConfig, extra_keys=()) -> FitResult:
+        return cls(state["seconds"], state.get("flops", 0), state["step"], state["epoch"], state.get("epochs",
+                   cfg.epochs), state.get("kept_epoch") or state["epoch"], state.get("best_epoch"),
+                   state.get("best_value"), state.get("monitor", cfg.monitor), state.get("stop_reason") or "cap",
+                   state["history"], {k: state[k] for k in extra_keys if k in state}, cfg.patience)
+
+    def summary(self, stage: str, setup_seconds: float = 0.0, setup_flops: int = 0) -> dict:
+        """The end-of-stage record of ``metrics.jsonl`` and ``results.json``; ``setup_*``: work before the first
+        epoch that the stage's cost includes (the combine stage's pass of the local CNNs over the data)."""
+        return {"stage": stage, "event": "end", "epochs_run": self.epochs_run, "cap": self.cap,
+                "kept_epoch": self.kept_epoch, "best_epoch": self.best_epoch, "monitor": self.monitor,
+                "best_value": self.best_value, "stop_reason": self.stop_reason, "patience": self.patience,
+                "seconds": self.seconds + setup_seconds, "train_flops": self.train_flops + setup_flops,
+                "setup_seconds": setup_seconds, "setup_flops": setup_flops}
+
+
+def improved(value: float | None, best: float | None, cfg: StageConfig) -> bool:
+    """Whether the monitored ``value`` improves on ``best`` by more than ``min_delta`` (the first value does)."""
+    if value is None or not math.isfinite(value):
+        return False
+    if best is None:
+        return True
+    if cfg.monitor == "val_loss":
+        return value < best - cfg.min_delta
+    return value > best + cfg.min_delta
+
+
+def early_stopping(state: dict, record: dict, cfg: StageConfig) -> None:
+    """Update the best-so-far and the epochs without improvement in ``state`` from the epoch's ``record``; set
+    ``stop_reason`` when the stage ends here (patience run out, or the cap reached)."""
+    value = record.get(cfg.monitor)
+    if improved(value, state.get("best_value"), cfg):
+        state["best_epoch"], state["best_value"], state["bad_epochs"] = record["epoch"], value, 0
+    else:
+        state["bad_epochs"] = state.get("bad_epochs", 0) + 1
+    if cfg.patience is not None and state["bad_epochs"] >= cfg.patience:
+        state["stop_reason"] = "patience"
+    elif record["epoch"] >= cfg.epochs:
+        state["stop_reason"] = "cap"
 
 
 def fit(spec: StageSpec, model: nn.Module, loss_fn: LossFn | None, batches, evaluate: Callable[[], dict] | None
-        ) -> dict:
-    """Train ``model`` for ``spec.cfg.epochs`` epochs, resuming from ``spec.ckpt`` where the stage left off.
+        ) -> FitResult:
+    """Train ``model`` for at most ``spec.cfg.epochs`` epochs (fewer under early stopping), resuming from
+    ``spec.ckpt`` where the stage left off.
 
     ``batches`` yields ``(x, y)`` on the device and has ``set_epoch(e)`` and ``len``. After every epoch the model,
     the optimizer and the stage's state are checkpointed and ``spec.log`` receives the epoch's metrics (with the
-    validation metrics ``evaluate()`` returns). A finished stage only loads its weights: ``loss_fn``, ``batches``
-    and ``evaluate`` are not used. Returns the state: ``{"epoch", "seconds", "history", "done", "step", ...}``.
+    validation metrics ``evaluate()`` returns, the cumulative ``seconds`` and ``train_flops``). When the stage ends
+    with ``keep: best`` the model is given the best epoch's weights, and those are the stage's last checkpoint. A
+    finished stage only loads its weights: ``loss_fn``, ``batches`` and ``evaluate`` are not used.
     """
     stage, cfg, ckpt, runtime = spec.stage, spec.cfg, spec.ckpt, spec.runtime
     saver = spec.saver or ModelState(model)
@@ -157,7 +237,10 @@ def fit(spec: StageSpec, model: nn.Module, loss_fn: LossFn | None, batches, eval
     clip = spec.clip or (lambda max_norm: nn.utils.clip_grad_norm_(model.parameters(), max_norm))
     optimizer = make_optimizer(model.parameters(), cfg)
     state = {"epoch": 0, "seconds": 0.0, "history": [], "done": False, "step": 0, "epochs": cfg.epochs,
-             "batch_size": cfg.batch_size, "optimizer": cfg.optimizer, **(spec.extra_state or {})}
+             "batch_size": cfg.batch_size, "optimizer": cfg.optimizer, "monitor": cfg.monitor, "keep": cfg.kept(),
+             "flops": 0, "best_epoch": None, "best_value": None, "bad_epochs": 0, "stop_reason": None,
+             "kept_epoch": None, **(spec.extra_state or {})}
+    extra_keys = tuple(spec.extra_state or ())
     if ckpt.has(stage):
         weights, state, opt_state = ckpt.load(stage)
         # The schedule, the data order and the optimizer state depend on epochs, batch size and optimizer: a
@@ -169,7 +252,7 @@ def fit(spec: StageSpec, model: nn.Module, loss_fn: LossFn | None, batches, eval
             for group in optimizer.param_groups:  # the config's settings, not the checkpoint's, from here on
                 group.update({k: v for k, v in optimizer.defaults.items() if k != "lr"})
     if state["done"]:
-        return state
+        return FitResult.from_state(state, cfg, extra_keys)
     if loss_fn is None or batches is None or evaluate is None:
         raise TrainingError(f"stage {stage!r} is not finished but fit was given nothing to train it with")
     steps_per_epoch = len(batches)
@@ -229,16 +312,32 @@ def fit(spec: StageSpec, model: nn.Module, loss_fn: LossFn | None, batches, eval
                   "train_accuracy": acc.mean().item(), "lr": optimizer.param_groups[0]["lr"]}
         model.eval()
         record.update(evaluate())
-        record["seconds"] = state["seconds"]
+        state["flops"] += spec.flops_per_image * seen
+        record["seconds"], record["train_flops"] = state["seconds"], state["flops"]
+        # The decision is rank 0's: every process stops on the same epoch and keeps the same weights.
+        early_stopping(state, record, cfg)
+        state.update(sync.agree({k: state[k] for k in TRACKED}))
         state["epoch"] = epoch
-        state["done"] = epoch == cfg.epochs
+        state["done"] = state["stop_reason"] is not None
         state["history"].append(record)
+        restore = state["done"] and state["keep"] == "best" and state["best_epoch"] not in (None, epoch)
+        state["kept_epoch"] = (state["best_epoch"] if restore else epoch) if state["done"] else None
         # Every process takes part in gathering the state; the main one writes it.
         gathering = time.perf_counter()
-        weights = saver.weights()
+        if restore:  # the best epoch's weights, from the checkpoint that names them, become the model's
+            weights = ckpt.load_best(stage)
+            saver.load_weights(weights)
+        else:
+            weights = saver.weights()
         opt_state = None if state["done"] else saver.optimizer_state(optimizer)
         record["gather_seconds"] = time.perf_counter() - gathering  # collecting the state, not in "seconds"
+        keep_best = not state["done"] and state["keep"] == "best" and state["best_epoch"] not in (None, epoch)
         if sync.is_main:
-            ckpt.save(stage, f"e{epoch}", weights, state, optimizer=opt_state)
+            ckpt.save(stage, f"e{epoch}", weights, state, optimizer=opt_state, keep_best=keep_best)
             spec.log(record)
-    return state
+        if state["done"]:
+            break
+    result = FitResult.from_state(state, cfg, extra_keys)
+    if sync.is_main:
+        spec.log(result.summary(stage))
+    return result

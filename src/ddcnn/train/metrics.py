@@ -30,6 +30,10 @@ class MetricsLog:
 
     def __call__(self, record: dict) -> None:
         self.run_dir.append_metrics(record)
+        if record.get("event") == "end":
+            if self.verbose:
+                self.print(end_line(record))
+            return
         writer = self._tensorboard()
         if writer is not None:
             for key, value in record.items():
@@ -51,3 +55,11 @@ def epoch_line(record: dict) -> str:
     val = f"{100 * val:6.2f}%" if val is not None else "   n/a"
     return (f"[{record['stage']:>8}] epoch {record['epoch']:3d}  loss {record['train_loss']:.4f}  "
             f"train {100 * record['train_accuracy']:6.2f}%  val {val}  {record['seconds']:7.1f}s")
+
+
+def end_line(record: dict) -> str:
+    """``[   local] stopped after 7 of 20 epochs (patience); kept epoch 4 (val_accuracy 0.8512)``"""
+    how = "stopped early" if record["stop_reason"] == "patience" else "reached its cap"
+    best = "" if record.get("best_value") is None else f" ({record['monitor']} {record['best_value']:.4f})"
+    return (f"[{record['stage']:>8}] {how} after {record['epochs_run']} of {record['cap']} epochs; kept epoch "
+            f"{record['kept_epoch']}{best if record['kept_epoch'] == record.get('best_epoch') else ''}")

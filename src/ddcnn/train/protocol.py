@@ -13,16 +13,18 @@ import torch
 import ddcnn
 from ddcnn.config import STAGES, Config
 from ddcnn.data.loading import to_float
-from ddcnn.models import LocalEnsemble, count_parameters, forward_flops
+from ddcnn.models import LocalEnsemble, count_parameters
 from ddcnn.strategies import STRATEGIES, available
 from ddcnn.train import dist, stages
 from ddcnn.train.admit import check_stages
 from ddcnn.train.context import Context, StageResult, accuracy, build_context
+from ddcnn.train.cost import strategy_costs, target_accuracy, time_to_target
 from ddcnn.train.dist import DistEnv
 from ddcnn.train.metrics import MetricsLog
-from ddcnn.train.model_parallel import ShardedCNNDNN
+from ddcnn.train.model_parallel import ShardedCNNDNN, ShardedLocalCNNs
 from ddcnn.train.rundir import RunDir
 from ddcnn.train.runtime import device_name, make_runtime
+from ddcnn.train.scoring import score_strategies
 from ddcnn.train.spatial import SpatialCNN
 
 
@@ -70,7 +72,8 @@ def finish(ctx: Context, done: dict[str, StageResult], command: str = "") -> dic
     results = evaluate_test(ctx, done, command)
     if results is None:
         return None
-    ctx.run_dir.rewrite_metrics([r for stage in STAGES if stage in done for r in done[stage].history])
+    ctx.run_dir.rewrite_metrics([r for stage in STAGES if stage in done
+                                 for r in [*done[stage].history, done[stage].summary]])
     ctx.run_dir.write_json("results.json", results)
     from ddcnn.report import write_report
 
@@ -80,56 +83,65 @@ def finish(ctx: Context, done: dict[str, StageResult], command: str = "") -> dic
 
 
 def evaluate_test(ctx: Context, done: dict[str, StageResult], command: str = "") -> dict | None:
-    """Every strategy that was trained, on the test set: accuracy, train time, parameters, FLOPs.
+    """Every strategy that was trained, on the validation and the test set: accuracy, cost, time to the target
+    accuracy, parameters, FLOPs. The best strategy is chosen on validation accuracy; the test set only reports.
 
     Every process calls it: the local CNNs' logits and a model-parallel CNN-DNN are computed by all of them
     together; the results are returned on rank 0 (None elsewhere).
     """
     labels, k, n = ctx.test.labels, len(ctx.classes), ctx.n_local
     shapes, d, env = ctx.models.shapes, ctx.decomposition, ctx.env
-    image_shape = (shapes.in_channels, *shapes.image_size)
     trained = {stage: result.model.eval() for stage, result in done.items()}
-    local = stages.frozen_local_logits(ctx, done["local"], ctx.test.images) if "local" in done else None
+    if "local" in trained and env.enabled:
+        trained["local"] = ShardedLocalCNNs(d, cast(LocalEnsemble, trained["local"]), env)
+    splits = {"test": ctx.test} if len(ctx.val) == 0 else {"val": ctx.val, "test": ctx.test}
+    scored = {split: score_strategies(trained, d, k, ctx.predict, data.images, env) for split, data in splits.items()}
+    scores = {split: s for split, (s, _) in scored.items()}
 
     def local_cost(ensemble: LocalEnsemble) -> tuple[int, int]:
         """Parameters and forward FLOPs per image of the local CNNs, summed over the processes' shards (all
         processes call it)."""
-        return _summed(env, count_parameters(ensemble), forward_flops(
-            ensemble, (ensemble.n_local, shapes.in_channels, *d.subimage_size)))
+        return _summed(env, count_parameters(ensemble), 0)[0], ctx.forward_flops(ensemble)
 
     def with_dnn(cost: tuple[int, int], dnn) -> tuple[int, int]:
-        return cost[0] + count_parameters(dnn), cost[1] + forward_flops(dnn, (n, k))
+        return cost[0] + count_parameters(dnn), cost[1] + ctx.forward_flops(dnn)
 
-    ensemble_cost = local_cost(cast(LocalEnsemble, trained["local"])) if "local" in trained else (0, 0)
-    scores, costs = {}, {}
+    ensemble_cost = local_cost(cast(LocalEnsemble, done["local"].model)) if "local" in done else (0, 0)
+    costs = {}
     for name in available(done):
         strategy = STRATEGIES[name]
-        if strategy.combiner is not None:  # a rule or the DNN on the local logits: rank 0 alone
-            if env.is_main:
-                assert local is not None  # a combiner's strategies need the local stage
-                combiner = strategy.combiner(trained, n, k)
-                with torch.no_grad(), torch.autocast(ctx.runtime.device.type, enabled=False):
-                    scores[name] = combiner(local.to(ctx.runtime.device)).float().cpu()
-                costs[name] = with_dnn(ensemble_cost, combiner) if "combine" in strategy.stages else ensemble_cost
+        if strategy.combiner is not None:
+            combiner = strategy.combiner(trained, n, k)
+            costs[name] = with_dnn(ensemble_cost, combiner) if "combine" in strategy.stages else ensemble_cost
             continue
         model = trained[strategy.stages[0]]
         if isinstance(model, ShardedCNNDNN):  # every process computes its part
-            scores[name] = ctx.predict(model, ctx.test.images)
             costs[name] = with_dnn(local_cost(model.ensemble), model.combiner)
-        elif isinstance(model, SpatialCNN):  # every process its slab of every image
-            scores[name] = ctx.predict(model, ctx.test.images)
-            costs[name] = count_parameters(model.cnn), forward_flops(model.cnn, image_shape)
         elif env.is_main:
-            scores[name] = ctx.predict(model, ctx.test.images)
-            costs[name] = count_parameters(model), forward_flops(model, image_shape)
+            plain = model.cnn if isinstance(model, SpatialCNN) else model  # a spatial-parallel CNN: the whole one
+            costs[name] = count_parameters(plain), ctx.forward_flops(plain)
     if not env.is_main:
         return None
     seconds = {stage: result.seconds for stage, result in done.items()}
     initialised_from = tuple(done["transfer"].extras["initialised_from"]) if "transfer" in done else ()
-    strategies = {name: {"test_accuracy": accuracy(scores[name], labels),
-                         "train_seconds": STRATEGIES[name].train_seconds(seconds, initialised_from),
-                         "parameters": costs[name][0], "flops_per_image": costs[name][1]} for name in scores}
-    best = max(strategies, key=lambda name: strategies[name]["test_accuracy"])
+    critical = {"local": done["local"].extras["local_timing"]["critical_path_seconds"]} if "local" in done else {}
+    stage_data = {stage: (result.summary, result.history, critical.get(stage)) for stage, result in done.items()}
+    target, target_source = target_accuracy(ctx.cfg.evaluation, done["global"].history if "global" in done else None)
+    strategies, curves = {}, {}
+    for name in scores["test"]:
+        cost, curves[name] = strategy_costs(name, stage_data, initialised_from)
+        val = accuracy(scores["val"][name], ctx.val.labels) if "val" in scores else None
+        strategies[name] = {"val_accuracy": val, "test_accuracy": accuracy(scores["test"][name], labels),
+                            "train_seconds": STRATEGIES[name].train_seconds(seconds, initialised_from),
+                            "parameters": costs[name][0], "flops_per_image": costs[name][1], "cost": cost,
+                            "time_to_target": time_to_target(curves[name], target)}
+    if "val" in scores:
+        best = max(strategies, key=lambda name: cast(float, strategies[name]["val_accuracy"]))
+        basis = "validation accuracy"
+    else:  # the test set never chooses: without a validation split, the first strategy trained is reported
+        best, basis = next(iter(strategies)), "none (no validation split): the first strategy trained"
+    stages_summary = {stage: {**result.summary, **({"critical_path_seconds": critical[stage]} if stage in critical
+                                                    else {})} for stage, result in done.items()}
     results = {
         "dataset": ctx.cfg.data.name, "name": ctx.cfg.name, "image_size": list(shapes.image_size),
         "grid": list(d.grid), "overlap": list(d.overlap), "subimage_size": list(d.subimage_size),
@@ -140,14 +152,19 @@ def evaluate_test(ctx: Context, done: dict[str, StageResult], command: str = "")
         "command": command, "seed": ctx.cfg.seed, "processes": env.world,
         "parallel": {stage: stages.parallel_mode(ctx, stage) for stage in ("coherent", "transfer") if stage in done},
         "data_sizes": {"train": len(ctx.train), "val": len(ctx.val), "test": len(ctx.test)},
-        "strategies": strategies, "stage_seconds": seconds, "best_strategy": best,
+        "strategies": strategies, "stage_seconds": seconds, "stages": stages_summary,
+        "best_strategy": best, "best_strategy_basis": basis,
+        "target": {"val_accuracy": target, "source": target_source}, "curves": curves,
         "transfer_used_dnn": ("combine" in initialised_from) if "transfer" in done else None,
-        "confusion_matrix": {"strategy": best, "matrix": confusion(scores[best].argmax(-1), labels, k)},
+        "confusion_matrix": {"strategy": best, "matrix": confusion(scores["test"][best].argmax(-1), labels, k)},
     }
-    if local is not None:
+    if "local" in done:
         history = done["local"].history or [{}]
+        kept = done["local"].summary.get("kept_epoch") or len(history)
+        local = scored["test"][1]
+        assert local is not None  # computed for the rules of the local stage
         results["local"] = {"test_accuracy": (local.argmax(-1) == labels[:, None]).float().mean(0).tolist(),
-                            "val_accuracy": history[-1].get("val_accuracy_per_subdomain"),
+                            "val_accuracy": history[min(kept, len(history)) - 1].get("val_accuracy_per_subdomain"),
                             **done["local"].extras["local_timing"]}
     return results
 

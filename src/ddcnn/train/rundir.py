@@ -21,6 +21,8 @@ MARKER = "ddcnn-run.json"
 # Settings that the saved weights depend on: a resumed run must not change them.
 FROZEN_SECTIONS = ("seed", "data", "decomposition", "model", "combiner")
 FREE_DATA_KEYS = ("workers", "device_resident_limit_gb")
+# Sections added after runs were first written: a run's config.yaml from before lacks them (their defaults hold).
+LATER_SECTIONS = ("evaluation",)
 # The marker first: --force removes it before anything else, so a kill in the middle never leaves a marked run
 # without its config.yaml.
 OUTPUTS = (MARKER, "checkpoints", "plots", "tensorboard", "metrics.jsonl", "results.json", "report.md",
@@ -136,7 +138,7 @@ class RunDir:
             raise CheckpointError(f"{str(path)!r} does not hold a config (a mapping of keys to values); "
                                   f"{fix_for('config.yaml')}")
         # A run writes every section of the resolved config: one that is missing means a file cut short.
-        lacking = [key for key in to_dict(Config()) if key not in saved] or \
+        lacking = [key for key in to_dict(Config()) if key not in saved and key not in LATER_SECTIONS] or \
             [f"stages.{s}" for s in STAGES if s not in (saved.get("stages") or {})]
         if lacking:
             raise CheckpointError(f"{str(path)!r} is corrupt (it lacks {lacking[0]}, which a run always writes: cut "

@@ -33,8 +33,11 @@ DATA_FACTS = {
 LOCAL_TIMING = {"measured_seconds": SECONDS, "critical_path_seconds": SECONDS, "processes": POSITIVE,
                 "critical_path_note?": str}
 
-_STRATEGY = {"test_accuracy": FRACTION, "train_seconds?": Opt(SECONDS), "parameters?": Opt(COUNT),
-             "flops_per_image?": Opt(SECONDS)}
+_COST = {"seconds": SECONDS, "critical_path_seconds": SECONDS, "train_flops": COUNT}
+_STRATEGY = {"test_accuracy": FRACTION, "val_accuracy?": Opt(FRACTION), "train_seconds?": Opt(SECONDS),
+             "parameters?": Opt(COUNT), "flops_per_image?": Opt(SECONDS),
+             "cost?": {**_COST, "epochs": MapOf(COUNT)},
+             "time_to_target?": Opt({**_COST, "stage": str, "epoch": POSITIVE})}
 RESULTS = {
     "strategies": MapOf(_STRATEGY), "best_strategy": str,
     "dataset?": str, "name?": str, "image_size?": SIZE, "grid?": [POSITIVE], "overlap?": [COUNT],
@@ -42,18 +45,25 @@ RESULTS = {
     "global_width?": POSITIVE, "local_width?": POSITIVE, "n_local?": POSITIVE, "device?": str, "device_name?": str,
     "torch_version?": str, "ddcnn_version?": str, "python?": str, "command?": str, "seed?": COUNT,
     "data_sizes?": MapOf(COUNT), "stage_seconds?": MapOf(SECONDS), "transfer_used_dnn?": Opt(bool),
+    "best_strategy_basis?": str, "target?": {"val_accuracy": Opt(FRACTION), "source": str},
     "confusion_matrix?": {"strategy": str, "matrix": [[COUNT]]},
     "local?": {"test_accuracy": [FRACTION], "val_accuracy?": Opt([FRACTION]), **LOCAL_TIMING},
 }
 
 _RECORD = {"epoch": POSITIVE, "train_loss": float, "train_accuracy": FRACTION, "lr": float, "seconds": SECONDS,
+           "train_flops?": COUNT,
            "val_loss?": Opt(float), "val_accuracy?": Opt(FRACTION), "val_accuracy_per_subdomain?": Opt([FRACTION])}
 # The state of a stage in its checkpoint manifest (what ddcnn.train.loop.fit saves).
 TRAINING_STATE = Check(
     {"epoch": COUNT, "seconds": SECONDS, "history": [_RECORD], "done": bool, "step": COUNT, "epochs?": POSITIVE,
-     "batch_size?": POSITIVE, "optimizer?": str, "feature_seconds?": SECONDS},
-    lambda s: len(s["history"]) == s["epoch"] and ("epochs" not in s or s["done"] == (s["epoch"] == s["epochs"])),
-    "a stage's state whose history has one record per epoch reached",
+     "batch_size?": POSITIVE, "optimizer?": str, "feature_seconds?": SECONDS, "feature_flops?": COUNT,
+     "monitor?": str, "keep?": str, "flops?": COUNT, "best_epoch?": Opt(POSITIVE), "best_value?": Opt(float),
+     "bad_epochs?": COUNT, "stop_reason?": Opt(Check(str, lambda v: v in ("patience", "cap"), "patience or cap")),
+     "kept_epoch?": Opt(POSITIVE)},
+    lambda s: len(s["history"]) == s["epoch"] and ("epochs" not in s or s["epoch"] <= s["epochs"]) and (
+        s["done"] == (s.get("stop_reason") is not None) if "stop_reason" in s
+        else "epochs" not in s or s["done"] == (s["epoch"] == s["epochs"])),
+    "a stage's state whose history has one record per epoch reached, done when it stopped",
 )
 
 
@@ -70,11 +80,13 @@ def check_stage_settings(stage: str, state: dict, settings) -> None:
     """A checkpointed stage keeps the settings (a StageConfig) its schedule, data order and optimizer state depend
     on: checked for the whole run before ``--resume`` touches a file, and by ``ddcnn.train.loop.fit`` when it
     loads the stage."""
-    for key in ("epochs", "batch_size", "optimizer"):
-        if state.get(key, getattr(settings, key)) != getattr(settings, key):
+    # What the best-so-far means (monitor) and whether a best epoch's weights are kept (keep) are fixed too.
+    for key in ("epochs", "batch_size", "optimizer", "monitor", "keep"):
+        now = settings.kept() if key == "keep" else getattr(settings, key)
+        if state.get(key, now) != now:
             raise CheckpointError(
                 f"--resume: stage {stage!r} was checkpointed with {key} = {state[key]} but the config now says "
-                f"{getattr(settings, key)}; resume with --set stages.{stage}.{key}={state[key]}, or start a new run"
+                f"{now}; resume with --set stages.{stage}.{key}={state[key]}, or start a new run"
             )
 
 

@@ -19,8 +19,9 @@ from ddcnn.models.cnn_dnn import transfer_parts
 from ddcnn.models.combiners import Combiner
 from ddcnn.seeds import derive_seed
 from ddcnn.shards import shard_range
+from ddcnn.strategies import STRATEGIES
 from ddcnn.train.batches import TensorBatches
-from ddcnn.train.context import Context, StageResult
+from ddcnn.train.context import Context, StageResult, accuracy
 from ddcnn.train.distributed import EnsembleSaver, ShardSync
 from ddcnn.train.loop import ModelState, Sync, fit
 from ddcnn.train.model_parallel import CNNDNNState, ModelParallelSync, ShardedCNNDNN, ShardedLocalCNNs
@@ -29,6 +30,7 @@ from ddcnn.train.spatial import SpatialCNN
 from ddcnn.train.timing import critical_path
 
 Done = Mapping[str, StageResult]
+RULES = ("mean_probability", "majority_vote")  # the strategies of the local stage alone, scored every epoch
 
 
 def train_global(ctx: Context, done: Done) -> StageResult:
@@ -38,14 +40,14 @@ def train_global(ctx: Context, done: Done) -> StageResult:
     if parallel_mode(ctx, "global") == "spatial":
         spatial = SpatialCNN(model, ctx.env, ctx.models.shapes.image_size)
         # Every process sees every batch (its slab) and computes the same loss; the checkpoint is the plain CNN.
-        spec = ctx.spec("global", sync=ModelParallelSync(ctx.env), saver=ModelState(model))
-        state = fit(spec, spatial, ctx.classifier_loss("global", spatial), ctx.batches("global", slab=spatial.rows),
-                    lambda: ctx.val_metrics(spatial))
-        return StageResult(spatial, state["seconds"], state["history"])
+        spec = ctx.spec("global", model, sync=ModelParallelSync(ctx.env), saver=ModelState(model))
+        result = fit(spec, spatial, ctx.classifier_loss("global", spatial), ctx.batches("global", slab=spatial.rows),
+                     lambda: ctx.val_metrics(spatial))
+        return StageResult.of(spatial, result, "global")
     run, batches, sync = ctx.data_parallel("global", model)
-    state = fit(ctx.spec("global", sync=sync), model, ctx.classifier_loss("global", run), batches,
-                lambda: ctx.val_metrics(model))
-    return StageResult(model, state["seconds"], state["history"])
+    result = fit(ctx.spec("global", model, sync=sync), model, ctx.classifier_loss("global", run), batches,
+                 lambda: ctx.val_metrics(model))
+    return StageResult.of(model, result, "global")
 
 
 def train_local(ctx: Context, done: Done) -> StageResult:
@@ -69,24 +71,32 @@ def train_local(ctx: Context, done: Done) -> StageResult:
         logits = ctx.predict(lambda x: ensemble(split(x)), ctx.val.images)
         per = (logits.argmax(-1) == ctx.val.labels[:, None]).float().mean(0)
         per_loss = local_loss(logits, ctx.val.labels)[1]
-        per, per_loss = (torch.cat(parts) for parts in zip(*ctx.env.all_gather((per, per_loss))))
-        return {"val_loss": per_loss.mean().item(), "val_accuracy": per.mean().item(),
-                "val_accuracy_per_subdomain": per.tolist()}
+        # The rules' validation accuracy every epoch (their learning curves): on every shard's logits together.
+        parts = ctx.env.all_gather((per, per_loss, logits))
+        per, per_loss = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        record = {"val_loss": per_loss.mean().item(), "val_accuracy": per.mean().item(),
+                  "val_accuracy_per_subdomain": per.tolist()}
+        if ctx.env.is_main:
+            everyone = torch.cat([p[2] for p in parts], dim=1)  # (M, N, K): the shards in rank order
+            for name in RULES:
+                rule = STRATEGIES[name].combiner({}, ctx.n_local, len(ctx.classes))
+                record[f"val_accuracy_{name}"] = accuracy(rule(everyone), ctx.val.labels)
+        return record
 
     batches = ctx.batches("local", shard=shard)  # every image, cut to this rank's region
     saver = EnsembleSaver(ensemble, ctx.env, shard, ctx.n_local)
     # The loss is the sum over local CNNs; the logged train_loss is their mean, comparable to val_loss.
-    spec = ctx.spec("local", clip=ensemble.clip_grad_norm_, loss_scale=1 / ctx.n_local, saver=saver,
+    spec = ctx.spec("local", ensemble, clip=ensemble.clip_grad_norm_, loss_scale=1 / ctx.n_local, saver=saver,
                     sync=ShardSync(ctx.env))
-    state = fit(spec, ensemble, loss_fn, batches, evaluate)
+    result = fit(spec, ensemble, loss_fn, batches, evaluate)
     timing = ctx.run_dir.read_json("local_timing.json", LOCAL_TIMING, optional=True)
     if timing is None:
         timing = critical_path(ensemble, batches, split, ctx.cfg.stages.local, ctx.runtime, ctx.env,
-                               state["seconds"])
+                               result.seconds, result.steps)
         if ctx.env.is_main:
             ctx.run_dir.write_json("local_timing.json", timing)
     # Each process keeps its own shard: no process ever holds all N local CNNs unless a stage asks for them.
-    return StageResult(ensemble, state["seconds"], state["history"], {"local_timing": timing, "shard": shard})
+    return StageResult.of(ensemble, result, "local", {"local_timing": timing, "shard": shard})
 
 
 def full_ensemble(ctx: Context, local: StageResult) -> LocalEnsemble:
@@ -114,25 +124,34 @@ def train_combine(ctx: Context, done: Done) -> StageResult:
     dnn = ctx.prepare(ctx.models.dnn("combine"))
     ckpt = ctx.run_dir.checkpoints
     if ckpt.has("combine") and ckpt.state("combine").get("done"):  # finished: fit only loads the DNN
-        state = fit(ctx.spec("combine"), dnn, None, None, None)
-        return StageResult(dnn, state["seconds"] + state.get("feature_seconds", 0.0), state["history"])
+        loaded = fit(ctx.spec("combine", extra_state={"feature_seconds": 0.0, "feature_flops": 0}), dnn, None, None,
+                     None)
+        return _combine_result(dnn, loaded, 0.0, 0)
+    # The pass of the local CNNs over the data is part of the stage's cost (forward only).
+    feature_flops = ctx.forward_flops(cast(LocalEnsemble, done["local"].model)) * (len(ctx.train) + len(ctx.val))
     start = time.perf_counter()
     features = frozen_local_logits(ctx, done["local"], ctx.train.images)
     val_features = frozen_local_logits(ctx, done["local"], ctx.val.images) if len(ctx.val) else None
     feature_seconds = ctx.env.max(time.perf_counter() - start)
     if ctx.env.is_main:
-        result = _train_dnn(ctx, dnn, features, val_features, feature_seconds)
+        result = _train_dnn(ctx, dnn, features, val_features, feature_seconds, feature_flops)
     payload = ctx.env.broadcast(
-        ({k: v.cpu() for k, v in result.model.state_dict().items()}, result.seconds, result.history)
+        ({k: v.cpu() for k, v in result.model.state_dict().items()}, result.seconds, result.history, result.summary)
         if ctx.env.is_main else None)
     if ctx.env.is_main:
         return result
     dnn.load_state_dict(payload[0])
-    return StageResult(dnn, payload[1], payload[2])
+    return StageResult(dnn, payload[1], payload[2], {}, payload[3])
+
+
+def _combine_result(dnn, result, feature_seconds: float, feature_flops: int) -> StageResult:
+    """The features' cost is saved with the stage: a resumed run reports the first run's."""
+    return StageResult.of(dnn, result, "combine", setup_seconds=result.extra.get("feature_seconds", feature_seconds),
+                          setup_flops=result.extra.get("feature_flops", feature_flops))
 
 
 def _train_dnn(ctx: Context, dnn, features: torch.Tensor, val_features: torch.Tensor | None,
-               feature_seconds: float) -> StageResult:
+               feature_seconds: float, feature_flops: int) -> StageResult:
     device = ctx.runtime.device
     features = features.to(device)
     val_features = val_features.to(device) if val_features is not None else None
@@ -144,10 +163,9 @@ def _train_dnn(ctx: Context, dnn, features: torch.Tensor, val_features: torch.Te
             return ctx.val_scores(dnn(val_features).float().cpu())
 
     batches = TensorBatches(features, ctx.train.labels.to(device), ctx.cfg.stages.combine.batch_size, ctx.cfg.seed)
-    # The features' time is saved with the stage: a resumed run reports the first run's time.
-    state = fit(ctx.spec("combine", extra_state={"feature_seconds": feature_seconds}), dnn,
-                ctx.classifier_loss("combine", dnn), batches, evaluate)
-    return StageResult(dnn, state["seconds"] + state.get("feature_seconds", feature_seconds), state["history"])
+    spec = ctx.spec("combine", dnn, extra_state={"feature_seconds": feature_seconds, "feature_flops": feature_flops})
+    result = fit(spec, dnn, ctx.classifier_loss("combine", dnn), batches, evaluate)
+    return _combine_result(dnn, result, feature_seconds, feature_flops)
 
 
 def parallel_mode(ctx: Context, stage: str) -> str:
@@ -163,13 +181,13 @@ def _train_cnn_dnn(ctx: Context, stage: str, ensemble, combiner, extras: dict | 
     if parallel_mode(ctx, stage) == "model":
         model = ctx.prepare(ShardedCNNDNN(ctx.decomposition, ensemble, combiner, ctx.env))
         run, batches, sync = ctx.compiled(model), ctx.batches(stage, shard=model.shard), ModelParallelSync(ctx.env)
-        spec = ctx.spec(stage, sync=sync, saver=CNNDNNState(model, ctx.env), clip=model.clip_grad_norm_)
+        spec = ctx.spec(stage, model, sync=sync, saver=CNNDNNState(model, ctx.env), clip=model.clip_grad_norm_)
     else:
         model = ctx.prepare(CNNDNN(ctx.decomposition, ensemble, combiner))
         run, batches, sync = ctx.data_parallel(stage, model)
-        spec = ctx.spec(stage, sync=sync, saver=CNNDNNState(model))
-    state = fit(spec, model, ctx.classifier_loss(stage, run), batches, lambda: ctx.val_metrics(model))
-    return StageResult(model, state["seconds"], state["history"], extras or {})
+        spec = ctx.spec(stage, model, sync=sync, saver=CNNDNNState(model))
+    result = fit(spec, model, ctx.classifier_loss(stage, run), batches, lambda: ctx.val_metrics(model))
+    return StageResult.of(model, result, stage, extras)
 
 
 def train_coherent(ctx: Context, done: Done) -> StageResult:

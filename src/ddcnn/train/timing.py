@@ -17,9 +17,11 @@ from ddcnn.train.runtime import Runtime
 
 
 def critical_path(ensemble: LocalEnsemble, batches, split: Callable[[torch.Tensor], torch.Tensor],
-                  cfg: StageConfig, runtime: Runtime, env: DistEnv, measured_seconds: float, steps: int = 6) -> dict:
+                  cfg: StageConfig, runtime: Runtime, env: DistEnv, measured_seconds: float, total_steps: int,
+                  steps: int = 6) -> dict:
     """Time each local CNN of ``ensemble`` trained alone for a few steps on copies of its weights; the slowest,
-    scaled to the stage's steps, is the critical path. ``split``: images ``(B, C, *size)`` to the subimages of
+    scaled to the ``total_steps`` the stage trained (fewer than its cap when it stopped early), is the critical
+    path. ``split``: images ``(B, C, *size)`` to the subimages of
     the ensemble's local CNNs ``(B, n_local, C, *sub)``.
 
     Returns what ``local_timing.json`` holds: the measured and the estimated seconds, and how it was estimated.
@@ -50,14 +52,13 @@ def critical_path(ensemble: LocalEnsemble, batches, split: Callable[[torch.Tenso
                 times.append(time.perf_counter() - start)
             after_warmup = times[1:] or times
             per_step.append(sorted(after_warmup)[len(after_warmup) // 2])  # the median after one warm-up step
-    total_steps = cfg.epochs * len(batches)
     slowest = env.max(max(per_step))  # each rank timed its own local CNNs
     return {
         "measured_seconds": measured_seconds,
         "critical_path_seconds": slowest * total_steps,
         "processes": env.world,
         "critical_path_note": (f"estimated: the slowest local CNN trained alone ({len(data)} timed steps each, "
-                               f"median after one warm-up step) times the stage's {total_steps} steps, i.e. "
+                               f"median after one warm-up step) times the {total_steps} steps the stage trained, i.e. "
                                f"the local stage's time if each local CNN had its own device"
                                + (f"; measured with {env.world} processes" if env.enabled else "")),
     }
