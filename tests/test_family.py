@@ -162,8 +162,8 @@ def test_bad_foreign_backbones_are_clear_errors():
         import_backbone("torch.nn.Conv2e")
     with pytest.raises(ConfigError, match="not a class or function"):
         import_backbone("math.pi")
-    with pytest.raises(ConfigError, match="grouped"):
-        LocalEnsemble(2, C, K, backbone=SmallNet)  # the default backend fuses built-ins only
+    with pytest.raises(ConfigError, match="grouped.*'auto'"):
+        LocalEnsemble(2, C, K, backbone=SmallNet, backend="grouped")  # it fuses built-ins only
     with pytest.raises(ConfigError, match="depth"):
         LocalEnsemble(2, C, K, backbone=SmallNet, depth=[1], backend="vmap")
     with pytest.raises(ConfigError, match="failed to build.*colour"):
@@ -190,8 +190,8 @@ def test_the_config_imports_the_backbone_at_validation():
     data["model"] = {"backbone": "nowhere.nets:Net", "backend": "vmap"}
     with pytest.raises(ConfigError, match="model.backbone.*'nowhere' is not found"):
         from_dict(data)
-    data["model"] = {"backbone": "torchvision.models.resnet18"}
-    with pytest.raises(ConfigError, match="model.backend = 'grouped'.*vmap"):
+    data["model"] = {"backbone": "torchvision.models.resnet18", "backend": "grouped"}
+    with pytest.raises(ConfigError, match="model.backend = 'grouped'.*--set model.backend=auto"):
         from_dict(data)
     data["model"] = {"backbone": "vgg", "backbone_kwargs": {"num_classes": 3}}
     with pytest.raises(ConfigError, match="backbone_kwargs"):

@@ -75,8 +75,11 @@ class ModelConfig:
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # more arguments for an imported backbone
     width: int = 32  # the global CNN's first-stage width (an imported backbone gets it as a `width` keyword)
     local_width: int | None = None  # default round(width / sqrt(N))
-    depth: list[int] | None = None  # layers per stage of vgg / resnet; the family's default when None
-    backend: str = "grouped"  # how the local CNNs run on one device: grouped (vgg, resnet) | vmap | loop
+    depth: list[int] | None = None  # layers per stage of vgg / resnet (their default when None; ignored, with a
+    #                                 note, for an imported backbone)
+    # How the local CNNs run on one device: grouped (vgg, resnet) | vmap | loop | auto (grouped for vgg and resnet;
+    # for an imported backbone vmap from 16 local CNNs on, else loop). config.yaml records the one chosen.
+    backend: str = "auto"
 
 
 @dataclass
@@ -376,16 +379,24 @@ def validate_backbone(model: ModelConfig) -> None:
     if not is_import_path(model.backbone):
         choice("model.backbone", model.backbone, BACKBONES + ("an import path such as torchvision.models.resnet18",))
     import_backbone(model.backbone, "model.backbone")
-    if model.depth is not None:
-        raise ConfigError(f"model.depth applies to vgg and resnet only; set the layers of {model.backbone!r} "
-                          f"through model.backbone_kwargs")
     if model.backend == "grouped":
-        raise ConfigError(f"model.backend = 'grouped' fuses vgg and resnet only; set model.backend: vmap (or loop) "
-                          f"for {model.backbone!r}")
+        raise ConfigError(f"model.backend = 'grouped' fuses vgg and resnet only; set model.backend: auto (or vmap, "
+                          f"or loop) for {model.backbone!r}, e.g. --set model.backend=auto")
 
 
 def from_dict(data: dict, overrides: list[str] | None = None) -> Config:
-    return validate(_from_dict(Config, apply_overrides(data or {}, overrides or []), ""))
+    return resolve_backend(validate(_from_dict(Config, apply_overrides(data or {}, overrides or []), "")))
+
+
+def resolve_backend(cfg: Config) -> Config:
+    """``model.backend: auto`` made concrete for the config's backbone and grid (in place; returned), so that the
+    run's config.yaml says which backend ran and a run resumes with the same one."""
+    from ddcnn.models.backbones import BACKBONES
+    from ddcnn.models.ensemble import resolve_backend as resolve
+
+    n_local = math.prod(cfg.decomposition.grid)
+    cfg.model.backend = resolve(cfg.model.backend, cfg.model.backbone in BACKBONES, n_local)
+    return cfg
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:

@@ -3,6 +3,7 @@ the run directory, this process's rank and the metrics log."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -64,7 +65,12 @@ class Context:
     def spec(self, stage: str, **options) -> StageSpec:
         """The :class:`StageSpec` of ``stage`` from the config; ``options`` set the rest (clip, sync, saver...)."""
         return StageSpec(stage, self.cfg.stages.get(stage), self.run_dir.checkpoints, self.runtime, self.cfg.seed,
-                         self.log, verbose=self.verbose, **options)
+                         self.log, verbose=self.verbose, echo=self.echo, **options)
+
+    def echo(self, line: str) -> None:
+        """One line of the training log: printed by rank 0 of a verbose run, where the epoch lines go."""
+        if self.verbose and isinstance(self.log, MetricsLog):
+            self.log.print(line)
 
     def batches(self, stage: str, parts: int = 1, shard: range | None = None):
         """Training batches of ``stage``; ``parts``: the processes each batch will be split among. With ``shard``
@@ -153,6 +159,9 @@ def build_context(cfg: Config, run_dir: RunDir, runtime: Runtime, env: DistEnv, 
     classes = list(train_full.classes)
     shapes = Shapes(train.in_channels, len(classes), train.image_size)
     models = Models(cfg, shapes)
+    if env.is_main:
+        for note in models.notes:
+            print(f"ddcnn: note: {note}", file=sys.stderr)
     check_budget(cfg, models, runtime.device, len(train), env.world)  # every model built (on meta) and sized
     sharded = [stage for stage in STAGES if cfg.stages.get(stage).enabled and parallelism(cfg, stage) == "model"]
     if env.enabled and sharded and env.world > models.n_local:

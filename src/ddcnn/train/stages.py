@@ -71,6 +71,7 @@ def train_local(ctx: Context, done: Done) -> StageResult:
     state = fit(spec, ensemble, loss_fn, batches, evaluate)
     timing = ctx.run_dir.read_json("local_timing.json", LOCAL_TIMING, optional=True)
     if timing is None:
+        ctx.echo(f"[   local] timing each of the {len(shard)} local CNNs alone for the critical-path estimate")
         timing = critical_path(ensemble, batches, split, ctx.cfg.stages.local, ctx.runtime, ctx.env,
                                state["seconds"])
         if ctx.env.is_main:
@@ -106,6 +107,8 @@ def train_combine(ctx: Context, done: Done) -> StageResult:
     if ckpt.has("combine") and ckpt.state("combine").get("done"):  # finished: fit only loads the DNN
         state = fit(ctx.spec("combine"), dnn, None, None, None)
         return StageResult(dnn, state["seconds"] + state.get("feature_seconds", 0.0), state["history"])
+    ctx.echo(f"[ combine] the local CNNs' logits of {len(ctx.train):,} training and {len(ctx.val):,} validation "
+             f"images, computed once")
     start = time.perf_counter()
     features = frozen_local_logits(ctx, done["local"], ctx.train.images)
     val_features = frozen_local_logits(ctx, done["local"], ctx.val.images) if len(ctx.val) else None
