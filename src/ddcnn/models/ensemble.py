@@ -3,13 +3,16 @@
 ``LocalEnsemble`` maps subimages ``(B, N, C, *sub)`` to local logits ``(B, N, K)``. Three backends compute the
 same function:
 
-* ``"grouped"`` (built-in backbones; what ``"auto"``, the default, picks for them): the N CNNs fused into one network with grouped convolutions (see
-  ``backbones``); one kernel launch per layer for all subdomains, which is what makes training them on one device
-  fast.
+* ``"grouped"`` (built-in backbones; what ``"auto"``, the default, picks for them): the N CNNs fused into one
+  network with grouped convolutions (see ``backbones``); one kernel launch per layer for all subdomains, which is
+  what makes training them on one device fast.
 * ``"vmap"`` (any backbone): the N CNNs as one functional model, ``torch.func.vmap`` of ``functional_call`` over
   their stacked parameters and buffers. BatchNorm running statistics are stacked too and updated in place through
   their per-slot views, exactly as N separate models update theirs.
 * ``"loop"``: N ordinary CNNs in a ``ModuleList`` called one after the other; the reference implementation.
+
+``"auto"`` picks ``grouped`` for the built-in families and, for another network, ``vmap`` from 16 local CNNs on,
+else ``loop`` (:func:`resolve_backend`).
 
 ``grouped`` and ``vmap`` keep one module, ``net``, with the names of ONE local CNN and every tensor the N slot
 tensors concatenated along dim 0 (scalars such as ``num_batches_tracked`` once): the same state dict keys and
