@@ -297,3 +297,32 @@ def test_resuming_a_finished_run_repeats_no_work_and_reports_the_same_times(tmp_
     for name in ("cnn_dnn", "transfer"):
         assert second["strategies"][name]["train_seconds"] == first["strategies"][name]["train_seconds"], name
         assert second["strategies"][name]["test_accuracy"] == first["strategies"][name]["test_accuracy"], name
+
+
+def test_every_stages_last_record_gives_the_time_of_results_json(finished_run):
+    """The console line, the learning-curve titles (both from metrics.jsonl) and the report's table (from
+    stage_seconds) give one time per stage; the combine stage's includes its pass over the training set."""
+    out, results = finished_run
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    last = {r["stage"]: r["seconds"] for r in records}
+    assert last == pytest.approx(results["stage_seconds"], rel=1e-12)
+    state = CheckpointDir(out / "checkpoints").state("combine")
+    assert state["feature_seconds"] > 0 and last["combine"] == state["seconds"] + state["feature_seconds"]
+
+
+def test_a_finished_run_keeps_the_last_epochs_weights_of_each_stage_and_no_optimizer_state(finished_run):
+    out, _ = finished_run
+    files = sorted(p.name for p in (out / "checkpoints").iterdir())
+    stages = ("global", "local", "combine", "coherent", "transfer")
+    assert files == sorted([f"{s}.json" for s in stages] + ["global-e2.weights.safetensors",
+                           "local-e2.weights.safetensors", "combine-e2.weights.safetensors",
+                           "coherent-e1.weights.safetensors", "transfer-e2.weights.safetensors"])
+
+
+def test_the_device_name_counts_threads_in_good_grammar(monkeypatch):
+    from ddcnn.train.runtime import device_name
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert device_name(torch.device("cpu")).endswith("CPU, 1 thread")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert device_name(torch.device("cpu")).endswith("CPU, 2 threads")
