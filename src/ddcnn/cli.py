@@ -86,7 +86,7 @@ def cmd_run(args) -> int:
     config = user_path(args.config, "the config file")
     cfg = load_config(config, args.overrides)
     out = user_path(args.out, "--out") if args.out else default_out(config, cfg.name)
-    results = Experiment(cfg, out, resume=args.resume, force=args.force, command=command_line(),
+    results = Experiment(cfg, out, resume=args.resume, force=args.force, command=command_line(args.argv),
                          verbose=not args.quiet).run()
     if results is not None:  # None on the ranks > 0 of a torchrun launch: rank 0 reports
         print(format_table(results))
@@ -174,7 +174,7 @@ def cmd_study(args) -> int:
     from ddcnn.study import run_study
 
     return run_study(args.study, args.out, jobs=args.jobs, resume=args.resume, print_commands=args.print_commands,
-                     aggregate_only=args.aggregate, command=command_line())
+                     aggregate_only=args.aggregate, command=command_line(args.argv))
 
 
 def cmd_data(args) -> int:
@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted anywhere on the line, before or after the command
     args = _parser().parse_args([a for a in argv if a != "--debug"])
+    args.argv = argv  # the records' command line: what was typed
     handlers = {"run": cmd_run, "evaluate": cmd_evaluate, "predict": cmd_predict, "show": cmd_show,
                 "data": cmd_data, "study": cmd_study}
     debug = debug or os.environ.get("DDCNN_DEBUG", "0") not in ("", "0")
