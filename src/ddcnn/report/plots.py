@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -39,7 +40,7 @@ def _curve(records, key) -> np.ndarray:
 
 
 _COLUMNS_MAX = 3  # stages side by side: wider figures are shrunk to the page and their text with them
-_SUBDOMAIN_STYLE = {"color": "tab:orange", "alpha": 0.35, "linewidth": 1.0}
+_SUBDOMAIN_STYLE: dict[str, Any] = {"color": "tab:orange", "alpha": 0.35, "linewidth": 1.0}
 
 
 def plot_learning_curves(metrics: Sequence[Mapping], path) -> Path:
@@ -74,7 +75,7 @@ def learning_curves_figure(metrics: Sequence[Mapping]) -> Figure:
     bands = math.ceil(len(stages) / columns)
     fig = Figure(figsize=(3.8 * columns, 5.4 * bands + 0.5), layout="constrained")
     axes = fig.subplots(2 * bands, columns, squeeze=False)
-    style = {"marker": "o", "markersize": 4, "linewidth": 1.8}
+    style: dict[str, Any] = {"marker": "o", "markersize": 4, "linewidth": 1.8}
     subdomains = False
     for index, stage in enumerate(stages):
         band, column = divmod(index, columns)

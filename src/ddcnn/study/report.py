@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -142,7 +143,9 @@ def _accuracy_bounds(acc: Mapping) -> tuple[float, float, float]:
     return mean, low, high
 
 
-_LEGEND_RIGHT = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0), "borderaxespad": 0.0, "fontsize": 9}
+# Beside the axes, so that a legend never covers an error bar.
+_LEGEND_RIGHT: dict[str, Any] = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0), "borderaxespad": 0.0,
+                                 "fontsize": 9}
 
 
 def plot_accuracy(data: Mapping, path) -> Path:
