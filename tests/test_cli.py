@@ -84,15 +84,20 @@ def test_evaluate_reproduces_the_runs_test_accuracies(finished_run, capsys):
         assert evaluation["strategies"][name]["test_accuracy"] == pytest.approx(entry["test_accuracy"], abs=1e-9)
 
 
-def test_predict_gives_the_class_and_every_subdomains_vote(finished_run, tmp_path, capsys):
-    out, _ = finished_run
+def _sample_files(folder):
+    """Two generated 16x16 images as .npy files, as the finished run was trained on."""
     from ddcnn.data import make_generated
 
     ds = make_generated(2, (16, 16), num_classes=3, seed=5)
-    files = []
-    for i in range(2):
-        files.append(tmp_path / f"x{i}.npy")
-        np.save(files[-1], ds.images[i].numpy())
+    files = [folder / f"x{i}.npy" for i in range(2)]
+    for f, image in zip(files, ds.images):
+        np.save(f, image.numpy())
+    return files
+
+
+def test_predict_gives_the_class_and_every_subdomains_vote(finished_run, tmp_path, capsys):
+    out, _ = finished_run
+    files = _sample_files(tmp_path)
     assert main(["predict", str(out), *map(str, files), "--strategy", "cnn_dnn"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "strategy: cnn_dnn"
@@ -275,13 +280,7 @@ def test_predict_gives_probabilities_as_text_json_and_csv(finished_run, tmp_path
     import io
 
     out, results = finished_run
-    from ddcnn.data import make_generated
-
-    ds = make_generated(2, (16, 16), num_classes=3, seed=5)
-    files = []
-    for i in range(2):
-        files.append(tmp_path / f"x{i}.npy")
-        np.save(files[-1], ds.images[i].numpy())
+    files = _sample_files(tmp_path)
     rows = json.loads(_predict(out, files, "--format", "json", "--strategy", "cnn_dnn", capsys=capsys).out)
     classes = results["classes"]
     assert [r["file"] for r in rows] == [str(f) for f in files]
