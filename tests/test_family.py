@@ -214,9 +214,9 @@ def tiny(in_channels, num_classes, width):
 
 @pytest.mark.parametrize("backend", ["vmap", "loop"])
 def test_a_run_with_an_imported_backbone_trains_every_strategy(tmp_path, monkeypatch, one_thread, backend):
+    from ddcnn.strategies import STRATEGIES
     from ddcnn.train.protocol import Experiment
     from ddcnn.train.saved import SavedRun
-    from ddcnn.train.strategies import STRATEGIES
 
     (tmp_path / "user_nets.py").write_text(NETS)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -232,7 +232,7 @@ def test_a_run_with_an_imported_backbone_trains_every_strategy(tmp_path, monkeyp
 
 def test_a_torchvision_config_is_refused_when_its_subimages_are_too_small(tmp_path):
     pytest.importorskip("torchvision")
-    from ddcnn.train.build import Models, Shapes
+    from ddcnn.build import Models, Shapes
 
     data = tiny_dict(2)
     data["model"] = {"backbone": "torchvision.models.vit_b_16", "backend": "vmap"}
@@ -243,8 +243,8 @@ def test_a_torchvision_config_is_refused_when_its_subimages_are_too_small(tmp_pa
 def test_naming_a_network_on_a_shipped_config_needs_one_set(tmp_path, monkeypatch, capsys):
     """configs/fashion_mnist_2x2.yaml sets model.depth (for vgg) and no backend: --set model.backbone=... alone
     builds, with a note that depth is ignored, and the backend auto resolves to loop for 4 local CNNs, vmap for 16."""
+    from ddcnn.build import Models, Shapes
     from ddcnn.config import load_config
-    from ddcnn.train.build import Models, Shapes
 
     (tmp_path / "user_nets.py").write_text(NETS)
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ddcnn.build import Models, Shapes
 from ddcnn.config import Config
 from ddcnn.data.datasets import load_datasets
 from ddcnn.data.loading import to_float
 from ddcnn.errors import ConfigError
 from ddcnn.models import count_parameters, forward_flops
-from ddcnn.train.build import Models, Shapes
 
 
 def describe(cfg: Config, png: Path | None = None) -> str:

@@ -12,10 +12,10 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from ddcnn.report.plots import _save
-from ddcnn.report.tables import _md_code, _ordered, _strategy_label
-from ddcnn.study.spec import _text
-from ddcnn.train.strategies import STRATEGIES
+from ddcnn.report.plots import save_figure
+from ddcnn.report.tables import md_code, ordered, strategy_label
+from ddcnn.strategies import STRATEGIES
+from ddcnn.study.spec import value_text
 
 _MISSING = "—"
 _MARKERS = "osD^v<>ph*"
@@ -38,11 +38,11 @@ def _seconds(summary: Mapping) -> str:
 
 
 def _strategies(data: Mapping) -> list[str]:
-    return _ordered([name for cell in data["cells"] for name in cell["strategies"]], tuple(STRATEGIES))
+    return ordered([name for cell in data["cells"] for name in cell["strategies"]], tuple(STRATEGIES))
 
 
 def _claim_label(claim: Mapping) -> str:
-    return f"{_strategy_label(claim['a'])} − {_strategy_label(claim['b'])}"
+    return f"{strategy_label(claim['a'])} − {strategy_label(claim['b'])}"
 
 
 def _claim_rows(data: Mapping, short: bool = False) -> list[tuple[str, ...]]:
@@ -66,7 +66,7 @@ def claims_table(data: Mapping) -> str:
 
 def _short_label(cell: Mapping) -> str:
     """The cell's axis values alone (``2x2, vgg``): the column header where the axes are named elsewhere."""
-    return ", ".join(_text(v) for v in cell["values"].values()) or cell["label"]
+    return ", ".join(value_text(v) for v in cell["values"].values()) or cell["label"]
 
 
 def claims_matrix(data: Mapping) -> str:
@@ -94,12 +94,12 @@ def strategies_table(data: Mapping) -> str:
     lines = ["| cell | strategy | test accuracy (%) | std (pp) | 95% CI (%) | n | train time (s) | parameters |",
              "|:---|:---|---:|---:|:---:|---:|---:|---:|"]
     for cell in data["cells"]:
-        for name in _ordered(cell["strategies"], tuple(STRATEGIES)):
+        for name in ordered(cell["strategies"], tuple(STRATEGIES)):
             entry = cell["strategies"][name]
             acc = entry["accuracy"]
             parameters = entry["parameters"]
             parameters = f"{parameters:,}" if isinstance(parameters, int) else str(parameters)
-            lines.append(f"| {cell['label']} | {_strategy_label(name)} | {_pp(acc['mean'])} | {_pp(acc['std'])} | "
+            lines.append(f"| {cell['label']} | {strategy_label(name)} | {_pp(acc['mean'])} | {_pp(acc['std'])} | "
                          f"{_interval(acc)} | {acc['n']} | {_seconds(entry['train_seconds'])} | {parameters} |")
     return "\n".join(lines)
 
@@ -169,13 +169,13 @@ def plot_accuracy(data: Mapping, path) -> Path:
             errors[0].append(mean - low)
             errors[1].append(high - mean)
         ax.errorbar(xs, means, yerr=errors, fmt=_MARKERS[j % len(_MARKERS)], capsize=3, color=f"C{j % 10}",
-                    label=_strategy_label(name))
+                    label=strategy_label(name))
     ax.set_xticks(range(len(cells)), [cell["label"].replace(", ", "\n") for cell in cells], fontsize=8)
     ax.set_ylabel("test accuracy (%), mean and 95% CI")
     ax.grid(axis="y", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:  # a study with no finished run has nothing to name
         ax.legend(**_LEGEND_RIGHT)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_accuracy_vs_time(data: Mapping, path) -> Path:
@@ -196,7 +196,7 @@ def plot_accuracy_vs_time(data: Mapping, path) -> Path:
             ax.errorbar([entry["train_seconds"]["mean"]], [mean], yerr=[[mean - low], [high - mean]], capsize=2,
                         fmt=_MARKERS[i % len(_MARKERS)], color=colours[name], markerfacecolor="none",
                         markeredgewidth=1.6, markersize=10 - 4 * j / max(1, len(names) - 1))
-    strategies = ax.legend([Patch(color=colours[name]) for name in names], [_strategy_label(n) for n in names],
+    strategies = ax.legend([Patch(color=colours[name]) for name in names], [strategy_label(n) for n in names],
                            title="strategy", **_LEGEND_RIGHT)
     ax.add_artist(strategies)
     cells = [Line2D([], [], linestyle="none", marker=_MARKERS[i % len(_MARKERS)], color="grey",
@@ -207,12 +207,12 @@ def plot_accuracy_vs_time(data: Mapping, path) -> Path:
     ax.set_xlabel("train time (s), mean over seeds")
     ax.set_ylabel("test accuracy (%), mean and 95% CI")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_curves(data: Mapping, path) -> Path:
     """The figure of :func:`curves_figure` as a PNG."""
-    return _save(curves_figure(data), path)
+    return save_figure(curves_figure(data), path)
 
 
 def curves_figure(data: Mapping) -> Figure:
@@ -241,7 +241,7 @@ def curves_figure(data: Mapping) -> Figure:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("validation accuracy (%)")
     if drawn:
-        fig.legend(list(drawn.values()), [_strategy_label(s) for s in drawn], loc="outside upper center",
+        fig.legend(list(drawn.values()), [strategy_label(s) for s in drawn], loc="outside upper center",
                    ncols=len(drawn), fontsize=9, frameon=False)
     return fig
 
@@ -260,8 +260,8 @@ def write_report(data: Mapping, folder: Path) -> Path:
         f"torch {env.get('torch_version') or _MISSING}; Python {env.get('python') or _MISSING}; ddcnn "
         f"{env.get('ddcnn_version') or _MISSING}; dataset {env.get('dataset') or _MISSING}.",
         "",
-        f"Command: {_md_code(data.get('command') or _MISSING)}"
-        + (f" (last run: {_md_code(data['last_command'])})" if data.get("last_command") else ""),
+        f"Command: {md_code(data.get('command') or _MISSING)}"
+        + (f" (last run: {md_code(data['last_command'])})" if data.get("last_command") else ""),
         "",
         f"Method: {data['method']}.",
         "",

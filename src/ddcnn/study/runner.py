@@ -123,7 +123,7 @@ class StudyDir:
     def create(self, command: str | None = None) -> None:
         """Write the study's record (once): the spec, the study file, the base config the runs start from and the
         ``command`` that made the study (a later --resume or --aggregate does not replace it)."""
-        from ddcnn.train.checkpoint import atomic_write_text
+        from ddcnn.files import atomic_write_text
 
         self.check()
         if (self.path / SPEC_FILE).is_file():

@@ -11,15 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddcnn.config import STAGES, Config, parallelism
+from ddcnn.build import Models, Shapes
+from ddcnn.config import Config
 from ddcnn.data.datasets import load_datasets
 from ddcnn.data.loading import Augment, Normalizer, make_batches, split_dataset
 from ddcnn.data.readers import ImageDataset
-from ddcnn.errors import ConfigError
-from ddcnn.train import distributed
-from ddcnn.train.budget import check_budget
-from ddcnn.train.build import Models, Shapes
-from ddcnn.train.distributed import DataParallelSync, DistEnv
+from ddcnn.train import dist
+from ddcnn.train.admit import admit_models
+from ddcnn.train.dist import DistEnv
+from ddcnn.train.distributed import DataParallelSync
 from ddcnn.train.loop import StageSpec, Sync
 from ddcnn.train.metrics import MetricsLog
 from ddcnn.train.rundir import RunDir
@@ -142,14 +142,6 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(-1) == labels).float().mean().item()
 
 
-def check_stages(cfg: Config) -> None:
-    """Stages that need another stage's models: refused before anything is read or written."""
-    for stage in ("combine", "transfer"):
-        if cfg.stages.get(stage).enabled and not cfg.stages.local.enabled:
-            raise ConfigError(f"stage {stage!r} needs the trained local CNNs: enable stages.local or disable "
-                              f"stages.{stage}")
-
-
 def build_context(cfg: Config, run_dir: RunDir, runtime: Runtime, env: DistEnv, resume: bool, force: bool,
                   verbose: bool = True, print_line: Callable[[str], None] | None = None) -> Context:
     """Read the data, build the models' builder, join the process group and prepare the run directory (rank 0
@@ -162,20 +154,11 @@ def build_context(cfg: Config, run_dir: RunDir, runtime: Runtime, env: DistEnv, 
     if env.is_main:
         for note in models.notes:
             print(f"ddcnn: note: {note}", file=sys.stderr)
-    check_budget(cfg, models, runtime.device, len(train), env.world)  # every model built (on meta) and sized
-    sharded = [stage for stage in STAGES if cfg.stages.get(stage).enabled and parallelism(cfg, stage) == "model"]
-    if env.enabled and sharded and env.world > models.n_local:
-        # Model and data parallelism together (a 2-D mesh of processes) is not built: refused, not half-done.
-        raise ConfigError(
-            f"{env.world} processes but only {models.n_local} local CNNs (grid {list(models.decomposition.grid)}): "
-            f"in the {', '.join(sharded)} stage(s) every process holds at least one local CNN; start at most "
-            f"{models.n_local} processes (--nproc-per-node), use a finer grid, or set stages.<stage>.parallel=data "
-            f"for coherent and transfer"
-        )
+    admit_models(cfg, models, runtime.device, len(train), env)
     normalizer = Normalizer.fit(train.images)
-    distributed.init(env, runtime.device.type)
+    dist.init(env, runtime.device.type)
     if env.is_main:
-        run_dir.prepare(cfg, resume, force, launch=distributed.launch_id(), models=models)
+        run_dir.prepare(cfg, resume, force, launch=dist.launch_id(), models=models)
         run_dir.write_json("data.json", {
             "classes": classes, "in_channels": shapes.in_channels, "image_size": list(shapes.image_size),
             "normalizer": normalizer.state_dict(), "train": len(train), "val": len(val), "test": len(test),

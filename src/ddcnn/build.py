@@ -1,14 +1,19 @@
-"""From a config and the data's shapes to every model of the protocol, built the same way everywhere."""
+"""From a config and the data's shapes to every model of the protocol, built the same way everywhere: in training,
+evaluation, prediction and ``ddcnn show``, and on the meta device for the checks made before a run (shapes, no
+memory)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from ddcnn.config import Config
 from ddcnn.decomposition import Decomposition
+from ddcnn.errors import ConfigError, DDCNNError
 from ddcnn.models import BACKBONES, CNNDNN, DNN, GlobalCNN, LocalEnsemble, check_fits, local_width
+from ddcnn.models.cnn_dnn import whole_state
 from ddcnn.models.ensemble import resolve_backend
 from ddcnn.models.family import probe
 from ddcnn.seeds import derive_seed
@@ -81,3 +86,39 @@ class Models:
     def cnn_dnn(self, stage: str = "coherent") -> CNNDNN:
         return CNNDNN(self.decomposition, self.ensemble(), self.dnn(stage))
 
+
+def stage_model(models, stage: str) -> nn.Module:
+    """The model ``stage`` trains, built as training, evaluation and prediction build it."""
+    if stage == "global":
+        return models.global_cnn()
+    if stage == "local":
+        return models.ensemble()
+    if stage == "combine":
+        return models.dnn("combine")
+    return models.cnn_dnn(stage)
+
+
+def weight_shapes(stage: str, model: nn.Module) -> dict[str, tuple]:
+    """``{name: shape}`` of what ``stage``'s checkpoint holds for ``model``: the local CNNs in the stacked layout,
+    a CNN-DNN as :class:`~ddcnn.models.cnn_dnn.whole_state` saves it (works on the meta device)."""
+    if isinstance(model, LocalEnsemble):
+        state = model.stacked_state_dict()
+    elif isinstance(model, CNNDNN):
+        state = whole_state(model.ensemble.stacked_state_dict(), model.combiner.state_dict())
+    else:
+        state = model.state_dict()
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def meta_model(models, stage: str) -> nn.Module:
+    """``stage``'s model on the meta device; a model too large even to describe is a ConfigError."""
+    # Building seeds torch's global generators: a check before training must leave them as they were.
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=cuda), torch.device("meta"):
+            return stage_model(models, stage)
+    except DDCNNError:
+        raise
+    except (RuntimeError, OverflowError, ValueError, MemoryError) as err:
+        raise ConfigError(f"the {stage!r} model of this config is too large to build ({err}); lower model.width, "
+                          f"model.local_width or combiner.hidden") from None
