@@ -243,18 +243,20 @@ def test_a_torchvision_config_is_refused_when_its_subimages_are_too_small(tmp_pa
 def test_naming_a_network_on_a_shipped_config_needs_one_set(tmp_path, monkeypatch, capsys):
     """configs/fashion_mnist_2x2.yaml sets model.depth (for vgg) and no backend: --set model.backbone=... alone
     builds, with a note that depth is ignored, and the backend auto resolves to loop for 4 local CNNs, vmap for 16."""
-    from ddcnn.build import Models, Shapes
+    from ddcnn.build import Models, Shapes, with_backend
     from ddcnn.config import load_config
 
     (tmp_path / "user_nets.py").write_text(NETS)
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg = load_config("configs/fashion_mnist_2x2.yaml", ["model.backbone=user_nets:tiny"])
-    assert cfg.model.depth == [2, 2, 2] and cfg.model.backend == "loop"  # config.yaml records the backend chosen
+    assert cfg.model.depth == [2, 2, 2] and cfg.model.backend == "auto"
     models = Models(cfg, Shapes(1, 10, (28, 28)))
     assert models.ensemble().backend == "loop" and models.depth is None
     assert models.notes == ["model.depth [2, 2, 2] applies to vgg and resnet only: ignored for user_nets:tiny (its "
                             "layers are set through model.backbone_kwargs)"]
+    assert with_backend(cfg).model.backend == "loop" and cfg.model.backend == "auto"  # what config.yaml records
     fine = load_config("configs/fashion_mnist_4x4.yaml", ["model.backbone=user_nets:tiny"])
-    assert fine.model.backend == "vmap"
-    assert load_config("configs/fashion_mnist_2x2.yaml").model.backend == "grouped"  # the built-ins: fused
-    assert Models(load_config("configs/fashion_mnist_2x2.yaml"), Shapes(1, 10, (28, 28))).notes == []
+    assert with_backend(fine).model.backend == "vmap"
+    builtin = load_config("configs/fashion_mnist_2x2.yaml")
+    assert with_backend(builtin).model.backend == "grouped"  # the built-ins: fused
+    assert Models(builtin, Shapes(1, 10, (28, 28))).notes == []

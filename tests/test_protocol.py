@@ -326,3 +326,10 @@ def test_the_device_name_counts_threads_in_good_grammar(monkeypatch):
     assert device_name(torch.device("cpu")).endswith("CPU, 1 thread")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     assert device_name(torch.device("cpu")).endswith("CPU, 2 threads")
+
+
+def test_a_runs_config_records_the_backend_that_ran(finished_run):
+    import yaml
+
+    out, _ = finished_run  # the tiny config leaves model.backend at auto: vgg's local CNNs are fused
+    assert yaml.safe_load((out / "config.yaml").read_text())["model"]["backend"] == "grouped"

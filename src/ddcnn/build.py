@@ -4,6 +4,8 @@ memory)."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +19,14 @@ from ddcnn.models.cnn_dnn import whole_state
 from ddcnn.models.ensemble import resolve_backend
 from ddcnn.models.family import probe
 from ddcnn.seeds import derive_seed
+
+
+def with_backend(cfg: Config) -> Config:
+    """A copy of ``cfg`` with ``model.backend: auto`` made concrete for its backbone and grid: what a run records in
+    its config.yaml, so that the file says which backend ran and a resumed run compares against it."""
+    n_local = math.prod(cfg.decomposition.grid)
+    backend = resolve_backend(cfg.model.backend, cfg.model.backbone in BACKBONES, n_local)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backend=backend))
 
 
 @dataclass

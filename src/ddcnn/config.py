@@ -78,7 +78,7 @@ class ModelConfig:
     depth: list[int] | None = None  # layers per stage of vgg / resnet (their default when None; ignored, with a
     #                                 note, for an imported backbone)
     # How the local CNNs run on one device: grouped (vgg, resnet) | vmap | loop | auto (grouped for vgg and resnet;
-    # for an imported backbone vmap from 16 local CNNs on, else loop). config.yaml records the one chosen.
+    # for an imported backbone vmap from 16 local CNNs on, else loop). A run's config.yaml records the one chosen.
     backend: str = "auto"
 
 
@@ -385,18 +385,7 @@ def validate_backbone(model: ModelConfig) -> None:
 
 
 def from_dict(data: dict, overrides: list[str] | None = None) -> Config:
-    return resolve_backend(validate(_from_dict(Config, apply_overrides(data or {}, overrides or []), "")))
-
-
-def resolve_backend(cfg: Config) -> Config:
-    """``model.backend: auto`` made concrete for the config's backbone and grid (in place; returned), so that the
-    run's config.yaml says which backend ran and a run resumes with the same one."""
-    from ddcnn.models.backbones import BACKBONES
-    from ddcnn.models.ensemble import resolve_backend as resolve
-
-    n_local = math.prod(cfg.decomposition.grid)
-    cfg.model.backend = resolve(cfg.model.backend, cfg.model.backbone in BACKBONES, n_local)
-    return cfg
+    return validate(_from_dict(Config, apply_overrides(data or {}, overrides or []), ""))
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddcnn.build import Models, Shapes
+from ddcnn.build import Models, Shapes, with_backend
 from ddcnn.config import Config
 from ddcnn.data.datasets import load_datasets
 from ddcnn.data.loading import Augment, Normalizer, make_batches, split_dataset
@@ -146,6 +146,7 @@ def build_context(cfg: Config, run_dir: RunDir, runtime: Runtime, env: DistEnv, 
                   verbose: bool = True, print_line: Callable[[str], None] | None = None) -> Context:
     """Read the data, build the models' builder, join the process group and prepare the run directory (rank 0
     writes ``data.json``); every check that can refuse the run comes before the first file is written."""
+    cfg = with_backend(cfg)  # config.yaml records the backend that runs (and a resumed run is checked against it)
     train_full, test = load_datasets(cfg.data)
     train, val = split_dataset(train_full, cfg.data.val_fraction, cfg.data.split_seed)
     classes = list(train_full.classes)
