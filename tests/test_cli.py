@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,15 +84,20 @@ def test_evaluate_reproduces_the_runs_test_accuracies(finished_run, capsys):
         assert evaluation["strategies"][name]["test_accuracy"] == pytest.approx(entry["test_accuracy"], abs=1e-9)
 
 
-def test_predict_gives_the_class_and_every_subdomains_vote(finished_run, tmp_path, capsys):
-    out, _ = finished_run
+def _sample_files(folder):
+    """Two generated 16x16 images as .npy files, as the finished run was trained on."""
     from ddcnn.data import make_generated
 
     ds = make_generated(2, (16, 16), num_classes=3, seed=5)
-    files = []
-    for i in range(2):
-        files.append(tmp_path / f"x{i}.npy")
-        np.save(files[-1], ds.images[i].numpy())
+    files = [folder / f"x{i}.npy" for i in range(2)]
+    for f, image in zip(files, ds.images):
+        np.save(f, image.numpy())
+    return files
+
+
+def test_predict_gives_the_class_and_every_subdomains_vote(finished_run, tmp_path, capsys):
+    out, _ = finished_run
+    files = _sample_files(tmp_path)
     assert main(["predict", str(out), *map(str, files), "--strategy", "cnn_dnn"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "strategy: cnn_dnn"
@@ -212,3 +218,102 @@ def test_predict_converts_a_colour_photo_to_the_runs_grey_channel(finished_run, 
     assert main(["predict", str(out), str(tmp_path / "grey.png"), str(tmp_path / "rgba.png")]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.endswith(")") and ".png:" in line]
     assert len(lines) == 2 and lines[0].split(": ", 1)[1] == lines[1].split(": ", 1)[1]  # the same class
+
+
+def test_version_prints_the_version_and_exits_0(capsys):
+    import ddcnn
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"ddcnn {ddcnn.__version__}"
+
+
+def test_show_writes_no_file_unless_asked(tmp_path, monkeypatch, capsys):
+    cfg = _write_config(tmp_path / "c.yaml", tiny_dict(2))
+    monkeypatch.chdir(tmp_path)
+    assert main(["show", cfg]) == 0
+    assert "grid drawn" not in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
+
+
+def test_resume_without_out_continues_in_the_configs_own_run_directory(tmp_path, monkeypatch, capsys):
+    data = tiny_dict(2)
+    data["stages"] = {s: {"enabled": s == "local", "epochs": 1, "batch_size": 32} for s in
+                      ("global", "local", "combine", "coherent", "transfer")}
+    out = tmp_path / "elsewhere" / "x"
+    assert main(["run", _write_config(tmp_path / "c.yaml", data), "--out", str(out), "--quiet"]) == 0
+    before = (out / "results.json").read_text()
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["run", str(out / "config.yaml"), "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "[   local] checkpoint of epoch 1/1: finished before, loaded" in printed
+    assert f"report: {out / 'report.md'}" in printed
+    assert not (tmp_path / "runs").exists()  # not runs/<name>
+    assert json.loads((out / "results.json").read_text())["strategies"] == json.loads(before)["strategies"]
+    # a config that is not inside a run directory still goes to runs/<name>
+    from ddcnn.cli import default_out
+
+    assert default_out(tmp_path / "c.yaml", "tiny2d") == Path("runs") / "tiny2d"
+    assert default_out(out / "config.yaml", "tiny2d") == out
+
+
+def test_the_recorded_command_names_torchrun_and_its_processes():
+    from ddcnn.cli import command_line
+
+    assert command_line(["run", "c.yaml"], {}) == "ddcnn run c.yaml"
+    env = {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4", "GROUP_WORLD_SIZE": "1", "TORCHELASTIC_RUN_ID": "x"}
+    assert command_line(["run", "my config.yaml"], env) == \
+        "torchrun --nproc-per-node=4 -m ddcnn run 'my config.yaml'"
+    env = {"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4", "GROUP_WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "x"}
+    assert command_line(["run", "c.yaml"], env) == "torchrun --nnodes=2 --nproc-per-node=4 -m ddcnn run c.yaml"
+
+
+def _predict(out, files, *args, capsys):
+    capsys.readouterr()
+    assert main(["predict", str(out), *map(str, files), *args]) == 0
+    return capsys.readouterr()
+
+
+def test_predict_gives_probabilities_as_text_json_and_csv(finished_run, tmp_path, capsys):
+    import csv
+    import io
+
+    out, results = finished_run
+    files = _sample_files(tmp_path)
+    rows = json.loads(_predict(out, files, "--format", "json", "--strategy", "cnn_dnn", capsys=capsys).out)
+    classes = results["classes"]
+    assert [r["file"] for r in rows] == [str(f) for f in files]
+    for row in rows:
+        probabilities = row["probabilities"]
+        assert list(probabilities) == classes and sum(probabilities.values()) == pytest.approx(1, abs=1e-5)
+        assert row["class"] == max(probabilities, key=probabilities.get) == classes[row["class_index"]]
+        assert len(row["subdomains"]) == 4 and row["strategy"] == "cnn_dnn"
+    table = list(csv.reader(io.StringIO(_predict(out, files, "--format", "csv", "--strategy", "cnn_dnn",
+                                                 capsys=capsys).out)))
+    assert table[0] == ["file", "strategy", "class", "class_index", *(f"p({c})" for c in classes)]
+    for line, row in zip(table[1:], rows):
+        assert line[:4] == [row["file"], "cnn_dnn", row["class"], str(row["class_index"])]
+        assert [float(v) for v in line[4:]] == pytest.approx(list(row["probabilities"].values()), abs=1e-6)
+    text = _predict(out, files, "--strategy", "cnn_dnn", capsys=capsys).out.splitlines()
+    best = rows[0]["probabilities"][rows[0]["class"]]
+    assert text[1] == f"{files[0]}: {rows[0]['class']} (class {rows[0]['class_index']}, p={best:.3f})"
+    votes = json.loads(_predict(out, files, "--format", "json", "--strategy", "majority_vote", capsys=capsys).out)
+    for row in votes:  # vote shares: how many of the 4 subdomains chose each class
+        assert all(4 * p == pytest.approx(round(4 * p)) for p in row["probabilities"].values())
+        assert sum(row["probabilities"].values()) == pytest.approx(1)
+    assert main(["predict", str(out), str(files[0]), "--format", "xml"]) == 2
+    assert "--format" in _one_error_line(capsys)
+
+
+def test_predict_fits_pictures_of_another_size_and_colour_with_a_note(finished_run, tmp_path, capsys):
+    out, _ = finished_run  # trained on one-channel 16x16 images (generated data, never resized in training)
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(tmp_path / "same.png")
+    Image.fromarray(rng.integers(0, 256, (40, 32, 3), dtype=np.uint8)).save(tmp_path / "large.png")
+    captured = _predict(out, [tmp_path / "same.png", tmp_path / "large.png"], capsys=capsys)
+    notes = captured.err.splitlines()
+    assert len(notes) == 2 and all(n.startswith(f"ddcnn: note: {tmp_path / 'large.png'}: ") for n in notes)
+    assert "colour image converted to grey" in notes[0] and "40x32 pixels fitted to 16x16" in notes[1]
+    assert len([line for line in captured.out.splitlines() if ".png: " in line]) == 2

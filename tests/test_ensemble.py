@@ -226,3 +226,36 @@ def test_stacked_state_and_optimizer_state_move_training_between_backends(source
     steps(b, b_opt, batches[2:])
     for key, value in ref.stacked_state_dict().items():
         torch.testing.assert_close(b.stacked_state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_the_auto_backend_fuses_builtins_and_picks_loop_or_vmap_for_other_networks():
+    from ddcnn.models.ensemble import VMAP_FROM, resolve_backend
+
+    def net(in_channels, num_classes, width):
+        return nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(width, num_classes))
+
+    assert LocalEnsemble(4, C, K, backbone="vgg", width=2, depth=(1,)).backend == "grouped"  # auto, the default
+    assert LocalEnsemble(4, C, K, backbone=net, width=2).backend == "loop"
+    assert LocalEnsemble(VMAP_FROM, C, K, backbone=net, width=2).backend == "vmap"
+    assert resolve_backend("vmap", False, 2) == "vmap" and resolve_backend("loop", True, 64) == "loop"
+
+
+def test_vmap_with_adaptive_pooling_in_channels_last_does_not_warn():
+    """torch warns that vmap runs as_strided_ (adaptive pooling of a channels-last tensor) slot by slot; the
+    ensemble silences exactly that warning, and no other."""
+    import warnings
+
+    def net(in_channels, num_classes, width):
+        return nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
+
+    ensemble = LocalEnsemble(4, 3, K, backbone=net, width=8, backend="vmap", seed=0)
+    ensemble.to(memory_format=torch.channels_last)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ensemble(torch.randn(8, 4, 3, 14, 14)).sum().backward()
+        message = "There is a performance drop because we have not yet implemented the batching rule for " \
+            "aten::as_strided_. (elsewhere)"
+        warnings.warn(message, stacklevel=1)  # outside the ensemble's forward: still shown
+    assert [str(w.message) for w in caught] == [message]

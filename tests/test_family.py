@@ -162,8 +162,8 @@ def test_bad_foreign_backbones_are_clear_errors():
         import_backbone("torch.nn.Conv2e")
     with pytest.raises(ConfigError, match="not a class or function"):
         import_backbone("math.pi")
-    with pytest.raises(ConfigError, match="grouped"):
-        LocalEnsemble(2, C, K, backbone=SmallNet)  # the default backend fuses built-ins only
+    with pytest.raises(ConfigError, match="grouped.*'auto'"):
+        LocalEnsemble(2, C, K, backbone=SmallNet, backend="grouped")  # it fuses built-ins only
     with pytest.raises(ConfigError, match="depth"):
         LocalEnsemble(2, C, K, backbone=SmallNet, depth=[1], backend="vmap")
     with pytest.raises(ConfigError, match="failed to build.*colour"):
@@ -190,8 +190,8 @@ def test_the_config_imports_the_backbone_at_validation():
     data["model"] = {"backbone": "nowhere.nets:Net", "backend": "vmap"}
     with pytest.raises(ConfigError, match="model.backbone.*'nowhere' is not found"):
         from_dict(data)
-    data["model"] = {"backbone": "torchvision.models.resnet18"}
-    with pytest.raises(ConfigError, match="model.backend = 'grouped'.*vmap"):
+    data["model"] = {"backbone": "torchvision.models.resnet18", "backend": "grouped"}
+    with pytest.raises(ConfigError, match="model.backend = 'grouped'.*--set model.backend=auto"):
         from_dict(data)
     data["model"] = {"backbone": "vgg", "backbone_kwargs": {"num_classes": 3}}
     with pytest.raises(ConfigError, match="backbone_kwargs"):
@@ -238,3 +238,25 @@ def test_a_torchvision_config_is_refused_when_its_subimages_are_too_small(tmp_pa
     data["model"] = {"backbone": "torchvision.models.vit_b_16", "backend": "vmap"}
     with pytest.raises(ShapeError, match=r"vit_b_16.*the global CNN.*\[1, 1, 16, 16\]"):
         Models(from_dict(data), Shapes(1, 3, (16, 16)))
+
+
+def test_naming_a_network_on_a_shipped_config_needs_one_set(tmp_path, monkeypatch, capsys):
+    """configs/fashion_mnist_2x2.yaml sets model.depth (for vgg) and no backend: --set model.backbone=... alone
+    builds, with a note that depth is ignored, and the backend auto resolves to loop for 4 local CNNs, vmap for 16."""
+    from ddcnn.build import Models, Shapes, with_backend
+    from ddcnn.config import load_config
+
+    (tmp_path / "user_nets.py").write_text(NETS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = load_config("configs/fashion_mnist_2x2.yaml", ["model.backbone=user_nets:tiny"])
+    assert cfg.model.depth == [2, 2, 2] and cfg.model.backend == "auto"
+    models = Models(cfg, Shapes(1, 10, (28, 28)))
+    assert models.ensemble().backend == "loop" and models.depth is None
+    assert models.notes == ["model.depth [2, 2, 2] applies to vgg and resnet only: ignored for user_nets:tiny (its "
+                            "layers are set through model.backbone_kwargs)"]
+    assert with_backend(cfg).model.backend == "loop" and cfg.model.backend == "auto"  # what config.yaml records
+    fine = load_config("configs/fashion_mnist_4x4.yaml", ["model.backbone=user_nets:tiny"])
+    assert with_backend(fine).model.backend == "vmap"
+    builtin = load_config("configs/fashion_mnist_2x2.yaml")
+    assert with_backend(builtin).model.backend == "grouped"  # the built-ins: fused
+    assert Models(builtin, Shapes(1, 10, (28, 28))).notes == []

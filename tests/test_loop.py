@@ -166,3 +166,48 @@ def test_a_killed_stage_resumes_with_its_best_so_far_and_a_stopped_stage_stays_s
                           CheckpointDir(tmp_path / "killed"), Runtime(torch.device("cpu")), 0, records.append),
                 torch.nn.Linear(3, 2), None, None, None)
     assert (again.epochs_run, again.kept_epoch, again.stop_reason) == (5, 2, "patience")
+
+
+def test_a_resumed_stage_says_where_it_goes_on_from(tmp_path):
+    cfg = StageConfig(epochs=3, batch_size=8, optimizer="sgd", lr=0.5, momentum=0.0, schedule="constant")
+    model = torch.nn.Linear(3, 2)
+
+    def loss_fn(x, y):
+        out = model(x)
+        return torch.nn.functional.cross_entropy(out, y), (out.argmax(-1) == y).sum()
+
+    def killed(record):  # the process dies once epoch 1 is checkpointed
+        raise KeyboardInterrupt
+
+    spec = StageSpec("x", cfg, CheckpointDir(tmp_path), Runtime(torch.device("cpu")), 0, killed, verbose=False)
+    with pytest.raises(KeyboardInterrupt):
+        fit(spec, model, loss_fn, Batches(), lambda: {"val_accuracy": None})
+    lines: list[str] = []
+    records: list[dict] = []
+    spec = StageSpec("x", cfg, CheckpointDir(tmp_path), Runtime(torch.device("cpu")), 0, records.append,
+                     verbose=True, echo=lines.append)
+    fit(spec, model, loss_fn, Batches(), lambda: {"val_accuracy": None})
+    assert lines[0].startswith("[       x] checkpoint of epoch 1/3 (") and lines[0].endswith("resuming at epoch 2")
+    assert [r["epoch"] for r in records] == [2, 3]
+    lines.clear()
+    fit(spec, model, None, None, None)  # finished: loaded, not trained
+    assert lines == ["[       x] checkpoint of epoch 3/3: finished before, loaded"]
+
+
+def test_progress_without_a_terminal_prints_a_line_every_so_often():
+    from ddcnn.train.loop import Progress
+
+    lines: list[str] = []
+    progress = Progress(4, "[   local] epoch 1/2", enabled=True, echo=lines.append, every=0.0)
+    for _ in range(4):
+        progress.update(loss="0.5")
+    progress.close()
+    assert lines[0].startswith("[   local] epoch 1/2: step 1/4 (25 %), ") and lines[0].endswith(", loss 0.5")
+    assert len(lines) == 4 and lines[-1].startswith("[   local] epoch 1/2: step 4/4 (100 %)")
+    quiet: list[str] = []
+    progress = Progress(4, "x", enabled=True, echo=quiet.append, every=3600.0)  # not yet due
+    progress.update()
+    silent: list[str] = []
+    off = Progress(4, "x", enabled=False, echo=silent.append, every=0.0)  # --quiet
+    off.update()
+    assert quiet == [] and silent == []

@@ -344,3 +344,39 @@ def test_keep_best_hands_the_best_local_cnns_to_the_next_stage(tmp_path, tiny_co
     assert best["strategies"]["mean_probability"]["val_accuracy"] == local[0]["val_accuracy_mean_probability"]
     # but the cost counts every epoch the local stage ran
     assert best["strategies"]["cnn_dnn"]["cost"]["epochs"] == {"local": 3, "combine": 2}
+
+
+def test_every_stages_last_record_gives_the_time_of_results_json(finished_run):
+    """The console line, the learning-curve titles (both from metrics.jsonl) and the report's table (from
+    stage_seconds) give one time per stage; the combine stage's includes its pass over the training set."""
+    out, results = finished_run
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    last = {r["stage"]: r["seconds"] for r in records if "epoch" in r}  # the epochs' records, not the stage's end
+    assert last == pytest.approx(results["stage_seconds"], rel=1e-12)
+    state = CheckpointDir(out / "checkpoints").state("combine")
+    assert state["feature_seconds"] > 0 and last["combine"] == state["seconds"] + state["feature_seconds"]
+
+
+def test_a_finished_run_keeps_the_last_epochs_weights_of_each_stage_and_no_optimizer_state(finished_run):
+    out, _ = finished_run
+    files = sorted(p.name for p in (out / "checkpoints").iterdir())
+    stages = ("global", "local", "combine", "coherent", "transfer")
+    assert files == sorted([f"{s}.json" for s in stages] + ["global-e2.weights.safetensors",
+                           "local-e2.weights.safetensors", "combine-e2.weights.safetensors",
+                           "coherent-e1.weights.safetensors", "transfer-e2.weights.safetensors"])
+
+
+def test_the_device_name_counts_threads_in_good_grammar(monkeypatch):
+    from ddcnn.train.runtime import device_name
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert device_name(torch.device("cpu")).endswith("CPU, 1 thread")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert device_name(torch.device("cpu")).endswith("CPU, 2 threads")
+
+
+def test_a_runs_config_records_the_backend_that_ran(finished_run):
+    import yaml
+
+    out, _ = finished_run  # the tiny config leaves model.backend at auto: vgg's local CNNs are fused
+    assert yaml.safe_load((out / "config.yaml").read_text())["model"]["backend"] == "grouped"

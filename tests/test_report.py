@@ -258,3 +258,32 @@ def test_write_report_3d_and_nearly_empty(tmp_path):
 
     empty = write_report(tmp_path / "empty", {}, [])
     assert empty.exists() and _links(empty.read_text()) == []
+
+
+def test_learning_curves_fit_a_page_and_every_legend_entry_has_its_line(tmp_path):
+    from PIL import Image
+
+    from ddcnn.report.plots import learning_curves_figure
+
+    fig = learning_curves_figure(all_metrics())  # five stages, the local one with per-subdomain curves
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["train", "validation",
+                                                         "validation, each subdomain (local CNNs)"]
+    for line in legend.legend_handles:
+        assert line.get_visible() and line.get_linewidth() >= 1 and (line.get_alpha() or 1) >= 0.5
+    with Image.open(plot_learning_curves(all_metrics(), tmp_path / "c.png")) as image:
+        assert image.width <= 1200  # three stages side by side at most: the text is not shrunk to a strip
+    one = learning_curves_figure(stage_records("global", 1))  # one epoch: an integer tick, no 0.5 steps
+    ticks = one.axes[0].get_xticks()
+    assert list(ticks[(ticks >= 0.5) & (ticks <= 1.5)]) == [1.0]
+    assert [t.get_text() for t in one.legends[0].get_texts()] == ["train", "validation"]
+
+
+def test_the_heat_map_colour_scale_spans_0_to_100_percent():
+    from ddcnn.report.plots import colour_range
+
+    near_chance = np.array([9.6, 12.4, 11.0, 10.0])
+    assert colour_range(near_chance, (0.0, 100.0)) == (0.0, 100.0)
+    assert colour_range(np.array([-5.0, 50.0]), (0.0, 100.0)) == (-5.0, 100.0)  # values outside widen it
+    assert colour_range(near_chance, None) == (9.6, 12.4)
+    assert colour_range(np.array([np.nan, 3.0]), None) == (2.0, 4.0)

@@ -116,7 +116,8 @@ def test_print_commands_gives_one_run_per_cell_and_seed_that_ddcnn_run_accepts(w
         seen.add((cfg.model.backbone, cfg.decomposition.overlap, cfg.seed))
         assert args[args.index("--out") + 1].endswith(f"seed-{cfg.seed}")
     assert seen == {(b, o, s) for b in ("vgg", "resnet") for o in (0, 1) for s in (3, 5)}
-    assert sorted(p.name for p in (workspace / "out").iterdir()) == ["base.yaml", "study-spec.json", "study.yaml"]
+    assert sorted(p.name for p in (workspace / "out").iterdir()) == ["base.yaml", "command.txt", "study-spec.json",
+                                                                     "study.yaml"]
 
 
 @pytest.mark.parametrize("value", ["vgg", "yes", "1.0", "a b", "", 3, 0.5, [2, 2], None, True, {"CT-1": "x"}])
@@ -204,3 +205,31 @@ def test_resume_with_more_seeds_and_axis_values_runs_only_the_new_runs(workspace
                           set={"model.width": 8})
     assert main(["study", str(changed), "--out", "out", "--resume"]) == 2  # any other change is refused
     assert "holds the study 'tiny_study'" in one_error_line(capsys)
+
+
+def test_the_study_records_the_command_that_made_it(workspace, capsys):
+    study = write_study(workspace)
+    assert main(["study", str(study), "--out", "out", "--print-commands"]) == 0
+    assert main(["study", str(study), "--out", "out", "--aggregate"]) == 0
+    data = json.loads((workspace / "out/study.json").read_text())
+    assert data["command"] == f"ddcnn study {study} --out out --print-commands"
+    assert data["last_command"] == f"ddcnn study {study} --out out --aggregate"
+    report = (workspace / "out/study.md").read_text()
+    assert f"Command: `ddcnn study {study} --out out --print-commands` (last run: `ddcnn study {study} --out out " \
+           f"--aggregate`)" in report
+
+
+def test_study_plots_clip_intervals_to_0_100_and_count_whole_epochs(tmp_path):
+    from ddcnn.study.report import _accuracy_bounds, curves_figure, plot_curves
+
+    assert _accuracy_bounds({"mean": 0.6, "ci_low": -0.46 + 0.0, "ci_high": 1.3}) == pytest.approx((60, 0, 100))
+    assert _accuracy_bounds({"mean": 0.6, "ci_low": None, "ci_high": None}) == pytest.approx((60, 60, 60))
+    curve = [{"epoch": e, "mean": 0.5, "ci_low": -0.2, "ci_high": 1.2, "n": 2} for e in (1, 2)]
+    data = {"cells": [{"label": "a=1", "values": {"a": 1}, "curves": {"transfer": curve, "coherent": curve}}]}
+    plot_curves(data, tmp_path / "c.png")
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    (ax,) = curves_figure(data).axes
+    ticks = ax.get_xticks()
+    assert list(ticks[(ticks >= 1) & (ticks <= 2)]) == [1.0, 2.0]  # no 1.25, 1.5, ...
+    band = ax.collections[0].get_paths()[0].vertices[:, 1]
+    assert (band.min(), band.max()) == pytest.approx((0, 100))  # the band, clipped

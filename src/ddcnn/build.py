@@ -4,6 +4,8 @@ memory)."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -14,8 +16,17 @@ from ddcnn.decomposition import Decomposition
 from ddcnn.errors import ConfigError, DDCNNError
 from ddcnn.models import BACKBONES, CNNDNN, DNN, GlobalCNN, LocalEnsemble, check_fits, local_width
 from ddcnn.models.cnn_dnn import whole_state
+from ddcnn.models.ensemble import resolve_backend
 from ddcnn.models.family import probe
 from ddcnn.seeds import derive_seed
+
+
+def with_backend(cfg: Config) -> Config:
+    """A copy of ``cfg`` with ``model.backend: auto`` made concrete for its backbone and grid: what a run records in
+    its config.yaml, so that the file says which backend ran and a resumed run compares against it."""
+    n_local = math.prod(cfg.decomposition.grid)
+    backend = resolve_backend(cfg.model.backend, cfg.model.backbone in BACKBONES, n_local)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backend=backend))
 
 
 @dataclass
@@ -35,13 +46,26 @@ class Models:
         self.decomposition = Decomposition(shapes.image_size, cfg.decomposition.grid, cfg.decomposition.overlap)
         self.n_local = self.decomposition.n_subdomains
         self.local_width = cfg.model.local_width or local_width(cfg.model.width, self.n_local)
-        if cfg.model.backbone in BACKBONES:
-            check_fits(self.decomposition, cfg.model.backbone, cfg.model.depth)
+        builtin = cfg.model.backbone in BACKBONES
+        # model.depth describes vgg and resnet: a shipped config sets it, and naming another backbone with --set
+        # model.backbone=... must not need a second --set to clear it.
+        self.depth = cfg.model.depth if builtin else None
+        self.notes: list[str] = []
+        if not builtin and cfg.model.depth is not None:
+            self.notes.append(f"model.depth {cfg.model.depth} applies to vgg and resnet only: ignored for "
+                              f"{cfg.model.backbone} (its layers are set through model.backbone_kwargs)")
+        if builtin:
+            check_fits(self.decomposition, cfg.model.backbone, self.depth)
         else:  # a foreign backbone: one forward of the global CNN and of a local CNN, before anything is trained
             with torch.random.fork_rng(devices=[]):
                 probe(self.global_cnn().net, (shapes.in_channels, *shapes.image_size), shapes.num_classes,
                       cfg.model.backbone, "the global CNN")
                 self.ensemble(range(1)).check_subimages(self.decomposition)
+
+    @property
+    def backend(self) -> str:
+        """The local CNNs' backend, ``auto`` resolved for all N of them (a process's shard runs the same one)."""
+        return resolve_backend(self.cfg.model.backend, self.cfg.model.backbone in BACKBONES, self.n_local)
 
     @property
     def dims(self) -> int:
@@ -53,7 +77,7 @@ class Models:
     def global_cnn(self) -> GlobalCNN:
         self._seeded("global")
         m = self.cfg.model
-        return GlobalCNN(self.shapes.in_channels, self.shapes.num_classes, m.backbone, m.width, m.depth, self.dims,
+        return GlobalCNN(self.shapes.in_channels, self.shapes.num_classes, m.backbone, m.width, self.depth, self.dims,
                          m.backbone_kwargs)
 
     def ensemble(self, indices: range | None = None) -> LocalEnsemble:
@@ -61,7 +85,7 @@ class Models:
         m = self.cfg.model
         indices = range(self.n_local) if indices is None else indices
         return LocalEnsemble(len(indices), self.shapes.in_channels, self.shapes.num_classes, m.backbone,
-                             self.local_width, m.depth, self.dims, m.backend, seed=self.cfg.seed,
+                             self.local_width, self.depth, self.dims, self.backend, seed=self.cfg.seed,
                              indices=list(indices), backbone_kwargs=m.backbone_kwargs)
 
     def dnn(self, stage: str = "combine") -> DNN:

@@ -14,16 +14,24 @@ from ddcnn.errors import DDCNNError
 from ddcnn.paths import user_path
 
 
+def _version() -> str:
+    from ddcnn import __version__
+
+    return __version__
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ddcnn", description="Model-parallel CNN training by domain decomposition.")
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    p.add_argument("--version", action="version", version=f"ddcnn {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the experiment a YAML config describes")
     run.add_argument("config", help="YAML config, e.g. configs/fashion_mnist_2x2.yaml")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. --set stages.local.epochs=5 (stages.*.epochs for all)")
-    run.add_argument("--out", help="run directory (default runs/<name>)")
+    run.add_argument("--out", help="run directory (default: the config's own folder when it is a run directory, as "
+                                   "for runs/NAME/config.yaml, else runs/<name>)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoints")
     run.add_argument("--force", action="store_true", help="start over in an --out that already holds files")
     run.add_argument("--quiet", action="store_true", help="print only the results")
@@ -40,12 +48,14 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--strategy", help="global, cnn_dnn, mean_probability, majority_vote, coherent or transfer "
                                        "(default: the run's best)")
     pr.add_argument("--device", help="cpu, cuda, cuda:N (default: the run's)")
+    pr.add_argument("--format", default="text", help="text (default), json (a list of one object per file) or csv "
+                                                     "(a header row, one row per file): with every class's "
+                                                     "probability")
 
     show = sub.add_parser("show", help="decomposition, sizes, parameters and FLOPs of a config; PNG of the grid")
     show.add_argument("config")
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    show.add_argument("--png", help="where to draw the grid over a sample image (default decomposition.png)",
-                      default="decomposition.png")
+    show.add_argument("--png", metavar="FILE", help="also draw the grid over a sample image into FILE (a PNG)")
 
     study = sub.add_parser("study", help="run a config over axes of values and seeds; means, CIs, paired claims")
     study.add_argument("study", help="study YAML, e.g. studies/fashion_mnist_claims.yaml")
@@ -73,16 +83,41 @@ def cmd_run(args) -> int:
     if args.resume and args.force:
         raise ConfigError("--resume continues the run in --out and --force starts it over: give one of them")
 
-    cfg = load_config(user_path(args.config, "the config file"), args.overrides)
-    out = user_path(args.out, "--out") if args.out else user_path(Path("runs") / cfg.name, "the run directory "
-                                                                 "runs/NAME (from the config's name)")
-    command = "ddcnn " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    results = Experiment(cfg, out, resume=args.resume, force=args.force, command=command,
+    config = user_path(args.config, "the config file")
+    cfg = load_config(config, args.overrides)
+    out = user_path(args.out, "--out") if args.out else default_out(config, cfg.name)
+    results = Experiment(cfg, out, resume=args.resume, force=args.force, command=command_line(args.argv),
                          verbose=not args.quiet).run()
     if results is not None:  # None on the ranks > 0 of a torchrun launch: rank 0 reports
         print(format_table(results))
         print(f"report: {out / 'report.md'}")
     return 0
+
+
+def command_line(argv: list[str] | None = None, environ=None) -> str:
+    """The command as the user typed it, for the records: ``ddcnn ARGS``, or under torchrun ``torchrun
+    --nnodes=M --nproc-per-node=P -m ddcnn ARGS`` (the launcher's other options, such as the rendezvous, are not
+    visible to its workers)."""
+    environ = os.environ if environ is None else environ
+    args = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    world = environ.get("WORLD_SIZE", "1")
+    if world in ("", "1") and "TORCHELASTIC_RUN_ID" not in environ:
+        return f"ddcnn {args}"
+    nodes = environ.get("GROUP_WORLD_SIZE")
+    per_node = environ.get("LOCAL_WORLD_SIZE") or world
+    launcher = "torchrun" + (f" --nnodes={nodes}" if nodes and nodes != "1" else "")
+    return f"{launcher} --nproc-per-node={per_node} -m ddcnn {args}"
+
+
+def default_out(config: Path, name: str) -> Path:
+    """The run directory when ``--out`` is not given: the config's own folder when it is a run directory (its
+    ``config.yaml`` beside the run marker, so that ``ddcnn run runs/x/config.yaml --resume`` continues runs/x), else
+    ``runs/<name>``."""
+    from ddcnn.train.rundir import MARKER
+
+    if (config.parent / MARKER).exists():
+        return config.parent
+    return user_path(Path("runs") / name, "the run directory runs/NAME (from the config's name)")
 
 
 def cmd_evaluate(args) -> int:
@@ -99,14 +134,18 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from ddcnn.train.evaluate import predict_files
+    from ddcnn.checks import choice
+    from ddcnn.train.evaluate import FORMATS, format_predictions, predict_files
 
+    choice("--format", args.format, FORMATS)  # before the models are loaded
     files = [str(user_path(f, "the file")) for f in args.files]
     with _processes() as env:
-        lines = predict_files(user_path(args.run_dir, "the run directory"), files, strategy=args.strategy,
-                              device=args.device, env=env)
-    for line in lines:
-        print(line)
+        predictions = predict_files(user_path(args.run_dir, "the run directory"), files, strategy=args.strategy,
+                                    device=args.device, env=env)
+    if predictions is not None:  # rank 0 (or the only process)
+        for note in predictions.notes:
+            print(f"ddcnn: note: {note}", file=sys.stderr)
+        print(format_predictions(predictions, args.format))
     return 0
 
 
@@ -127,16 +166,15 @@ def cmd_show(args) -> int:
     from ddcnn.describe import describe
 
     cfg = load_config(user_path(args.config, "the config file"), args.overrides)
-    print(describe(cfg, user_path(args.png, "--png")))
+    print(describe(cfg, user_path(args.png, "--png") if args.png is not None else None))
     return 0
 
 
 def cmd_study(args) -> int:
     from ddcnn.study import run_study
 
-    command = "ddcnn " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     return run_study(args.study, args.out, jobs=args.jobs, resume=args.resume, print_commands=args.print_commands,
-                     aggregate_only=args.aggregate, command=command)
+                     aggregate_only=args.aggregate, command=command_line(args.argv))
 
 
 def cmd_data(args) -> int:
@@ -164,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted anywhere on the line, before or after the command
     args = _parser().parse_args([a for a in argv if a != "--debug"])
+    args.argv = argv  # the records' command line: what was typed
     handlers = {"run": cmd_run, "evaluate": cmd_evaluate, "predict": cmd_predict, "show": cmd_show,
                 "data": cmd_data, "study": cmd_study}
     debug = debug or os.environ.get("DDCNN_DEBUG", "0") not in ("", "0")

@@ -77,8 +77,11 @@ class ModelConfig:
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # more arguments for an imported backbone
     width: int = 32  # the global CNN's first-stage width (an imported backbone gets it as a `width` keyword)
     local_width: int | None = None  # default round(width / sqrt(N))
-    depth: list[int] | None = None  # layers per stage of vgg / resnet; the family's default when None
-    backend: str = "grouped"  # how the local CNNs run on one device: grouped (vgg, resnet) | vmap | loop
+    depth: list[int] | None = None  # layers per stage of vgg / resnet (their default when None; ignored, with a
+    #                                 note, for an imported backbone)
+    # How the local CNNs run on one device: grouped (vgg, resnet) | vmap | loop | auto (grouped for vgg and resnet;
+    # for an imported backbone vmap from 16 local CNNs on, else loop). A run's config.yaml records the one chosen.
+    backend: str = "auto"
 
 
 @dataclass
@@ -421,12 +424,9 @@ def validate_backbone(model: ModelConfig, spatial: bool = False) -> None:
     if spatial:
         raise spatial_backbone_error(model.backbone)
     import_backbone(model.backbone, "model.backbone")
-    if model.depth is not None:
-        raise ConfigError(f"model.depth applies to vgg and resnet only; set the layers of {model.backbone!r} "
-                          f"through model.backbone_kwargs")
     if model.backend == "grouped":
-        raise ConfigError(f"model.backend = 'grouped' fuses vgg and resnet only; set model.backend: vmap (or loop) "
-                          f"for {model.backbone!r}")
+        raise ConfigError(f"model.backend = 'grouped' fuses vgg and resnet only; set model.backend: auto (or vmap, "
+                          f"or loop) for {model.backbone!r}, e.g. --set model.backend=auto")
 
 
 def spatial_backbone_error(backbone: str) -> ConfigError:

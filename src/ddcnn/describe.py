@@ -15,7 +15,7 @@ from ddcnn.train.scaling import scaling_lines
 
 def describe(cfg: Config, png: Path | None = None) -> str:
     """Decomposition, subimage size, parameters and FLOPs of the global CNN, one local CNN, all local CNNs and
-    the CNN-DNN; draws the grid over a sample image into ``png``."""
+    the CNN-DNN; draws the grid over a sample image into ``png`` when it is given."""
     train, _ = load_datasets(cfg.data)
     shapes = Shapes(train.in_channels, train.num_classes, train.image_size)
     models = Models(cfg, shapes)
@@ -38,7 +38,8 @@ def describe(cfg: Config, png: Path | None = None) -> str:
         f"{list(d.subimage_size)}",
         f"backbone       {cfg.model.backbone}, depth {list(ensemble.depth or []) or 'its own'}, global width "
         f"{cfg.model.width}, "
-        f"local width {models.local_width}",
+        f"local width {models.local_width}, backend {ensemble.backend}",
+        *(f"note           {note}" for note in models.notes),
         "",
         f"{'model':<16} {'width':>6} {'parameters':>12} {'MFLOPs/image':>13}",
     ]

@@ -285,24 +285,33 @@ def _check_size(size, n: int, what: str) -> tuple[int, ...]:
     return size
 
 
-def _read_picture(path: Path, size: tuple[int, int] | None, channels: int | None, fix: str) -> torch.Tensor:
+def _read_picture(path: Path, size: tuple[int, int] | None, channels: int | None, fix: str,
+                  notes: list[str] | None = None) -> torch.Tensor:
     """One photo as ``(C, H, W)`` uint8: converted to grey (1) or RGB (3) when ``channels`` is given (else grey and
     RGB stay as stored), its shorter side scaled to ``size`` = (H, W) and centre-cropped (``ImageOps.fit``, bilinear)
-    when ``size`` is given. ``fix`` ends the error message for an unreadable file."""
+    when ``size`` is given. ``fix`` ends the error message for an unreadable file; ``notes``, when given, receives
+    one line for a colour image made grey (or the reverse) and one for a picture of another size fitted."""
     from PIL import Image, ImageOps
 
     try:
         with Image.open(path) as im:
+            colour = im.mode in ("RGB", "RGBA", "RGBX", "P", "CMYK", "YCbCr", "LAB", "HSV")
             if im.mode.startswith("I"):  # 16-bit (or 32-bit integer) grey: to 8 bits, not clipped at 255
                 wide = np.asarray(im, dtype=np.float64)
                 if im.mode.startswith("I;16") or wide.max(initial=0) > 255:
                     wide = wide / 257.0
                 im = Image.fromarray(wide.round().clip(0, 255).astype(np.uint8), "L")
             if channels is not None:
+                if notes is not None and colour != (channels == 3):
+                    notes.append(f"{path}: {'a colour' if colour else 'a grey'} image converted to "
+                                 f"{'RGB' if channels == 3 else 'grey'} ({channels} channel(s), as the models take)")
                 im = im.convert("RGB" if channels == 3 else "L")
             elif im.mode not in ("L", "RGB"):
                 im = im.convert("RGB" if im.mode in ("RGBA", "P", "CMYK", "YCbCr") else "L")
             if size is not None:
+                if notes is not None and (im.height, im.width) != tuple(size):
+                    notes.append(f"{path}: {im.height}x{im.width} pixels fitted to {size[0]}x{size[1]} (the shorter "
+                                 f"side scaled, the rest cropped about the centre, as image-folder data is)")
                 im = ImageOps.fit(im, (size[1], size[0]), method=Image.Resampling.BILINEAR)
             arr = np.asarray(im, dtype=np.uint8)
     except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, ValueError...) for a bad file
@@ -413,13 +422,14 @@ def _input_file(path, what: str, pattern: str) -> Path:
     return path
 
 
-def read_image_file(path, size=None, channels: int | None = None) -> torch.Tensor:
+def read_image_file(path, size=None, channels: int | None = None, notes: list[str] | None = None) -> torch.Tensor:
     """One image file as ``(C, H, W)`` for ``ddcnn predict``: uint8 pixels (photos; 16-bit ones brought to 8
     bits), or float32 from a ``.npy`` array (integers 0..255 become uint8 pixels, uint16 ones are scaled to [0, 1],
     floats are taken as they are).
 
     With ``channels`` the image is converted to grey (1) or RGB (3); with ``size`` it is fitted as
-    :func:`load_image_folder` does. Without them it is returned as stored: grey images have one channel.
+    :func:`load_image_folder` does; ``notes`` receives a line for each such change (not for ``.npy`` arrays,
+    which are taken as they are). Without them it is returned as stored: grey images have one channel.
     """
     path = _input_file(path, "an image file", "*.png")
     if path.name.lower().endswith(".npy"):
@@ -445,7 +455,7 @@ def read_image_file(path, size=None, channels: int | None = None) -> torch.Tenso
         return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))  # floats: taken as they are
     if size is not None:
         size = _check_size(size, 2, "size")
-    return _read_picture(path, size, channels, fix="give a PNG, JPEG or similar file")
+    return _read_picture(path, size, channels, fix="give a PNG, JPEG or similar file", notes=notes)
 
 
 def read_volume_file(path, size=None, window=None) -> torch.Tensor:

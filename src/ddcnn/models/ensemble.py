@@ -3,13 +3,16 @@
 ``LocalEnsemble`` maps subimages ``(B, N, C, *sub)`` to local logits ``(B, N, K)``. Three backends compute the
 same function:
 
-* ``"grouped"`` (default, built-in backbones): the N CNNs fused into one network with grouped convolutions (see
-  ``backbones``); one kernel launch per layer for all subdomains, which is what makes training them on one device
-  fast.
+* ``"grouped"`` (built-in backbones; what ``"auto"``, the default, picks for them): the N CNNs fused into one
+  network with grouped convolutions (see ``backbones``); one kernel launch per layer for all subdomains, which is
+  what makes training them on one device fast.
 * ``"vmap"`` (any backbone): the N CNNs as one functional model, ``torch.func.vmap`` of ``functional_call`` over
   their stacked parameters and buffers. BatchNorm running statistics are stacked too and updated in place through
   their per-slot views, exactly as N separate models update theirs.
 * ``"loop"``: N ordinary CNNs in a ``ModuleList`` called one after the other; the reference implementation.
+
+``"auto"`` picks ``grouped`` for the built-in families and, for another network, ``vmap`` from 16 local CNNs on,
+else ``loop`` (:func:`resolve_backend`).
 
 ``grouped`` and ``vmap`` keep one module, ``net``, with the names of ONE local CNN and every tensor the N slot
 tensors concatenated along dim 0 (scalars such as ``num_batches_tracked`` once): the same state dict keys and
@@ -22,6 +25,7 @@ process or shard builds it.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -35,7 +39,22 @@ from ddcnn.models.backbones import check_fits, load_slot_state, slot_state
 from ddcnn.models.family import Family, probe
 from ddcnn.seeds import derive_seed
 
-BACKENDS = ("grouped", "loop", "vmap")
+BACKENDS = ("auto", "grouped", "loop", "vmap")
+# From this many local CNNs on, vmap beats loop for a foreign backbone (docs/performance.md: 2.1x with 16 small
+# CNNs on the CPU, slower or equal with 4 or 8).
+VMAP_FROM = 16
+_AS_STRIDED_WARNING = r"There is a performance drop because we have not yet implemented the batching rule for " \
+    r"aten::as_strided_\."
+
+
+def resolve_backend(backend: str, builtin: bool, n_local: int) -> str:
+    """``backend`` made concrete: ``"auto"`` is ``grouped`` for the built-in families (vgg, resnet), and for a
+    foreign backbone ``vmap`` from :data:`VMAP_FROM` local CNNs on, else ``loop``; any other value is kept."""
+    if backend != "auto":
+        return backend
+    if builtin:
+        return "grouped"
+    return "vmap" if n_local >= VMAP_FROM else "loop"
 
 
 def slot_seed(seed: int, index: int) -> int:
@@ -69,7 +88,8 @@ class LocalEnsemble(nn.Module):
             nn.Module`` or a module (see :mod:`ddcnn.models.family`); ``width`` the first stage's channels of ONE
             local CNN; ``depth`` the layers per stage of a built-in family (its default when ``None``); ``dims``
             2 or 3; ``backbone_kwargs`` more arguments for a foreign backbone's factory.
-        backend: ``"grouped"`` (built-in backbones), ``"vmap"`` or ``"loop"``.
+        backend: ``"grouped"`` (built-in backbones), ``"vmap"``, ``"loop"`` or ``"auto"`` (the default: see
+            :func:`resolve_backend`).
         seed: local CNN ``i`` is initialised from ``(seed, indices[i])``; ``None`` draws the seed from torch's
             global generator (so ``torch.manual_seed`` still makes it reproducible).
         indices: the global subdomain numbers of the local CNNs held here (default ``range(n_local)``); a shard
@@ -85,7 +105,7 @@ class LocalEnsemble(nn.Module):
         width: int = 16,
         depth: Sequence[int] | None = None,
         dims: int = 2,
-        backend: str = "grouped",
+        backend: str = "auto",
         seed: int | None = None,
         indices: Sequence[int] | None = None,
         backbone_kwargs: dict | None = None,
@@ -96,9 +116,10 @@ class LocalEnsemble(nn.Module):
             whole(label, value)
         choice("backend", backend, BACKENDS)
         self.family = Family(backbone, depth, dims, backbone_kwargs)
+        backend = resolve_backend(backend, self.family.builtin, n_local)
         if backend == "grouped" and not self.family.builtin:
             raise ConfigError(f"backend 'grouped' fuses the built-in backbones (vgg, resnet) only; use backend "
-                              f"'vmap' (or 'loop') for {self.family.name!r}")
+                              f"'auto', 'vmap' or 'loop' for {self.family.name!r}")
         indices = list(range(n_local)) if indices is None else wholes("indices", indices, 0, example="[0, 1]")
         if len(indices) != n_local:
             raise ConfigError(f"indices {indices} must name {n_local} local CNNs")
@@ -170,7 +191,12 @@ class LocalEnsemble(nn.Module):
         def one_slot(slot_params, slot_buffers, x):
             return functional_call(self.net, {**slot_params, **slot_buffers, **shared}, (x,))
 
-        return vmap(one_slot, in_dims=(0, 0, 1), out_dims=1)(params, buffers, subimages)
+        with warnings.catch_warnings():
+            # Adaptive pooling of a channels-last tensor (the run's layout, faster for vmap too on the CPU) resizes
+            # its output with as_strided_, which vmap has no batching rule for: torch runs it slot by slot and warns
+            # on every run. The cost is measured (docs/performance.md); exactly that warning is silenced here.
+            warnings.filterwarnings("ignore", message=_AS_STRIDED_WARNING, category=UserWarning)
+            return vmap(one_slot, in_dims=(0, 0, 1), out_dims=1)(params, buffers, subimages)
 
     def check_subimages(self, decomposition) -> None:
         """Refuse subimages the local CNNs cannot take: smaller than a built-in family accepts, or, for a foreign

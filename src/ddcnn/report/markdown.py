@@ -314,8 +314,10 @@ def _local_section(local: Mapping, decomposition: Decomposition | None, plots: P
         if decomposition is not None and decomposition.n_subdomains == len(test) and all(
             v is not None for v in test
         ):
-            lines += ["", _figure("test accuracy per subdomain", run_dir, plot_subdomain_heatmap, test,
-                                  decomposition, plots / "local_accuracy.png")]
+            lines += ["", "The heat map's colour scale spans 0 to 100 %, so that a few points of spread do not look "
+                          "like structure.", "",
+                      _figure("test accuracy per subdomain", run_dir, plot_subdomain_heatmap, test,
+                              decomposition, plots / "local_accuracy.png")]
         elif decomposition is not None and decomposition.n_subdomains != len(test):
             lines += ["", f"(No heat map: {len(test)} accuracies for {decomposition.n_subdomains} subdomains.)"]
     return lines

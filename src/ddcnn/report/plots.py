@@ -7,13 +7,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import numpy as np
 import torch
 from matplotlib import colors as mcolors
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
 
 from ddcnn.config import STAGES
 from ddcnn.decomposition import Decomposition
@@ -36,11 +39,22 @@ def _curve(records, key) -> np.ndarray:
     return np.array([np.nan if finite_number(r.get(key)) is None else float(r[key]) for r in records], dtype=float)
 
 
-def plot_learning_curves(metrics: Sequence[Mapping], path) -> Path:
-    """Accuracy (top row) and loss (bottom row) against epoch, train and validation, one column per stage.
+_COLUMNS_MAX = 3  # stages side by side: wider figures are shrunk to the page and their text with them
+_SUBDOMAIN_STYLE: dict[str, Any] = {"color": "tab:orange", "alpha": 0.35, "linewidth": 1.0}
 
-    The local stage also shows each subdomain's validation accuracy as faint lines. Where an epoch was logged twice
-    (a resumed run), the last record wins. With no records the figure says so.
+
+def plot_learning_curves(metrics: Sequence[Mapping], path) -> Path:
+    """The figure of :func:`learning_curves_figure` as a PNG."""
+    return save_figure(learning_curves_figure(metrics), path)
+
+
+def learning_curves_figure(metrics: Sequence[Mapping]) -> Figure:
+    """Accuracy (upper panel) and loss (lower panel) against epoch, train and validation, per stage; at most three
+    stages side by side (more go on a second band), one legend for the figure.
+
+    The local stage also shows each subdomain's validation accuracy as thin lines. A panel's title gives the stage's
+    time (its last epoch's cumulative ``seconds``). Where an epoch was logged twice (a resumed run), the last record
+    wins. With no records the figure says so.
     """
     by_stage: dict[str, dict[int, Mapping]] = {}
     for record in metrics:
@@ -55,46 +69,70 @@ def plot_learning_curves(metrics: Sequence[Mapping], path) -> Path:
         ax = fig.add_subplot()
         ax.text(0.5, 0.5, "no training metrics recorded", ha="center", va="center")
         ax.set_axis_off()
-        return save_figure(fig, path)
+        return fig
 
-    fig = Figure(figsize=(4.2 * len(stages), 6.0), layout="constrained")
-    axes = fig.subplots(2, len(stages), squeeze=False, sharex="col")
-    for column, stage in enumerate(stages):
+    columns = min(_COLUMNS_MAX, len(stages))
+    bands = math.ceil(len(stages) / columns)
+    fig = Figure(figsize=(3.8 * columns, 5.4 * bands + 0.5), layout="constrained")
+    axes = fig.subplots(2 * bands, columns, squeeze=False)
+    style: dict[str, Any] = {"marker": "o", "markersize": 4, "linewidth": 1.8}
+    subdomains = False
+    for index, stage in enumerate(stages):
+        band, column = divmod(index, columns)
+        acc_ax, loss_ax = axes[2 * band, column], axes[2 * band + 1, column]
         records = [by_stage[stage][e] for e in sorted(by_stage[stage])]
         epochs = np.array(sorted(by_stage[stage]))
-        acc_ax, loss_ax = axes[0, column], axes[1, column]
-        style = {"marker": "o", "markersize": 3}
         per_sub = [r.get("val_accuracy_per_subdomain") for r in records]
         if any(p for p in per_sub):
+            subdomains = True
             n = max(len(p) for p in per_sub if p)
             table = np.full((len(records), n), np.nan)
             for i, p in enumerate(per_sub):
                 for j, v in enumerate(p or []):
                     table[i, j] = np.nan if finite_number(v) is None else 100 * float(v)
             for j in range(n):
-                acc_ax.plot(epochs, table[:, j], color="tab:orange", alpha=0.25, linewidth=0.8,
-                            label="val, each subdomain" if j == 0 else None)
-        acc_ax.plot(epochs, 100 * _curve(records, "train_accuracy"), color="tab:blue", label="train", **style)
-        acc_ax.plot(epochs, 100 * _curve(records, "val_accuracy"), color="tab:orange", label="val", **style)
-        loss_ax.plot(epochs, _curve(records, "train_loss"), color="tab:blue", label="train", **style)
-        loss_ax.plot(epochs, _curve(records, "val_loss"), color="tab:orange", label="val", **style)
+                acc_ax.plot(epochs, table[:, j], **_SUBDOMAIN_STYLE)
+        acc_ax.plot(epochs, 100 * _curve(records, "train_accuracy"), color="tab:blue", **style)
+        acc_ax.plot(epochs, 100 * _curve(records, "val_accuracy"), color="tab:orange", **style)
+        loss_ax.plot(epochs, _curve(records, "train_loss"), color="tab:blue", **style)
+        loss_ax.plot(epochs, _curve(records, "val_loss"), color="tab:orange", **style)
 
         seconds = finite_number(records[-1].get("seconds"))
         title = stage_label(stage) + (f" ({seconds:,.1f} s)" if seconds is not None else "")
-        acc_ax.set_title(title)
-        acc_ax.set_ylabel("accuracy (%)")
-        loss_ax.set_ylabel("loss")
-        loss_ax.set_xlabel("epoch")
+        acc_ax.set_title(title, fontsize=12)
+        acc_ax.set_ylabel("accuracy (%)", fontsize=11)
+        loss_ax.set_ylabel("loss", fontsize=11)
+        loss_ax.set_xlabel("epoch", fontsize=11)
         for ax in (acc_ax, loss_ax):
             ax.set_xlim(epochs.min() - 0.5, epochs.max() + 0.5)
             ax.grid(True, alpha=0.3)
-            ax.xaxis.get_major_locator().set_params(integer=True)
-            ax.legend(fontsize="small")
-    return save_figure(fig, path)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+            ax.tick_params(labelsize=10)
+    for index in range(len(stages), bands * columns):  # the empty places of the last band
+        band, column = divmod(index, columns)
+        axes[2 * band, column].set_axis_off()
+        axes[2 * band + 1, column].set_axis_off()
+    handles = [Line2D([], [], color="tab:blue", **style), Line2D([], [], color="tab:orange", **style)]
+    labels = ["train", "validation"]
+    if subdomains:  # a legend line as visible as the thin lines it stands for
+        handles.append(Line2D([], [], **{**_SUBDOMAIN_STYLE, "alpha": 0.6, "linewidth": 1.5}))
+        labels.append("validation, each subdomain (local CNNs)")
+    fig.legend(handles, labels, loc="outside upper center", ncols=len(handles), fontsize=11, frameon=False)
+    return fig
 
 
 def _grid_index(decomposition: Decomposition, i: int) -> tuple[int, ...]:
     return tuple(int(v) for v in np.unravel_index(i, decomposition.grid))
+
+
+def colour_range(values: np.ndarray, limits: tuple[float, float] | None) -> tuple[float, float]:
+    """(low, high) of a colour scale: ``limits`` widened to the finite ``values`` outside them, or the values' own
+    range when ``limits`` is None; never empty."""
+    finite = values[np.isfinite(values)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if limits is not None:
+        low, high = min(low, limits[0]), max(high, limits[1])
+    return (low - 1.0, high + 1.0) if low == high else (low, high)
 
 
 def _text_colour(cmap, fraction: float) -> str:
@@ -109,20 +147,19 @@ def plot_subdomain_heatmap(
     title: str = "test accuracy per subdomain",
     label: str = "test accuracy (%)",
     scale: float = 100.0,
+    limits: tuple[float, float] | None = (0.0, 100.0),
 ) -> Path:
     """One value per subdomain painted on the image grid, with a colour bar and each value written at its centre.
 
-    ``values`` (one per subdomain, e.g. accuracies in 0..1) are multiplied by ``scale`` for display. Where
+    ``values`` (one per subdomain, e.g. accuracies in 0..1) are multiplied by ``scale`` for display. The colour
+    scale spans ``limits`` (0 to 100, for percentages: a spread of a few points, noise near chance included, does
+    not look like structure), widened to any value outside them; ``None`` spans the values' own range. Where
     subimages overlap the colour is the mean of the subdomains covering the pixel. For a 3D decomposition there is
     one panel per grid layer along D, showing the middle slice of that layer.
     """
     painted = decomposition.paint(values).numpy().astype(float) * scale  # raises ShapeError on a count mismatch
     shown = np.asarray(torch.as_tensor(values, dtype=torch.float64).reshape(-1).numpy()) * scale
-    finite = painted[np.isfinite(painted)]
-    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    if vmin == vmax:
-        vmin, vmax = vmin - 1.0, vmax + 1.0
-    norm = mcolors.Normalize(vmin=vmin, vmax=vmax)
+    norm = mcolors.Normalize(*colour_range(painted, limits))
     cmap = matplotlib.colormaps["viridis"]
 
     if decomposition.dims == 2:

@@ -55,8 +55,10 @@ def collect(study_dir: StudyDir, command: str | None = None) -> dict:
         if run.state == "finished":
             runs.append(read_run(run.cell.id, run.seed, run.out))
     cells = [{"id": c.id, "label": c.label, "values": c.values} for c in study_dir.study.cells()]
-    data = {"name": study_dir.study.name, "spec_sha256": study_dir.study.sha256, "command": command,
-            "seeds": study_dir.study.seeds, **aggregate(cells, runs, status)}
+    first = study_dir.first_command() or command
+    data = {"name": study_dir.study.name, "spec_sha256": study_dir.study.sha256, "command": first,
+            "last_command": command if command != first else None, "seeds": study_dir.study.seeds,
+            **aggregate(cells, runs, status)}
     atomic_write_text(study_dir.path / "study.json", json.dumps(data, indent=2) + "\n")
     write_report(data, study_dir.path)
     return data
@@ -82,7 +84,7 @@ def run_study(path: str | Path, out: str | Path | None = None, jobs: int = 1, re
         echo(f"report: {study_dir.path / 'study.md'}")
         return 0
     if print_commands:
-        study_dir.create()  # the commands read DIR/base.yaml
+        study_dir.create(command)  # the commands read DIR/base.yaml
         lines = commands(study_dir, study_dir.plan())
         for line in lines:
             echo(line)
@@ -91,7 +93,7 @@ def run_study(path: str | Path, out: str | Path | None = None, jobs: int = 1, re
         study_dir.check()
         raise ConfigError(f"study directory {str(study_dir.path)!r} already holds runs of this study; use --resume "
                           f"to run the ones not finished (finished runs are kept), or choose another --out")
-    study_dir.create()
+    study_dir.create(command)
     with _terminate_as_interrupt():
         failed = execute(study_dir, study_dir.plan(), jobs, echo=echo)
     echo(summary_text(collect(study_dir, command)))

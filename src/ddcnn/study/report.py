@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from ddcnn.report.plots import save_figure
@@ -189,10 +191,25 @@ def summary_text(data: Mapping) -> str:
 # ------------------------------------------------------------------------------------------------------ plots
 
 
+def _accuracy_bounds(acc: Mapping) -> tuple[float, float, float]:
+    """Mean, low and high end of an accuracy's 95% CI in percent, the interval clipped to [0, 100] (a t interval of
+    few seeds can pass either end of what an accuracy can be); the mean itself when there is no interval."""
+    mean = 100 * acc["mean"]
+    low = mean if acc.get("ci_low") is None else min(max(100 * acc["ci_low"], 0.0), mean)
+    high = mean if acc.get("ci_high") is None else max(min(100 * acc["ci_high"], 100.0), mean)
+    return mean, low, high
+
+
+# Beside the axes, so that a legend never covers an error bar.
+_LEGEND_RIGHT: dict[str, Any] = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0), "borderaxespad": 0.0,
+                                 "fontsize": 9}
+
+
 def plot_accuracy(data: Mapping, path) -> Path:
-    """Mean test accuracy with its 95% CI as error bars, per strategy (colour) and cell (group)."""
+    """Mean test accuracy with its 95% CI (clipped to 0-100 %) as error bars, per strategy (colour, marker and a
+    side offset) and cell (group); the legend beside the axes, never over a bar."""
     cells, names = data["cells"], _strategies(data)
-    fig = Figure(figsize=(max(6.0, 1.6 * len(cells) + 2), 4.2), layout="constrained")
+    fig = Figure(figsize=(max(6.0, 1.6 * len(cells) + 2) + 2.0, 4.2), layout="constrained")
     ax = fig.add_subplot()
     width = 0.8 / max(1, len(names))
     for j, name in enumerate(names):
@@ -203,72 +220,87 @@ def plot_accuracy(data: Mapping, path) -> Path:
             acc = cell["strategies"].get(name, {}).get("accuracy")
             if not acc or acc["mean"] is None:
                 continue
+            mean, low, high = _accuracy_bounds(acc)
             xs.append(i + (j - (len(names) - 1) / 2) * width)
-            means.append(100 * acc["mean"])
-            low = acc["ci_low"] if acc["ci_low"] is not None else acc["mean"]
-            high = acc["ci_high"] if acc["ci_high"] is not None else acc["mean"]
-            errors[0].append(100 * (acc["mean"] - low))
-            errors[1].append(100 * (high - acc["mean"]))
-        ax.errorbar(xs, means, yerr=errors, fmt=_MARKERS[j % len(_MARKERS)], capsize=3, label=strategy_label(name))
+            means.append(mean)
+            errors[0].append(mean - low)
+            errors[1].append(high - mean)
+        ax.errorbar(xs, means, yerr=errors, fmt=_MARKERS[j % len(_MARKERS)], capsize=3, color=f"C{j % 10}",
+                    label=strategy_label(name))
     ax.set_xticks(range(len(cells)), [cell["label"].replace(", ", "\n") for cell in cells], fontsize=8)
     ax.set_ylabel("test accuracy (%), mean and 95% CI")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    if ax.get_legend_handles_labels()[0]:  # a study with no finished run has nothing to name
+        ax.legend(**_LEGEND_RIGHT)
     return save_figure(fig, path)
 
 
 def plot_accuracy_vs_time(data: Mapping, path) -> Path:
-    """Mean test accuracy against mean train time: one point per cell (marker) and strategy (colour)."""
+    """Mean test accuracy (95% CI, clipped to 0-100 %) against mean train time: one point per cell (marker) and
+    strategy (colour). Open markers, so that two strategies with the same train time and accuracy (mean
+    probability and majority vote train the same stages) both stay visible; the legends beside the axes."""
     names = _strategies(data)
-    fig = Figure(figsize=(7.0, 4.5), layout="constrained")
+    fig = Figure(figsize=(9.0, 4.8), layout="constrained")
     ax = fig.add_subplot()
     colours = {name: f"C{j % 10}" for j, name in enumerate(names)}
     for i, cell in enumerate(data["cells"]):
-        for name in names:
+        for j, name in enumerate(names):
             entry = cell["strategies"].get(name)
             if not entry or entry["accuracy"]["mean"] is None or entry["train_seconds"]["mean"] is None:
                 continue
-            acc = entry["accuracy"]
-            error = None if acc["ci_low"] is None else [[100 * (acc["mean"] - acc["ci_low"])],
-                                                         [100 * (acc["ci_high"] - acc["mean"])]]
-            ax.errorbar([entry["train_seconds"]["mean"]], [100 * acc["mean"]], yerr=error, capsize=2,
-                        fmt=_MARKERS[i % len(_MARKERS)], color=colours[name])
-    for name in names:
-        ax.plot([], [], "s", color=colours[name], label=strategy_label(name))
-    for i, cell in enumerate(data["cells"]):
-        ax.plot([], [], _MARKERS[i % len(_MARKERS)], color="grey", label=cell["label"])
+            mean, low, high = _accuracy_bounds(entry["accuracy"])
+            # Later strategies are drawn smaller, so that one on top of another leaves a ring of it showing.
+            ax.errorbar([entry["train_seconds"]["mean"]], [mean], yerr=[[mean - low], [high - mean]], capsize=2,
+                        fmt=_MARKERS[i % len(_MARKERS)], color=colours[name], markerfacecolor="none",
+                        markeredgewidth=1.6, markersize=10 - 4 * j / max(1, len(names) - 1))
+    strategies = ax.legend([Patch(color=colours[name]) for name in names], [strategy_label(n) for n in names],
+                           title="strategy", **_LEGEND_RIGHT)
+    ax.add_artist(strategies)
+    cells = [Line2D([], [], linestyle="none", marker=_MARKERS[i % len(_MARKERS)], color="grey",
+                    markerfacecolor="none", markeredgewidth=1.6, markersize=8) for i in range(len(data["cells"]))]
+    axes = ", ".join(data["cells"][0]["values"]) if data["cells"] else ""
+    ax.legend(cells, [_short_label(cell) for cell in data["cells"]], title=f"cell ({axes})" if axes else "cell",
+              **{**_LEGEND_RIGHT, "loc": "lower left", "bbox_to_anchor": (1.01, 0.0)})
     ax.set_xlabel("train time (s), mean over seeds")
     ax.set_ylabel("test accuracy (%), mean and 95% CI")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
     return save_figure(fig, path)
 
 
 def plot_curves(data: Mapping, path) -> Path:
-    """Validation accuracy per epoch of the transfer and coherent stages, mean over seeds with the 95% CI band,
-    one panel per cell."""
+    """The figure of :func:`curves_figure` as a PNG."""
+    return save_figure(curves_figure(data), path)
+
+
+def curves_figure(data: Mapping) -> Figure:
+    """Validation accuracy per epoch of the transfer and coherent stages, mean over seeds with the 95% CI band
+    (clipped to 0-100 %), one panel per cell; whole epochs on the axis, one legend above the panels."""
     cells = data["cells"]
-    fig = Figure(figsize=(3.4 * len(cells), 3.2), layout="constrained")
+    fig = Figure(figsize=(3.4 * len(cells), 3.5), layout="constrained")
     axes = fig.subplots(1, len(cells), squeeze=False)[0]
+    drawn: dict[str, Line2D] = {}
     for ax, cell in zip(axes, cells):
         for j, (stage, curve) in enumerate(cell["curves"].items()):
             points = [p for p in curve if p["mean"] is not None]
             if not points:
                 continue
-            epochs = np.array([p["epoch"] for p in points])
-            ax.plot(epochs, [100 * p["mean"] for p in points], marker="o", color=f"C{j}",
-                    label=strategy_label(stage))
-            band = [p for p in points if p["ci_low"] is not None]
+            bounds = [_accuracy_bounds(p) for p in points]
+            epochs = [p["epoch"] for p in points]
+            (drawn[stage],) = ax.plot(epochs, [b[0] for b in bounds], marker=_MARKERS[j % len(_MARKERS)],
+                                      color=f"C{j}")
+            band = [(e, b) for e, b, p in zip(epochs, bounds, points) if p["ci_low"] is not None]
             if band:
-                ax.fill_between([p["epoch"] for p in band], [100 * p["ci_low"] for p in band],
-                                [100 * p["ci_high"] for p in band], color=f"C{j}", alpha=0.2)
+                ax.fill_between([e for e, _ in band], [b[1] for _, b in band], [b[2] for _, b in band],
+                                color=f"C{j}", alpha=0.2)
         ax.set_title(cell["label"], fontsize=8)
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("validation accuracy (%)")
-    axes[0].legend(fontsize=7)
-    return save_figure(fig, path)
+    if drawn:
+        fig.legend(list(drawn.values()), [strategy_label(s) for s in drawn], loc="outside upper center",
+                   ncols=len(drawn), fontsize=9, frameon=False)
+    return fig
 
 
 def write_report(data: Mapping, folder: Path) -> Path:
@@ -285,7 +317,8 @@ def write_report(data: Mapping, folder: Path) -> Path:
         f"torch {env.get('torch_version') or MISSING}; Python {env.get('python') or MISSING}; ddcnn "
         f"{env.get('ddcnn_version') or MISSING}; dataset {env.get('dataset') or MISSING}.",
         "",
-        f"Command: {md_code(data.get('command') or MISSING)}",
+        f"Command: {md_code(data.get('command') or MISSING)}"
+        + (f" (last run: {md_code(data['last_command'])})" if data.get("last_command") else ""),
         "",
         f"Method: {data['method']}.",
         "",

@@ -4,6 +4,7 @@
 DIR/
   study.yaml          the study file as given
   study-spec.json     its resolved spec and SHA-256: a different study pointed at DIR is refused
+  command.txt         the command that made the study (study.md gives it, and the last one when they differ)
   base.yaml           the base config with the study's `set` applied; every run is `ddcnn run DIR/base.yaml ...`
   runs/<cell>/seed-<s>/   ordinary run directories (resumable and inspectable on their own)
   logs/<cell>/seed-<s>.log   each run's output, with the command first and its exit status last
@@ -30,6 +31,7 @@ from ddcnn.errors import ConfigError
 from ddcnn.study.spec import Cell, Study
 
 SPEC_FILE = "study-spec.json"
+COMMAND_FILE = "command.txt"  # the command that made the study, for its report
 EXIT_PREFIX = "[study] exit status "
 INTERRUPTED = (0, 130, -2, -9, -15)  # stopped by Ctrl-C or a signal: not a failure of the run itself
 
@@ -118,8 +120,9 @@ class StudyDir:
             raise ConfigError(f"study directory {str(path)!r} already holds files that are not a ddcnn study; "
                               f"choose another --out")
 
-    def create(self) -> None:
-        """Write the study's record (once): the spec, the study file and the base config the runs start from."""
+    def create(self, command: str | None = None) -> None:
+        """Write the study's record (once): the spec, the study file, the base config the runs start from and the
+        ``command`` that made the study (a later --resume or --aggregate does not replace it)."""
         from ddcnn.files import atomic_write_text
 
         self.check()
@@ -130,10 +133,19 @@ class StudyDir:
         else:  # an extended study keeps its base.yaml (the same base: the finished runs' config)
             self.path.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.base, yaml.safe_dump(self.study.base, sort_keys=False))
+            if command:
+                atomic_write_text(self.path / COMMAND_FILE, command + "\n")
         atomic_write_text(self.path / "study.yaml", self.study.text)
         # The spec last: its presence says the directory is complete.
         atomic_write_text(self.path / SPEC_FILE, json.dumps({"name": self.study.name, "sha256": self.study.sha256,
                                                              "spec": self.study.spec}, indent=2) + "\n")
+
+    def first_command(self) -> str | None:
+        """The command that made the study, as :meth:`create` recorded it (None for a study made before it did)."""
+        try:
+            return (self.path / COMMAND_FILE).read_text().strip() or None
+        except (OSError, UnicodeDecodeError):
+            return None
 
     def plan(self) -> list[Run]:
         runs = []

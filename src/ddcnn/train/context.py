@@ -3,6 +3,7 @@ the run directory, this process's rank and the metrics log."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddcnn.build import Models, Shapes
+from ddcnn.build import Models, Shapes, with_backend
 from ddcnn.config import Config
 from ddcnn.data.datasets import load_datasets
 from ddcnn.data.loading import Augment, Normalizer, make_batches, split_dataset
@@ -79,7 +80,12 @@ class Context:
         With ``model`` (all processes call it), the epochs' FLOPs are counted: 3x its forward pass per image."""
         flops = TRAIN_FLOPS_FACTOR * self.forward_flops(model) if model is not None else 0
         return StageSpec(stage, self.cfg.stages.get(stage), self.run_dir.checkpoints, self.runtime, self.cfg.seed,
-                         self.log, verbose=self.verbose, flops_per_image=flops, **options)
+                         self.log, verbose=self.verbose, flops_per_image=flops, echo=self.echo, **options)
+
+    def echo(self, line: str) -> None:
+        """One line of the training log: printed by rank 0 of a verbose run, where the epoch lines go."""
+        if self.verbose and isinstance(self.log, MetricsLog):
+            self.log.print(line)
 
     def batches(self, stage: str, parts: int = 1, shard: range | None = None, slab: range | None = None):
         """Training batches of ``stage``; ``parts``: the processes each batch will be split among. With ``shard``
@@ -172,11 +178,15 @@ def build_context(cfg: Config, run_dir: RunDir, runtime: Runtime, env: DistEnv, 
                   verbose: bool = True, print_line: Callable[[str], None] | None = None) -> Context:
     """Read the data, build the models' builder, join the process group and prepare the run directory (rank 0
     writes ``data.json``); every check that can refuse the run comes before the first file is written."""
+    cfg = with_backend(cfg)  # config.yaml records the backend that runs (and a resumed run is checked against it)
     train_full, test = load_datasets(cfg.data)
     train, val = split_dataset(train_full, cfg.data.val_fraction, cfg.data.split_seed)
     classes = list(train_full.classes)
     shapes = Shapes(train.in_channels, len(classes), train.image_size)
     models = Models(cfg, shapes)
+    if env.is_main:
+        for note in models.notes:
+            print(f"ddcnn: note: {note}", file=sys.stderr)
     admit_models(cfg, models, runtime.device, len(train), env)
     normalizer = Normalizer.fit(train.images)
     dist.init(env, runtime.device.type)

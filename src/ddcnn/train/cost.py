@@ -28,14 +28,14 @@ def stage_curve(summary: Mapping, history: Sequence[Mapping], critical_path_seco
     """The cumulative cost after every epoch of one stage (``summary``: its end-of-stage record;
     ``critical_path_seconds``: the local stage's estimate, None for the others)."""
     epochs = max(1, len(history))
-    setup_seconds, setup_flops = summary.get("setup_seconds", 0.0), summary.get("setup_flops", 0)
+    setup_seconds = summary.get("setup_seconds", 0.0)
     points = []
-    for i, record in enumerate(history, start=1):
-        seconds = setup_seconds + record["seconds"]
+    for i, record in enumerate(history, start=1):  # an epoch's record counts the stage's setup already
+        seconds = record["seconds"]
         points.append({"epoch": record["epoch"], "seconds": seconds,
                        "critical_path_seconds": seconds if critical_path_seconds is None
                        else setup_seconds + critical_path_seconds * i / epochs,
-                       "train_flops": setup_flops + record.get("train_flops", 0), "record": record})
+                       "train_flops": record.get("train_flops", 0), "record": record})
     return points
 
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from ddcnn.checks import choice
 from ddcnn.data.datasets import load_datasets
 from ddcnn.data.loading import split_dataset, to_float
 from ddcnn.data.readers import read_image_file, read_volume_file
@@ -48,8 +53,9 @@ def evaluate_run(run_dir, device: str | None = None, env: DistEnv | None = None)
     return results
 
 
-def _read_input(path: Path, run: SavedRun) -> torch.Tensor:
-    """One file as a float image ``(C, *image_size)`` in [0, 1], prepared as the run's training data was."""
+def _read_input(path: Path, run: SavedRun, notes: list[str]) -> torch.Tensor:
+    """One file as a float image ``(C, *image_size)`` in [0, 1], prepared as the run's training data was. A picture
+    of other channels or another size is converted and fitted as image-folder data is, with a line in ``notes``."""
     data = run.cfg.data
     size, channels = run.shapes.image_size, run.shapes.in_channels
     if len(size) == 3:
@@ -57,9 +63,7 @@ def _read_input(path: Path, run: SavedRun) -> torch.Tensor:
             return read_volume_file(path, size, data.window)
         x = read_volume_file(path, None, None)
     else:
-        resize = data.name == "image-folder"  # the other datasets were not resized in training either
-        # A photo is converted to the run's grey or RGB (an RGB or RGBA file of a grey picture is fine).
-        x = read_image_file(path, size if resize else None, channels)
+        x = read_image_file(path, size, channels, notes)
     x = to_float(x)
     if not torch.isfinite(x).all():
         raise DataError(f"{path} contains NaN or infinite values; give a file with finite pixel values")
@@ -73,25 +77,76 @@ def _read_input(path: Path, run: SavedRun) -> torch.Tensor:
     return x
 
 
+@dataclass
+class Predictions:
+    """What ``ddcnn predict`` found: per file its class and the probability of every class, and per subdomain its
+    vote (``rows``, one dict per file); ``notes`` say how inputs were converted to what the models take."""
+
+    strategy: str
+    classes: list[str]
+    rows: list[dict]
+    notes: list[str] = field(default_factory=list)
+
+
+def class_probabilities(strategy: str, scores: torch.Tensor, n_local: int) -> torch.Tensor:
+    """``(B, K)`` scores of ``strategy`` as probabilities: the softmax of logits and of mean probability's log
+    (which gives the mean back), and for majority vote each class's share of the N votes."""
+    if strategy == "majority_vote":  # votes + a tie-break fraction below one (MajorityVote)
+        return scores.floor() / n_local
+    return scores.float().softmax(-1)
+
+
 def predict_files(run_dir, files, strategy: str | None = None, device: str | None = None,
-                  env: DistEnv | None = None) -> list[str]:
-    """One line per file: the global class from the chosen strategy, then each subdomain's vote and probability
-    (under torchrun, ``env``: computed by all processes together, the lines on rank 0, none elsewhere)."""
+                  env: DistEnv | None = None) -> Predictions | None:
+    """The chosen strategy's class and probabilities for each file, and each subdomain's vote (under torchrun,
+    ``env``: computed by all processes together, returned on rank 0, None elsewhere)."""
     run = SavedRun(run_dir, device, env)
     name, fn = run.strategy(strategy)
-    images = torch.stack([_read_input(Path(f), run) for f in files])
+    notes: list[str] = []
+    images = torch.stack([_read_input(Path(f), run, notes) for f in files])
     scores, local = run.run_batches(fn, images)
     if not run.env.is_main:
-        return []
-    lines = [f"strategy: {name}"]
+        return None
+    probs = class_probabilities(name, scores, run.decomposition.n_subdomains)
+    rows = []
     for i, f in enumerate(files):
         k = int(scores[i].argmax())
-        lines.append(f"{f}: {run.classes[k]} (class {k})")
+        row = {"file": str(f), "strategy": name, "class": run.classes[k], "class_index": k,
+               "probabilities": {c: round(float(p), 6) for c, p in zip(run.classes, probs[i].tolist())}}
         if local is not None:
-            probs = local[i].softmax(-1)
-            votes = probs.argmax(-1)
-            for j in range(len(votes)):
-                c = int(votes[j])
-                loc = run.decomposition.locations[j].tolist()
-                lines.append(f"  subdomain {j} {loc}: {run.classes[c]} (p={probs[j, c]:.3f})")
-    return lines
+            sub = local[i].softmax(-1)
+            votes = sub.argmax(-1).tolist()
+            row["subdomains"] = [{"subdomain": j, "location": run.decomposition.locations[j].tolist(),
+                                  "class": run.classes[c], "class_index": c, "probability": round(float(sub[j, c]), 6)}
+                                 for j, c in enumerate(votes)]
+        rows.append(row)
+    return Predictions(name, list(run.classes), rows, notes)
+
+
+FORMATS = ("text", "json", "csv")
+
+
+def format_predictions(pred: Predictions, fmt: str = "text") -> str:
+    """``text``: one line per file (class and its probability) and one per subdomain vote; ``json``: a list of
+    one object per file (``file``, ``strategy``, ``class``, ``class_index``, ``probabilities`` by class name,
+    ``subdomains``); ``csv``: a header row, then one row per file with a ``p(<class>)`` column per class."""
+    choice("--format", fmt, FORMATS)
+    if fmt == "json":
+        return json.dumps(pred.rows, indent=1)
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["file", "strategy", "class", "class_index", *(f"p({c})" for c in pred.classes)])
+        for row in pred.rows:
+            writer.writerow([row["file"], row["strategy"], row["class"], row["class_index"],
+                             *(f"{row['probabilities'][c]:.6f}" for c in pred.classes)])
+        return out.getvalue().rstrip("\n")
+    what = "vote share" if pred.strategy == "majority_vote" else "p"
+    lines = [f"strategy: {pred.strategy}"]
+    for row in pred.rows:
+        lines.append(f"{row['file']}: {row['class']} (class {row['class_index']}, "
+                     f"{what}={row['probabilities'][row['class']]:.3f})")
+        for sub in row.get("subdomains", []):
+            lines.append(f"  subdomain {sub['subdomain']} {sub['location']}: {sub['class']} "
+                         f"(p={sub['probability']:.3f})")
+    return "\n".join(lines)

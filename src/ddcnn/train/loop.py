@@ -100,20 +100,32 @@ class Sync:
 
 
 class Progress:
-    """A tqdm bar on a terminal; otherwise nothing until the caller logs the epoch's line."""
+    """Progress inside an epoch: a tqdm bar on a terminal; elsewhere (a log file, a pipe) a line through ``echo``
+    every ``every`` seconds, so that a long epoch is never silent for long."""
 
-    def __init__(self, total: int, desc: str, enabled: bool):
+    def __init__(self, total: int, desc: str, enabled: bool, echo: Callable[[str], None] | None = None,
+                 every: float = 30.0):
         self.bar = None
+        self.total, self.desc, self.every, self.done = total, desc, every, 0
+        self.echo = echo if enabled else None
+        self.start = self.last = time.perf_counter()
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+            self.echo = None
 
     def update(self, **postfix) -> None:
+        self.done += 1
         if self.bar is not None:
             self.bar.update(1)
             if postfix:
                 self.bar.set_postfix(postfix, refresh=False)
+        elif self.echo is not None and time.perf_counter() - self.last >= self.every:
+            self.last = time.perf_counter()
+            extra = "".join(f", {k} {v}" for k, v in postfix.items())
+            self.echo(f"{self.desc}: step {self.done}/{self.total} ({100 * self.done / self.total:.0f} %), "
+                      f"{self.last - self.start:.0f} s into the epoch{extra}")
 
     def close(self) -> None:
         if self.bar is not None:
@@ -126,6 +138,14 @@ def _non_finite(stage: str, epoch: int, bad_step: int, bad_weights: bool, cfg: S
              else f"another process's loss or weights became NaN or infinite in stage {stage!r}, epoch {epoch}")
     return TrainingError(f"{where}; the checkpoint of epoch {epoch - 1} is kept: lower the learning rate and "
                          f"resume, e.g. --resume --set stages.{stage}.lr={cfg.lr / 10:g}")
+
+
+def _resumed(stage: str, state: dict, epochs: int) -> str:
+    """Where a stage with a checkpoint goes on from, for the training log."""
+    where = f"[{stage:>8}] checkpoint of epoch {state['epoch']}/{epochs}"
+    if state["done"]:
+        return f"{where}: finished before, loaded"
+    return f"{where} ({state['seconds']:.1f} s trained): resuming at epoch {state['epoch'] + 1}"
 
 
 @dataclass
@@ -150,6 +170,7 @@ class StageSpec:
     saver: ModelState | None = None
     sync: Sync | None = None
     extra_state: dict | None = None
+    echo: Callable[[str], None] | None = None  # a line of the training log (resumed stages, progress)
     check_every: int = 25  # steps between two looks at the NaN guard (each look is a host sync)
     flops_per_image: int = 0  # training FLOPs of one image (forward and backward, ~3x the forward pass)
 
@@ -251,6 +272,8 @@ def fit(spec: StageSpec, model: nn.Module, loss_fn: LossFn | None, batches, eval
             saver.load_optimizer_state(optimizer, opt_state)
             for group in optimizer.param_groups:  # the config's settings, not the checkpoint's, from here on
                 group.update({k: v for k, v in optimizer.defaults.items() if k != "lr"})
+        if spec.verbose and spec.echo is not None:
+            spec.echo(_resumed(stage, state, cfg.epochs))
     if state["done"]:
         return FitResult.from_state(state, cfg, extra_keys)
     if loss_fn is None or batches is None or evaluate is None:
@@ -263,7 +286,7 @@ def fit(spec: StageSpec, model: nn.Module, loss_fn: LossFn | None, batches, eval
         torch.manual_seed(derive_seed(spec.seed, stage, epoch))
         batches.set_epoch(epoch)
         model.train()
-        progress = Progress(steps_per_epoch, f"{stage} {epoch}/{cfg.epochs}", spec.verbose)
+        progress = Progress(steps_per_epoch, f"[{stage:>8}] epoch {epoch}/{cfg.epochs}", spec.verbose, spec.echo)
         runtime.synchronize()
         start = time.perf_counter()
         loss_sum = torch.zeros((), device=runtime.device)
@@ -292,7 +315,7 @@ def fit(spec: StageSpec, model: nn.Module, loss_fn: LossFn | None, batches, eval
                 if not sync.distributed and bad_step.item() >= 0:
                     progress.close()
                     raise _non_finite(stage, epoch, int(bad_step.item()), False, cfg)
-                progress.update(loss=f"{loss.item():.3f}")
+                progress.update(loss=f"{loss.item() * spec.loss_scale:.3f}")
             else:
                 progress.update()
         # The last steps' updates can make the weights non-finite with a finite loss: never checkpoint them.
@@ -313,7 +336,10 @@ def fit(spec: StageSpec, model: nn.Module, loss_fn: LossFn | None, batches, eval
         model.eval()
         record.update(evaluate())
         state["flops"] += spec.flops_per_image * seen
-        record["seconds"], record["train_flops"] = state["seconds"], state["flops"]
+        # Cumulative over the stage's epochs (a resumed stage goes on from its checkpoint's); the combine stage's
+        # pass of the local CNNs over the data (its setup) counts from the first epoch on, as in results.json.
+        record["seconds"] = state["seconds"] + state.get("feature_seconds", 0.0)
+        record["train_flops"] = state["flops"] + state.get("feature_flops", 0)
         # The decision is rank 0's: every process stops on the same epoch and keeps the same weights.
         early_stopping(state, record, cfg)
         state.update(sync.agree({k: state[k] for k in TRACKED}))

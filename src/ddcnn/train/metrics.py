@@ -50,11 +50,12 @@ class MetricsLog:
 
 
 def epoch_line(record: dict) -> str:
-    """``[   local] epoch   3  loss 0.4123  train  85.10%  val  84.90%     12.3s``"""
+    """``[   local] epoch   3  loss 0.4123  train  85.10%  val  84.90%  stage time    12.3 s``: the stage's training
+    time so far, cumulative over its epochs (as ``seconds`` in metrics.jsonl)."""
     val = record.get("val_accuracy")
     val = f"{100 * val:6.2f}%" if val is not None else "   n/a"
     return (f"[{record['stage']:>8}] epoch {record['epoch']:3d}  loss {record['train_loss']:.4f}  "
-            f"train {100 * record['train_accuracy']:6.2f}%  val {val}  {record['seconds']:7.1f}s")
+            f"train {100 * record['train_accuracy']:6.2f}%  val {val}  stage time {record['seconds']:7.1f} s")
 
 
 def end_line(record: dict) -> str:

@@ -69,6 +69,7 @@ class Experiment:
 def finish(ctx: Context, done: dict[str, StageResult], command: str = "") -> dict | None:
     """The test evaluation (every process takes part), then on rank 0 the epoch records in stage order,
     ``results.json`` and the report with its plots. Returns the results on rank 0, None elsewhere."""
+    ctx.echo(f"evaluating {', '.join(available(done))} on {len(ctx.test):,} test images")
     results = evaluate_test(ctx, done, command)
     if results is None:
         return None

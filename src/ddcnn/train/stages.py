@@ -91,6 +91,7 @@ def train_local(ctx: Context, done: Done) -> StageResult:
     result = fit(spec, ensemble, loss_fn, batches, evaluate)
     timing = ctx.run_dir.read_json("local_timing.json", LOCAL_TIMING, optional=True)
     if timing is None:
+        ctx.echo(f"[   local] timing each of the {len(shard)} local CNNs alone for the critical-path estimate")
         timing = critical_path(ensemble, batches, split, ctx.cfg.stages.local, ctx.runtime, ctx.env,
                                result.seconds, result.steps)
         if ctx.env.is_main:
@@ -129,6 +130,8 @@ def train_combine(ctx: Context, done: Done) -> StageResult:
         return _combine_result(dnn, loaded, 0.0, 0)
     # The pass of the local CNNs over the data is part of the stage's cost (forward only).
     feature_flops = ctx.forward_flops(cast(LocalEnsemble, done["local"].model)) * (len(ctx.train) + len(ctx.val))
+    ctx.echo(f"[ combine] the local CNNs' logits of {len(ctx.train):,} training and {len(ctx.val):,} validation "
+             f"images, computed once")
     start = time.perf_counter()
     features = frozen_local_logits(ctx, done["local"], ctx.train.images)
     val_features = frozen_local_logits(ctx, done["local"], ctx.val.images) if len(ctx.val) else None
