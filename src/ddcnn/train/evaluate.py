@@ -22,7 +22,7 @@ def evaluate_run(run_dir, device: str | None = None, env: DistEnv | None = None)
     Under torchrun (``env``) each process holds its shard of the local CNNs and all compute together; rank 0
     writes the file and returns the results, the others None.
     """
-    run = SavedRun(run_dir, device, env)
+    run = SavedRun(run_dir, device, env, trust_code=True)  # as before: these commands build a named backbone
     _, test = load_datasets(run.cfg.data)
     images, labels = to_float(test.images), test.labels
     previous = run.best or {}  # the evaluation stands on its own without results.json
@@ -42,16 +42,15 @@ def evaluate_run(run_dir, device: str | None = None, env: DistEnv | None = None)
     return results
 
 
-def _read_input(path: Path, run: SavedRun) -> torch.Tensor:
-    """One file as a float image ``(C, *image_size)`` in [0, 1], prepared as the run's training data was."""
-    data = run.cfg.data
-    size, channels = run.shapes.image_size, run.shapes.in_channels
+def read_input(path: Path, size: tuple[int, ...], channels: int, dataset: str, window) -> torch.Tensor:
+    """One file as a float image ``(C, *size)`` in [0, 1], prepared as the training data of ``dataset`` (a data
+    config's name; ``window``: its intensity window for volumes) was."""
     if len(size) == 3:
-        if data.name == "volume-folder":
-            return read_volume_file(path, size, data.window)
+        if dataset == "volume-folder":
+            return read_volume_file(path, size, window)
         x = read_volume_file(path, None, None)
     else:
-        resize = data.name == "image-folder"  # the other datasets were not resized in training either
+        resize = dataset == "image-folder"  # the other datasets were not resized in training either
         # A photo is converted to the run's grey or RGB (an RGB or RGBA file of a grey picture is fine).
         x = read_image_file(path, size if resize else None, channels)
     x = to_float(x)
@@ -71,9 +70,10 @@ def predict_files(run_dir, files, strategy: str | None = None, device: str | Non
                   env: DistEnv | None = None) -> list[str]:
     """One line per file: the global class from the chosen strategy, then each subdomain's vote and probability
     (under torchrun, ``env``: computed by all processes together, the lines on rank 0, none elsewhere)."""
-    run = SavedRun(run_dir, device, env)
+    run = SavedRun(run_dir, device, env, trust_code=True)
     name, fn = run.strategy(strategy)
-    images = torch.stack([_read_input(Path(f), run) for f in files])
+    images = torch.stack([read_input(Path(f), run.shapes.image_size, run.shapes.in_channels, run.cfg.data.name,
+                                     run.cfg.data.window) for f in files])
     scores, local = run.run_batches(fn, images)
     if not run.env.is_main:
         return []
