@@ -158,6 +158,7 @@ def _serialise(model: Deployed, fmt: str, example: torch.Tensor) -> bytes:
             return buffer.getvalue()
         onnx_program = torch.onnx.export(program, (example,), dynamo=True, input_names=["images"],
                                          output_names=["probabilities"], external_data=False)
+        assert onnx_program is not None  # None only when the exporter is told to write a file itself
         return onnx_program.model_proto.SerializeToString()
 
 

@@ -32,6 +32,9 @@ LAYOUTS = ("grouped", "separate")
 class Standardise(nn.Module):
     """``(x - mean) / std`` per channel, as the run's normaliser computes it, on ``(B, C, *size)`` images."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, mean: Sequence[float], std: Sequence[float], dims: int):
         super().__init__()
         shape = (1, -1) + (1,) * dims

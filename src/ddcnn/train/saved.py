@@ -13,6 +13,7 @@ from ddcnn.data.loading import Normalizer
 from ddcnn.decomposition import Decomposition
 from ddcnn.errors import CheckpointError, ConfigError, DDCNNError, did_you_mean
 from ddcnn.models import CNNDNN, GlobalCNN, LocalEnsemble
+from ddcnn.models.combiners import Combiner
 from ddcnn.models.deployed import Deployed, Standardise, with_layout
 from ddcnn.shards import shard_range
 from ddcnn.train import distributed
@@ -121,15 +122,18 @@ class SavedRun:
         self.strategy(name)  # an unknown or untrained strategy is one error naming the available ones
         standardise = Standardise(self.normalizer.mean, self.normalizer.std, self.decomposition.dims)
         standardise.to(self.runtime.device)
-        strategy = STRATEGIES[name]
-        if strategy.combiner is not None:
+        strategy, model = STRATEGIES[name], self.trained.get(name)
+        if isinstance(model, GlobalCNN):
+            return Deployed(standardise, model).eval()
+        ensemble: nn.Module
+        combiner: nn.Module
+        if isinstance(model, CNNDNN):
+            ensemble, combiner = model.ensemble, model.combiner
+        else:
+            assert strategy.combiner is not None  # a strategy is a whole-image model, a CNN-DNN or a combination
             ensemble = self.trained["local"]
             combiner = strategy.combiner(self.trained, self.decomposition.n_subdomains, self.shapes.num_classes)
-        elif isinstance(self.trained[name], GlobalCNN):
-            return Deployed(standardise, self.trained[name]).eval()
-        else:
-            ensemble, combiner = self.trained[name].ensemble, self.trained[name].combiner
-        assert isinstance(ensemble, LocalEnsemble)  # one process: the whole ensemble
+        assert isinstance(ensemble, LocalEnsemble) and isinstance(combiner, Combiner)  # one process: all of them
         return Deployed.combined(standardise, self.decomposition, with_layout(ensemble, layout), combiner).eval()
 
     def run_batches(self, fn, images: torch.Tensor, batch_size: int = 512):
