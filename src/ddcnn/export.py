@@ -69,7 +69,7 @@ def meta_path(path: Path) -> Path:
 def _require_onnx() -> None:
     missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
     if missing:
-        raise ConfigError(f"--format onnx needs {', '.join(missing)}, which are not installed; {ONNX_EXTRA}")
+        raise ConfigError(f"--format onnx needs {', '.join(missing)} (not installed here); {ONNX_EXTRA}")
 
 
 def _out_path(out: Path | None, run_dir: Path, strategy: str, fmt: str) -> Path:
@@ -106,7 +106,7 @@ def export_run(run_dir: Path, strategy: str | None = None, fmt: str = "pt2", out
     with torch.no_grad():  # the run's own model: its predictor, float32, eval mode
         scores, _ = predictor(run.normalizer(images))
         reference = scores_to_probabilities(scores.float(), shares)
-    data = _serialise(model, fmt, images[:2])
+    data = serialise(model, fmt, images[:2])
     test = ((run.best or {}).get("strategies") or {}).get(name, {}).get("test_accuracy")
     meta = {"format": fmt, "strategy": name, "layout": layout, "classes": run.classes,
             "image_size": list(run.shapes.image_size), "in_channels": run.shapes.in_channels,
@@ -147,7 +147,7 @@ def _quiet():
         yield
 
 
-def _serialise(model: Deployed, fmt: str, example: torch.Tensor) -> bytes:
+def serialise(model: Deployed, fmt: str, example: torch.Tensor) -> bytes:
     """``model`` as the bytes of a .pt2 or .onnx file with a dynamic batch size (``example``: two images)."""
     batch = torch.export.Dim("batch", min=1)
     with _quiet(), torch.no_grad():
@@ -200,7 +200,9 @@ class ExportedModel:
     A .pt2 file runs with ``torch.export.load`` (after :func:`check_pt2`), a .onnx file with ONNX Runtime.
     """
 
-    def __init__(self, path: Path, meta: dict | None = None):
+    def __init__(self, path: Path, meta: dict | None = None, threads: int | None = None):
+        """``meta``: the JSON's content (default: read from beside the file); ``threads``: ONNX Runtime's threads
+        within an operator (default: its own choice)."""
         self.path = Path(path)
         self.meta = meta if meta is not None else read_json(
             meta_path(self.path), META, "export the run again with `ddcnn export`")
@@ -209,8 +211,12 @@ class ExportedModel:
             _require_onnx()
             import onnxruntime
 
+            options = onnxruntime.SessionOptions()
+            if threads is not None:
+                options.intra_op_num_threads = threads
             try:
-                self._session = onnxruntime.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
+                self._session = onnxruntime.InferenceSession(str(self.path), options,
+                                                             providers=["CPUExecutionProvider"])
             except Exception as err:  # ONNX Runtime's own errors have no common base class
                 raise CheckpointError(f"{str(self.path)!r} is not an ONNX model ONNX Runtime can run "
                                       f"({str(err).splitlines()[0][:200]}); export it again") from None
