@@ -42,6 +42,7 @@ bench: install
 	$(PY) benchmarks/train_step.py --sweep cpu --markdown
 	$(PY) benchmarks/time_to_accuracy.py --preset cpu --device cpu
 	$(PY) benchmarks/local_scaling.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/export_throughput.py --threads 1 --repeats 20
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache .hypothesis

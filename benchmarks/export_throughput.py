@@ -12,8 +12,9 @@ one network of grouped convolutions; ``separate``: N ordinary CNNs side by side)
 * ``onnxruntime``: the ONNX file (torch's dynamo exporter) in ONNX Runtime's CPU provider (skipped without
   ``ddcnn[export]``).
 
-Images per second is the batch over the median of ``--repeats`` timed batches after ``--warmup`` untimed ones.
-Every backend runs on ``--threads`` threads (torch and ONNX Runtime alike; set OMP_NUM_THREADS to match).
+Images per second is the batch over the fastest of ``--repeats`` timed batches after ``--warmup`` untimed ones;
+the three take turns batch by batch, so that other work on a shared machine slows them alike. Every backend runs
+on ``--threads`` threads (torch and ONNX Runtime alike; set OMP_NUM_THREADS to match).
 
     OMP_NUM_THREADS=1 python benchmarks/export_throughput.py --threads 1
 """
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import statistics
 import sys
 import tempfile
 import time
@@ -48,16 +48,20 @@ def build(grid, size, channels: int, classes: int, width: int, depth) -> tuple[D
     return d, ensemble, DNN(d.n_subdomains, classes).eval()
 
 
-def images_per_second(fn, images: torch.Tensor, warmup: int, repeats: int) -> float:
+def fastest(fns: dict, images: torch.Tensor, warmup: int, repeats: int) -> dict:
+    """Images per second of each callable in ``fns``: the batch over its fastest of ``repeats`` timed calls, after
+    ``warmup`` untimed ones. The callables take turns, so that a busy spell of a shared machine hits all alike."""
+    times: dict = {name: [] for name in fns}
     with torch.no_grad():
         for _ in range(warmup):
-            fn(images)
-        times = []
+            for fn in fns.values():
+                fn(images)
         for _ in range(repeats):
-            start = time.perf_counter()
-            fn(images)
-            times.append(time.perf_counter() - start)
-    return len(images) / statistics.median(times)
+            for name, fn in fns.items():
+                start = time.perf_counter()
+                fn(images)
+                times[name].append(time.perf_counter() - start)
+    return {name: len(images) / min(t) for name, t in times.items()}
 
 
 def measure(grid, layout: str, args, folder: Path) -> dict:
@@ -66,20 +70,16 @@ def measure(grid, layout: str, args, folder: Path) -> dict:
     model = Deployed.combined(Standardise([0.286], [0.353], len(size)), d, with_layout(ensemble, layout), dnn).eval()
     images = torch.rand(args.batch, channels, *size)
     meta = {"in_channels": channels, "image_size": list(size)}
-    row = {"grid": "x".join(map(str, grid)), "layout": layout, "eager": images_per_second(model, images,
-                                                                                          args.warmup, args.repeats)}
-    formats = ["pt2"] + (["onnx"] if all(importlib.util.find_spec(m) for m in ("onnxscript", "onnxruntime")) else [])
-    for fmt, column in (("pt2", "pt2"), ("onnx", "onnxruntime")):
-        if fmt not in formats:
-            row[column] = None
-            continue
+    row: dict = {"grid": "x".join(map(str, grid)), "layout": layout, "onnxruntime": None}
+    fns = {"eager": model}
+    onnx = all(importlib.util.find_spec(m) for m in ("onnxscript", "onnxruntime"))
+    for fmt, column in (("pt2", "pt2"), ("onnx", "onnxruntime"))[: 2 if onnx else 1]:
         path = folder / f"{row['grid']}-{layout}.{fmt}"
         path.write_bytes(serialise(model, fmt, images[:2]))
-        exported = ExportedModel(path, {**meta, "format": fmt}, threads=args.threads)
+        fns[column] = ExportedModel(path, {**meta, "format": fmt}, threads=args.threads)
         with torch.no_grad():
-            torch.testing.assert_close(exported(images), model(images), rtol=1e-4, atol=1e-5)  # the same model
-        row[column] = images_per_second(exported, images, args.warmup, args.repeats)
-    return row
+            torch.testing.assert_close(fns[column](images), model(images), rtol=1e-4, atol=1e-5)  # the same model
+    return {**row, **fastest(fns, images, args.warmup, args.repeats)}
 
 
 def markdown(rows: list[dict]) -> str:
