@@ -5,6 +5,7 @@ import importlib.util
 import io
 import json
 import pickle
+import shutil
 import zipfile
 
 import numpy as np
@@ -94,8 +95,9 @@ def test_every_strategy_exports_and_reaches_the_runs_test_accuracy(runs, tmp_pat
         assert meta["ddcnn_version"] and meta["torch_version"] == torch.__version__
 
 
-def test_the_default_is_the_best_strategy_in_the_run_folder(runs, one_thread, capsys):
-    run_dir, results, _ = runs(2, "grouped")
+def test_the_default_is_the_best_strategy_in_the_run_folder(runs, tmp_path, one_thread, capsys):
+    shared, results, _ = runs(2, "grouped")
+    run_dir = shutil.copytree(shared, tmp_path / "run")  # the session's run stays as it was
     best = results["best_strategy"]
     assert main(["export", str(run_dir)]) == 0
     printed = capsys.readouterr().out
@@ -109,16 +111,19 @@ def _snapshot(folder):
 
 
 def test_a_disagreeing_export_leaves_every_file_as_it_was(runs, tmp_path, one_thread, monkeypatch, capsys):
-    run_dir, _, _ = runs(2, "grouped")
+    run_dir = shutil.copytree(runs(2, "grouped")[0], tmp_path / "run")
     out = tmp_path / "model.pt2"
     out.write_bytes(b"an earlier export")
     monkeypatch.setattr(export, "TOLERANCE", -1.0)  # no difference, not even 0, is within it
     before = _snapshot(tmp_path), _snapshot(run_dir)
     with pytest.raises(ExportError, match="disagrees with the run on 64 test images"):
         export_run(run_dir, "mean_probability", "pt2", out)
-    assert main(["export", str(run_dir), "--strategy", "global", "--out", str(out)]) == 2
+    with pytest.raises(ExportError):
+        export_run(run_dir, "global", "pt2", tmp_path / "new" / "folders" / "g.pt2")
+    assert main(["export", str(run_dir), "--strategy", "global"]) == 2  # into RUN/export/, made for it
     assert capsys.readouterr().err.startswith("ddcnn: error: the exported global model disagrees")
     assert (_snapshot(tmp_path), _snapshot(run_dir)) == before
+    assert not (run_dir / "export").exists() and not (tmp_path / "new").exists()
 
 
 @pytest.mark.parametrize("args,message", [

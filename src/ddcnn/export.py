@@ -18,6 +18,7 @@ import importlib.util
 import io
 import json
 import re
+import shutil
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -127,7 +128,13 @@ def export_run(run_dir: Path, strategy: str | None = None, fmt: str = "pt2", out
                               f"{len(images)} predictions agree); nothing was written. Try the other --layout, "
                               f"or rerun with --debug and report it")
 
-    atomic_write(path, data, check)
+    created = next((p for p in reversed([path.parent, *path.parent.parents]) if not p.exists()), None)
+    try:
+        atomic_write(path, data, check)
+    except ExportError:
+        if created is not None:  # the folders this export made for the file go with it
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     meta["check"] = {"images": len(images), **outcome}
     atomic_write_text(meta_path(path), json.dumps(meta, indent=2))
     return Exported(path, meta_path(path), name, layout, len(images), outcome["max_abs_diff"], outcome["agree"])
