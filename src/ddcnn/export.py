@@ -107,7 +107,7 @@ def export_run(run_dir: Path, strategy: str | None = None, fmt: str = "pt2", out
     with torch.no_grad():  # the run's own model: its predictor, float32, eval mode
         scores, _ = predictor(run.normalizer(images))
         reference = scores_to_probabilities(scores.float(), shares)
-    data = serialise(model, fmt, images[:2])
+    data = serialise(model, fmt, torch.rand(2, *images.shape[1:]))  # 2, not 1: a batch of 1 fixes the size
     test = ((run.best or {}).get("strategies") or {}).get(name, {}).get("test_accuracy")
     meta = {"format": fmt, "strategy": name, "layout": layout, "classes": run.classes,
             "image_size": list(run.shapes.image_size), "in_channels": run.shapes.in_channels,
