@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # torch and torchvision as a matched pair (see README, "Set-up"); pyproject.toml keeps loose ranges.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
-OPTIONAL_EXTRAS := 'nibabel>=5' 'tensorboard>=2.12'
+OPTIONAL_EXTRAS := 'nibabel>=5' 'tensorboard>=2.12' 'onnx>=1.23' 'onnxscript>=0.7' 'onnxruntime>=1.32'
 
 .PHONY: install test test-heavy lint demo demo-3d bench clean
 
@@ -49,6 +49,7 @@ bench: install
 	$(PY) benchmarks/train_step.py --sweep cpu --markdown
 	$(PY) benchmarks/time_to_accuracy.py --preset cpu --device cpu
 	$(PY) benchmarks/local_scaling.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/export_throughput.py --threads 1 --repeats 20
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache .hypothesis

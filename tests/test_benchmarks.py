@@ -101,3 +101,20 @@ def test_sweep_presets_are_valid_configurations(bench, sweep, capsys):
     if sweep == "h100":
         assert "N=64" in printed and printed.count("global, grouped, vmap, loop") == 3  # loop only where N <= 16
         assert all(c.batch in (4096, 512, 64) for c in configs)
+
+
+EXPORT_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "export_throughput.py"
+
+
+def test_export_throughput_times_every_form_of_the_same_model(one_thread, capsys):
+    """benchmarks/export_throughput.py on a tiny model: a row per grid and layout, every column that can run."""
+    spec = importlib.util.spec_from_file_location("ddcnn_bench_export", EXPORT_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.main(["--grids", "2x2", "--layouts", "separate", "--image-size", "16", "16", "--width", "4",
+                        "--depth", "1", "1", "--classes", "3", "--batch", "4", "--warmup", "0", "--repeats", "1"])
+    has_onnx = all(importlib.util.find_spec(m) for m in ("onnxscript", "onnxruntime"))
+    assert [(r["grid"], r["layout"]) for r in rows] == [("2x2", "separate")]
+    assert rows[0]["eager"] > 0 and rows[0]["pt2"] > 0 and (rows[0]["onnxruntime"] > 0 if has_onnx else
+                                                              rows[0]["onnxruntime"] is None)
+    assert "| 2x2 | separate |" in capsys.readouterr().out

@@ -226,7 +226,9 @@ def test_a_run_with_an_imported_backbone_trains_every_strategy(tmp_path, monkeyp
     results = Experiment(from_dict(data), tmp_path / "run", verbose=False).run()
     assert set(results["strategies"]) == set(STRATEGIES)
     assert results["local_width"] == 2  # round(4 / sqrt(4)): the built-ins' width rule
-    saved = SavedRun(tmp_path / "run")
+    with pytest.raises(ConfigError, match="names the backbone 'user_nets.tiny'.*trust_code=True"):
+        SavedRun(tmp_path / "run")
+    saved = SavedRun(tmp_path / "run", trust_code=True)
     assert saved.trained["local"].backend == backend and set(saved.strategies()) == set(STRATEGIES)
 
 

@@ -3,7 +3,7 @@
 Images are cut into a grid of subimages (:class:`Decomposition`); one small CNN per subimage is trained
 independently (:class:`LocalEnsemble`, all of them as one batched network); their probabilities are combined
 (``ddcnn.combiners``) into one decision, by a dense network (:class:`CNNDNN`) or by cheaper rules; everything is
-compared with a :class:`GlobalCNN` trained on whole images.
+compared with a :class:`GlobalCNN` trained on whole images. :func:`load_run` loads a finished run back.
 """
 
 from ddcnn.decomposition import Decomposition
@@ -24,11 +24,12 @@ from ddcnn.models import (
     local_width,
     transfer_cnn_dnn,
 )
+from ddcnn.train.saved import Run, load_run
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CNNDNN", "DNN", "DDCNNError", "Decomposition", "GlobalCNN", "LocalEnsemble", "MajorityVote", "MeanProbability",
-    "WeightedMean", "build_combiner", "combiners", "count_parameters", "forward_flops", "local_loss", "local_width",
-    "transfer_cnn_dnn", "__version__",
+    "Run", "WeightedMean", "build_combiner", "combiners", "count_parameters", "forward_flops", "load_run", "local_loss",
+    "local_width", "transfer_cnn_dnn", "__version__",
 ]

@@ -40,8 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir")
     ev.add_argument("--device", help="cpu, cuda, cuda:N (default: the run's)")
 
-    pr = sub.add_parser("predict", help="classify image files with a run's models")
-    pr.add_argument("run_dir")
+    pr = sub.add_parser("predict", help="classify image files with a run's models (or a file of `ddcnn export`)")
+    pr.add_argument("run_dir", help="a run directory, or a .pt2 or .onnx file of `ddcnn export` (its .json beside)")
     pr.add_argument("files", nargs="+", help="image files (PNG, JPEG, ...; 8- or 16-bit) or .npy arrays/volumes "
                                              "(integer pixels 0-255 or uint16; floats in the training images' "
                                              "scale, [0, 1] for photos)")
@@ -51,6 +51,20 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--format", default="text", help="text (default), json (a list of one object per file) or csv "
                                                      "(a header row, one row per file): with every class's "
                                                      "probability")
+
+    ex = sub.add_parser("export", help="write one strategy of a run as a deployable .pt2 or .onnx file, checked "
+                                       "against the run")
+    ex.add_argument("run_dir")
+    ex.add_argument("--strategy", help="global, cnn_dnn, mean_probability, majority_vote, coherent or transfer "
+                                       "(default: the run's best)")
+    ex.add_argument("--format", default="pt2", choices=("pt2", "onnx"),
+                    help="pt2: torch.export (torch.export.load); onnx: ONNX (needs ddcnn[export]); default pt2")
+    ex.add_argument("--out", help="the file to write (default RUN/export/STRATEGY.FORMAT); FILE.json goes beside")
+    ex.add_argument("--layout", choices=("grouped", "separate"),
+                    help="the local CNNs as one grouped network, or as N ordinary branches for runtimes that run "
+                         "grouped convolutions badly (default grouped; separate for foreign backbones)")
+    ex.add_argument("--trust-code", action="store_true",
+                    help="build a backbone the run's config names by import path (imports and runs that code)")
 
     show = sub.add_parser("show", help="decomposition, sizes, parameters and FLOPs of a config; PNG of the grid")
     show.add_argument("config")
@@ -135,10 +149,13 @@ def cmd_evaluate(args) -> int:
 
 def cmd_predict(args) -> int:
     from ddcnn.checks import choice
+    from ddcnn.export import is_exported
     from ddcnn.train.evaluate import FORMATS, format_predictions, predict_files
 
     choice("--format", args.format, FORMATS)  # before the models are loaded
     files = [str(user_path(f, "the file")) for f in args.files]
+    if is_exported(user_path(args.run_dir, "the run directory")):
+        return _predict_exported(args, files)
     with _processes() as env:
         predictions = predict_files(user_path(args.run_dir, "the run directory"), files, strategy=args.strategy,
                                     device=args.device, env=env)
@@ -146,6 +163,33 @@ def cmd_predict(args) -> int:
         for note in predictions.notes:
             print(f"ddcnn: note: {note}", file=sys.stderr)
         print(format_predictions(predictions, args.format))
+    return 0
+
+
+def _predict_exported(args, files: list[str]) -> int:
+    """``ddcnn predict FILE.pt2|FILE.onnx``: the exported model's strategy is the one it holds."""
+    from ddcnn.errors import ConfigError
+    from ddcnn.export import predict_exported
+
+    for option in ("strategy", "device"):
+        if getattr(args, option) is not None:
+            raise ConfigError(f"--{option} applies to a run directory; an exported file holds one strategy and "
+                              f"runs on the CPU (export another --strategy for another)")
+    for line in predict_exported(user_path(args.run_dir, "the exported file"), files):
+        print(line)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from ddcnn.export import export_run
+
+    out = user_path(args.out, "--out") if args.out is not None else None
+    done = export_run(user_path(args.run_dir, "the run directory"), args.strategy, args.format, out, args.layout,
+                      trust_code=args.trust_code)
+    layout = f", layout {done.layout}" if done.layout else ""
+    print(f"checked on {done.checked} test images: largest absolute difference {done.max_abs_diff:.2g}, "
+          f"{done.agree} of {done.checked} predicted classes agree")
+    print(f"written: {done.path} ({done.strategy}{layout}) and {done.meta_path.name}")
     return 0
 
 
@@ -203,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv  # accepted anywhere on the line, before or after the command
     args = _parser().parse_args([a for a in argv if a != "--debug"])
     args.argv = argv  # the records' command line: what was typed
-    handlers = {"run": cmd_run, "evaluate": cmd_evaluate, "predict": cmd_predict, "show": cmd_show,
+    handlers = {"run": cmd_run, "evaluate": cmd_evaluate, "predict": cmd_predict, "export": cmd_export,
+                "show": cmd_show,
                 "data": cmd_data, "study": cmd_study}
     debug = debug or os.environ.get("DDCNN_DEBUG", "0") not in ("", "0")
     try:

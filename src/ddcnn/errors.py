@@ -34,6 +34,10 @@ class CheckpointError(DDCNNError, ValueError):
     """A checkpoint is missing, corrupt, or was written by a different configuration."""
 
 
+class ExportError(DDCNNError, RuntimeError):
+    """An exported model does not compute what the run's model computes; nothing is written."""
+
+
 class TrainingError(DDCNNError, RuntimeError):
     """Training cannot go on (for example the loss became NaN); the last good checkpoint is kept."""
 

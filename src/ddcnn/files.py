@@ -250,13 +250,17 @@ def naming(path: Path):
         raise
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that ``path`` holds either the old or the new content, never a part."""
+def atomic_write(path: Path, data: bytes, check: Callable[[Path], None] | None = None) -> None:
+    """Write ``data`` to ``path`` so that ``path`` holds either the old or the new content, never a part.
+
+    ``check``: called with the complete temporary file before it takes ``path``'s place; what it raises is raised
+    with the temporary file removed and ``path`` untouched.
+    """
     with naming(path):
-        _atomic_write(path, data)
+        _atomic_write(path, data, check)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, data: bytes, check: Callable[[Path], None] | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -265,6 +269,8 @@ def _atomic_write(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if check is not None:
+            check(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

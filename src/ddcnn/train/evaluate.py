@@ -15,6 +15,7 @@ from ddcnn.data.datasets import load_datasets
 from ddcnn.data.loading import split_dataset, to_float
 from ddcnn.data.readers import read_image_file, read_volume_file
 from ddcnn.errors import DataError
+from ddcnn.models.deployed import scores_to_probabilities
 from ddcnn.train.context import accuracy
 from ddcnn.train.dist import DistEnv
 from ddcnn.train.runtime import device_name
@@ -29,7 +30,7 @@ def evaluate_run(run_dir, device: str | None = None, env: DistEnv | None = None)
     Under torchrun (``env``) each process holds its shard of the local CNNs and all compute together; rank 0
     writes the file and returns the results, the others None.
     """
-    run = SavedRun(run_dir, device, env)
+    run = SavedRun(run_dir, device, env, trust_code=True)  # as before: these commands build a named backbone
     train_full, test = load_datasets(run.cfg.data)
     _, val = split_dataset(train_full, run.cfg.data.val_fraction, run.cfg.data.split_seed)
     splits = {"val": val, "test": test} if len(val) else {"test": test}
@@ -53,17 +54,17 @@ def evaluate_run(run_dir, device: str | None = None, env: DistEnv | None = None)
     return results
 
 
-def _read_input(path: Path, run: SavedRun, notes: list[str]) -> torch.Tensor:
-    """One file as a float image ``(C, *image_size)`` in [0, 1], prepared as the run's training data was. A picture
-    of other channels or another size is converted and fitted as image-folder data is, with a line in ``notes``."""
-    data = run.cfg.data
-    size, channels = run.shapes.image_size, run.shapes.in_channels
+def read_input(path: Path, size: tuple[int, ...], channels: int, dataset: str, window,
+               notes: list[str] | None = None) -> torch.Tensor:
+    """One file as a float image ``(C, *size)`` in [0, 1], prepared as the training data of ``dataset`` (a data
+    config's name; ``window``: its intensity window for volumes) was. A picture of other channels or another size
+    is converted and fitted as image-folder data is, with a line in ``notes``."""
     if len(size) == 3:
-        if data.name == "volume-folder":
-            return read_volume_file(path, size, data.window)
+        if dataset == "volume-folder":
+            return read_volume_file(path, size, window)
         x = read_volume_file(path, None, None)
     else:
-        x = read_image_file(path, size, channels, notes)
+        x = read_image_file(path, size, channels, [] if notes is None else notes)
     x = to_float(x)
     if not torch.isfinite(x).all():
         raise DataError(f"{path} contains NaN or infinite values; give a file with finite pixel values")
@@ -88,26 +89,19 @@ class Predictions:
     notes: list[str] = field(default_factory=list)
 
 
-def class_probabilities(strategy: str, scores: torch.Tensor, n_local: int) -> torch.Tensor:
-    """``(B, K)`` scores of ``strategy`` as probabilities: the softmax of logits and of mean probability's log
-    (which gives the mean back), and for majority vote each class's share of the N votes."""
-    if strategy == "majority_vote":  # votes + a tie-break fraction below one (MajorityVote)
-        return scores.floor() / n_local
-    return scores.float().softmax(-1)
-
-
 def predict_files(run_dir, files, strategy: str | None = None, device: str | None = None,
                   env: DistEnv | None = None) -> Predictions | None:
     """The chosen strategy's class and probabilities for each file, and each subdomain's vote (under torchrun,
     ``env``: computed by all processes together, returned on rank 0, None elsewhere)."""
-    run = SavedRun(run_dir, device, env)
+    run = SavedRun(run_dir, device, env, trust_code=True)
     name, fn = run.strategy(strategy)
     notes: list[str] = []
-    images = torch.stack([_read_input(Path(f), run, notes) for f in files])
+    images = torch.stack([read_input(Path(f), run.shapes.image_size, run.shapes.in_channels, run.cfg.data.name,
+                                     run.cfg.data.window, notes) for f in files])
     scores, local = run.run_batches(fn, images)
     if not run.env.is_main:
         return None
-    probs = class_probabilities(name, scores, run.decomposition.n_subdomains)
+    probs = scores_to_probabilities(scores.float(), shares=name == "majority_vote")  # as an exported model gives
     rows = []
     for i, f in enumerate(files):
         k = int(scores[i].argmax())

@@ -13,6 +13,7 @@ import yaml
 from ddcnn.config import STAGES, Config, dump_config, from_dict, to_dict
 from ddcnn.errors import CheckpointError, ConfigError
 from ddcnn.files import atomic_write_text, load_yaml, naming, read_json, read_text
+from ddcnn.models.family import is_import_path
 from ddcnn.train.checkpoint import CheckpointDir
 from ddcnn.train.runfiles import MARKER as MARKER_SCHEMA
 from ddcnn.train.runfiles import TRAINING_STATE, check_resumable, fix_for
@@ -126,8 +127,9 @@ class RunDir:
             for tmp in self.checkpoints.root.glob(".*.tmp"):
                 tmp.unlink(missing_ok=True)
 
-    def read_config(self) -> dict:
-        """The run's ``config.yaml`` as plain data (a mapping), or one CheckpointError naming it."""
+    def read_config(self, trust_code: bool = True) -> dict:
+        """The run's ``config.yaml`` as plain data (a mapping), or one CheckpointError naming it. Without
+        ``trust_code`` a config naming its backbone by import path is refused before that code is imported."""
         path = self.path / "config.yaml"
         text = read_text(path, fix_for("config.yaml"))
         try:
@@ -143,6 +145,8 @@ class RunDir:
         if lacking:
             raise CheckpointError(f"{str(path)!r} is corrupt (it lacks {lacking[0]}, which a run always writes: cut "
                                   f"short?); {fix_for('config.yaml')}")
+        if not trust_code:
+            refuse_code(saved, path)
         try:
             from_dict(saved)
         except ConfigError as err:
@@ -200,6 +204,16 @@ class RunDir:
                 return None
             raise CheckpointError(f"{str(path)!r} does not exist; is {str(self.path)!r} a finished ddcnn run?")
         return read_json(path, schema, fix_for(name))
+
+
+def refuse_code(raw: dict, where: Path) -> None:
+    """A ConfigError when the config ``raw`` (read from ``where``) names its backbone by import path: building the
+    run's models would import and call that code, which needs the caller's explicit trust."""
+    model = raw.get("model")
+    backbone = model.get("backbone") if isinstance(model, dict) else None
+    if isinstance(backbone, str) and is_import_path(backbone):
+        raise ConfigError(f"{str(where)!r} names the backbone {backbone!r}, which loading the run would import and "
+                          f"run; if you trust that code, pass trust_code=True (--trust-code on the command line)")
 
 
 def _first_difference(old, new, key):

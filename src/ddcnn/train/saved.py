@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ddcnn.build import Models, Shapes, meta_model, stage_model, weight_shapes
-from ddcnn.config import STAGES, from_dict
+from ddcnn.config import STAGES, Config, from_dict
 from ddcnn.data.loading import Normalizer
+from ddcnn.decomposition import Decomposition
 from ddcnn.errors import CheckpointError, ConfigError, DDCNNError, did_you_mean
-from ddcnn.models import CNNDNN, LocalEnsemble
+from ddcnn.models import CNNDNN, GlobalCNN, LocalEnsemble
+from ddcnn.models.combiners import Combiner
+from ddcnn.models.deployed import Deployed, Standardise, with_layout
 from ddcnn.shards import shard_range
 from ddcnn.strategies import STRATEGIES, predictors
 from ddcnn.train import dist
@@ -27,16 +31,19 @@ class SavedRun:
     """Models of a run directory, ready to predict. ``strategies()`` maps each available strategy to a function
     ``normalised images -> (global scores (B, K), local logits (B, N, K) or None)``."""
 
-    def __init__(self, path: str | Path, device: str | None = None, env: DistEnv | None = None):
+    def __init__(self, path: str | Path, device: str | None = None, env: DistEnv | None = None, *,
+                 trust_code: bool = False):
         """``env``: under torchrun, each process loads only its shard of the local CNNs (and the whole DNN and
-        global CNN); every function of :meth:`strategies` must then be called by all processes together."""
+        global CNN); every function of :meth:`strategies` must then be called by all processes together.
+        ``trust_code``: a config naming its backbone by import path is refused unless True, as building its
+        models imports and calls that code."""
         self.env = env or DistEnv()
         self.run_dir = RunDir(path)
         if not self.run_dir.is_run:
             raise CheckpointError(f"{str(path)!r} is not a ddcnn run directory (no ddcnn-run.json); give the --out "
                                   f"of a `ddcnn run`")
         self.run_dir.read_marker()
-        raw = self.run_dir.read_config()  # checked: a valid config
+        raw = self.run_dir.read_config(trust_code)  # checked: a valid config
         # --device is the user's own value: its errors are the user's
         self.cfg = from_dict(raw if device is None else {**raw, "device": device})
         facts = self.run_dir.read_json("data.json", DATA_FACTS)
@@ -106,6 +113,71 @@ class SavedRun:
             raise ConfigError(f"strategy {name!r} was not trained in this run; available: {', '.join(available)}")
         return name, available[name]
 
+    def model(self, name: str, layout: str | None = None) -> Deployed:
+        """Strategy ``name`` as one module, float images ``(B, C, *image_size)`` in [0, 1] -> ``(B, K)`` class
+        probabilities (vote shares for majority vote), see :class:`Deployed`; ``layout`` of the local CNNs as
+        :func:`with_layout` (``None``: the run's own ensemble). A single process's models only (no torchrun)."""
+        if self.env.enabled:
+            raise ConfigError("a strategy as one module needs the whole run in one process; run without torchrun")
+        self.strategy(name)  # an unknown or untrained strategy is one error naming the available ones
+        standardise = Standardise(self.normalizer.mean, self.normalizer.std, self.decomposition.dims)
+        standardise.to(self.runtime.device)
+        strategy, model = STRATEGIES[name], self.trained.get(name)
+        if isinstance(model, GlobalCNN):
+            return Deployed(standardise, model).eval()
+        ensemble: nn.Module
+        combiner: nn.Module
+        if isinstance(model, CNNDNN):
+            ensemble, combiner = model.ensemble, model.combiner
+        else:
+            assert strategy.combiner is not None  # a strategy is a whole-image model, a CNN-DNN or a combination
+            ensemble = self.trained["local"]
+            combiner = strategy.combiner(self.trained, self.decomposition.n_subdomains, self.shapes.num_classes)
+        assert isinstance(ensemble, LocalEnsemble) and isinstance(combiner, Combiner)  # one process: all of them
+        return Deployed.combined(standardise, self.decomposition, with_layout(ensemble, layout), combiner).eval()
+
     def run_batches(self, fn, images: torch.Tensor, batch_size: int = 512):
         """``fn`` over float images ``(M, C, *size)`` in [0, 1]: returns (scores (M, K), local logits or None)."""
         return self.runtime.predict(fn, images, self.normalizer, batch_size)
+
+
+
+@dataclass
+class Run:
+    """A finished run for use from Python (:func:`load_run`).
+
+    ``models``: every trained strategy as one module, float images ``(B, C, *image_size)`` in [0, 1] (as the
+    dataset readers give them) -> ``(B, K)`` class probabilities (vote shares for ``majority_vote``), normalisation
+    and decomposition inside, in eval mode (see :class:`ddcnn.models.deployed.Deployed`). ``stages``: the trained
+    model of every finished stage as the run saved it (they take normalised images). ``results``: results.json
+    (None when the run did not get that far).
+    """
+
+    path: Path
+    config: Config
+    classes: list[str]
+    image_size: tuple[int, ...]
+    in_channels: int
+    normalizer: Normalizer
+    decomposition: Decomposition
+    results: dict | None
+    models: dict[str, Deployed]
+    stages: dict[str, nn.Module]
+
+    @property
+    def best_strategy(self) -> str:
+        """The strategy results.json names as the best, else the first trained one."""
+        best = (self.results or {}).get("best_strategy")
+        return best if best in self.models else next(iter(self.models))
+
+
+def load_run(path: str | Path, device: str | None = None, *, trust_code: bool = False) -> Run:
+    """The finished run in ``path`` (a ``ddcnn run --out`` folder): its models per strategy, the data facts of
+    data.json, the config and results.json. Nothing is unpickled; a config that names its backbone by import
+    path is refused unless ``trust_code=True``, as building its models imports and runs that code. ``device``:
+    cpu, cuda, cuda:N (default: the run's)."""
+    saved = SavedRun(path, device, trust_code=trust_code)
+    return Run(path=saved.run_dir.path, config=saved.cfg, classes=list(saved.classes),
+               image_size=tuple(saved.shapes.image_size), in_channels=saved.shapes.in_channels,
+               normalizer=saved.normalizer, decomposition=saved.decomposition, results=saved.best,
+               models={name: saved.model(name) for name in saved.strategies()}, stages=dict(saved.trained))

@@ -1,0 +1,272 @@
+"""``ddcnn export``: a run's strategy as one deployable file, ``torch.export`` (.pt2) or ONNX, checked against the run.
+
+The exported model is :class:`ddcnn.models.deployed.Deployed`: float images ``(B, C, *image_size)`` in [0, 1], as
+the dataset readers give them, to ``(B, K)`` class probabilities (vote shares for majority vote); the normaliser
+and the decomposition are inside, the batch size is dynamic. Beside ``FILE`` goes ``FILE.json``: the classes, the
+input's size and channels, the strategy, the layout, the run's test accuracy and the versions.
+
+The file is written to a temporary name, loaded back and run on the run's test images: with
+``torch.export.load`` (.pt2) or ONNX Runtime (.onnx). Only when its probabilities match the run's own model (eval
+mode, float32) within :data:`TOLERANCE` and every prediction agrees does it take its place; otherwise nothing is
+left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import re
+import shutil
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import ddcnn
+from ddcnn.checks import choice
+from ddcnn.data.datasets import load_datasets
+from ddcnn.data.loading import to_float
+from ddcnn.errors import CheckpointError, ConfigError, DataError, ExportError
+from ddcnn.files import Check, Opt, read_json
+from ddcnn.models import BACKBONES
+from ddcnn.models.deployed import LAYOUTS, Deployed, scores_to_probabilities
+from ddcnn.train.checkpoint import atomic_write, atomic_write_text
+from ddcnn.train.evaluate import read_input
+from ddcnn.train.saved import SavedRun
+
+FORMATS = ("pt2", "onnx")
+TOLERANCE = 1e-4  # largest absolute difference of a probability between the exported file and the run
+CHECK_IMAGES = 256  # test images the exported file is checked on
+ONNX_EXTRA = "pip install 'ddcnn[export]' (onnx, onnxscript, onnxruntime)"
+
+_POSITIVE = Check(int, lambda v: v > 0, "a positive whole number")
+META = {"format": Check(str, lambda v: v in FORMATS, "pt2 or onnx"), "strategy": str, "layout": Opt(str),
+        "classes": [str], "image_size": Check([_POSITIVE], lambda v: len(v) in (2, 3), "2 or 3 sizes"),
+        "in_channels": _POSITIVE, "output": str, "dataset": str, "window": [float]}
+
+
+@dataclass
+class Exported:
+    """What ``ddcnn export`` wrote and how the written file compared with the run."""
+
+    path: Path
+    meta_path: Path
+    strategy: str
+    layout: str | None
+    checked: int
+    max_abs_diff: float
+    agree: int
+
+
+def meta_path(path: Path) -> Path:
+    """The JSON beside an exported file: ``model.pt2`` -> ``model.pt2.json``."""
+    return path.with_name(path.name + ".json")
+
+
+def _require_onnx() -> None:
+    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"--format onnx needs {', '.join(missing)} (not installed here); {ONNX_EXTRA}")
+
+
+def _out_path(out: Path | None, run_dir: Path, strategy: str, fmt: str) -> Path:
+    path = out if out is not None else run_dir / "export" / f"{strategy}.{fmt}"
+    if path.suffix != f".{fmt}":
+        raise ConfigError(f"--out {str(path)!r} must end in .{fmt} for --format {fmt}, e.g. {path.stem}.{fmt}")
+    for target in (path, meta_path(path)):
+        if target.is_dir():
+            raise ConfigError(f"--out {str(path)!r}: {str(target)!r} is a folder; give a file name")
+    return path
+
+
+def export_run(run_dir: Path, strategy: str | None = None, fmt: str = "pt2", out: Path | None = None,
+               layout: str | None = None, trust_code: bool = False) -> Exported:
+    """Export ``strategy`` of the run in ``run_dir`` (default its best) to ``out`` (default
+    ``RUN/export/STRATEGY.FMT``) with the local CNNs in ``layout`` (default ``grouped`` for the built-in backbones,
+    ``separate`` for foreign ones), checked against the run before it is kept. Every argument is checked before
+    anything is written."""
+    choice("--format", fmt, FORMATS)
+    if layout is not None:
+        choice("--layout", layout, LAYOUTS)
+    if fmt == "onnx":
+        _require_onnx()
+    run = SavedRun(run_dir, "cpu", trust_code=trust_code)
+    name, predictor = run.strategy(strategy)
+    path = _out_path(out, Path(run_dir), name, fmt)
+    if name == "global":
+        layout = None  # one whole-image CNN: no local CNNs to lay out
+    elif layout is None:
+        layout = "grouped" if run.cfg.model.backbone in BACKBONES else "separate"
+    model = run.model(name, layout)
+    shares = model.shares
+    images = _test_images(run)
+    with torch.no_grad():  # the run's own model: its predictor, float32, eval mode
+        scores, _ = predictor(run.normalizer(images))
+        reference = scores_to_probabilities(scores.float(), shares)
+    data = serialise(model, fmt, torch.rand(2, *images.shape[1:]))  # 2, not 1: a batch of 1 fixes the size
+    test = ((run.best or {}).get("strategies") or {}).get(name, {}).get("test_accuracy")
+    meta = {"format": fmt, "strategy": name, "layout": layout, "classes": run.classes,
+            "image_size": list(run.shapes.image_size), "in_channels": run.shapes.in_channels,
+            "input": "float32 images (B, C, *image_size) with values in [0, 1]",
+            "output": "vote shares" if shares else "probabilities", "test_accuracy": test,
+            "dataset": run.cfg.data.name, "window": [float(v) for v in run.cfg.data.window],
+            "ddcnn_version": ddcnn.__version__, "torch_version": torch.__version__}
+    outcome: dict = {}
+
+    def check(tmp: Path) -> None:
+        got = ExportedModel(tmp, meta)(images)
+        diff = float((got - reference).abs().max()) if len(images) else 0.0
+        agree = int((got.argmax(-1) == reference.argmax(-1)).sum())
+        outcome.update(max_abs_diff=diff, agree=agree)
+        if not diff <= TOLERANCE or agree != len(images):
+            raise ExportError(f"the exported {name} model disagrees with the run on {len(images)} test images "
+                              f"(largest absolute difference {diff:.3g}, tolerance {TOLERANCE:g}; {agree} of "
+                              f"{len(images)} predictions agree); nothing was written. Try the other --layout, "
+                              f"or rerun with --debug and report it")
+
+    created = next((p for p in reversed([path.parent, *path.parent.parents]) if not p.exists()), None)
+    try:
+        atomic_write(path, data, check)
+    except ExportError:
+        if created is not None:  # the folders this export made for the file go with it
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+    meta["check"] = {"images": len(images), **outcome}
+    atomic_write_text(meta_path(path), json.dumps(meta, indent=2))
+    return Exported(path, meta_path(path), name, layout, len(images), outcome["max_abs_diff"], outcome["agree"])
+
+
+def _test_images(run: SavedRun) -> torch.Tensor:
+    """The first :data:`CHECK_IMAGES` test images of the run's dataset, float in [0, 1]."""
+    _, test = load_datasets(run.cfg.data)
+    return to_float(test.images[:CHECK_IMAGES]).float().contiguous()
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporters print progress and warn about their own internals: none of it is the user's concern."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def serialise(model: Deployed, fmt: str, example: torch.Tensor) -> bytes:
+    """``model`` as the bytes of a .pt2 or .onnx file with a dynamic batch size (``example``: two images)."""
+    batch = torch.export.Dim("batch", min=1)
+    with _quiet(), torch.no_grad():
+        program = torch.export.export(model, (example,), dynamic_shapes={"images": {0: batch}})
+        if fmt == "pt2":
+            buffer = io.BytesIO()
+            torch.export.save(program, buffer)
+            return buffer.getvalue()
+        onnx_program = torch.onnx.export(program, (example,), dynamo=True, input_names=["images"],
+                                         output_names=["probabilities"], external_data=False)
+        assert onnx_program is not None  # None only when the exporter is told to write a file itself
+        return onnx_program.model_proto.SerializeToString()
+
+
+# ------------------------------------------------------------------------------------------ running a file --
+_PT2_PAYLOAD_CONFIG = re.compile(r"(.*/)?data/(weights|constants)/[^/]*_config\.json")
+_PT2_PICKLES = re.compile(r"(.*/)?data/(weights|constants)/[^/]*\.pt")  # the legacy layout: pickled state dicts
+_PT2_SAMPLE_INPUTS = re.compile(r"(.*/)?data/sample_inputs/[^/]*\.pt")
+
+
+def check_pt2(path: Path) -> None:
+    """Refuse a .pt2 archive that ``torch.export.load`` would fully unpickle (which can run any code): pickled
+    weights or constants, custom objects, or sample inputs that the restricted ``weights_only`` loader refuses
+    (torch then retries without the restriction). The files ``ddcnn export`` writes hold raw tensors only."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            configs = [n for n in names if _PT2_PAYLOAD_CONFIG.fullmatch(n)]
+            entries = [e for n in configs for e in json.loads(archive.read(n)).get("config", {}).values()]
+            pickled = [n for n in names if _PT2_PICKLES.fullmatch(n)] + [
+                e for e in entries if not isinstance(e, dict) or e.get("use_pickle", True)
+                or not str(e.get("path_name", "")).startswith(("weight_", "tensor_"))]
+            for name in (n for n in names if _PT2_SAMPLE_INPUTS.fullmatch(n)):
+                try:
+                    torch.load(io.BytesIO(archive.read(name)), weights_only=True)
+                except Exception:  # noqa: BLE001 - whatever the restricted loader refuses
+                    pickled.append(name)
+    except (zipfile.BadZipFile, OSError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"{str(path)!r} is not a .pt2 archive torch.export wrote ({err}); export it again "
+                              f"with `ddcnn export`") from None
+    if not configs or pickled:
+        raise CheckpointError(f"{str(path)!r} holds pickled objects (or is not an archive torch.export.save "
+                              f"wrote); loading it could run code, so it is refused; export the run again with "
+                              f"`ddcnn export`")
+
+
+class ExportedModel:
+    """An exported file and the JSON beside it: ``images (B, C, *image_size) in [0, 1] -> (B, K)`` on the CPU.
+
+    A .pt2 file runs with ``torch.export.load`` (after :func:`check_pt2`), a .onnx file with ONNX Runtime.
+    """
+
+    def __init__(self, path: Path, meta: dict | None = None, threads: int | None = None):
+        """``meta``: the JSON's content (default: read from beside the file); ``threads``: ONNX Runtime's threads
+        within an operator (default: its own choice)."""
+        self.path = Path(path)
+        self.meta = meta if meta is not None else read_json(
+            meta_path(self.path), META, "export the run again with `ddcnn export`")
+        fmt = self.meta["format"]
+        if fmt == "onnx":
+            _require_onnx()
+            import onnxruntime
+
+            options = onnxruntime.SessionOptions()
+            if threads is not None:
+                options.intra_op_num_threads = threads
+            try:
+                self._session = onnxruntime.InferenceSession(str(self.path), options,
+                                                             providers=["CPUExecutionProvider"])
+            except Exception as err:  # ONNX Runtime's own errors have no common base class
+                raise CheckpointError(f"{str(self.path)!r} is not an ONNX model ONNX Runtime can run "
+                                      f"({str(err).splitlines()[0][:200]}); export it again") from None
+            return
+        check_pt2(self.path)
+        try:
+            with _quiet():
+                self._module = torch.export.load(io.BytesIO(self.path.read_bytes())).module()
+        except Exception as err:  # torch.export's deserialiser raises many kinds
+            raise CheckpointError(f"{str(self.path)!r} is not a .pt2 file this torch {torch.__version__} can "
+                                  f"load ({type(err).__name__}); export it again with this version") from None
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        expected = (self.meta["in_channels"], *self.meta["image_size"])
+        if images.dim() != len(expected) + 1 or tuple(images.shape[1:]) != expected:
+            raise DataError(f"{self.path.name} takes images (B, {', '.join(map(str, expected))}), got "
+                            f"{list(images.shape)}")
+        images = images.float().contiguous()
+        if self.meta["format"] == "onnx":
+            return torch.from_numpy(self._session.run(None, {"images": images.numpy()})[0])
+        with torch.no_grad():
+            return self._module(images)
+
+
+def is_exported(path: Path) -> bool:
+    """Whether ``path`` is meant as an exported file (a .pt2 or .onnx file) rather than a run directory."""
+    return path.suffix in (".pt2", ".onnx") and not path.is_dir()
+
+
+def predict_exported(path: Path, files: list[str]) -> list[str]:
+    """``ddcnn predict`` with an exported file: one line per file, the class it gives and its probability."""
+    model = ExportedModel(path)
+    meta = model.meta
+    images = torch.stack([read_input(Path(f), tuple(meta["image_size"]), meta["in_channels"], meta["dataset"],
+                                     meta["window"]) for f in files])
+    scores = model(images)
+    lines = [f"strategy: {meta['strategy']} (exported: {path.name})"]
+    share = "vote share" if meta["output"] == "vote shares" else "probability"
+    for f, row in zip(files, scores):
+        k = int(row.argmax())
+        lines.append(f"{f}: {model.classes[k]} (class {k}, {share} {float(row[k]):.3f})")
+    return lines

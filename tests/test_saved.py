@@ -1,0 +1,52 @@
+"""ddcnn.load_run: a finished run's models per strategy, its data facts, config and results; code it names is
+imported only with trust_code=True."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+
+import ddcnn
+from conftest import tiny_dict
+from ddcnn.config import from_dict
+from ddcnn.data.datasets import load_datasets
+from ddcnn.data.loading import to_float
+from ddcnn.errors import ConfigError
+from ddcnn.strategies import STRATEGIES
+
+
+def test_load_run_gives_every_strategy_at_the_runs_test_accuracy(finished_run, one_thread):
+    out, results = finished_run
+    run = ddcnn.load_run(out, device="cpu")
+    facts = json.loads((out / "data.json").read_text())
+    assert run.classes == facts["classes"] and run.in_channels == facts["in_channels"]
+    assert list(run.image_size) == facts["image_size"] and run.normalizer.state_dict() == facts["normalizer"]
+    assert run.results == results and run.best_strategy == results["best_strategy"]
+    assert run.config.decomposition.grid == [2, 2] and run.decomposition.n_subdomains == 4
+    assert set(run.models) == set(STRATEGIES)
+    assert set(run.stages) == {"global", "local", "combine", "coherent", "transfer"}
+    _, test = load_datasets(from_dict(tiny_dict(2)).data)
+    images = to_float(test.images)  # in [0, 1], not normalised: the models normalise
+    for name, model in run.models.items():
+        with torch.no_grad():
+            probabilities = model(images)
+        torch.testing.assert_close(probabilities.sum(-1), torch.ones(len(images)))
+        accuracy = (probabilities.argmax(-1) == test.labels).float().mean().item()
+        assert accuracy == pytest.approx(results["strategies"][name]["test_accuracy"], abs=1e-9), name
+
+
+def test_load_run_imports_a_named_backbone_only_when_trusted(finished_run, tmp_path, monkeypatch):
+    out, _ = finished_run
+    copy = tmp_path / "received"
+    shutil.copytree(out, copy)
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config["model"].update(backbone="planted_module:net", depth=None, backend="vmap")
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "planted_module.py").write_text("raise SystemExit('imported')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match=r"names the backbone 'planted_module:net'.*trust_code=True.*--trust-code"):
+        ddcnn.load_run(copy)
+    with pytest.raises(SystemExit, match="imported"):  # trusted: the code is imported (here it stops the import)
+        ddcnn.load_run(copy, trust_code=True)
