@@ -182,23 +182,31 @@ def test_bad_foreign_backbones_are_clear_errors():
         LocalEnsemble(2, C, K, backbone=lambda: nn.Sequential(nn.Flatten(), nn.LazyLinear(K)), backend="vmap")
 
 
-def test_the_config_imports_the_backbone_at_validation():
+def test_the_model_settings_import_the_backbone():
+    """The config layer imports nothing; ddcnn.models.settings imports (and so checks) a trusted import path."""
+    from ddcnn.models.settings import check_model_settings
+
+    def check(data):
+        cfg = from_dict(data)
+        check_model_settings(cfg.model, cfg.combiner)
+        return cfg
+
     data = tiny_dict(2)
     data["model"] = {"backbone": "torch.nn.Linearr", "backend": "vmap"}
     with pytest.raises(ConfigError, match=r"model.backbone.*did you mean 'Linear'"):
-        from_dict(data)
+        check(data)
     data["model"] = {"backbone": "nowhere.nets:Net", "backend": "vmap"}
     with pytest.raises(ConfigError, match="model.backbone.*'nowhere' is not found"):
-        from_dict(data)
+        check(data)
     data["model"] = {"backbone": "torchvision.models.resnet18"}
     with pytest.raises(ConfigError, match="model.backend = 'grouped'.*vmap"):
-        from_dict(data)
+        check(data)
     data["model"] = {"backbone": "vgg", "backbone_kwargs": {"num_classes": 3}}
     with pytest.raises(ConfigError, match="backbone_kwargs"):
-        from_dict(data)
+        check(data)
     data["model"] = {"backbone": "torchvision.models.resnet18", "backend": "vmap",
                      "backbone_kwargs": {"zero_init_residual": True}}
-    assert from_dict(data).model.backbone_kwargs == {"zero_init_residual": True}
+    assert check(data).model.backbone_kwargs == {"zero_init_residual": True}
 
 
 NETS = '''
@@ -226,7 +234,9 @@ def test_a_run_with_an_imported_backbone_trains_every_strategy(tmp_path, monkeyp
     results = Experiment(from_dict(data), tmp_path / "run", verbose=False).run()
     assert set(results["strategies"]) == set(STRATEGIES)
     assert results["local_width"] == 2  # round(4 / sqrt(4)): the built-ins' width rule
-    saved = SavedRun(tmp_path / "run")
+    with pytest.raises(ConfigError, match="names the backbone 'user_nets.tiny'.*--trust-code"):
+        SavedRun(tmp_path / "run")  # the run directory is data: its import path needs the user's word
+    saved = SavedRun(tmp_path / "run", trust_code=True)
     assert saved.trained["local"].backend == backend and set(saved.strategies()) == set(STRATEGIES)
 
 

@@ -27,10 +27,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoints")
     run.add_argument("--force", action="store_true", help="start over in an --out that already holds files")
     run.add_argument("--quiet", action="store_true", help="print only the results")
+    _trust_option(run)
 
     ev = sub.add_parser("evaluate", help="re-evaluate a run's saved models on the test set")
     ev.add_argument("run_dir")
     ev.add_argument("--device", help="cpu, cuda, cuda:N (default: the run's)")
+    _trust_option(ev)
 
     pr = sub.add_parser("predict", help="classify image files with a run's models")
     pr.add_argument("run_dir")
@@ -40,12 +42,14 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--strategy", help="global, cnn_dnn, mean_probability, majority_vote, coherent or transfer "
                                        "(default: the run's best)")
     pr.add_argument("--device", help="cpu, cuda, cuda:N (default: the run's)")
+    _trust_option(pr)
 
     show = sub.add_parser("show", help="decomposition, sizes, parameters and FLOPs of a config; PNG of the grid")
     show.add_argument("config")
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     show.add_argument("--png", help="where to draw the grid over a sample image (default decomposition.png)",
                       default="decomposition.png")
+    _trust_option(show)
 
     study = sub.add_parser("study", help="run a config over axes of values and seeds; means, CIs, paired claims")
     study.add_argument("study", help="study YAML, e.g. studies/fashion_mnist_claims.yaml")
@@ -55,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     mode = study.add_mutually_exclusive_group()
     mode.add_argument("--print-commands", action="store_true", help="print one `ddcnn run` line per run to do")
     mode.add_argument("--aggregate", action="store_true", help="only aggregate the runs that exist")
+    _trust_option(study)
 
     data = sub.add_parser("data", help="datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -62,6 +67,27 @@ def _parser() -> argparse.ArgumentParser:
     fetch.add_argument("name")
     fetch.add_argument("--dir", help="folder to look in / download into")
     return p
+
+
+def _trust_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust-code", action="store_true",
+                        help="import and run the backbone that a run's or study's own files name by import path "
+                             "(a config given here on the command line is trusted already)")
+
+
+def _trusted(config: Path, trust_code: bool) -> tuple[bool, str]:
+    """Whether an imported backbone that ``config`` names may be imported, and how errors name the file: a config
+    inside a run or study directory (its config.yaml or base.yaml) is data that someone may have sent, trusted
+    only with --trust-code; any other config file the user gives is their own."""
+    from ddcnn.study.runner import SPEC_FILE
+    from ddcnn.train.rundir import MARKER
+
+    try:
+        folder = config.resolve().parent
+        saved = (folder / MARKER).exists() or (folder / SPEC_FILE).exists()
+    except (OSError, RuntimeError):  # a path that does not resolve: load_config says what is wrong with it
+        saved = False
+    return trust_code or not saved, repr(str(config))
 
 
 def cmd_run(args) -> int:
@@ -73,12 +99,14 @@ def cmd_run(args) -> int:
     if args.resume and args.force:
         raise ConfigError("--resume continues the run in --out and --force starts it over: give one of them")
 
-    cfg = load_config(user_path(args.config, "the config file"), args.overrides)
+    config = user_path(args.config, "the config file")
+    cfg = load_config(config, args.overrides)
+    trusted, source = _trusted(config, args.trust_code)
     out = user_path(args.out, "--out") if args.out else user_path(Path("runs") / cfg.name, "the run directory "
                                                                  "runs/NAME (from the config's name)")
     command = "ddcnn " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     results = Experiment(cfg, out, resume=args.resume, force=args.force, command=command,
-                         verbose=not args.quiet).run()
+                         verbose=not args.quiet, trusted=trusted, source=source).run()
     if results is not None:  # None on the ranks > 0 of a torchrun launch: rank 0 reports
         print(format_table(results))
         print(f"report: {out / 'report.md'}")
@@ -91,7 +119,7 @@ def cmd_evaluate(args) -> int:
 
     run_dir = user_path(args.run_dir, "the run directory")
     with _processes() as env:
-        results = evaluate_run(run_dir, device=args.device, env=env)
+        results = evaluate_run(run_dir, device=args.device, env=env, trust_code=args.trust_code)
     if results is not None:  # rank 0 (or the only process)
         print(format_table(results))
         print(f"written: {run_dir / 'evaluation.json'}")
@@ -104,7 +132,7 @@ def cmd_predict(args) -> int:
     files = [str(user_path(f, "the file")) for f in args.files]
     with _processes() as env:
         lines = predict_files(user_path(args.run_dir, "the run directory"), files, strategy=args.strategy,
-                              device=args.device, env=env)
+                              device=args.device, env=env, trust_code=args.trust_code)
     for line in lines:
         print(line)
     return 0
@@ -126,8 +154,10 @@ def cmd_show(args) -> int:
     from ddcnn.config import load_config
     from ddcnn.describe import describe
 
-    cfg = load_config(user_path(args.config, "the config file"), args.overrides)
-    print(describe(cfg, user_path(args.png, "--png")))
+    config = user_path(args.config, "the config file")
+    cfg = load_config(config, args.overrides)
+    trusted, source = _trusted(config, args.trust_code)
+    print(describe(cfg, user_path(args.png, "--png"), trusted, source))
     return 0
 
 
@@ -135,8 +165,11 @@ def cmd_study(args) -> int:
     from ddcnn.study import run_study
 
     command = "ddcnn " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    return run_study(args.study, args.out, jobs=args.jobs, resume=args.resume, print_commands=args.print_commands,
-                     aggregate_only=args.aggregate, command=command)
+    path = user_path(args.study, "the study file")
+    trusted, _ = _trusted(path, args.trust_code)
+    return run_study(path, user_path(args.out, "--out") if args.out is not None else None, jobs=args.jobs,
+                     resume=args.resume, print_commands=args.print_commands, aggregate_only=args.aggregate,
+                     command=command, trusted=trusted)
 
 
 def cmd_data(args) -> int:

@@ -9,12 +9,15 @@ from ddcnn.data.datasets import load_datasets
 from ddcnn.data.loading import to_float
 from ddcnn.errors import ConfigError
 from ddcnn.models import count_parameters, forward_flops
+from ddcnn.models.settings import check_model_settings
 from ddcnn.train.build import Models, Shapes
 
 
-def describe(cfg: Config, png: Path | None = None) -> str:
+def describe(cfg: Config, png: Path | None = None, trusted: bool = True, source: str = "the config") -> str:
     """Decomposition, subimage size, parameters and FLOPs of the global CNN, one local CNN, all local CNNs and
-    the CNN-DNN; draws the grid over a sample image into ``png``."""
+    the CNN-DNN; draws the grid over a sample image into ``png``. ``trusted``, ``source``: as for a run
+    (:func:`ddcnn.models.settings.check_model_settings`)."""
+    check_model_settings(cfg.model, cfg.combiner, trusted, source)
     train, _ = load_datasets(cfg.data)
     shapes = Shapes(train.in_channels, train.num_classes, train.image_size)
     models = Models(cfg, shapes)

@@ -55,7 +55,7 @@ def import_backbone(path: str, label: str = "backbone") -> Callable:
     except ModuleNotFoundError as err:
         raise ConfigError(f"{label} = {path!r}: module {err.name or module_name!r} is not found; install it or "
                           f"put it on PYTHONPATH") from None
-    except Exception as err:  # the user's module failed while importing: say so in one line
+    except (Exception, SystemExit) as err:  # the user's module failed (or called sys.exit) while importing
         raise ConfigError(f"{label} = {path!r}: importing {module_name!r} failed with {type(err).__name__}: "
                           f"{err}") from None
     target = module
@@ -145,7 +145,7 @@ class Family:
             model = factory(**given)
         except DDCNNError:
             raise
-        except Exception as err:
+        except (Exception, SystemExit) as err:
             arguments = ", ".join(f"{k}={v!r}" for k, v in given.items())
             raise ConfigError(f"backbone {self.name!r} failed to build with ({arguments}): {type(err).__name__}: "
                               f"{_first_line(err)}; fix backbone_kwargs") from None

@@ -15,6 +15,7 @@ from ddcnn.data.datasets import load_datasets
 from ddcnn.data.loading import Augment, Normalizer, make_batches, split_dataset
 from ddcnn.data.readers import ImageDataset
 from ddcnn.errors import ConfigError
+from ddcnn.models.settings import check_model_settings
 from ddcnn.train import distributed
 from ddcnn.train.budget import check_budget
 from ddcnn.train.build import Models, Shapes
@@ -145,9 +146,12 @@ def check_stages(cfg: Config) -> None:
 
 
 def build_context(cfg: Config, run_dir: RunDir, runtime: Runtime, env: DistEnv, resume: bool, force: bool,
-                  verbose: bool = True, print_line: Callable[[str], None] | None = None) -> Context:
+                  verbose: bool = True, print_line: Callable[[str], None] | None = None, trusted: bool = True,
+                  source: str = "the config") -> Context:
     """Read the data, build the models' builder, join the process group and prepare the run directory (rank 0
-    writes ``data.json``); every check that can refuse the run comes before the first file is written."""
+    writes ``data.json``); every check that can refuse the run comes before the first file is written. An
+    imported backbone is imported only when ``trusted`` (``source``: where the config came from, for the error)."""
+    check_model_settings(cfg.model, cfg.combiner, trusted, source)
     train_full, test = load_datasets(cfg.data)
     train, val = split_dataset(train_full, cfg.data.val_fraction, cfg.data.split_seed)
     classes = list(train_full.classes)

@@ -16,13 +16,14 @@ from ddcnn.train.runtime import device_name
 from ddcnn.train.saved import SavedRun
 
 
-def evaluate_run(run_dir, device: str | None = None, env: DistEnv | None = None) -> dict | None:
+def evaluate_run(run_dir, device: str | None = None, env: DistEnv | None = None,
+                 trust_code: bool = False) -> dict | None:
     """Test accuracy of every saved strategy, recomputed from the checkpoints; written to ``evaluation.json``.
 
     Under torchrun (``env``) each process holds its shard of the local CNNs and all compute together; rank 0
-    writes the file and returns the results, the others None.
+    writes the file and returns the results, the others None. ``trust_code``: see :class:`SavedRun`.
     """
-    run = SavedRun(run_dir, device, env)
+    run = SavedRun(run_dir, device, env, trust_code)
     _, test = load_datasets(run.cfg.data)
     images, labels = to_float(test.images), test.labels
     previous = run.best or {}  # the evaluation stands on its own without results.json
@@ -68,10 +69,10 @@ def _read_input(path: Path, run: SavedRun) -> torch.Tensor:
 
 
 def predict_files(run_dir, files, strategy: str | None = None, device: str | None = None,
-                  env: DistEnv | None = None) -> list[str]:
+                  env: DistEnv | None = None, trust_code: bool = False) -> list[str]:
     """One line per file: the global class from the chosen strategy, then each subdomain's vote and probability
     (under torchrun, ``env``: computed by all processes together, the lines on rank 0, none elsewhere)."""
-    run = SavedRun(run_dir, device, env)
+    run = SavedRun(run_dir, device, env, trust_code)
     name, fn = run.strategy(strategy)
     images = torch.stack([_read_input(Path(f), run) for f in files])
     scores, local = run.run_batches(fn, images)

@@ -160,9 +160,10 @@ def fit(spec: StageSpec, model: nn.Module, loss_fn: LossFn | None, batches, eval
              "batch_size": cfg.batch_size, "optimizer": cfg.optimizer, **(spec.extra_state or {})}
     if ckpt.has(stage):
         weights, state, opt_state = ckpt.load(stage)
-        # The schedule, the data order and the optimizer state depend on epochs, batch size and optimizer: a
-        # resumed stage must keep them (the learning rate, weight decay and momentum may change, e.g. after a NaN).
+        # The data order and the optimizer state depend on the batch size and optimizer: a resumed stage keeps
+        # them; an unfinished one may get more epochs (ddcnn.train.runfiles says what else may change).
         check_stage_settings(stage, state, cfg)
+        state["epochs"] = cfg.epochs  # more epochs for an unfinished stage (recorded in metrics.jsonl on --resume)
         saver.load_weights(weights)
         if opt_state is not None and not state["done"]:
             saver.load_optimizer_state(optimizer, opt_state)

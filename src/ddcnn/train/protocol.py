@@ -32,8 +32,12 @@ class Experiment:
     """
 
     def __init__(self, cfg: Config, out: str | Path, resume: bool = False, force: bool = False, command: str = "",
-                 verbose: bool = True, log=None, env: DistEnv | None = None):
+                 verbose: bool = True, log=None, env: DistEnv | None = None, trusted: bool = True,
+                 source: str = "the config"):
+        """``trusted``: whether an import path as backbone may be imported (False for a config read from a run or
+        study directory without --trust-code; ``source`` names that file in the refusal)."""
         self.cfg, self.command, self.force, self.verbose, self.print_line = cfg, command, force, verbose, log
+        self.trusted, self.source = trusted, source
         self.env = env or distributed.env_from_environment()
         self.run_dir = RunDir(out)
         self.runtime = make_runtime(cfg, self.env)
@@ -43,7 +47,7 @@ class Experiment:
 
     def setup(self) -> Context:
         return build_context(self.cfg, self.run_dir, self.runtime, self.env, self.resume, self.force,
-                             self.verbose, self.print_line)
+                             self.verbose, self.print_line, self.trusted, self.source)
 
     def run(self) -> dict | None:
         """All enabled stages, then the test evaluation and the report; returns the results (None on ranks > 0)."""
@@ -68,7 +72,8 @@ def finish(ctx: Context, done: dict[str, StageResult], command: str = "") -> dic
     results = evaluate_test(ctx, done, command)
     if results is None:
         return None
-    ctx.run_dir.rewrite_metrics([r for stage in STAGES if stage in done for r in done[stage].history])
+    events = [r for r in ctx.run_dir.metrics() if "event" in r]  # settings changed on --resume (runfiles)
+    ctx.run_dir.rewrite_metrics(events + [r for stage in STAGES if stage in done for r in done[stage].history])
     ctx.run_dir.write_json("results.json", results)
     from ddcnn.report import write_report
 

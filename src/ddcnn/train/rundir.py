@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -56,6 +57,7 @@ class RunDir:
         A resumed run is checked whole first (with ``models``, the checkpoints' shapes too): a refused
         ``--resume`` leaves every file as it was."""
         path = self.path
+        events: list[dict] = []
         if path.exists() and not path.is_dir():
             raise ConfigError(f"output directory {str(path)!r} is a file; choose another --out")
         if resume:
@@ -64,7 +66,7 @@ class RunDir:
                     "with --force instead of --resume (ddcnn replaces only the files a run writes)"
                 raise CheckpointError(f"--resume: {str(path)!r} holds no ddcnn run (a run killed before it began "
                                       f"leaves none); start it {how}")
-            check_resumable(self, cfg, models)
+            events = check_resumable(self, cfg, models)
             self._remove_leftovers()
         elif path.exists() and any(path.iterdir()):
             if not force:
@@ -97,6 +99,8 @@ class RunDir:
         atomic_write_text(path / "config.yaml", dump_config(cfg))
         if not resume:
             atomic_write_text(path / MARKER, json.dumps({"format": 1, "launch": launch}))
+        for event in events:  # what config.yaml now says differently, and from when
+            self.append_metrics(event)
 
     def _remove_leftovers(self) -> None:
         """After a kill: delete temporary files of interrupted writes, and checkpoint files that no manifest names
@@ -147,21 +151,23 @@ class RunDir:
             raise CheckpointError(f"{str(path)!r} is not a valid config ({err}); {fix_for('config.yaml')}") from None
         return saved
 
-    def check_same_config(self, cfg: Config) -> None:
+    def check_same_config(self, cfg: Config) -> dict:
+        """Refuse a config that changes a setting the saved weights depend on; returns the saved config."""
         saved = self.read_config()
-        new = to_dict(cfg)
+        old, new = copy.deepcopy(saved), to_dict(cfg)
         for key in FREE_DATA_KEYS:  # how the data is fed, not what it is
-            for config in (saved, new):
+            for config in (old, new):
                 if isinstance(config.get("data"), dict):
                     config["data"].pop(key, None)
         for section in FROZEN_SECTIONS:
-            diff = _first_difference(saved.get(section), new.get(section), section)
+            diff = _first_difference(old.get(section), new.get(section), section)
             if diff:
                 key, old_value, new_value = diff
                 raise CheckpointError(
                     f"--resume: {key} was {old_value!r} when the checkpoints were written but is {new_value!r} now; "
                     f"resume with the run's own config (or start a new run in another --out)"
                 )
+        return saved
 
     def append_metrics(self, record: dict) -> None:
         with naming(self.path / "metrics.jsonl"), open(self.path / "metrics.jsonl", "a") as f:

@@ -11,6 +11,8 @@ from ddcnn.config import STAGES, from_dict
 from ddcnn.data.loading import Normalizer
 from ddcnn.errors import CheckpointError, ConfigError, DDCNNError, did_you_mean
 from ddcnn.models import CNNDNN, LocalEnsemble
+from ddcnn.models.family import is_import_path
+from ddcnn.models.settings import check_model_settings
 from ddcnn.shards import shard_range
 from ddcnn.train import distributed
 from ddcnn.train.budget import check_budget, meta_model, stage_model, weight_shapes
@@ -27,9 +29,12 @@ class SavedRun:
     """Models of a run directory, ready to predict. ``strategies()`` maps each available strategy to a function
     ``normalised images -> (global scores (B, K), local logits (B, N, K) or None)``."""
 
-    def __init__(self, path: str | Path, device: str | None = None, env: DistEnv | None = None):
+    def __init__(self, path: str | Path, device: str | None = None, env: DistEnv | None = None,
+                 trust_code: bool = False):
         """``env``: under torchrun, each process loads only its shard of the local CNNs (and the whole DNN and
-        global CNN); every function of :meth:`strategies` must then be called by all processes together."""
+        global CNN); every function of :meth:`strategies` must then be called by all processes together.
+        ``trust_code``: import a backbone that the run's config.yaml names by import path (refused otherwise,
+        before anything is imported: a run directory is data)."""
         self.env = env or DistEnv()
         self.run_dir = RunDir(path)
         if not self.run_dir.is_run:
@@ -39,6 +44,13 @@ class SavedRun:
         raw = self.run_dir.read_config()  # checked: a valid config
         # --device is the user's own value: its errors are the user's
         self.cfg = from_dict(raw if device is None else {**raw, "device": device})
+        config = str(self.run_dir.path / "config.yaml")
+        try:
+            check_model_settings(self.cfg.model, self.cfg.combiner, trust_code, repr(config))
+        except ConfigError as err:
+            if not trust_code and is_import_path(self.cfg.model.backbone):
+                raise  # the refusal of untrusted code, as it is
+            raise CheckpointError(f"{config!r} is not a valid config ({err}); {fix_for('config.yaml')}") from None
         facts = self.run_dir.read_json("data.json", DATA_FACTS)
         self.classes = list(facts["classes"])
         self.shapes = Shapes(facts["in_channels"], len(self.classes), tuple(facts["image_size"]))
