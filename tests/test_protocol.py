@@ -110,8 +110,11 @@ def test_nan_loss_stops_with_the_stage_named_and_resume_with_a_lower_lr_recovers
     fixed = tiny_config(overrides=only_global + ["stages.global.step_gamma=0.5"])
     results = Experiment(fixed, tmp_path / "run", resume=True, verbose=False).run()
     assert results["strategies"]["global"]["test_accuracy"] > 0
-    epochs = [r["epoch"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())]
-    assert epochs == [1, 2, 3]
+    records = list(map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()))
+    assert [r["epoch"] for r in records if "event" not in r] == [1, 2, 3]
+    # config.yaml now says step_gamma 0.5: metrics.jsonl says from when
+    assert [(r["key"], r["was"], r["now"], r["after_epoch"]) for r in records if "event" in r] == [
+        ("stages.global.step_gamma", 1e32, 0.5, 1)]
 
 
 def test_resume_refuses_a_changed_architecture_and_an_empty_directory(tmp_path, tiny_config, finished_run):

@@ -10,6 +10,7 @@ from ddcnn.data.loading import to_float
 from ddcnn.errors import ConfigError
 from ddcnn.models import count_parameters, forward_flops
 from ddcnn.models.settings import check_model_settings
+from ddcnn.train.budget import check_parameters
 from ddcnn.train.build import Models, Shapes
 
 
@@ -21,6 +22,9 @@ def describe(cfg: Config, png: Path | None = None, trusted: bool = True, source:
     train, _ = load_datasets(cfg.data)
     shapes = Shapes(train.in_channels, train.num_classes, train.image_size)
     models = Models(cfg, shapes)
+    # The three models below are built at once, for real: sized on the meta device first (a width of 2**40 is
+    # refused here, not by the allocator).
+    check_parameters(cfg, models, ("global", "local", "coherent"))
     d = models.decomposition
     shape = (shapes.in_channels, *shapes.image_size)
     global_cnn, ensemble, cnn_dnn = models.global_cnn(), models.ensemble(), models.cnn_dnn()

@@ -8,6 +8,7 @@ import torch
 
 from ddcnn.config import Config
 from ddcnn.decomposition import Decomposition
+from ddcnn.errors import ConfigError
 from ddcnn.models import BACKBONES, CNNDNN, DNN, GlobalCNN, LocalEnsemble, check_fits, local_width
 from ddcnn.models.family import probe
 from ddcnn.seeds import derive_seed
@@ -30,7 +31,8 @@ class Models:
         self.decomposition = Decomposition(shapes.image_size, cfg.decomposition.grid, cfg.decomposition.overlap)
         self.n_local = self.decomposition.n_subdomains
         self.local_width = cfg.model.local_width or local_width(cfg.model.width, self.n_local)
-        if cfg.model.backbone in BACKBONES:
+        self.family_builtin = cfg.model.backbone in BACKBONES
+        if self.family_builtin:
             check_fits(self.decomposition, cfg.model.backbone, cfg.model.depth)
         else:  # a foreign backbone: one forward of the global CNN and of a local CNN, before anything is trained
             with torch.random.fork_rng(devices=[]):
@@ -67,3 +69,16 @@ class Models:
     def cnn_dnn(self, stage: str = "coherent") -> CNNDNN:
         return CNNDNN(self.decomposition, self.ensemble(), self.dnn(stage))
 
+
+
+def check_processes(env, models: Models, sharded: list[str]) -> None:
+    """Refuse more processes (``env``, a DistEnv) than local CNNs when a stage of ``sharded`` gives each process
+    its shard of them (training, or loading a finished run under torchrun), on every rank alike."""
+    if env.enabled and sharded and env.world > models.n_local:
+        # Model and data parallelism together (a 2-D mesh of processes) is not built: refused, not half-done.
+        raise ConfigError(
+            f"{env.world} processes but only {models.n_local} local CNNs (grid {list(models.decomposition.grid)}): "
+            f"in the {', '.join(sharded)} stage(s) every process holds at least one local CNN; start at most "
+            f"{models.n_local} processes (--nproc-per-node), use a finer grid, or set stages.<stage>.parallel=data "
+            f"for coherent and transfer"
+        )

@@ -18,7 +18,7 @@ from ddcnn.errors import ConfigError
 from ddcnn.models.settings import check_model_settings
 from ddcnn.train import distributed
 from ddcnn.train.budget import check_budget
-from ddcnn.train.build import Models, Shapes
+from ddcnn.train.build import Models, Shapes, check_processes
 from ddcnn.train.distributed import DataParallelSync, DistEnv
 from ddcnn.train.loop import StageSpec, Sync
 from ddcnn.train.metrics import MetricsLog
@@ -64,8 +64,9 @@ class Context:
     # --------------------------------------------------------------------------------- what the stages share
     def spec(self, stage: str, **options) -> StageSpec:
         """The :class:`StageSpec` of ``stage`` from the config; ``options`` set the rest (clip, sync, saver...)."""
+        network = "the DNN" if stage == "combine" else f"backbone {self.cfg.model.backbone!r}"
         return StageSpec(stage, self.cfg.stages.get(stage), self.run_dir.checkpoints, self.runtime, self.cfg.seed,
-                         self.log, verbose=self.verbose, **options)
+                         self.log, verbose=self.verbose, network=network, **options)
 
     def batches(self, stage: str, parts: int = 1, shard: range | None = None):
         """Training batches of ``stage``; ``parts``: the processes each batch will be split among. With ``shard``
@@ -158,15 +159,8 @@ def build_context(cfg: Config, run_dir: RunDir, runtime: Runtime, env: DistEnv, 
     shapes = Shapes(train.in_channels, len(classes), train.image_size)
     models = Models(cfg, shapes)
     check_budget(cfg, models, runtime.device, len(train), env.world)  # every model built (on meta) and sized
-    sharded = [stage for stage in STAGES if cfg.stages.get(stage).enabled and parallelism(cfg, stage) == "model"]
-    if env.enabled and sharded and env.world > models.n_local:
-        # Model and data parallelism together (a 2-D mesh of processes) is not built: refused, not half-done.
-        raise ConfigError(
-            f"{env.world} processes but only {models.n_local} local CNNs (grid {list(models.decomposition.grid)}): "
-            f"in the {', '.join(sharded)} stage(s) every process holds at least one local CNN; start at most "
-            f"{models.n_local} processes (--nproc-per-node), use a finer grid, or set stages.<stage>.parallel=data "
-            f"for coherent and transfer"
-        )
+    check_processes(env, models, [stage for stage in STAGES
+                                  if cfg.stages.get(stage).enabled and parallelism(cfg, stage) == "model"])
     normalizer = Normalizer.fit(train.images)
     distributed.init(env, runtime.device.type)
     if env.is_main:

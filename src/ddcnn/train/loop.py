@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ddcnn.config import StageConfig
-from ddcnn.errors import TrainingError
+from ddcnn.errors import DDCNNError, TrainingError
 from ddcnn.seeds import derive_seed
 from ddcnn.train.checkpoint import CheckpointDir
 from ddcnn.train.runfiles import check_stage_settings
@@ -140,6 +140,7 @@ class StageSpec:
     sync: Sync | None = None
     extra_state: dict | None = None
     check_every: int = 25  # steps between two looks at the NaN guard (each look is a host sync)
+    network: str = "the model"  # how errors name what trained, e.g. "backbone 'my_nets:Net'"
 
 
 def fit(spec: StageSpec, model: nn.Module, loss_fn: LossFn | None, batches, evaluate: Callable[[], dict] | None
@@ -191,13 +192,22 @@ def fit(spec: StageSpec, model: nn.Module, loss_fn: LossFn | None, batches, eval
         for i, (x, y) in enumerate(batches):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(state["step"], steps_per_epoch, cfg)
-            with runtime.autocast():
-                loss, correct = loss_fn(x, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip is not None:
-                clip(cfg.grad_clip)
-            optimizer.step()
+            try:
+                with runtime.autocast():
+                    loss, correct = loss_fn(x, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip is not None:
+                    clip(cfg.grad_clip)
+                optimizer.step()
+            except DDCNNError:
+                raise
+            except Exception as err:  # the user's network (or torch under it) failed on a training batch
+                progress.close()
+                raise TrainingError(
+                    f"{spec.network} failed in stage {stage!r} (epoch {epoch}, step {i + 1}, a batch of {len(y)}): "
+                    f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}; the checkpoint of epoch "
+                    f"{epoch - 1} is kept: fix the network (or the stage's settings) and resume") from err
             state["step"] += 1
             # NaN guard without a host sync per step: remember the first bad step, look every few steps.
             finite = torch.isfinite(loss.detach())

@@ -68,11 +68,12 @@ def fix_for(name: str) -> str:
 
 # What a resumed stage that has started (has a checkpoint) may change. Everything else of its StageConfig -- every
 # field, also one added later -- is refused: config.yaml must keep describing the weights. While the stage is
-# unfinished, the knobs that rescue a run (a NaN: a lower learning rate, a clip) may change and more epochs may be
-# added; each accepted change is recorded in metrics.jsonl. ``enabled`` says whether the stage runs, not how it
-# trained.
+# unfinished, the knobs that rescue a run (a NaN: the learning rate and its schedule, the clip, the optimizer's
+# regularisation) may change for the epochs still to come, and more epochs may be added; each accepted change is
+# recorded in metrics.jsonl. ``enabled`` says whether the stage runs, not how it trained.
 FREE_STAGE_KEYS = ("enabled",)
-UNFINISHED_STAGE_KEYS = ("lr", "weight_decay", "momentum", "grad_clip")
+UNFINISHED_STAGE_KEYS = ("lr", "schedule", "warmup_epochs", "step_every", "step_gamma", "weight_decay", "momentum",
+                         "grad_clip")
 
 
 def check_stage_settings(stage: str, state: dict, settings) -> None:
@@ -84,8 +85,8 @@ def check_stage_settings(stage: str, state: dict, settings) -> None:
         old, new = state.get(key, getattr(settings, key)), getattr(settings, key)
         if old == new or (key == "epochs" and not state["done"] and new > old):
             continue
-        fix = (f"resume with --set stages.{stage}.{key}={old}" if key != "epochs" or state["done"] else
-               f"resume with stages.{stage}.epochs of at least {old}")
+        more = " (or more: the stage is unfinished)" if key == "epochs" and not state["done"] else ""
+        fix = f"resume with --set stages.{stage}.{key}={old}{more}"
         raise CheckpointError(
             f"--resume: stage {stage!r} was checkpointed with {key} = {old} but the config now says {new}; "
             f"{fix}, or start a new run"

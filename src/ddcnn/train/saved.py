@@ -16,13 +16,15 @@ from ddcnn.models.settings import check_model_settings
 from ddcnn.shards import shard_range
 from ddcnn.train import distributed
 from ddcnn.train.budget import check_budget, meta_model, stage_model, weight_shapes
-from ddcnn.train.build import Models, Shapes
+from ddcnn.train.build import Models, Shapes, check_processes
 from ddcnn.train.distributed import DistEnv, slice_state
 from ddcnn.train.model_parallel import CNNDNNState, ShardedCNNDNN, ShardedLocalCNNs
 from ddcnn.train.rundir import RunDir
 from ddcnn.train.runfiles import DATA_FACTS, RESULTS, fix_for
 from ddcnn.train.runtime import make_runtime
 from ddcnn.train.strategies import STRATEGIES, predictors
+
+SHARDED = ("local", "coherent", "transfer")  # loaded as each process's shard of the local CNNs under torchrun
 
 
 class SavedRun:
@@ -69,6 +71,7 @@ class SavedRun:
         self.decomposition = self.models.decomposition
         ckpt = self.run_dir.checkpoints
         done = [stage for stage in STAGES if ckpt.has(stage) and ckpt.state(stage)["done"]]
+        check_processes(self.env, self.models, [stage for stage in done if stage in SHARDED])
         check_budget(self.cfg, self.models, self.runtime.device, training=False, stages=done, world=self.env.world)
         distributed.init(self.env, self.runtime.device.type)
         self.trained: dict[str, nn.Module] = {}
@@ -82,7 +85,7 @@ class SavedRun:
     def _load(self, stage: str, weights: dict) -> nn.Module:
         """``stage``'s model with ``weights`` (checked): the whole model, or under torchrun this process's part of
         the local CNNs and CNN-DNNs (both saved with the local CNNs stacked, whatever the backend and process count)."""
-        sharded = self.env.enabled and stage in ("local", "coherent", "transfer")
+        sharded = self.env.enabled and stage in SHARDED
         if not sharded:
             model = stage_model(self.models, stage)
             if isinstance(model, LocalEnsemble):
