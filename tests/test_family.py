@@ -248,3 +248,131 @@ def test_a_torchvision_config_is_refused_when_its_subimages_are_too_small(tmp_pa
     data["model"] = {"backbone": "torchvision.models.vit_b_16", "backend": "vmap"}
     with pytest.raises(ShapeError, match=r"vit_b_16.*the global CNN.*\[1, 1, 16, 16\]"):
         Models(from_dict(data), Shapes(1, 3, (16, 16)))
+
+
+# ------------------------------------------------------------------------- networks that fail only in training --
+class _Base(nn.Module):
+    def __init__(self, in_channels=1, num_classes=3):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(in_channels, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                 nn.Linear(4, num_classes))
+
+
+class TupleInTraining(_Base):
+    def forward(self, x):
+        out = self.net(x)
+        return (out, out) if self.training else out
+
+
+class OnlyBatchOfOne(_Base):
+    def forward(self, x):
+        return self.net(x).reshape(1, -1)
+
+
+class NoParameters(nn.Module):
+    def __init__(self, in_channels=1, num_classes=3):
+        super().__init__()
+        self.num_classes = num_classes
+
+    def forward(self, x):
+        return x.flatten(1)[:, : self.num_classes]
+
+
+class FailsInTraining(_Base):
+    def forward(self, x):
+        if self.training:
+            raise RuntimeError("this network cannot train")
+        return self.net(x)
+
+
+class InPlaceOnInput(_Base):
+    def forward(self, x):
+        x.mul_(2)  # changes its input in place: the loop backend's view of the batch
+        return self.net(x)
+
+
+class Dropout(_Base):
+    def forward(self, x):
+        return nn.functional.dropout(self.net(x), 0.5, self.training)
+
+
+@pytest.mark.parametrize(("net", "backend", "fragment"), [
+    (TupleInTraining, "vmap", "to tuple in training mode"),
+    (OnlyBatchOfOne, "loop", "training mode"),
+    (NoParameters, "vmap", "no trainable parameters"),
+    (FailsInTraining, "loop", "in training mode.*RuntimeError: this network cannot train"),
+    (InPlaceOnInput, "loop", "backend 'loop'.* in training mode.*modified by an inplace operation"),
+])
+def test_networks_that_fail_only_in_training_are_refused_before_training(tmp_path, monkeypatch, net, backend,
+                                                                         fragment):
+    from ddcnn.train.build import Models, Shapes
+
+    module = tmp_path / "train_nets.py"
+    module.write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import train_nets
+
+    monkeypatch.setattr(train_nets, "Net", net, raising=False)
+    data = tiny_dict(2)
+    data["model"] = {"backbone": "train_nets:Net", "backend": backend}
+    with pytest.raises((ConfigError, ShapeError), match=fragment):
+        Models(from_dict(data), Shapes(1, 3, (16, 16)))
+
+
+@pytest.mark.parametrize(("net", "backend"), [(InPlaceOnInput, "vmap"), (Dropout, "vmap"), (Dropout, "loop")])
+def test_networks_that_change_their_input_or_draw_dropout_train(net, backend, one_thread):
+    """Dropout under vmap (its own masks per local CNN) and in-place changes of the input under vmap pass the
+    training pre-check and a training step (under loop the input is a view of the batch: refused above)."""
+    ensemble = LocalEnsemble(2, 1, 3, backbone=net, width=4, backend=backend, seed=0)
+    ensemble.check_subimages(Decomposition((16, 16), [1, 2]))
+    ensemble(torch.randn(4, 2, 1, 16, 8)).sum().backward()
+
+
+class FailsOnLargeBatches(_Base):
+    def forward(self, x):
+        if self.training and x.shape[0] > 2:  # passes the pre-check's batch of two
+            raise RuntimeError("too many images")
+        return self.net(x)
+
+
+def test_an_error_in_a_training_step_names_the_network_and_the_stage(tmp_path, monkeypatch, one_thread):
+    from ddcnn.errors import TrainingError
+    from ddcnn.train.protocol import Experiment
+
+    (tmp_path / "late_nets.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import late_nets
+
+    monkeypatch.setattr(late_nets, "Net", FailsOnLargeBatches, raising=False)
+    data = tiny_dict(2)
+    data["model"] = {"backbone": "late_nets:Net", "backend": "vmap"}
+    data["stages"]["global"]["enabled"] = False
+    with pytest.raises(TrainingError, match=r"backbone 'late_nets:Net' failed in stage 'local' \(epoch 1, step 1.*"
+                                            r"RuntimeError: too many images"):
+        Experiment(from_dict(data), tmp_path / "run", verbose=False).run()
+
+
+class ReadsItsWeights(_Base):
+    def __init__(self, in_channels=1, num_classes=3):
+        super().__init__(in_channels, num_classes)
+        self.scale = float(self.net[0].weight.abs().sum().item()) > 0  # a value: no meta tensor has one
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_a_network_that_reads_a_weight_value_in_init_is_sized_not_refused(tmp_path, monkeypatch):
+    from ddcnn.train.budget import check_budget
+    from ddcnn.train.build import Models, Shapes
+
+    (tmp_path / "value_nets.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import value_nets
+
+    monkeypatch.setattr(value_nets, "Net", ReadsItsWeights, raising=False)
+    data = tiny_dict(2)
+    data["model"] = {"backbone": "value_nets:Net", "backend": "vmap"}
+    cfg = from_dict(data)
+    models = Models(cfg, Shapes(1, 3, (16, 16)))
+    sizes = check_budget(cfg, models, torch.device("cpu"), 128, free=2**40)
+    assert {s.stage: s.parameters for s in sizes}["local"] == 4 * sum(p.numel() for p in ReadsItsWeights().parameters())

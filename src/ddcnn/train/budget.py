@@ -57,10 +57,10 @@ def meta_model(models, stage: str) -> nn.Module:
     try:
         with torch.random.fork_rng(devices=cuda), torch.device("meta"):
             return stage_model(models, stage)
-    except DDCNNError:
-        raise
-    except (RuntimeError, NotImplementedError) as err:
+    except (DDCNNError, RuntimeError, NotImplementedError) as err:
         if "meta" not in str(err).lower() or models.family_builtin:
+            if isinstance(err, DDCNNError):
+                raise
             raise ConfigError(f"the {stage!r} model of this config is too large to build ({err}); lower "
                               f"model.width, model.local_width or combiner.hidden") from None
         # A foreign network that reads its weights' values while it is built (an .item() in __init__) cannot be

@@ -38,7 +38,8 @@ class Models:
             with torch.random.fork_rng(devices=[]):
                 probe(self.global_cnn().net, (shapes.in_channels, *shapes.image_size), shapes.num_classes,
                       cfg.model.backbone, "the global CNN")
-                self.ensemble(range(1)).check_subimages(self.decomposition)
+                # two local CNNs: the backend's handling of several (the loop's views of one batch) is checked too
+                self.ensemble(range(min(2, self.n_local))).check_subimages(self.decomposition)
 
     @property
     def dims(self) -> int:
