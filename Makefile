@@ -22,6 +22,7 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 # The full protocol on Fashion-MNIST with a budget that fits 10 minutes on 2 CPU cores (a GPU is far faster).
 DEMO_BUDGET := --set model.width=16 --set stages.global.epochs=3 --set stages.local.epochs=5 \

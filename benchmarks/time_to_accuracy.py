@@ -32,7 +32,7 @@ import torch
 
 from ddcnn.config import from_dict, load_config, to_dict
 from ddcnn.train.protocol import Experiment
-from ddcnn.train.stages import STAGES
+from ddcnn.train.stages import TRAINERS
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = {
@@ -55,7 +55,7 @@ def curves(cfg, seed: int, device: str, workdir: Path) -> dict:
         ctx.val = ctx.test  # evaluate on the test set after every epoch (benchmark only)
         done = {}
         for stage in stages:
-            done[stage] = STAGES[stage](ctx, done)
+            done[stage] = TRAINERS[stage](ctx, done)
         points, offset = [], 0.0
         for stage in stages:
             history, seconds = done[stage].history, done[stage].seconds

@@ -4,9 +4,10 @@ import os
 import pytest
 import torch
 
+from ddcnn import files as files_module
 from ddcnn.errors import CheckpointError
-from ddcnn.train import checkpoint as ckpt_module
-from ddcnn.train.checkpoint import CheckpointDir, atomic_write
+from ddcnn.files import atomic_write
+from ddcnn.train.checkpoint import CheckpointDir
 
 
 def _trained(steps=3):
@@ -102,7 +103,7 @@ def test_a_write_killed_before_the_rename_leaves_the_old_file(tmp_path, monkeypa
     def killed(*args):
         raise KeyboardInterrupt  # stands in for the process dying between write and rename
 
-    monkeypatch.setattr(ckpt_module.os, "replace", killed)
+    monkeypatch.setattr(files_module.os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
         atomic_write(path, b'{"v": 2}')
     assert json.loads(path.read_text()) == {"v": 1}

@@ -16,7 +16,7 @@ import yaml
 from conftest import tiny_dict
 from ddcnn.errors import ConfigError
 from ddcnn.train.checkpoint import CheckpointDir
-from ddcnn.train.distributed import DistEnv
+from ddcnn.train.dist import DistEnv
 from ddcnn.train.protocol import Experiment
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
@@ -115,7 +115,7 @@ def test_shards_trained_apart_equal_the_whole_ensemble(backend):
     """What each process does in the local stage, in one process: shards {0, 1} and {2, 3} of a 4-CNN ensemble
     trained on the same batches, gathered with cat_states, equal the 4-CNN ensemble trained at once."""
     from ddcnn import LocalEnsemble, local_loss
-    from ddcnn.train.distributed import cat_states
+    from ddcnn.train.dist import cat_states
 
     def train(indices):
         e = LocalEnsemble(len(indices), 1, 3, width=4, depth=(1, 1), backend=backend, seed=3, indices=indices)
@@ -257,11 +257,11 @@ def test_a_batch_size_that_does_not_divide_among_the_processes_is_a_clear_error(
 SHUTDOWN_SCRIPT = """
 import os
 import torch
-from ddcnn.train import distributed
+from ddcnn.train import dist
 
-distributed.init(distributed.env_from_environment(), "cpu")
+dist.init(dist.env_from_environment(), "cpu")
 torch.optim.Adam([torch.nn.Parameter(torch.ones(1))])  # the first optimizer imports torch._dynamo
-distributed.shutdown()
+dist.shutdown()
 names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
 with open(os.path.join(os.path.dirname(__file__), f"rank{os.environ['RANK']}.txt"), "w") as f:
     f.write(str(sum("gloo" in name for name in names)))

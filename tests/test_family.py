@@ -222,9 +222,9 @@ def tiny(in_channels, num_classes, width):
 
 @pytest.mark.parametrize("backend", ["vmap", "loop"])
 def test_a_run_with_an_imported_backbone_trains_every_strategy(tmp_path, monkeypatch, one_thread, backend):
+    from ddcnn.strategies import STRATEGIES
     from ddcnn.train.protocol import Experiment
     from ddcnn.train.saved import SavedRun
-    from ddcnn.train.strategies import STRATEGIES
 
     (tmp_path / "user_nets.py").write_text(NETS)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -242,7 +242,7 @@ def test_a_run_with_an_imported_backbone_trains_every_strategy(tmp_path, monkeyp
 
 def test_a_torchvision_config_is_refused_when_its_subimages_are_too_small(tmp_path):
     pytest.importorskip("torchvision")
-    from ddcnn.train.build import Models, Shapes
+    from ddcnn.build import Models, Shapes
 
     data = tiny_dict(2)
     data["model"] = {"backbone": "torchvision.models.vit_b_16", "backend": "vmap"}
@@ -305,7 +305,7 @@ class Dropout(_Base):
 ])
 def test_networks_that_fail_only_in_training_are_refused_before_training(tmp_path, monkeypatch, net, backend,
                                                                          fragment):
-    from ddcnn.train.build import Models, Shapes
+    from ddcnn.build import Models, Shapes
 
     module = tmp_path / "train_nets.py"
     module.write_text("")
@@ -362,8 +362,8 @@ class ReadsItsWeights(_Base):
 
 
 def test_a_network_that_reads_a_weight_value_in_init_is_sized_not_refused(tmp_path, monkeypatch):
+    from ddcnn.build import Models, Shapes
     from ddcnn.train.budget import check_budget
-    from ddcnn.train.build import Models, Shapes
 
     (tmp_path / "value_nets.py").write_text("")
     monkeypatch.syspath_prepend(str(tmp_path))

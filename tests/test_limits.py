@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import tiny_dict
+from ddcnn.build import Models, Shapes, meta_model
 from ddcnn.cli import main
 from ddcnn.config import from_dict
 from ddcnn.errors import ConfigError, DataError
@@ -25,10 +26,8 @@ from ddcnn.train.budget import (
     check_budget,
     count_exactly,
     held_per_process,
-    meta_model,
     stage_sizes,
 )
-from ddcnn.train.build import Models, Shapes
 
 PREFIX = "ddcnn: error: "
 
@@ -175,12 +174,12 @@ def test_a_config_name_that_no_folder_can_have(cfg_file, capsys):
 
 # -------------------------------------------------------------------------------------------- a full disk --
 def test_a_full_disk_under_the_run_directory_is_one_error_naming_the_file(cfg_file, capsys, monkeypatch):
-    import ddcnn.train.checkpoint as checkpoint
+    import ddcnn.files as files
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint.os, "fsync", full)
+    monkeypatch.setattr(files.os, "fsync", full)
     line = one_error(capsys, ["run", cfg_file, "--out", "out"])
     assert "out/config.yaml" in line and "No space left on device" in line and "free some space" in line
     assert not [p for p in os.listdir("out") if p.endswith(".tmp")]  # no half-written file

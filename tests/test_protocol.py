@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from ddcnn.errors import CheckpointError, ConfigError, TrainingError
+from ddcnn.strategies import STRATEGIES
 from ddcnn.train.checkpoint import CheckpointDir
 from ddcnn.train.protocol import Experiment
-from ddcnn.train.strategies import STRATEGIES
 
 
 def test_a_run_writes_the_whole_run_directory(finished_run):
@@ -230,7 +230,7 @@ def test_resume_may_add_epochs_to_an_unfinished_stage_and_records_it(tmp_path, t
 
 
 def test_grad_clip_applies_to_the_global_stage(tmp_path, tiny_config):
-    from ddcnn.train.build import Models, Shapes
+    from ddcnn.build import Models, Shapes
 
     base = ["stages.*.enabled=false", "stages.global.enabled=true", "stages.global.epochs=1",
             "stages.global.optimizer=sgd", "stages.global.momentum=0", "stages.global.lr=0.1"]

@@ -141,13 +141,13 @@ def cmd_predict(args) -> int:
 @contextlib.contextmanager
 def _processes():
     """The ranks torchrun set (one process without it); the process group, if one is joined, is left at the end."""
-    from ddcnn.train import distributed
+    from ddcnn.train import dist
 
-    env = distributed.env_from_environment()
+    env = dist.env_from_environment()
     try:
         yield env
     finally:
-        distributed.shutdown()
+        dist.shutdown()
 
 
 def cmd_show(args) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ddcnn.build import Models, Shapes
 from ddcnn.config import Config
 from ddcnn.data.datasets import load_datasets
 from ddcnn.data.loading import to_float
@@ -11,7 +12,6 @@ from ddcnn.errors import ConfigError
 from ddcnn.models import count_parameters, forward_flops
 from ddcnn.models.settings import check_model_settings
 from ddcnn.train.budget import check_parameters
-from ddcnn.train.build import Models, Shapes
 
 
 def describe(cfg: Config, png: Path | None = None, trusted: bool = True, source: str = "the config") -> str:

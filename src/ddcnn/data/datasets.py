@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import torch
 
+from ddcnn.config import DataConfig
 from ddcnn.data.fetch import find_dataset
 from ddcnn.data.generated import make_generated
 from ddcnn.data.loading import split_dataset
@@ -21,6 +23,7 @@ from ddcnn.data.readers import (
     load_volume_folder,
 )
 from ddcnn.errors import ConfigError, DataError, DataNotFoundError, ShapeError
+from ddcnn.memory import free_memory, gib
 from ddcnn.paths import user_path
 
 
@@ -51,8 +54,6 @@ def _limit(ds: ImageDataset, limit: int | None, sorted_by_class: bool, seed: int
 def load_datasets(data) -> tuple[ImageDataset, ImageDataset]:
     """``(train, test)`` for a :class:`~ddcnn.config.DataConfig`; image and volume folders are split by
     ``test_fraction`` (stratified, ``split_seed``) since they ship no test set."""
-    from ddcnn.train.budget import check_data_size
-
     if data.root is not None:  # '~' read as everywhere else, and impossible paths refused, before any search
         data = dataclasses.replace(data, root=str(user_path(data.root, "data.root")))
     check_data_size(data)
@@ -124,3 +125,18 @@ def _check_against_config(data, train: ImageDataset) -> None:
             f"data.channels = {data.channels} but the {data.name} images have {train.in_channels} channels; set "
             f"data.channels to {train.in_channels} (or remove it)"
         )
+
+
+def check_data_size(data: DataConfig, free: int | None = None) -> None:
+    """Refuse an ``image_size`` whose images cannot be held in memory, before any file is read or generated."""
+    if data.image_size is None:
+        return
+    channels = data.channels or (1 if data.name in ("volume-folder", "generated") else 3)
+    one = math.prod(data.image_size) * channels * 4
+    count = data.generated_train + data.generated_test if data.name == "generated" else 1
+    free = free_memory(torch.device("cpu")) if free is None else free
+    if free is not None and one * count > free:
+        what = f"{count:,} generated images" if count > 1 else "one image"
+        raise ConfigError(f"data.image_size = {data.image_size} makes {what} take {gib(one * count)} but only "
+                          f"{gib(free)} of memory are free; lower data.image_size"
+                          + (" or data.generated_train" if count > 1 else ""))

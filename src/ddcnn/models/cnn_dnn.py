@@ -131,3 +131,22 @@ def forward_flops(module: nn.Module, input_shape: Sequence[int]) -> int:
     finally:
         module.train(was_training)
     return int(counter.get_total_flops())
+
+
+# What a CNN-DNN's checkpoint holds, whatever the backend, the parallelism and the number of processes: the
+# ensemble's stacked state (slot-major along dim 0; the grouped backend's own keys) and the DNN's state.
+ENSEMBLE = "ensemble.net."
+COMBINER = "combiner."
+
+
+def whole_state(stacked_ensemble: dict, combiner: dict) -> dict:
+    """A CNN-DNN's checkpoint layout: the ensemble's stacked state under ``ensemble.net.``, the DNN's under
+    ``combiner.``."""
+    return {**{ENSEMBLE + k: v for k, v in stacked_ensemble.items()}, **{COMBINER + k: v for k, v in combiner.items()}}
+
+
+def split_whole_state(weights: dict) -> tuple[dict, dict]:
+    """The inverse of :func:`whole_state`: ``(stacked ensemble state, combiner state)``."""
+    stacked = {k[len(ENSEMBLE):]: v for k, v in weights.items() if k.startswith(ENSEMBLE)}
+    combiner = {k[len(COMBINER):]: v for k, v in weights.items() if k.startswith(COMBINER)}
+    return stacked, combiner

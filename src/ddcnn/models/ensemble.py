@@ -231,7 +231,7 @@ class LocalEnsemble(nn.Module):
         for i, m in enumerate(self.models):
             load_slot_state(m, slot_state(state, self.n_local, i), 1, 0)
 
-    def _parameters_by_position(self) -> list[list[nn.Parameter]]:
+    def parameters_by_position(self) -> list[list[nn.Parameter]]:
         """For each parameter of one CNN, the tensors holding it: one stacked tensor (grouped) or N (loop)."""
         if self.backend != "loop":
             return [[p] for p in self.net.parameters()]
@@ -241,7 +241,7 @@ class LocalEnsemble(nn.Module):
         """The optimizer's per-parameter state in the stacked layout (``{"state": {j: {...}}, "param_groups"}``),
         so that it can be gathered across shards and loaded into either backend."""
         out = {}
-        for j, params in enumerate(self._parameters_by_position()):
+        for j, params in enumerate(self.parameters_by_position()):
             states = [optimizer.state.get(p, {}) for p in params]
             if not states[0]:
                 continue
@@ -253,7 +253,7 @@ class LocalEnsemble(nn.Module):
 
     def load_stacked_optimizer_state(self, optimizer: torch.optim.Optimizer, stacked: dict) -> None:
         """Inverse of :meth:`stacked_optimizer_state` (the optimizer holds this ensemble's parameters)."""
-        for j, params in enumerate(self._parameters_by_position()):
+        for j, params in enumerate(self.parameters_by_position()):
             entry = stacked["state"].get(j)
             if entry is None:
                 continue

@@ -20,18 +20,18 @@ from ddcnn.report.plots import (
 from ddcnn.report.tables import (
     _MISSING,
     _count,
-    _dims_text,
-    _md_cell,
-    _md_code,
-    _number,
-    _ordered,
     _percent,
     _seconds,
-    _stage_label,
-    _strategy_label,
+    dims_text,
+    md_cell,
+    md_code,
+    number,
+    ordered,
     results_table,
+    stage_label,
+    strategy_label,
 )
-from ddcnn.train.strategies import STRATEGIES
+from ddcnn.strategies import STRATEGIES
 
 # ------------------------------------------------------------------------------------------------------- report
 
@@ -53,7 +53,7 @@ def _best_strategy(results: Mapping) -> tuple[str | None, str]:
     if best:
         return str(best), ""
     strategies = results.get("strategies") or {}
-    scored = [(n, a) for n, e in strategies.items() if (a := _number((e or {}).get("test_accuracy"))) is not None]
+    scored = [(n, a) for n, e in strategies.items() if (a := number((e or {}).get("test_accuracy"))) is not None]
     if not scored:
         return None, ""
     return max(scored, key=lambda item: item[1])[0], " (not recorded by the run; highest test accuracy)"
@@ -62,7 +62,7 @@ def _best_strategy(results: Mapping) -> tuple[str | None, str]:
 def _header_lines(results: Mapping, decomposition: Decomposition | None) -> list[str]:
     dataset = results.get("dataset") or "unknown dataset"
     grid = results.get("grid") or (decomposition.grid if decomposition else None)
-    lines = [f"# ddcnn report: {dataset}" + (f", grid {_dims_text(grid)}" if grid else ""), ""]
+    lines = [f"# ddcnn report: {dataset}" + (f", grid {dims_text(grid)}" if grid else ""), ""]
     facts = []
     if results.get("name"):
         facts.append(f"Run: {results['name']}" + (f", seed {results['seed']}" if results.get("seed") is not None
@@ -72,11 +72,11 @@ def _header_lines(results: Mapping, decomposition: Decomposition | None) -> list
         facts.append("Data: " + ", ".join(f"{_count(v)} {k}" for k, v in sizes.items()) + " images.")
     image_size = results.get("image_size") or (decomposition.image_size if decomposition else None)
     if image_size:
-        shape = f"Images {_dims_text(image_size)}"
+        shape = f"Images {dims_text(image_size)}"
         if decomposition is not None:
             shape += (
-                f", {decomposition.n_subdomains} subimages of {_dims_text(decomposition.subimage_size)} "
-                f"(overlap {_dims_text(decomposition.overlap)})"
+                f", {decomposition.n_subdomains} subimages of {dims_text(decomposition.subimage_size)} "
+                f"(overlap {dims_text(decomposition.overlap)})"
             )
         if results.get("num_classes") is not None:
             shape += f", {results['num_classes']} classes"
@@ -105,13 +105,13 @@ def _header_lines(results: Mapping, decomposition: Decomposition | None) -> list
     if versions:
         facts.append("Run on " + ", ".join(versions) + ".")
     if results.get("command"):
-        facts.append("Command: " + _md_code(results["command"]))
-    lines += [f"- {_md_cell(f) if not f.startswith('Command: ') else f}" for f in facts]
+        facts.append("Command: " + md_code(results["command"]))
+    lines += [f"- {md_cell(f) if not f.startswith('Command: ') else f}" for f in facts]
     return lines
 
 
 def _train_time_note(results: Mapping) -> list[str]:
-    present = [n for n in _ordered(results.get("strategies") or {}, tuple(STRATEGIES)) if n in STRATEGIES]
+    present = [n for n in ordered(results.get("strategies") or {}, tuple(STRATEGIES)) if n in STRATEGIES]
     used_dnn = results.get("transfer_used_dnn")
     parts = []
     for name in present:
@@ -127,7 +127,7 @@ def _train_time_note(results: Mapping) -> list[str]:
     if any(STRATEGIES[n].stages == ("local",) for n in present):
         text += " Mean probability and majority vote train nothing beyond the local CNNs."
     if any("local" in STRATEGIES[n].time_stages for n in present):
-        processes = int(_number((results.get("local") or {}).get("processes")) or 1)
+        processes = int(number((results.get("local") or {}).get("processes")) or 1)
         where = "on this one device" if processes == 1 else f"by {processes} processes in parallel"
         text += (f" The local stage counts all local CNNs trained together {where}"
                  " (see the critical-path estimate below).")
@@ -166,15 +166,15 @@ def write_report(
         lines.append("No strategy was evaluated in this run.")
     best, how = _best_strategy(results)
     if best is not None:
-        accuracy = _number((strategies.get(best) or {}).get("test_accuracy"))
+        accuracy = number((strategies.get(best) or {}).get("test_accuracy"))
         score = f" ({_percent(accuracy)} % test accuracy)" if accuracy is not None else ""
-        lines += ["", f"**Best strategy:** {_md_cell(_strategy_label(best))}{score}{how}."]
+        lines += ["", f"**Best strategy:** {md_cell(strategy_label(best))}{score}{how}."]
 
     stage_seconds = results.get("stage_seconds") or {}
     if stage_seconds:
         lines += ["", "## Time per stage", "", "| stage | wall time (s) |", "|:---|---:|"]
-        for stage in _ordered(stage_seconds, STAGES):
-            lines.append(f"| {_md_cell(_stage_label(stage))} | {_seconds(stage_seconds[stage])} |")
+        for stage in ordered(stage_seconds, STAGES):
+            lines.append(f"| {md_cell(stage_label(stage))} | {_seconds(stage_seconds[stage])} |")
 
     local = results.get("local")
     if local:
@@ -191,8 +191,8 @@ def write_report(
 
     confusion = results.get("confusion_matrix")
     if confusion and confusion.get("matrix"):
-        label = _strategy_label(confusion.get("strategy") or best or "")
-        heading = f"## Confusion matrix ({_md_cell(label)})" if label else "## Confusion matrix"
+        label = strategy_label(confusion.get("strategy") or best or "")
+        heading = f"## Confusion matrix ({md_cell(label)})" if label else "## Confusion matrix"
         lines += ["", heading, "", _figure(
             "confusion matrix", run_dir, plot_confusion_matrix, confusion["matrix"],
             _class_names(results, len(confusion["matrix"])), plots / "confusion_matrix.png",
@@ -213,7 +213,7 @@ def _figure(what: str, run_dir: Path, plot, *args, **kwargs) -> str:
         reason = (str(err).strip().splitlines() or [""])[0]
         message = f"the plot '{what}' could not be drawn ({type(err).__name__}: {reason})"
         print(f"ddcnn: warning: {message}; the report is written without it", file=sys.stderr)
-        return f"({_md_cell(message)}.)"
+        return f"({md_cell(message)}.)"
     return f"![{what}]({_relative(path, run_dir)})"
 
 
@@ -226,11 +226,11 @@ def _class_names(results: Mapping, k: int) -> list[str]:
 
 def _local_section(local: Mapping, decomposition: Decomposition | None, plots: Path, run_dir: Path) -> list[str]:
     lines = ["", "## Local stage", ""]
-    test = [_number(v) for v in (local.get("test_accuracy") or [])]
-    val = [_number(v) for v in (local.get("val_accuracy") or [])]
+    test = [number(v) for v in (local.get("test_accuracy") or [])]
+    val = [number(v) for v in (local.get("val_accuracy") or [])]
     n = max(len(test), len(val)) or (decomposition.n_subdomains if decomposition else 0)
-    measured, critical = _number(local.get("measured_seconds")), _number(local.get("critical_path_seconds"))
-    processes = int(_number(local.get("processes")) or 1)
+    measured, critical = number(local.get("measured_seconds")), number(local.get("critical_path_seconds"))
+    processes = int(number(local.get("processes")) or 1)
     if measured is not None:
         where = "on this one device" if processes == 1 else f"shared among {processes} processes (the slowest)"
         lines.append(f"- Measured time: {_seconds(measured)} s, training all {n} local CNNs {where} "
@@ -244,7 +244,7 @@ def _local_section(local: Mapping, decomposition: Decomposition | None, plots: P
         if note.lower().startswith("estimated:"):
             note = note[len("estimated:"):].strip()
         if note:
-            text += f" Estimated as: {_md_cell(note)}."
+            text += f" Estimated as: {md_cell(note)}."
         lines.append(text)
     if measured is None and critical is None:
         lines.append("- No local-stage timing was recorded.")
@@ -271,7 +271,7 @@ def _local_section(local: Mapping, decomposition: Decomposition | None, plots: P
             row = [str(i)]
             if locations is not None and decomposition is not None:
                 d = decomposition.dims
-                row.append(_dims_text(_grid_index(decomposition, i)).replace("×", ", "))
+                row.append(dims_text(_grid_index(decomposition, i)).replace("×", ", "))
                 row.append(" × ".join(f"{a}:{b}" for a, b in zip(locations[i][:d], locations[i][d:])))
             row.append(_percent(accuracy))
             if val:

@@ -18,14 +18,14 @@ from matplotlib.patches import Rectangle
 from ddcnn.config import STAGES
 from ddcnn.decomposition import Decomposition
 from ddcnn.errors import ShapeError
-from ddcnn.report.tables import _dims_text, _number, _ordered, _stage_label
+from ddcnn.report.tables import dims_text, number, ordered, stage_label
 
 _DPI = 100
 
 # ------------------------------------------------------------------------------------------------------ figures
 
 
-def _save(fig: Figure, path) -> Path:
+def save_figure(fig: Figure, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=_DPI, format="png")
@@ -33,7 +33,7 @@ def _save(fig: Figure, path) -> Path:
 
 
 def _curve(records, key) -> np.ndarray:
-    return np.array([np.nan if _number(r.get(key)) is None else float(r[key]) for r in records], dtype=float)
+    return np.array([np.nan if number(r.get(key)) is None else float(r[key]) for r in records], dtype=float)
 
 
 def plot_learning_curves(metrics: Sequence[Mapping], path) -> Path:
@@ -44,18 +44,18 @@ def plot_learning_curves(metrics: Sequence[Mapping], path) -> Path:
     """
     by_stage: dict[str, dict[int, Mapping]] = {}
     for record in metrics:
-        stage, epoch = record.get("stage"), _number(record.get("epoch"))
+        stage, epoch = record.get("stage"), number(record.get("epoch"))
         if stage is None or epoch is None:
             continue
         by_stage.setdefault(str(stage), {})[int(epoch)] = record
-    stages = _ordered(by_stage, STAGES)
+    stages = ordered(by_stage, STAGES)
 
     if not stages:
         fig = Figure(figsize=(5, 3), layout="constrained")
         ax = fig.add_subplot()
         ax.text(0.5, 0.5, "no training metrics recorded", ha="center", va="center")
         ax.set_axis_off()
-        return _save(fig, path)
+        return save_figure(fig, path)
 
     fig = Figure(figsize=(4.2 * len(stages), 6.0), layout="constrained")
     axes = fig.subplots(2, len(stages), squeeze=False, sharex="col")
@@ -70,7 +70,7 @@ def plot_learning_curves(metrics: Sequence[Mapping], path) -> Path:
             table = np.full((len(records), n), np.nan)
             for i, p in enumerate(per_sub):
                 for j, v in enumerate(p or []):
-                    table[i, j] = np.nan if _number(v) is None else 100 * float(v)
+                    table[i, j] = np.nan if number(v) is None else 100 * float(v)
             for j in range(n):
                 acc_ax.plot(epochs, table[:, j], color="tab:orange", alpha=0.25, linewidth=0.8,
                             label="val, each subdomain" if j == 0 else None)
@@ -79,8 +79,8 @@ def plot_learning_curves(metrics: Sequence[Mapping], path) -> Path:
         loss_ax.plot(epochs, _curve(records, "train_loss"), color="tab:blue", label="train", **style)
         loss_ax.plot(epochs, _curve(records, "val_loss"), color="tab:orange", label="val", **style)
 
-        seconds = _number(records[-1].get("seconds"))
-        title = _stage_label(stage) + (f" ({seconds:,.1f} s)" if seconds is not None else "")
+        seconds = number(records[-1].get("seconds"))
+        title = stage_label(stage) + (f" ({seconds:,.1f} s)" if seconds is not None else "")
         acc_ax.set_title(title)
         acc_ax.set_ylabel("accuracy (%)")
         loss_ax.set_ylabel("loss")
@@ -90,7 +90,7 @@ def plot_learning_curves(metrics: Sequence[Mapping], path) -> Path:
             ax.grid(True, alpha=0.3)
             ax.xaxis.get_major_locator().set_params(integer=True)
             ax.legend(fontsize="small")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _grid_index(decomposition: Decomposition, i: int) -> tuple[int, ...]:
@@ -161,7 +161,7 @@ def plot_subdomain_heatmap(
     assert image is not None  # one panel at least
     fig.colorbar(image, ax=list(axes), label=label, shrink=0.85)
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _distinct_colours(n: int) -> list[tuple[float, float, float]]:
@@ -249,11 +249,11 @@ def plot_decomposition(image, decomposition: Decomposition, path, title: str | N
     ax.set_yticks([])
     if title is None:
         title = (
-            f"grid {_dims_text(decomposition.grid)}, subimages {_dims_text(decomposition.subimage_size)}, "
-            f"overlap {_dims_text(decomposition.overlap)}"
+            f"grid {dims_text(decomposition.grid)}, subimages {dims_text(decomposition.subimage_size)}, "
+            f"overlap {dims_text(decomposition.overlap)}"
         )
     ax.set_title(title + (f"\n({note})" if note else ""), fontsize="medium")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_confusion_matrix(matrix, classes: Sequence[str] | None, path, title: str = "confusion matrix") -> Path:
@@ -296,4 +296,4 @@ def plot_confusion_matrix(matrix, classes: Sequence[str] | None, path, title: st
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)

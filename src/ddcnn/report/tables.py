@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-from ddcnn.train.strategies import STRATEGIES
+from ddcnn.strategies import STRATEGIES
 
 STAGE_LABELS = {
     "global": "global CNN",
@@ -22,7 +22,7 @@ _MISSING = "—"
 # --------------------------------------------------------------------------------------------------- formatting
 
 
-def _number(value) -> float | None:
+def number(value) -> float | None:
     """``value`` as a finite float, or None when it is absent, not a number, NaN or infinite."""
     if value is None or isinstance(value, bool):
         return None
@@ -34,22 +34,22 @@ def _number(value) -> float | None:
 
 
 def _percent(value) -> str:
-    value = _number(value)
+    value = number(value)
     return _MISSING if value is None else f"{100 * value:.2f}"
 
 
 def _seconds(value) -> str:
-    value = _number(value)
+    value = number(value)
     return _MISSING if value is None else f"{value:,.1f}"
 
 
 def _count(value) -> str:
-    value = _number(value)
+    value = number(value)
     return _MISSING if value is None else f"{round(value):,}"
 
 
 def _mflops(value) -> str:
-    value = _number(value)
+    value = number(value)
     if value is None:
         return _MISSING
     mflops = value / 1e6
@@ -57,15 +57,15 @@ def _mflops(value) -> str:
     return f"{mflops:,.2f}" if mflops >= 0.1 or mflops == 0 else f"{mflops:.3g}"
 
 
-def _strategy_label(name: str) -> str:
+def strategy_label(name: str) -> str:
     return STRATEGIES[name].label if name in STRATEGIES else str(name)
 
 
-def _stage_label(name: str) -> str:
+def stage_label(name: str) -> str:
     return STAGE_LABELS.get(name, str(name))
 
 
-def _ordered(names, order: Sequence[str]) -> list[str]:
+def ordered(names, order: Sequence[str]) -> list[str]:
     """``names`` in the fixed ``order``, followed by any unknown names in the order they came."""
     names = list(dict.fromkeys(names))
     return [n for n in order if n in names] + [n for n in names if n not in order]
@@ -74,11 +74,11 @@ def _ordered(names, order: Sequence[str]) -> list[str]:
 def _strategy_rows(results: Mapping) -> list[tuple[str, str, str, str, str]]:
     strategies = results.get("strategies") or {}
     rows = []
-    for name in _ordered(strategies, tuple(STRATEGIES)):
+    for name in ordered(strategies, tuple(STRATEGIES)):
         entry = strategies[name] or {}
         rows.append(
             (
-                _strategy_label(name),
+                strategy_label(name),
                 _percent(entry.get("test_accuracy")),
                 _seconds(entry.get("train_seconds")),
                 _count(entry.get("parameters")),
@@ -88,11 +88,11 @@ def _strategy_rows(results: Mapping) -> list[tuple[str, str, str, str, str]]:
     return rows
 
 
-def _md_cell(text) -> str:
+def md_cell(text) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _md_code(text) -> str:
+def md_code(text) -> str:
     """``text`` as an inline Markdown code span, whatever backticks it holds."""
     text = str(text).replace("\n", " ")
     runs, current = [], 0
@@ -105,14 +105,14 @@ def _md_code(text) -> str:
     return f"{fence}{pad}{text}{pad}{fence}"
 
 
-def _dims_text(values) -> str:
+def dims_text(values) -> str:
     return "×".join(str(v) for v in values) if values is not None else _MISSING
 
 
 def results_table(results: Mapping) -> str:
     """The results as a Markdown table, one row per strategy that ran.
 
-    Rows come in the order of :data:`~ddcnn.train.strategies.STRATEGIES` (strategies not in
+    Rows come in the order of :data:`~ddcnn.strategies.STRATEGIES` (strategies not in
     ``results["strategies"]`` are skipped, unknown ones follow at the end); a missing number shows as "—".
     """
     lines = [
@@ -120,7 +120,7 @@ def results_table(results: Mapping) -> str:
         "|:---|" + "---:|" * (len(_COLUMNS) - 1),
     ]
     for row in _strategy_rows(results):
-        lines.append("| " + " | ".join(_md_cell(cell) for cell in row) + " |")
+        lines.append("| " + " | ".join(md_cell(cell) for cell in row) + " |")
     return "\n".join(lines)
 
 

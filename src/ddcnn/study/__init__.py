@@ -44,8 +44,8 @@ def _terminate_as_interrupt():
 
 def collect(study_dir: StudyDir, command: str | None = None) -> dict:
     """Aggregate whatever runs of the study exist; write study.json, study.md and plots/; return the data."""
+    from ddcnn.files import atomic_write_text
     from ddcnn.study.report import write_report
-    from ddcnn.train.checkpoint import atomic_write_text
 
     plan = study_dir.plan()
     status: dict[str, dict[int, str]] = {}

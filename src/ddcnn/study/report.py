@@ -10,10 +10,10 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from ddcnn.report.plots import _save
-from ddcnn.report.tables import _md_code, _ordered, _strategy_label
-from ddcnn.study.spec import _text
-from ddcnn.train.strategies import STRATEGIES
+from ddcnn.report.plots import save_figure
+from ddcnn.report.tables import md_code, ordered, strategy_label
+from ddcnn.strategies import STRATEGIES
+from ddcnn.study.spec import value_text
 
 _MISSING = "—"
 _MARKERS = "osD^v<>ph*"
@@ -36,11 +36,11 @@ def _seconds(summary: Mapping) -> str:
 
 
 def _strategies(data: Mapping) -> list[str]:
-    return _ordered([name for cell in data["cells"] for name in cell["strategies"]], tuple(STRATEGIES))
+    return ordered([name for cell in data["cells"] for name in cell["strategies"]], tuple(STRATEGIES))
 
 
 def _claim_label(claim: Mapping) -> str:
-    return f"{_strategy_label(claim['a'])} − {_strategy_label(claim['b'])}"
+    return f"{strategy_label(claim['a'])} − {strategy_label(claim['b'])}"
 
 
 def _claim_rows(data: Mapping, short: bool = False) -> list[tuple[str, ...]]:
@@ -64,7 +64,7 @@ def claims_table(data: Mapping) -> str:
 
 def _short_label(cell: Mapping) -> str:
     """The cell's axis values alone (``2x2, vgg``): the column header where the axes are named elsewhere."""
-    return ", ".join(_text(v) for v in cell["values"].values()) or cell["label"]
+    return ", ".join(value_text(v) for v in cell["values"].values()) or cell["label"]
 
 
 def claims_matrix(data: Mapping) -> str:
@@ -92,12 +92,12 @@ def strategies_table(data: Mapping) -> str:
     lines = ["| cell | strategy | test accuracy (%) | std (pp) | 95% CI (%) | n | train time (s) | parameters |",
              "|:---|:---|---:|---:|:---:|---:|---:|---:|"]
     for cell in data["cells"]:
-        for name in _ordered(cell["strategies"], tuple(STRATEGIES)):
+        for name in ordered(cell["strategies"], tuple(STRATEGIES)):
             entry = cell["strategies"][name]
             acc = entry["accuracy"]
             parameters = entry["parameters"]
             parameters = f"{parameters:,}" if isinstance(parameters, int) else str(parameters)
-            lines.append(f"| {cell['label']} | {_strategy_label(name)} | {_pp(acc['mean'])} | {_pp(acc['std'])} | "
+            lines.append(f"| {cell['label']} | {strategy_label(name)} | {_pp(acc['mean'])} | {_pp(acc['std'])} | "
                          f"{_interval(acc)} | {acc['n']} | {_seconds(entry['train_seconds'])} | {parameters} |")
     return "\n".join(lines)
 
@@ -152,12 +152,12 @@ def plot_accuracy(data: Mapping, path) -> Path:
             high = acc["ci_high"] if acc["ci_high"] is not None else acc["mean"]
             errors[0].append(100 * (acc["mean"] - low))
             errors[1].append(100 * (high - acc["mean"]))
-        ax.errorbar(xs, means, yerr=errors, fmt=_MARKERS[j % len(_MARKERS)], capsize=3, label=_strategy_label(name))
+        ax.errorbar(xs, means, yerr=errors, fmt=_MARKERS[j % len(_MARKERS)], capsize=3, label=strategy_label(name))
     ax.set_xticks(range(len(cells)), [cell["label"].replace(", ", "\n") for cell in cells], fontsize=8)
     ax.set_ylabel("test accuracy (%), mean and 95% CI")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_accuracy_vs_time(data: Mapping, path) -> Path:
@@ -177,14 +177,14 @@ def plot_accuracy_vs_time(data: Mapping, path) -> Path:
             ax.errorbar([entry["train_seconds"]["mean"]], [100 * acc["mean"]], yerr=error, capsize=2,
                         fmt=_MARKERS[i % len(_MARKERS)], color=colours[name])
     for name in names:
-        ax.plot([], [], "s", color=colours[name], label=_strategy_label(name))
+        ax.plot([], [], "s", color=colours[name], label=strategy_label(name))
     for i, cell in enumerate(data["cells"]):
         ax.plot([], [], _MARKERS[i % len(_MARKERS)], color="grey", label=cell["label"])
     ax.set_xlabel("train time (s), mean over seeds")
     ax.set_ylabel("test accuracy (%), mean and 95% CI")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_curves(data: Mapping, path) -> Path:
@@ -200,7 +200,7 @@ def plot_curves(data: Mapping, path) -> Path:
                 continue
             epochs = np.array([p["epoch"] for p in points])
             ax.plot(epochs, [100 * p["mean"] for p in points], marker="o", color=f"C{j}",
-                    label=_strategy_label(stage))
+                    label=strategy_label(stage))
             band = [p for p in points if p["ci_low"] is not None]
             if band:
                 ax.fill_between([p["epoch"] for p in band], [100 * p["ci_low"] for p in band],
@@ -211,7 +211,7 @@ def plot_curves(data: Mapping, path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("validation accuracy (%)")
     axes[0].legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_report(data: Mapping, folder: Path) -> Path:
@@ -228,7 +228,7 @@ def write_report(data: Mapping, folder: Path) -> Path:
         f"torch {env.get('torch_version') or _MISSING}; Python {env.get('python') or _MISSING}; ddcnn "
         f"{env.get('ddcnn_version') or _MISSING}; dataset {env.get('dataset') or _MISSING}.",
         "",
-        f"Command: {_md_code(data.get('command') or _MISSING)}",
+        f"Command: {md_code(data.get('command') or _MISSING)}",
         "",
         f"Method: {data['method']}.",
         "",

@@ -175,7 +175,7 @@ class StudyDir:
 
     def create(self) -> None:
         """Write the study's record (once): the spec, the study file and the base config the runs start from."""
-        from ddcnn.train.checkpoint import atomic_write_text
+        from ddcnn.files import atomic_write_text
 
         self.check()
         if (self.path / SPEC_FILE).is_file():

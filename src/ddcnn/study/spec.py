@@ -43,7 +43,7 @@ class Cell:
 
     @property
     def label(self) -> str:
-        return ", ".join(f"{key}={_text(value)}" for key, value in self.values.items()) or "base"
+        return ", ".join(f"{key}={value_text(value)}" for key, value in self.values.items()) or "base"
 
     def overrides(self) -> list[str]:
         return [f"{key}={_yaml_value(value)}" for key, value in self.values.items()]
@@ -91,16 +91,16 @@ def _yaml_value(value) -> str:
     return json.dumps(value)
 
 
-def _text(value) -> str:
+def value_text(value) -> str:
     if isinstance(value, list):
-        return "x".join(_text(v) for v in value)
+        return "x".join(value_text(v) for v in value)
     return json.dumps(value) if not isinstance(value, str) else value
 
 
 def _ids(combos: list[dict], short: bool) -> list[str]:
     def part(key, value):
         name = key.split(".")[-1] if short else key.replace("*", "all")
-        return re.sub(r"[^A-Za-z0-9.+-]+", "-", f"{name}-{_text(value)}").strip("-")
+        return re.sub(r"[^A-Za-z0-9.+-]+", "-", f"{name}-{value_text(value)}").strip("-")
 
     return ["_".join(part(k, v) for k, v in combo.items()) for combo in combos]
 
@@ -199,8 +199,8 @@ def load_study(path: str | Path, trusted: bool = True) -> Study:
             duplicate = next(t for t in texts if texts.count(t) > 1)
             raise ConfigError(f"{where}: axis {key!r} lists the value {duplicate} twice; give each value once")
         for value in values:
-            _check(base_data, [f"{key}={_yaml_value(value)}"], f"{where}: axis {key!r} = {_text(value)}", trusted,
-                   source)
+            _check(base_data, [f"{key}={_yaml_value(value)}"], f"{where}: axis {key!r} = {value_text(value)}",
+                   trusted, source)
         clean_axes[str(key)] = values
 
     seeds = data.get("seeds")

@@ -11,66 +11,15 @@ that is free on its device is refused with the figure and the fix.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from ddcnn.config import STAGES, Config, DataConfig, parallelism
+from ddcnn.build import meta_model
+from ddcnn.config import STAGES, Config, parallelism
 from ddcnn.errors import ConfigError, DDCNNError
-
-GIB = 2**30
-
-
-def stage_model(models, stage: str) -> nn.Module:
-    """The model ``stage`` trains, built as training, evaluation and prediction build it."""
-    if stage == "global":
-        return models.global_cnn()
-    if stage == "local":
-        return models.ensemble()
-    if stage == "combine":
-        return models.dnn("combine")
-    return models.cnn_dnn(stage)
-
-
-def weight_shapes(stage: str, model: nn.Module) -> dict[str, tuple]:
-    """``{name: shape}`` of what ``stage``'s checkpoint holds for ``model``: the local CNNs in the stacked layout,
-    a CNN-DNN as :class:`~ddcnn.train.model_parallel.CNNDNNState` saves it (works on the meta device)."""
-    from ddcnn.models import CNNDNN, LocalEnsemble
-    from ddcnn.train.model_parallel import whole_state
-
-    if isinstance(model, LocalEnsemble):
-        state = model.stacked_state_dict()
-    elif isinstance(model, CNNDNN):
-        state = whole_state(model.ensemble.stacked_state_dict(), model.combiner.state_dict())
-    else:
-        state = model.state_dict()
-    return {k: tuple(v.shape) for k, v in state.items()}
-
-
-def meta_model(models, stage: str) -> nn.Module:
-    """``stage``'s model on the meta device; a model too large even to describe is a ConfigError."""
-    # Building seeds torch's global generators: a check before training must leave them as they were.
-    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    try:
-        with torch.random.fork_rng(devices=cuda), torch.device("meta"):
-            return stage_model(models, stage)
-    except (DDCNNError, RuntimeError, NotImplementedError) as err:
-        if "meta" not in str(err).lower() or models.family_builtin:
-            if isinstance(err, DDCNNError):
-                raise
-            raise ConfigError(f"the {stage!r} model of this config is too large to build ({err}); lower "
-                              f"model.width, model.local_width or combiner.hidden") from None
-        # A foreign network that reads its weights' values while it is built (an .item() in __init__) cannot be
-        # built without memory; one global and one local CNN of it were built for real already (the pre-check of
-        # ddcnn.train.build.Models), so it is built on the CPU to be counted.
-        with torch.random.fork_rng(devices=cuda), torch.device("cpu"):
-            return stage_model(models, stage)
-    except (OverflowError, ValueError, MemoryError) as err:
-        raise ConfigError(f"the {stage!r} model of this config is too large to build ({err}); lower model.width, "
-                          f"model.local_width or combiner.hidden") from None
+from ddcnn.memory import free_memory, gib
 
 
 @dataclass
@@ -168,35 +117,6 @@ def count_exactly(cfg: Config, models, size: StageSize) -> None:
     size.exact = True
 
 
-def free_memory(device: torch.device) -> int | None:
-    """Bytes free on ``device`` now (CPU: available RAM, within a cgroup's limit), or None when unknown."""
-    if device.type == "cuda":
-        try:
-            return int(torch.cuda.mem_get_info(device)[0])
-        except (RuntimeError, AssertionError):
-            return None
-    free = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                free = int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    if free is None:
-        try:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            return None
-    try:  # a container's own limit (cgroup v2)
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
-        if limit != "max":
-            free = min(free, int(limit) - used)
-    except (OSError, ValueError):
-        pass
-    return free
-
-
 def held_per_process(cfg: Config, models, size: StageSize, world: int) -> StageSize:
     """The part of ``size`` one of ``world`` processes holds: a model-parallel stage holds the largest shard of the
     local CNNs (and the whole DNN) with their activations, and the whole batch; a data-parallel one the whole model
@@ -211,10 +131,6 @@ def held_per_process(cfg: Config, models, size: StageSize, world: int) -> StageS
     dnn = 0 if size.stage == "local" else sum(p.numel() for p in meta_model(models, "combine").parameters())
     return replace(size, parameters=dnn + math.ceil((size.parameters - dnn) * share),
                    activation_bytes=math.ceil(size.activation_bytes * share))
-
-
-def _gib(n: float) -> str:
-    return f"{n / GIB:,.1f} GiB" if n >= GIB / 10 else f"{n / 2**20:,.1f} MiB"
 
 
 def check_budget(cfg: Config, models, device: torch.device, n_train: int | None = None, world: int = 1,
@@ -254,11 +170,11 @@ def check_budget(cfg: Config, models, device: torch.device, n_train: int | None 
         else:
             fix = f"lower stages.{size.stage}.batch_size, data.image_size or data.augment.crop_padding"
         raise ConfigError(
-            f"the {size.stage!r} stage needs about {_gib(need)}{' per process' if world > 1 else ''} on "
+            f"the {size.stage!r} stage needs about {gib(need)}{' per process' if world > 1 else ''} on "
             f"{device.type} ({held.parameters:,} parameters: "
-            f"{_gib(params)} of weights{' with gradients and optimizer state' if training else ''}; "
-            f"{_gib(need - params)} "
-            f"of activations for a batch of {cfg.stages.get(size.stage).batch_size}) but only {_gib(free)} are "
+            f"{gib(params)} of weights{' with gradients and optimizer state' if training else ''}; "
+            f"{gib(need - params)} "
+            f"of activations for a batch of {cfg.stages.get(size.stage).batch_size}) but only {gib(free)} are "
             f"free; {fix}")
     return sizes
 
@@ -270,21 +186,6 @@ def check_parameters(cfg: Config, models, stages, free: int | None = None) -> in
     need = 4 * sum(size.parameters for size in stage_sizes(cfg, models, stages))
     free = free_memory(torch.device("cpu")) if free is None else free
     if free is not None and need > free:
-        raise ConfigError(f"the models of this config hold {need // 4:,} parameters ({_gib(need)}) but only "
-                          f"{_gib(free)} of memory are free; lower model.width, model.local_width or combiner.hidden")
+        raise ConfigError(f"the models of this config hold {need // 4:,} parameters ({gib(need)}) but only "
+                          f"{gib(free)} of memory are free; lower model.width, model.local_width or combiner.hidden")
     return need
-
-
-def check_data_size(data: DataConfig, free: int | None = None) -> None:
-    """Refuse an ``image_size`` whose images cannot be held in memory, before any file is read or generated."""
-    if data.image_size is None:
-        return
-    channels = data.channels or (1 if data.name in ("volume-folder", "generated") else 3)
-    one = math.prod(data.image_size) * channels * 4
-    count = data.generated_train + data.generated_test if data.name == "generated" else 1
-    free = free_memory(torch.device("cpu")) if free is None else free
-    if free is not None and one * count > free:
-        what = f"{count:,} generated images" if count > 1 else "one image"
-        raise ConfigError(f"data.image_size = {data.image_size} makes {what} take {_gib(one * count)} but only "
-                          f"{_gib(free)} of memory are free; lower data.image_size"
-                          + (" or data.generated_train" if count > 1 else ""))

@@ -9,12 +9,9 @@ previous manifest pointing at complete files, and a file damaged later is detect
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +21,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from ddcnn.errors import CheckpointError
-from ddcnn.files import Check, MapOf, Opt, read_bytes, read_json
+from ddcnn.files import Check, MapOf, Opt, atomic_write, atomic_write_text, read_bytes, read_json
 
 # A bare file name inside checkpoints/: a manifest never reaches (or deletes) other files.
 _FILE_NAME = Check(str, lambda n: n == Path(n).name and n.endswith(".safetensors") and not n.startswith(".")
@@ -32,53 +29,6 @@ _FILE_NAME = Check(str, lambda n: n == Path(n).name and n.endswith(".safetensors
 _FILE = {"file": _FILE_NAME, "sha256": Check(str, lambda h: re.fullmatch("[0-9a-f]{64}", h) is not None,
                                              "a SHA-256 in hexadecimal")}
 _OPTIMIZER_META = {"param_groups": [MapOf(Any)], "state": MapOf(MapOf(Any))}
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def naming(path: Path):
-    """OS errors inside name ``path`` (a failed flush or fsync names no file): the user is told which file."""
-    try:
-        yield
-    except OSError as err:
-        if err.filename is None and err.errno is not None:
-            raise OSError(err.errno, err.strerror, str(path)) from err
-        raise
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that ``path`` holds either the old or the new content, never a part."""
-    with naming(path):
-        _atomic_write(path, data)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the run's files get the mode any new file gets
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, text.encode())
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:

@@ -10,16 +10,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddcnn.config import STAGES, Config, parallelism
+from ddcnn.build import Models, Shapes
+from ddcnn.config import Config
 from ddcnn.data.datasets import load_datasets
 from ddcnn.data.loading import Augment, Normalizer, make_batches, split_dataset
 from ddcnn.data.readers import ImageDataset
-from ddcnn.errors import ConfigError
 from ddcnn.models.settings import check_model_settings
-from ddcnn.train import distributed
-from ddcnn.train.budget import check_budget
-from ddcnn.train.build import Models, Shapes, check_processes
-from ddcnn.train.distributed import DataParallelSync, DistEnv
+from ddcnn.train import dist
+from ddcnn.train.admit import admit_models
+from ddcnn.train.dist import DistEnv
+from ddcnn.train.distributed import DataParallelSync
 from ddcnn.train.loop import StageSpec, Sync
 from ddcnn.train.metrics import MetricsLog
 from ddcnn.train.rundir import RunDir
@@ -138,14 +138,6 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(-1) == labels).float().mean().item()
 
 
-def check_stages(cfg: Config) -> None:
-    """Stages that need another stage's models: refused before anything is read or written."""
-    for stage in ("combine", "transfer"):
-        if cfg.stages.get(stage).enabled and not cfg.stages.local.enabled:
-            raise ConfigError(f"stage {stage!r} needs the trained local CNNs: enable stages.local or disable "
-                              f"stages.{stage}")
-
-
 def build_context(cfg: Config, run_dir: RunDir, runtime: Runtime, env: DistEnv, resume: bool, force: bool,
                   verbose: bool = True, print_line: Callable[[str], None] | None = None, trusted: bool = True,
                   source: str = "the config") -> Context:
@@ -158,13 +150,11 @@ def build_context(cfg: Config, run_dir: RunDir, runtime: Runtime, env: DistEnv, 
     classes = list(train_full.classes)
     shapes = Shapes(train.in_channels, len(classes), train.image_size)
     models = Models(cfg, shapes)
-    check_budget(cfg, models, runtime.device, len(train), env.world)  # every model built (on meta) and sized
-    check_processes(env, models, [stage for stage in STAGES
-                                  if cfg.stages.get(stage).enabled and parallelism(cfg, stage) == "model"])
+    admit_models(cfg, models, runtime.device, len(train), env)
     normalizer = Normalizer.fit(train.images)
-    distributed.init(env, runtime.device.type)
+    dist.init(env, runtime.device.type)
     if env.is_main:
-        run_dir.prepare(cfg, resume, force, launch=distributed.launch_id(), models=models)
+        run_dir.prepare(cfg, resume, force, launch=dist.launch_id(), models=models)
         run_dir.write_json("data.json", {
             "classes": classes, "in_channels": shapes.in_channels, "image_size": list(shapes.image_size),
             "normalizer": normalizer.state_dict(), "train": len(train), "val": len(val), "test": len(test),

@@ -11,7 +11,7 @@ from ddcnn.data.loading import to_float
 from ddcnn.data.readers import read_image_file, read_volume_file
 from ddcnn.errors import DataError
 from ddcnn.train.context import accuracy
-from ddcnn.train.distributed import DistEnv
+from ddcnn.train.dist import DistEnv
 from ddcnn.train.runtime import device_name
 from ddcnn.train.saved import SavedRun
 

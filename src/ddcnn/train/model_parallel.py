@@ -19,13 +19,12 @@ from torch import nn
 
 from ddcnn.decomposition import Decomposition
 from ddcnn.models import CNNDNN, LocalEnsemble
+from ddcnn.models.cnn_dnn import split_whole_state, whole_state
 from ddcnn.models.combiners import Combiner
 from ddcnn.shards import shard_range
-from ddcnn.train.distributed import DistEnv, _RankSync, cat_optimizer, cat_states, slice_optimizer, slice_state
+from ddcnn.train.dist import DistEnv, cat_optimizer, cat_states, slice_optimizer, slice_state
+from ddcnn.train.distributed import RankSync
 from ddcnn.train.loop import ModelState
-
-ENSEMBLE = "ensemble.net."  # checkpoint keys of the stacked ensemble (the grouped backend's own keys)
-COMBINER = "combiner."
 
 
 class _GatherSubdomains(torch.autograd.Function):
@@ -109,13 +108,7 @@ class ShardedCNNDNN(nn.Module):
         return total
 
 
-def whole_state(stacked_ensemble: dict, combiner: dict) -> dict:
-    """A CNN-DNN's checkpoint layout: the ensemble's stacked state under ``ensemble.net.``, the DNN's under
-    ``combiner.``."""
-    return {**{ENSEMBLE + k: v for k, v in stacked_ensemble.items()}, **{COMBINER + k: v for k, v in combiner.items()}}
-
-
-class ModelParallelSync(_RankSync):
+class ModelParallelSync(RankSync):
     """Every rank saw the whole batch and computed the same loss: the statistics are already complete."""
 
     def reduce(self, loss_sum, correct, seen):
@@ -142,12 +135,11 @@ class CNNDNNState(ModelState):
         return whole_state(stacked, {k: v.detach().cpu().clone() for k, v in self.combiner.state_dict().items()})
 
     def load_weights(self, weights: dict) -> None:
-        stacked = {k[len(ENSEMBLE):]: v for k, v in weights.items() if k.startswith(ENSEMBLE)}
+        stacked, combiner = split_whole_state(weights)
         device = next(self.combiner.parameters()).device
         self.ensemble.load_stacked_state_dict(
             {k: v.to(device) for k, v in slice_state(stacked, self.n_total, self.shard).items()})
-        self.combiner.load_state_dict({k[len(COMBINER):]: v.to(device) for k, v in weights.items()
-                                       if k.startswith(COMBINER)})
+        self.combiner.load_state_dict({k: v.to(device) for k, v in combiner.items()})
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
         """``{"state": {j: ...}, "param_groups": [...]}``: positions ``0..E-1`` the ensemble's parameters
@@ -155,7 +147,7 @@ class CNNDNNState(ModelState):
         stacked = self.ensemble.stacked_optimizer_state(optimizer)
         if self.sharded:
             stacked = cat_optimizer(self.env.all_gather(stacked))
-        first = len(self.ensemble._parameters_by_position())
+        first = len(self.ensemble.parameters_by_position())
         state = dict(stacked["state"])
         for j, p in enumerate(self.combiner.parameters()):
             if optimizer.state.get(p):
@@ -164,7 +156,7 @@ class CNNDNNState(ModelState):
         return {"state": state, "param_groups": stacked["param_groups"]}
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
-        first = len(self.ensemble._parameters_by_position())
+        first = len(self.ensemble.parameters_by_position())
         entries = {int(j): v for j, v in state["state"].items()}
         ensemble_part = {"state": {j: v for j, v in entries.items() if j < first},
                          "param_groups": state["param_groups"]}

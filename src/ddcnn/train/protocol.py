@@ -1,5 +1,5 @@
 """The paper's protocol into one run directory: every enabled stage in order, then one test evaluation and the
-report. The stages are in :mod:`ddcnn.train.stages`, the strategies they give in :mod:`ddcnn.train.strategies`.
+report. The stages are in :mod:`ddcnn.train.stages`, the strategies they give in :mod:`ddcnn.strategies`.
 """
 
 from __future__ import annotations
@@ -14,14 +14,15 @@ import ddcnn
 from ddcnn.config import STAGES, Config
 from ddcnn.data.loading import to_float
 from ddcnn.models import LocalEnsemble, count_parameters, forward_flops
-from ddcnn.train import distributed, stages
-from ddcnn.train.context import Context, StageResult, accuracy, build_context, check_stages
-from ddcnn.train.distributed import DistEnv
+from ddcnn.strategies import STRATEGIES, available
+from ddcnn.train import dist, stages
+from ddcnn.train.admit import check_stages
+from ddcnn.train.context import Context, StageResult, accuracy, build_context
+from ddcnn.train.dist import DistEnv
 from ddcnn.train.metrics import MetricsLog
 from ddcnn.train.model_parallel import ShardedCNNDNN
 from ddcnn.train.rundir import RunDir
 from ddcnn.train.runtime import device_name, make_runtime
-from ddcnn.train.strategies import STRATEGIES, available
 
 
 class Experiment:
@@ -38,11 +39,11 @@ class Experiment:
         study directory without --trust-code; ``source`` names that file in the refusal)."""
         self.cfg, self.command, self.force, self.verbose, self.print_line = cfg, command, force, verbose, log
         self.trusted, self.source = trusted, source
-        self.env = env or distributed.env_from_environment()
+        self.env = env or dist.env_from_environment()
         self.run_dir = RunDir(out)
         self.runtime = make_runtime(cfg, self.env)
         # A worker that torchrun restarted continues from the checkpoints of its own launch.
-        self.resume = resume or (distributed.is_restart() and self.run_dir.launched_by(distributed.launch_id()))
+        self.resume = resume or (dist.is_restart() and self.run_dir.launched_by(dist.launch_id()))
         check_stages(cfg)
 
     def setup(self) -> Context:
@@ -57,13 +58,13 @@ class Experiment:
             done: dict[str, StageResult] = {}
             for stage in STAGES:
                 if self.cfg.stages.get(stage).enabled:
-                    done[stage] = stages.STAGES[stage](ctx, done)
+                    done[stage] = stages.TRAINERS[stage](ctx, done)
             return finish(ctx, done, self.command)
         finally:
             if ctx is not None and isinstance(ctx.log, MetricsLog):
                 ctx.log.close()
             if self.env.enabled:
-                distributed.shutdown()
+                dist.shutdown()
 
 
 def finish(ctx: Context, done: dict[str, StageResult], command: str = "") -> dict | None:

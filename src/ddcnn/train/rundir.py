@@ -13,8 +13,8 @@ import yaml
 
 from ddcnn.config import STAGES, Config, dump_config, from_dict, to_dict
 from ddcnn.errors import CheckpointError, ConfigError
-from ddcnn.files import load_yaml, read_json, read_text
-from ddcnn.train.checkpoint import CheckpointDir, atomic_write_text, naming
+from ddcnn.files import atomic_write_text, load_yaml, naming, read_json, read_text
+from ddcnn.train.checkpoint import CheckpointDir
 from ddcnn.train.runfiles import MARKER as MARKER_SCHEMA
 from ddcnn.train.runfiles import TRAINING_STATE, check_resumable, fix_for
 

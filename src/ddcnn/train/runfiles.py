@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from ddcnn.build import meta_model, weight_shapes
 from ddcnn.config import STAGES, Config
 from ddcnn.errors import CheckpointError
 from ddcnn.files import Check, MapOf, Opt
@@ -119,8 +120,6 @@ def stage_changes(stage: str, state: dict, saved: dict, settings) -> list[dict]:
 def check_checkpoints(run_dir, cfg: Config, models=None, stages=STAGES) -> dict[str, Any]:
     """Read every checkpoint of ``stages`` as loading will (manifest, SHA-256, safetensors) and, with ``models``,
     check its weights' names and shapes against the models the config describes. Returns ``{stage: state}``."""
-    from ddcnn.train.budget import meta_model, weight_shapes
-
     ckpt, states = run_dir.checkpoints, {}
     for stage in stages:
         if not ckpt.has(stage):

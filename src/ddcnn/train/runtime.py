@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import platform
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -13,11 +13,9 @@ from torch import nn
 from ddcnn.config import Config
 from ddcnn.data.loading import to_float
 from ddcnn.errors import ConfigError
+from ddcnn.train.dist import DistEnv
 
 M = TypeVar("M", bound=nn.Module)
-
-if TYPE_CHECKING:  # distributed imports the loop, which imports this module
-    from ddcnn.train.distributed import DistEnv
 
 
 @dataclass

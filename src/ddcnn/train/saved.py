@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ddcnn.build import Models, Shapes, meta_model, stage_model, weight_shapes
 from ddcnn.config import STAGES, from_dict
 from ddcnn.data.loading import Normalizer
 from ddcnn.errors import CheckpointError, ConfigError, DDCNNError, did_you_mean
@@ -14,15 +15,15 @@ from ddcnn.models import CNNDNN, LocalEnsemble
 from ddcnn.models.family import is_import_path
 from ddcnn.models.settings import check_model_settings
 from ddcnn.shards import shard_range
-from ddcnn.train import distributed
-from ddcnn.train.budget import check_budget, meta_model, stage_model, weight_shapes
-from ddcnn.train.build import Models, Shapes, check_processes
-from ddcnn.train.distributed import DistEnv, slice_state
+from ddcnn.strategies import STRATEGIES, predictors
+from ddcnn.train import dist
+from ddcnn.train.admit import check_processes
+from ddcnn.train.budget import check_budget
+from ddcnn.train.dist import DistEnv, slice_state
 from ddcnn.train.model_parallel import CNNDNNState, ShardedCNNDNN, ShardedLocalCNNs
 from ddcnn.train.rundir import RunDir
 from ddcnn.train.runfiles import DATA_FACTS, RESULTS, fix_for
 from ddcnn.train.runtime import make_runtime
-from ddcnn.train.strategies import STRATEGIES, predictors
 
 SHARDED = ("local", "coherent", "transfer")  # loaded as each process's shard of the local CNNs under torchrun
 
@@ -71,9 +72,9 @@ class SavedRun:
         self.decomposition = self.models.decomposition
         ckpt = self.run_dir.checkpoints
         done = [stage for stage in STAGES if ckpt.has(stage) and ckpt.state(stage)["done"]]
-        check_processes(self.env, self.models, [stage for stage in done if stage in SHARDED])
+        check_processes(self.cfg, self.models, self.env, [stage for stage in done if stage in SHARDED])
         check_budget(self.cfg, self.models, self.runtime.device, training=False, stages=done, world=self.env.world)
-        distributed.init(self.env, self.runtime.device.type)
+        dist.init(self.env, self.runtime.device.type)
         self.trained: dict[str, nn.Module] = {}
         for stage in done:
             weights, _, _ = ckpt.load(stage)

@@ -1,7 +1,8 @@
 """The paper's five stages, one function each: ``train_X(ctx, done) -> StageResult``.
 
-``done`` holds the results of the stages that ran before (in :data:`STAGES` order); every stage checkpoints each
-epoch through :func:`ddcnn.train.loop.fit`, so a finished stage is loaded, not retrained, on ``--resume``.
+``done`` holds the results of the stages that ran before (in :data:`ddcnn.config.STAGES` order); every stage
+checkpoints each epoch through :func:`ddcnn.train.loop.fit`, so a finished stage is loaded, not retrained, on
+``--resume``.
 """
 
 from __future__ import annotations
@@ -182,8 +183,8 @@ def train_transfer(ctx: Context, done: Done) -> StageResult:
     return _train_cnn_dnn(ctx, "transfer", ensemble, combiner, {"initialised_from": ("combine",) if use_dnn else ()})
 
 
-
-STAGES: dict[str, Callable[[Context, Done], StageResult]] = {
+# The trainer of each stage of :data:`ddcnn.config.STAGES` (the one list of stages, in the order they run).
+TRAINERS: dict[str, Callable[[Context, Done], StageResult]] = {
     "global": train_global,
     "local": train_local,
     "combine": train_combine,

@@ -1,15 +1,19 @@
-"""From a config and the data's shapes to every model of the protocol, built the same way everywhere."""
+"""From a config and the data's shapes to every model of the protocol, built the same way everywhere: in training,
+evaluation, prediction and ``ddcnn show``, and on the meta device for the checks made before a run (shapes, no
+memory)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from ddcnn.config import Config
 from ddcnn.decomposition import Decomposition
-from ddcnn.errors import ConfigError
+from ddcnn.errors import ConfigError, DDCNNError
 from ddcnn.models import BACKBONES, CNNDNN, DNN, GlobalCNN, LocalEnsemble, check_fits, local_width
+from ddcnn.models.cnn_dnn import whole_state
 from ddcnn.models.family import probe
 from ddcnn.seeds import derive_seed
 
@@ -71,15 +75,47 @@ class Models:
         return CNNDNN(self.decomposition, self.ensemble(), self.dnn(stage))
 
 
+def stage_model(models, stage: str) -> nn.Module:
+    """The model ``stage`` trains, built as training, evaluation and prediction build it."""
+    if stage == "global":
+        return models.global_cnn()
+    if stage == "local":
+        return models.ensemble()
+    if stage == "combine":
+        return models.dnn("combine")
+    return models.cnn_dnn(stage)
 
-def check_processes(env, models: Models, sharded: list[str]) -> None:
-    """Refuse more processes (``env``, a DistEnv) than local CNNs when a stage of ``sharded`` gives each process
-    its shard of them (training, or loading a finished run under torchrun), on every rank alike."""
-    if env.enabled and sharded and env.world > models.n_local:
-        # Model and data parallelism together (a 2-D mesh of processes) is not built: refused, not half-done.
-        raise ConfigError(
-            f"{env.world} processes but only {models.n_local} local CNNs (grid {list(models.decomposition.grid)}): "
-            f"in the {', '.join(sharded)} stage(s) every process holds at least one local CNN; start at most "
-            f"{models.n_local} processes (--nproc-per-node), use a finer grid, or set stages.<stage>.parallel=data "
-            f"for coherent and transfer"
-        )
+
+def weight_shapes(stage: str, model: nn.Module) -> dict[str, tuple]:
+    """``{name: shape}`` of what ``stage``'s checkpoint holds for ``model``: the local CNNs in the stacked layout,
+    a CNN-DNN as :class:`~ddcnn.models.cnn_dnn.whole_state` saves it (works on the meta device)."""
+    if isinstance(model, LocalEnsemble):
+        state = model.stacked_state_dict()
+    elif isinstance(model, CNNDNN):
+        state = whole_state(model.ensemble.stacked_state_dict(), model.combiner.state_dict())
+    else:
+        state = model.state_dict()
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def meta_model(models, stage: str) -> nn.Module:
+    """``stage``'s model on the meta device; a model too large even to describe is a ConfigError."""
+    # Building seeds torch's global generators: a check before training must leave them as they were.
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=cuda), torch.device("meta"):
+            return stage_model(models, stage)
+    except (DDCNNError, RuntimeError, NotImplementedError) as err:
+        if "meta" not in str(err).lower() or models.family_builtin:
+            if isinstance(err, DDCNNError):
+                raise
+            raise ConfigError(f"the {stage!r} model of this config is too large to build ({err}); lower "
+                              f"model.width, model.local_width or combiner.hidden") from None
+        # A foreign network that reads its weights' values while it is built (an .item() in __init__) cannot be
+        # built without memory; one global and two local CNNs of it were built for real already (the pre-check of
+        # Models), so it is built on the CPU to be counted.
+        with torch.random.fork_rng(devices=cuda), torch.device("cpu"):
+            return stage_model(models, stage)
+    except (OverflowError, ValueError, MemoryError) as err:
+        raise ConfigError(f"the {stage!r} model of this config is too large to build ({err}); lower model.width, "
+                          f"model.local_width or combiner.hidden") from None

@@ -1,0 +1,55 @@
+"""Every check that can refuse a run, in the order a run makes them; all of them come before the run directory is
+touched, so a refused run leaves every file as it was.
+
+1. The config: keys, types and ranges (:func:`ddcnn.config.load_config`, when it is read).
+2. The device (:func:`ddcnn.train.runtime.make_runtime`) and the stages' dependencies (:func:`check_stages`).
+3. The data: files, shapes, classes, and whether the images fit in memory (:func:`ddcnn.data.datasets.load_datasets`).
+4. The models: the grid against the backbone's depth, a foreign CNN run once on a sample
+   (:class:`ddcnn.build.Models`).
+5. The models against the machine (:func:`admit_models`): the memory each stage needs per process
+   (:func:`ddcnn.train.budget.check_budget`), and the number of processes against the local CNNs
+   (:func:`check_processes`).
+6. The run directory: a new one, ``--force``, or a ``--resume`` read whole against the config and the models
+   (:meth:`ddcnn.train.rundir.RunDir.prepare`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ddcnn.build import Models
+from ddcnn.config import STAGES, Config, parallelism
+from ddcnn.errors import ConfigError
+from ddcnn.train.budget import check_budget
+from ddcnn.train.dist import DistEnv
+
+
+def check_stages(cfg: Config) -> None:
+    """Stages that need another stage's models: refused before anything is read or written."""
+    for stage in ("combine", "transfer"):
+        if cfg.stages.get(stage).enabled and not cfg.stages.local.enabled:
+            raise ConfigError(f"stage {stage!r} needs the trained local CNNs: enable stages.local or disable "
+                              f"stages.{stage}")
+
+
+def check_processes(cfg: Config, models: Models, env: DistEnv, sharded: list[str] | None = None) -> None:
+    """A model-parallel stage gives every process at least one local CNN: more processes than local CNNs are
+    refused, on every rank alike. ``sharded``: the stages loaded as shards (a finished run under torchrun);
+    default the enabled model-parallel stages of ``cfg``."""
+    if sharded is None:
+        sharded = [stage for stage in STAGES if cfg.stages.get(stage).enabled and parallelism(cfg, stage) == "model"]
+    if env.enabled and sharded and env.world > models.n_local:
+        # Model and data parallelism together (a 2-D mesh of processes) is not built: refused, not half-done.
+        raise ConfigError(
+            f"{env.world} processes but only {models.n_local} local CNNs (grid {list(models.decomposition.grid)}): "
+            f"in the {', '.join(sharded)} stage(s) every process holds at least one local CNN; start at most "
+            f"{models.n_local} processes (--nproc-per-node), use a finer grid, or set stages.<stage>.parallel=data "
+            f"for coherent and transfer"
+        )
+
+
+def admit_models(cfg: Config, models: Models, device: torch.device, n_train: int, env: DistEnv) -> None:
+    """Step 5: every model built on the meta device and sized against the memory of ``device``, then the number
+    of processes against the local CNNs."""
+    check_budget(cfg, models, device, n_train, env.world)
+    check_processes(cfg, models, env)
