@@ -46,7 +46,6 @@ def test_overrides_with_dotted_keys_globs_and_yaml_values():
         ({"stages": {"global": {"lr": "fast"}}}, "must be a number"),
         ({"decomposition": {"grid": [2, 0]}}, "grid"),
         ({"decomposition": {"overlap": -1}}, "overlap"),
-        ({"model": {"backbone": "resnet50"}}, "did you mean 'resnet'"),
         ({"data": {"name": "fashion_mnist"}}, "did you mean 'fashion-mnist'"),
         ({"stages": {"local": {"optimizer": "adamw2"}}}, "optimizer"),
         ({"data": {"val_fraction": 1.5}}, r"\[0, 1\)"),

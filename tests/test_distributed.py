@@ -69,6 +69,15 @@ def test_more_processes_than_local_cnns_is_a_clear_error(tiny_config, tmp_path, 
         Experiment(cfg, tmp_path / "r", verbose=False, env=DistEnv(rank=0, world=3)).setup()
 
 
+def test_evaluating_with_more_processes_than_local_cnns_is_the_same_clear_error(finished_run):
+    """Every rank refuses alike, before any process group or shard is made (a grid of 2x2: four local CNNs)."""
+    from ddcnn.train.saved import SavedRun
+
+    for rank in range(5):
+        with pytest.raises(ConfigError, match="5 processes but only 4 local CNNs.*--nproc-per-node"):
+            SavedRun(finished_run[0], env=DistEnv(rank=rank, world=5))
+
+
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")

@@ -182,23 +182,31 @@ def test_bad_foreign_backbones_are_clear_errors():
         LocalEnsemble(2, C, K, backbone=lambda: nn.Sequential(nn.Flatten(), nn.LazyLinear(K)), backend="vmap")
 
 
-def test_the_config_imports_the_backbone_at_validation():
+def test_the_model_settings_import_the_backbone():
+    """The config layer imports nothing; ddcnn.models.settings imports (and so checks) a trusted import path."""
+    from ddcnn.models.settings import check_model_settings
+
+    def check(data):
+        cfg = from_dict(data)
+        check_model_settings(cfg.model, cfg.combiner)
+        return cfg
+
     data = tiny_dict(2)
     data["model"] = {"backbone": "torch.nn.Linearr", "backend": "vmap"}
     with pytest.raises(ConfigError, match=r"model.backbone.*did you mean 'Linear'"):
-        from_dict(data)
+        check(data)
     data["model"] = {"backbone": "nowhere.nets:Net", "backend": "vmap"}
     with pytest.raises(ConfigError, match="model.backbone.*'nowhere' is not found"):
-        from_dict(data)
+        check(data)
     data["model"] = {"backbone": "torchvision.models.resnet18", "backend": "grouped"}
     with pytest.raises(ConfigError, match="model.backend = 'grouped'.*--set model.backend=auto"):
-        from_dict(data)
+        check(data)
     data["model"] = {"backbone": "vgg", "backbone_kwargs": {"num_classes": 3}}
     with pytest.raises(ConfigError, match="backbone_kwargs"):
-        from_dict(data)
+        check(data)
     data["model"] = {"backbone": "torchvision.models.resnet18", "backend": "vmap",
                      "backbone_kwargs": {"zero_init_residual": True}}
-    assert from_dict(data).model.backbone_kwargs == {"zero_init_residual": True}
+    assert check(data).model.backbone_kwargs == {"zero_init_residual": True}
 
 
 NETS = '''
@@ -226,8 +234,8 @@ def test_a_run_with_an_imported_backbone_trains_every_strategy(tmp_path, monkeyp
     results = Experiment(from_dict(data), tmp_path / "run", verbose=False).run()
     assert set(results["strategies"]) == set(STRATEGIES)
     assert results["local_width"] == 2  # round(4 / sqrt(4)): the built-ins' width rule
-    with pytest.raises(ConfigError, match="names the backbone 'user_nets.tiny'.*trust_code=True"):
-        SavedRun(tmp_path / "run")
+    with pytest.raises(ConfigError, match="names the backbone 'user_nets.tiny'.*--trust-code"):
+        SavedRun(tmp_path / "run")  # the run directory is data: its import path needs the user's word
     saved = SavedRun(tmp_path / "run", trust_code=True)
     assert saved.trained["local"].backend == backend and set(saved.strategies()) == set(STRATEGIES)
 
@@ -262,3 +270,131 @@ def test_naming_a_network_on_a_shipped_config_needs_one_set(tmp_path, monkeypatc
     builtin = load_config("configs/fashion_mnist_2x2.yaml")
     assert with_backend(builtin).model.backend == "grouped"  # the built-ins: fused
     assert Models(builtin, Shapes(1, 10, (28, 28))).notes == []
+
+
+# ------------------------------------------------------------------------- networks that fail only in training --
+class _Base(nn.Module):
+    def __init__(self, in_channels=1, num_classes=3):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(in_channels, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                 nn.Linear(4, num_classes))
+
+
+class TupleInTraining(_Base):
+    def forward(self, x):
+        out = self.net(x)
+        return (out, out) if self.training else out
+
+
+class OnlyBatchOfOne(_Base):
+    def forward(self, x):
+        return self.net(x).reshape(1, -1)
+
+
+class NoParameters(nn.Module):
+    def __init__(self, in_channels=1, num_classes=3):
+        super().__init__()
+        self.num_classes = num_classes
+
+    def forward(self, x):
+        return x.flatten(1)[:, : self.num_classes]
+
+
+class FailsInTraining(_Base):
+    def forward(self, x):
+        if self.training:
+            raise RuntimeError("this network cannot train")
+        return self.net(x)
+
+
+class InPlaceOnInput(_Base):
+    def forward(self, x):
+        x.mul_(2)  # changes its input in place: the loop backend's view of the batch
+        return self.net(x)
+
+
+class Dropout(_Base):
+    def forward(self, x):
+        return nn.functional.dropout(self.net(x), 0.5, self.training)
+
+
+@pytest.mark.parametrize(("net", "backend", "fragment"), [
+    (TupleInTraining, "vmap", "to tuple in training mode"),
+    (OnlyBatchOfOne, "loop", "training mode"),
+    (NoParameters, "vmap", "no trainable parameters"),
+    (FailsInTraining, "loop", "in training mode.*RuntimeError: this network cannot train"),
+    (InPlaceOnInput, "loop", "backend 'loop'.* in training mode.*modified by an inplace operation"),
+])
+def test_networks_that_fail_only_in_training_are_refused_before_training(tmp_path, monkeypatch, net, backend,
+                                                                         fragment):
+    from ddcnn.build import Models, Shapes
+
+    module = tmp_path / "train_nets.py"
+    module.write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import train_nets
+
+    monkeypatch.setattr(train_nets, "Net", net, raising=False)
+    data = tiny_dict(2)
+    data["model"] = {"backbone": "train_nets:Net", "backend": backend}
+    with pytest.raises((ConfigError, ShapeError), match=fragment):
+        Models(from_dict(data), Shapes(1, 3, (16, 16)))
+
+
+@pytest.mark.parametrize(("net", "backend"), [(InPlaceOnInput, "vmap"), (Dropout, "vmap"), (Dropout, "loop")])
+def test_networks_that_change_their_input_or_draw_dropout_train(net, backend, one_thread):
+    """Dropout under vmap (its own masks per local CNN) and in-place changes of the input under vmap pass the
+    training pre-check and a training step (under loop the input is a view of the batch: refused above)."""
+    ensemble = LocalEnsemble(2, 1, 3, backbone=net, width=4, backend=backend, seed=0)
+    ensemble.check_subimages(Decomposition((16, 16), [1, 2]))
+    ensemble(torch.randn(4, 2, 1, 16, 8)).sum().backward()
+
+
+class FailsOnLargeBatches(_Base):
+    def forward(self, x):
+        if self.training and x.shape[0] > 2:  # passes the pre-check's batch of two
+            raise RuntimeError("too many images")
+        return self.net(x)
+
+
+def test_an_error_in_a_training_step_names_the_network_and_the_stage(tmp_path, monkeypatch, one_thread):
+    from ddcnn.errors import TrainingError
+    from ddcnn.train.protocol import Experiment
+
+    (tmp_path / "late_nets.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import late_nets
+
+    monkeypatch.setattr(late_nets, "Net", FailsOnLargeBatches, raising=False)
+    data = tiny_dict(2)
+    data["model"] = {"backbone": "late_nets:Net", "backend": "vmap"}
+    data["stages"]["global"]["enabled"] = False
+    with pytest.raises(TrainingError, match=r"backbone 'late_nets:Net' failed in stage 'local' \(epoch 1, step 1.*"
+                                            r"RuntimeError: too many images"):
+        Experiment(from_dict(data), tmp_path / "run", verbose=False).run()
+
+
+class ReadsItsWeights(_Base):
+    def __init__(self, in_channels=1, num_classes=3):
+        super().__init__(in_channels, num_classes)
+        self.scale = float(self.net[0].weight.abs().sum().item()) > 0  # a value: no meta tensor has one
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_a_network_that_reads_a_weight_value_in_init_is_sized_not_refused(tmp_path, monkeypatch):
+    from ddcnn.build import Models, Shapes
+    from ddcnn.train.budget import check_budget
+
+    (tmp_path / "value_nets.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import value_nets
+
+    monkeypatch.setattr(value_nets, "Net", ReadsItsWeights, raising=False)
+    data = tiny_dict(2)
+    data["model"] = {"backbone": "value_nets:Net", "backend": "vmap"}
+    cfg = from_dict(data)
+    models = Models(cfg, Shapes(1, 3, (16, 16)))
+    sizes = check_budget(cfg, models, torch.device("cpu"), 128, free=2**40)
+    assert {s.stage: s.parameters for s in sizes}["local"] == 4 * sum(p.numel() for p in ReadsItsWeights().parameters())

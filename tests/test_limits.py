@@ -123,6 +123,19 @@ def test_several_processes_are_sized_by_what_each_one_holds(tiny_config, paralle
         check_budget(cfg, models, torch.device("cpu"), free=between, world=1, stages=["transfer"])
 
 
+@pytest.mark.parametrize(("sets", "fragment"), [
+    (["model.width=1099511627776"], "lower model.width"),
+    (["combiner.hidden=[1099511627776]"], "lower model.width, model.local_width or combiner.hidden"),
+])
+def test_show_sizes_the_models_before_it_builds_them(cfg_file, capsys, sets, fragment):
+    """`ddcnn show` builds three models for real: a width of 2**40 is refused by the estimate, not the allocator."""
+    args = ["show", cfg_file, "--png", "grid.png"]
+    for s in sets:
+        args += ["--set", s]
+    assert fragment in one_error(capsys, args)
+    assert not os.path.exists("grid.png")
+
+
 def test_seeds_up_to_two_to_the_63_train(tiny_config):
     cfg = tiny_config(overrides=[f"seed={2**63 - 1}"])
     Models(cfg, Shapes(1, 3, (16, 16))).ensemble()

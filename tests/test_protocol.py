@@ -131,8 +131,12 @@ def test_nan_loss_stops_with_the_stage_named_and_resume_with_a_lower_lr_recovers
     fixed = tiny_config(overrides=only_global + ["stages.global.step_gamma=0.5"])
     results = Experiment(fixed, tmp_path / "run", resume=True, verbose=False).run()
     assert results["strategies"]["global"]["test_accuracy"] > 0
-    epochs = [r.get("epoch") for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())]
-    assert epochs == [1, 2, 3, None]  # and the end-of-stage record
+    records = list(map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()))
+    assert [r["epoch"] for r in records if "event" not in r] == [1, 2, 3]
+    assert records[-1]["event"] == "end"  # the end-of-stage record
+    # config.yaml now says step_gamma 0.5: metrics.jsonl says from when
+    changes = [(r["key"], r["was"], r["now"], r["after_epoch"]) for r in records if r.get("event") not in (None, "end")]
+    assert changes == [("stages.global.step_gamma", 1e32, 0.5, 1)]
 
 
 def test_resume_refuses_a_changed_architecture_and_an_empty_directory(tmp_path, tiny_config, finished_run):
@@ -223,6 +227,28 @@ def test_resume_refuses_a_changed_number_of_epochs_or_batch_size(tmp_path, tiny_
     results = Experiment(tiny_config(overrides=ONLY_GLOBAL + ["data.workers=0"]), tmp_path / "run", resume=True,
                          verbose=False).run()
     assert "global" in results["strategies"]
+
+
+def test_resume_may_add_epochs_to_an_unfinished_stage_and_records_it(tmp_path, tiny_config):
+    """More epochs for a stage cut short: applied, and metrics.jsonl says when config.yaml changed; a changed
+    setting that is not a rescue knob (label smoothing), or more epochs once the stage finished, is refused."""
+    import yaml
+
+    _stopped_after_one_global_epoch(tiny_config(overrides=ONLY_GLOBAL), tmp_path / "run")
+    with pytest.raises(CheckpointError, match="stages.global.label_smoothing was 0.0 when stage 'global' trained 1"):
+        Experiment(tiny_config(overrides=ONLY_GLOBAL + ["stages.global.label_smoothing=0.1"]), tmp_path / "run",
+                   resume=True, verbose=False).run()
+    more = ONLY_GLOBAL + ["stages.global.epochs=3"]
+    Experiment(tiny_config(overrides=more), tmp_path / "run", resume=True, verbose=False).run()
+    records = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["key"], r["was"], r["now"], r["after_epoch"]) for r in records if "event" in r] == [
+        ("stages.global.epochs", 2, 3, 1)]
+    assert [r["epoch"] for r in records if "event" not in r] == [1, 2, 3]
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["stages"]["global"]["epochs"] == 3
+    assert CheckpointDir(tmp_path / "run" / "checkpoints").state("global")["epochs"] == 3
+    with pytest.raises(CheckpointError, match="epochs = 3 but the config now says 4.*stages.global.epochs=3"):
+        Experiment(tiny_config(overrides=ONLY_GLOBAL + ["stages.global.epochs=4"]), tmp_path / "run", resume=True,
+                   verbose=False).run()
 
 
 def test_grad_clip_applies_to_the_global_stage(tmp_path, tiny_config):

@@ -228,6 +228,9 @@ def _refused(capsys, args: list[str]) -> str:
 @pytest.mark.parametrize(("sets", "fragment"), [
     (["model.width=8"], "model.width was 4"),  # a frozen value
     (["stages.global.epochs=5"], "stage 'global' was checkpointed with epochs = 2"),  # a checkpointed stage's
+    (["stages.local.lr=0.5"], "stages.local.lr was 0.001 when stage 'local' finished but is 0.5 now"),
+    (["stages.transfer.label_smoothing=0.1"], "stages.transfer.label_smoothing was 0.0"),  # any StageConfig field
+    (["stages.combine.schedule=constant"], "stages.combine.schedule was 'cosine'"),
 ])
 def test_a_refused_resume_rewrites_no_config_and_deletes_no_leftover(space, own_run, capsys, sets, fragment):
     (own_run / "checkpoints" / "global-e1.weights.safetensors").write_bytes(b"left by a kill")
@@ -258,6 +261,10 @@ def test_a_manifest_the_loader_refuses_keeps_every_checkpoint(space, own_run, ca
     (["model.width=100000000"], "lower model.width"),
     (["combiner.hidden=[0]"], "hidden must hold whole numbers of at least 1"),
     (["data.augment.crop_padding=1000000"], "data.augment.crop_padding"),
+    (["data.augment.crop_padding=-1"], "data.augment.crop_padding = -1 must not be negative"),
+    (["data.workers=-1"], "data.workers = -1 must not be negative"),
+    (["stages.global.step_gamma=0"], "stages.global.step_gamma = 0.0 must be positive"),
+    (["model.backbone=no_such_module.Net", "model.backend=vmap", "model.depth=null"], "'no_such_module' is not found"),
 ])
 def test_force_refuses_a_new_config_before_it_removes_the_old_run(space, own_run, capsys, sets, fragment):
     """Values checked only when a stage starts (model sizes, batches) are checked before --force removes
@@ -277,3 +284,55 @@ def test_a_file_where_the_checkpoint_folder_belongs(space, own_run, capsys):
     line = _refused(capsys, ["run", str(space / "c.yaml"), "--out", str(own_run), "--resume"])
     assert "checkpoints" in line and "is a file" in line
     assert snapshot(own_run) == before
+
+
+# ----------------------------------------------------------------------------------- a run directory is data --
+EVIL = """
+import pathlib
+pathlib.Path({marker!r}).write_text("imported")
+
+
+def boom(**kwargs):
+    pathlib.Path({marker!r}).write_text("called")
+"""
+
+
+def _received(run: Path, backbone: str, kwargs: dict) -> None:
+    """``run`` as someone may send it: its config.yaml names ``backbone`` (an import path) with ``kwargs``."""
+    config = run / "config.yaml"
+    data = yaml.safe_load(config.read_text())
+    data["model"].update(backbone=backbone, backbone_kwargs=kwargs, backend="vmap", depth=None)
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+@pytest.mark.parametrize(("backbone", "kwargs"), [
+    ("evil_net:boom", {}),
+    ("os.system", {"command": "touch {marker}"}),
+    ("subprocess.getoutput", {"cmd": "touch {marker}"}),
+    ("builtins.open", {"file": "{marker}", "mode": "w"}),
+    ("shutil.rmtree", {"path": "{victim}"}),
+])
+def test_a_received_run_naming_code_as_its_backbone_runs_nothing(space, own_run, tmp_path, monkeypatch, capsys,
+                                                                 backbone, kwargs):
+    """evaluate, predict, show and run --resume (with the run's own config.yaml, or with one's own config) import
+    nothing the run directory names: one error, before the module is imported, every file as it was."""
+    import sys
+
+    marker, victim = tmp_path / "marker", tmp_path / "victim"
+    victim.mkdir()
+    (tmp_path / "evil_net.py").write_text(EVIL.format(marker=str(marker)))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _received(own_run, backbone, {k: v.format(marker=marker, victim=victim) for k, v in kwargs.items()})
+    before = snapshot(own_run)
+    config = str(own_run / "config.yaml")
+    for args in (["evaluate", str(own_run)], ["predict", str(own_run), str(space / "ok.npy")],
+                 ["run", config, "--out", str(own_run), "--resume"], ["show", config, "--png", str(tmp_path / "g.png")],
+                 ["run", str(space / "c.yaml"), "--out", str(own_run), "--resume"]):
+        line = _refused(capsys, args)
+        assert f"'{backbone}'" in line and ("--trust-code" in line or "model.backbone was" in line), (args, line)
+        assert not marker.exists() and victim.is_dir() and "evil_net" not in sys.modules, args
+        assert snapshot(own_run) == before, args
+    if backbone == "evil_net:boom":  # the opt-in: now it is imported (and its factory called)
+        assert main(["evaluate", str(own_run), "--trust-code"]) == 2
+        assert marker.read_text() == "called"
+        sys.modules.pop("evil_net", None)

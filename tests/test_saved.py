@@ -46,7 +46,7 @@ def test_load_run_imports_a_named_backbone_only_when_trusted(finished_run, tmp_p
     (copy / "config.yaml").write_text(yaml.safe_dump(config))
     (tmp_path / "planted_module.py").write_text("raise SystemExit('imported')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(ConfigError, match=r"names the backbone 'planted_module:net'.*trust_code=True.*--trust-code"):
+    with pytest.raises(ConfigError, match=r"names the backbone 'planted_module:net'.*--trust-code.*trust_code=True"):
         ddcnn.load_run(copy)
     with pytest.raises(SystemExit, match="imported"):  # trusted: the code is imported (here it stops the import)
         ddcnn.load_run(copy, trust_code=True)

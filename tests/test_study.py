@@ -1,9 +1,15 @@
 """`ddcnn study` end to end on tiny generated-data studies: runs, a failed run, --aggregate over a partial study,
 --print-commands, --resume after a simulated kill, and the bad inputs."""
 
+import datetime
 import hashlib
 import json
+import os
 import shlex
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,12 +21,12 @@ from ddcnn.config import load_config, parse_set
 from ddcnn.study.spec import Cell
 
 
-def write_study(folder: Path, name="s.yaml", **changes) -> Path:
+def write_study(folder: Path, file="s.yaml", **changes) -> Path:
     base = tiny_dict(2)
     base["stages"] = {stage: {"epochs": 1, "batch_size": 32} for stage in base["stages"]}
     study = {"name": "tiny_study", "base": base, "axes": {"decomposition.grid": [[2, 2], [16, 16]]}, "seeds": [0, 1]}
     study.update(changes)
-    path = folder / name
+    path = folder / file
     path.write_text(yaml.safe_dump(study, sort_keys=False))
     return path
 
@@ -140,6 +146,11 @@ BAD_STUDIES = {
     "unknown-study-key": ({"seed": [0]}, "unknown key 'seed' (did you mean 'seeds'?)"),
     "unknown-set-key": ({"set": {"stages.local.epocs": 1}}, "set: unknown config key 'stages.local.epocs'"),
     "missing-base": ({"base": "nowhere.yaml"}, "base config"),
+    "name-dot-dot": ({"name": ".."}, "name = '..' must be letters"),
+    "seed-too-large": ({"seeds": [0, 2**64]}, "seeds must be a non-empty list of whole numbers from 0 to 2**63 - 1"),
+    "date-in-set": ({"set": {"data.root": datetime.date(2024, 1, 1)}}, "set.data.root = datetime.date(2024, 1, 1) "
+                                                                        "is a date"),
+    "date-in-axis": ({"axes": {"name": [datetime.date(2024, 1, 1)]}}, "axes.name[0] = datetime.date(2024, 1, 1)"),
 }
 
 
@@ -233,3 +244,150 @@ def test_study_plots_clip_intervals_to_0_100_and_count_whole_epochs(tmp_path):
     assert list(ticks[(ticks >= 1) & (ticks <= 2)]) == [1.0, 2.0]  # no 1.25, 1.5, ...
     band = ax.collections[0].get_paths()[0].vertices[:, 1]
     assert (band.min(), band.max()) == pytest.approx((0, 100))  # the band, clipped
+
+
+# --------------------------------------------------------------------------- study files and study directories --
+def test_a_study_file_is_read_with_the_bounded_yaml_loader(workspace, capsys):
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+    (workspace / "bomb.yaml").write_text(bomb)
+    assert main(["study", "bomb.yaml", "--out", "out", "--print-commands"]) == 2
+    assert "expands through YAML aliases" in one_error_line(capsys)
+    assert not (workspace / "out").exists()
+
+
+def test_a_study_of_too_many_runs_is_refused_before_its_cells_are_built(workspace, capsys):
+    axes = {f"stages.{stage}.{key}": [round(0.01 * (i + 1), 2) for i in range(12)]
+            for stage in ("global", "local", "combine") for key in ("lr", "weight_decay", "label_smoothing")}
+    study = write_study(workspace, axes=axes)  # 12**9 cells x 2 seeds
+    assert main(["study", str(study), "--out", "out", "--print-commands"]) == 2
+    assert f"make {12**9 * 2:,} runs, more than 10,000" in one_error_line(capsys)
+    assert not (workspace / "out").exists()
+
+
+def test_an_out_of_an_unknown_user_is_one_error(workspace, capsys):
+    assert main(["study", str(write_study(workspace)), "--out", "~nosuchuser_ddcnn/x", "--print-commands"]) == 2
+    assert "no user 'nosuchuser_ddcnn'" in one_error_line(capsys)
+    assert not list(workspace.glob("~*"))
+
+
+def test_the_study_checksums_cover_its_base_and_a_damaged_spec_is_one_error(workspace, capsys):
+    study = write_study(workspace)
+    assert main(["study", str(study), "--out", "out", "--print-commands"]) == 0
+    capsys.readouterr()
+    recorded = json.loads((workspace / "out/study-spec.json").read_text())
+    assert set(recorded["files"]) == {"study.yaml", "base.yaml"}
+    base = workspace / "out/base.yaml"
+    base.write_text(base.read_text().replace("width: 4", "width: 5"))
+    before = snapshot(workspace / "out")
+    for extra in (["--resume"], ["--aggregate"], ["--print-commands"]):
+        assert main(["study", str(study), "--out", "out", *extra]) == 2
+        assert "base.yaml was changed since the study wrote it" in one_error_line(capsys)
+    assert snapshot(workspace / "out") == before
+    spec = workspace / "out/study-spec.json"
+    spec.write_text(json.dumps({**recorded, "sha256": 12}))
+    assert main(["study", str(study), "--out", "out", "--aggregate"]) == 2
+    assert "study-spec.json is damaged" in one_error_line(capsys)
+
+
+def test_aggregate_refuses_a_file_where_the_runs_belong_and_a_damaged_results_entry(workspace, capsys):
+    study = write_study(workspace, axes={})
+    args = ["study", str(study), "--out", "out"]
+    assert main([*args, "--print-commands"]) == 0 and main([*args, "--aggregate"]) == 0
+    capsys.readouterr()
+    (workspace / "out/runs").write_text("not a folder")  # where the runs belong
+    before = snapshot(workspace / "out")
+    assert main([*args, "--aggregate"]) == 2
+    assert "'runs' is a file" in one_error_line(capsys)
+    assert snapshot(workspace / "out") == before
+    (workspace / "out/runs").unlink()
+    results = workspace / "out/runs/base/seed-0/results.json"
+    results.parent.mkdir(parents=True)
+    results.write_text(json.dumps({"strategies": {"global": {"test_accuracy": "high"}}, "best_strategy": "global"}))
+    before = snapshot(workspace / "out")
+    assert main([*args, "--aggregate"]) == 2
+    line = one_error_line(capsys)
+    assert "runs/base/seed-0/results.json" in line and "test_accuracy" in line
+    assert snapshot(workspace / "out") == before
+
+
+NET = """
+import pathlib
+from torch import nn
+pathlib.Path("imported").write_text("yes")
+
+
+def tiny(in_channels, num_classes, width):
+    return nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(width, num_classes))
+"""
+
+
+def test_a_received_study_directory_imports_nothing_without_trust_code(workspace, monkeypatch, capsys):
+    (workspace / "study_net.py").write_text(NET)
+    monkeypatch.syspath_prepend(str(workspace))
+    base = tiny_dict(2)
+    base["model"] = {"backbone": "study_net.tiny", "backend": "vmap", "width": 4}
+    study = write_study(workspace, base=base, axes={})
+    assert main(["study", str(study), "--out", "out", "--print-commands"]) == 0  # the user's own study file
+    lines = capsys.readouterr().out.splitlines()
+    assert all(line.endswith("--trust-code") for line in lines)  # its runs may import what it names
+    (workspace / "imported").unlink()
+    sys.modules.pop("study_net", None)
+    before = snapshot(workspace / "out")
+    for args in (["study", "out/study.yaml", "--out", "out", "--print-commands"],
+                 ["run", "out/base.yaml", "--out", "out/runs/base/seed-0"], ["show", "out/base.yaml"]):
+        assert main(args) == 2, args
+        line = one_error_line(capsys)
+        assert "'study_net.tiny'" in line and "--trust-code" in line, line
+        assert not (workspace / "imported").exists() and "study_net" not in sys.modules
+    assert snapshot(workspace / "out") == before
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the parent-death signal is Linux's")
+def test_the_runs_of_a_killed_study_die_with_it(workspace):
+    """kill -9 of `ddcnn study` (no handler runs) still ends its `ddcnn run` children."""
+    base = tiny_dict(2)
+    base["stages"] = {stage: {"epochs": 10000, "batch_size": 32} for stage in base["stages"]}
+    study = write_study(workspace, base=base, axes={}, seeds=[0])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    parent = subprocess.Popen([sys.executable, "-m", "ddcnn", "study", str(study), "--out", "out"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        children: list[int] = []
+        while not children and time.monotonic() < deadline:
+            time.sleep(0.2)
+            children = _children(parent.pid)
+        assert children, "the study started no run"
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+        deadline = time.monotonic() + 15
+        while any(_alive(c) for c in children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(c) for c in children), "a run of the killed study goes on"
+    finally:
+        parent.kill()
+        for child in _children(parent.pid):
+            os.kill(child, signal.SIGKILL)

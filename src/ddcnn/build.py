@@ -46,7 +46,7 @@ class Models:
         self.decomposition = Decomposition(shapes.image_size, cfg.decomposition.grid, cfg.decomposition.overlap)
         self.n_local = self.decomposition.n_subdomains
         self.local_width = cfg.model.local_width or local_width(cfg.model.width, self.n_local)
-        builtin = cfg.model.backbone in BACKBONES
+        builtin = self.family_builtin = cfg.model.backbone in BACKBONES
         # model.depth describes vgg and resnet: a shipped config sets it, and naming another backbone with --set
         # model.backbone=... must not need a second --set to clear it.
         self.depth = cfg.model.depth if builtin else None
@@ -60,7 +60,8 @@ class Models:
             with torch.random.fork_rng(devices=[]):
                 probe(self.global_cnn().net, (shapes.in_channels, *shapes.image_size), shapes.num_classes,
                       cfg.model.backbone, "the global CNN")
-                self.ensemble(range(1)).check_subimages(self.decomposition)
+                # two local CNNs: the backend's handling of several (the loop's views of one batch) is checked too
+                self.ensemble(range(min(2, self.n_local))).check_subimages(self.decomposition)
 
     @property
     def backend(self) -> str:
@@ -127,8 +128,17 @@ def meta_model(models, stage: str) -> nn.Module:
     try:
         with torch.random.fork_rng(devices=cuda), torch.device("meta"):
             return stage_model(models, stage)
-    except DDCNNError:
-        raise
-    except (RuntimeError, OverflowError, ValueError, MemoryError) as err:
+    except (DDCNNError, RuntimeError, NotImplementedError) as err:
+        if "meta" not in str(err).lower() or models.family_builtin:
+            if isinstance(err, DDCNNError):
+                raise
+            raise ConfigError(f"the {stage!r} model of this config is too large to build ({err}); lower "
+                              f"model.width, model.local_width or combiner.hidden") from None
+        # A foreign network that reads its weights' values while it is built (an .item() in __init__) cannot be
+        # built without memory; one global and two local CNNs of it were built for real already (the pre-check of
+        # Models), so it is built on the CPU to be counted.
+        with torch.random.fork_rng(devices=cuda), torch.device("cpu"):
+            return stage_model(models, stage)
+    except (OverflowError, ValueError, MemoryError) as err:
         raise ConfigError(f"the {stage!r} model of this config is too large to build ({err}); lower model.width, "
                           f"model.local_width or combiner.hidden") from None

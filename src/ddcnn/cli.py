@@ -35,10 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoints")
     run.add_argument("--force", action="store_true", help="start over in an --out that already holds files")
     run.add_argument("--quiet", action="store_true", help="print only the results")
+    _trust_option(run)
 
     ev = sub.add_parser("evaluate", help="re-evaluate a run's saved models on the test set")
     ev.add_argument("run_dir")
     ev.add_argument("--device", help="cpu, cuda, cuda:N (default: the run's)")
+    _trust_option(ev)
 
     pr = sub.add_parser("predict", help="classify image files with a run's models (or a file of `ddcnn export`)")
     pr.add_argument("run_dir", help="a run directory, or a .pt2 or .onnx file of `ddcnn export` (its .json beside)")
@@ -51,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--format", default="text", help="text (default), json (a list of one object per file) or csv "
                                                      "(a header row, one row per file): with every class's "
                                                      "probability")
+    _trust_option(pr)
 
     ex = sub.add_parser("export", help="write one strategy of a run as a deployable .pt2 or .onnx file, checked "
                                        "against the run")
@@ -63,13 +66,13 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--layout", choices=("grouped", "separate"),
                     help="the local CNNs as one grouped network, or as N ordinary branches for runtimes that run "
                          "grouped convolutions badly (default grouped; separate for foreign backbones)")
-    ex.add_argument("--trust-code", action="store_true",
-                    help="build a backbone the run's config names by import path (imports and runs that code)")
+    _trust_option(ex)
 
     show = sub.add_parser("show", help="decomposition, sizes, parameters and FLOPs of a config; PNG of the grid")
     show.add_argument("config")
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     show.add_argument("--png", metavar="FILE", help="also draw the grid over a sample image into FILE (a PNG)")
+    _trust_option(show)
 
     study = sub.add_parser("study", help="run a config over axes of values and seeds; means, CIs, paired claims")
     study.add_argument("study", help="study YAML, e.g. studies/fashion_mnist_claims.yaml")
@@ -79,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     mode = study.add_mutually_exclusive_group()
     mode.add_argument("--print-commands", action="store_true", help="print one `ddcnn run` line per run to do")
     mode.add_argument("--aggregate", action="store_true", help="only aggregate the runs that exist")
+    _trust_option(study)
 
     data = sub.add_parser("data", help="datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -86,6 +90,27 @@ def _parser() -> argparse.ArgumentParser:
     fetch.add_argument("name")
     fetch.add_argument("--dir", help="folder to look in / download into")
     return p
+
+
+def _trust_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust-code", action="store_true",
+                        help="import and run the backbone that a run's or study's own files name by import path "
+                             "(a config given here on the command line is trusted already)")
+
+
+def _trusted(config: Path, trust_code: bool) -> tuple[bool, str]:
+    """Whether an imported backbone that ``config`` names may be imported, and how errors name the file: a config
+    inside a run or study directory (its config.yaml or base.yaml) is data that someone may have sent, trusted
+    only with --trust-code; any other config file the user gives is their own."""
+    from ddcnn.study.runner import SPEC_FILE
+    from ddcnn.train.rundir import MARKER
+
+    try:
+        folder = config.resolve().parent
+        saved = (folder / MARKER).exists() or (folder / SPEC_FILE).exists()
+    except (OSError, RuntimeError):  # a path that does not resolve: load_config says what is wrong with it
+        saved = False
+    return trust_code or not saved, repr(str(config))
 
 
 def cmd_run(args) -> int:
@@ -99,9 +124,10 @@ def cmd_run(args) -> int:
 
     config = user_path(args.config, "the config file")
     cfg = load_config(config, args.overrides)
+    trusted, source = _trusted(config, args.trust_code)
     out = user_path(args.out, "--out") if args.out else default_out(config, cfg.name)
     results = Experiment(cfg, out, resume=args.resume, force=args.force, command=command_line(args.argv),
-                         verbose=not args.quiet).run()
+                         verbose=not args.quiet, trusted=trusted, source=source).run()
     if results is not None:  # None on the ranks > 0 of a torchrun launch: rank 0 reports
         print(format_table(results))
         print(f"report: {out / 'report.md'}")
@@ -140,7 +166,7 @@ def cmd_evaluate(args) -> int:
 
     run_dir = user_path(args.run_dir, "the run directory")
     with _processes() as env:
-        results = evaluate_run(run_dir, device=args.device, env=env)
+        results = evaluate_run(run_dir, device=args.device, env=env, trust_code=args.trust_code)
     if results is not None:  # rank 0 (or the only process)
         print(format_table(results))
         print(f"written: {run_dir / 'evaluation.json'}")
@@ -158,7 +184,7 @@ def cmd_predict(args) -> int:
         return _predict_exported(args, files)
     with _processes() as env:
         predictions = predict_files(user_path(args.run_dir, "the run directory"), files, strategy=args.strategy,
-                                    device=args.device, env=env)
+                                    device=args.device, env=env, trust_code=args.trust_code)
     if predictions is not None:  # rank 0 (or the only process)
         for note in predictions.notes:
             print(f"ddcnn: note: {note}", file=sys.stderr)
@@ -209,16 +235,21 @@ def cmd_show(args) -> int:
     from ddcnn.config import load_config
     from ddcnn.describe import describe
 
-    cfg = load_config(user_path(args.config, "the config file"), args.overrides)
-    print(describe(cfg, user_path(args.png, "--png") if args.png is not None else None))
+    config = user_path(args.config, "the config file")
+    cfg = load_config(config, args.overrides)
+    trusted, source = _trusted(config, args.trust_code)
+    print(describe(cfg, user_path(args.png, "--png") if args.png is not None else None, trusted, source))
     return 0
 
 
 def cmd_study(args) -> int:
     from ddcnn.study import run_study
 
-    return run_study(args.study, args.out, jobs=args.jobs, resume=args.resume, print_commands=args.print_commands,
-                     aggregate_only=args.aggregate, command=command_line(args.argv))
+    path = user_path(args.study, "the study file")
+    trusted, _ = _trusted(path, args.trust_code)
+    return run_study(path, user_path(args.out, "--out") if args.out is not None else None, jobs=args.jobs,
+                     resume=args.resume, print_commands=args.print_commands, aggregate_only=args.aggregate,
+                     command=command_line(args.argv), trusted=trusted)
 
 
 def cmd_data(args) -> int:

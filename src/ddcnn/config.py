@@ -23,6 +23,7 @@ from typing import Any, Union
 
 import yaml
 
+from ddcnn.checks import choice
 from ddcnn.errors import ConfigError, did_you_mean
 from ddcnn.files import load_yaml
 
@@ -313,15 +314,9 @@ def parallelism(cfg: Config, stage: str) -> str:
 
 
 def validate(cfg: Config) -> Config:
-    """Range checks that the types alone do not express."""
-    from ddcnn.checks import choice
-    from ddcnn.models.combiners import ACTIVATIONS
-    from ddcnn.models.ensemble import BACKENDS
-
+    """Range checks that the types alone do not express. Nothing is imported or built here: the checks that need
+    the models' names (backbone, backend, activation) are :func:`ddcnn.models.settings.check_model_settings`."""
     choice("data.name", cfg.data.name, DATASETS)
-    choice("model.backend", cfg.model.backend, BACKENDS)
-    validate_backbone(cfg.model, cfg.stages.global_.parallel == "spatial")
-    choice("combiner.activation", cfg.combiner.activation, tuple(ACTIVATIONS))
     choice("precision", cfg.precision, ("auto", "fp32", "bf16"))
     if not (cfg.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", cfg.device)):
         raise ConfigError(f"device = {cfg.device!r} is not valid; use auto, cpu, cuda or cuda:N (N a GPU number, "
@@ -347,7 +342,8 @@ def validate(cfg: Config) -> Config:
         choice(f"stages.{stage}.optimizer", s.optimizer, OPTIMIZERS)
         choice(f"stages.{stage}.schedule", s.schedule, SCHEDULES)
         positive.update({f"stages.{stage}.epochs": s.epochs, f"stages.{stage}.batch_size": s.batch_size,
-                         f"stages.{stage}.lr": s.lr, f"stages.{stage}.step_every": s.step_every})
+                         f"stages.{stage}.lr": s.lr, f"stages.{stage}.step_every": s.step_every,
+                         f"stages.{stage}.step_gamma": s.step_gamma})
         if s.grad_clip is not None:
             positive[f"stages.{stage}.grad_clip"] = s.grad_clip
         for name in ("weight_decay", "warmup_epochs", "momentum", "label_smoothing"):
@@ -376,6 +372,12 @@ def validate(cfg: Config) -> Config:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} = {value} must be positive")
+    for key, value in (("data.augment.crop_padding", cfg.data.augment.crop_padding),
+                       ("data.workers", cfg.data.workers), ("data.split_seed", cfg.data.split_seed),
+                       ("data.noise", cfg.data.noise),
+                       ("data.device_resident_limit_gb", cfg.data.device_resident_limit_gb)):
+        if value < 0:
+            raise ConfigError(f"{key} = {value} must not be negative, e.g. 0")
     for key, value in (("data.val_fraction", cfg.data.val_fraction), ("data.test_fraction", cfg.data.test_fraction)):
         if not 0 <= value < 1:
             raise ConfigError(f"{key} = {value} must be in [0, 1), e.g. 0.1")
@@ -405,33 +407,6 @@ def validate(cfg: Config) -> Config:
     if not any(cfg.stages.get(s).enabled for s in STAGES):
         raise ConfigError("every stage is disabled; enable at least one of " + ", ".join(STAGES))
     return cfg
-
-
-def validate_backbone(model: ModelConfig, spatial: bool = False) -> None:
-    """A built-in family, or an import path that imports (checked here, before any data is read); ``spatial``:
-    the global CNN is split over slabs of the images, which only the built-in families can be."""
-    from ddcnn.checks import choice
-    from ddcnn.models.backbones import BACKBONES
-    from ddcnn.models.family import import_backbone, is_import_path
-
-    if model.backbone in BACKBONES:
-        if model.backbone_kwargs:
-            raise ConfigError(f"model.backbone_kwargs = {model.backbone_kwargs} apply to imported backbones only; "
-                              f"{model.backbone!r} takes model.width and model.depth")
-        return
-    if not is_import_path(model.backbone):
-        choice("model.backbone", model.backbone, BACKBONES + ("an import path such as torchvision.models.resnet18",))
-    if spatial:
-        raise spatial_backbone_error(model.backbone)
-    import_backbone(model.backbone, "model.backbone")
-    if model.backend == "grouped":
-        raise ConfigError(f"model.backend = 'grouped' fuses vgg and resnet only; set model.backend: auto (or vmap, "
-                          f"or loop) for {model.backbone!r}, e.g. --set model.backend=auto")
-
-
-def spatial_backbone_error(backbone: str) -> ConfigError:
-    return ConfigError(f"stages.global.parallel = spatial splits the layers of the built-in backbones (vgg, resnet) "
-                       f"only, not {backbone!r}; use stages.global.parallel: data")
 
 
 def from_dict(data: dict, overrides: list[str] | None = None) -> Config:

@@ -10,15 +10,22 @@ from ddcnn.data.datasets import load_datasets
 from ddcnn.data.loading import to_float
 from ddcnn.errors import ConfigError
 from ddcnn.models import count_parameters, forward_flops
+from ddcnn.models.settings import check_model_settings
+from ddcnn.train.budget import check_parameters
 from ddcnn.train.scaling import scaling_lines
 
 
-def describe(cfg: Config, png: Path | None = None) -> str:
+def describe(cfg: Config, png: Path | None = None, trusted: bool = True, source: str = "the config") -> str:
     """Decomposition, subimage size, parameters and FLOPs of the global CNN, one local CNN, all local CNNs and
-    the CNN-DNN; draws the grid over a sample image into ``png`` when it is given."""
+    the CNN-DNN; draws the grid over a sample image into ``png`` when it is given. ``trusted``, ``source``: as for
+    a run (:func:`ddcnn.models.settings.check_model_settings`)."""
+    check_model_settings(cfg.model, cfg.combiner, trusted, source, spatial=cfg.stages.global_.parallel == "spatial")
     train, _ = load_datasets(cfg.data)
     shapes = Shapes(train.in_channels, train.num_classes, train.image_size)
     models = Models(cfg, shapes)
+    # The three models below are built at once, for real: sized on the meta device first (a width of 2**40 is
+    # refused here, not by the allocator).
+    check_parameters(cfg, models, ("global", "local", "coherent"))
     d = models.decomposition
     shape = (shapes.in_channels, *shapes.image_size)
     global_cnn, ensemble, cnn_dnn = models.global_cnn(), models.ensemble(), models.cnn_dnn()

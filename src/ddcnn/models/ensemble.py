@@ -36,7 +36,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from ddcnn.checks import choice, whole, wholes
 from ddcnn.errors import ConfigError, ShapeError
 from ddcnn.models.backbones import check_fits, load_slot_state, slot_state
-from ddcnn.models.family import Family, probe
+from ddcnn.models.family import Family, probe, train_probe
 from ddcnn.seeds import derive_seed
 
 BACKENDS = ("auto", "grouped", "loop", "vmap")
@@ -196,7 +196,8 @@ class LocalEnsemble(nn.Module):
             # its output with as_strided_, which vmap has no batching rule for: torch runs it slot by slot and warns
             # on every run. The cost is measured (docs/performance.md); exactly that warning is silenced here.
             warnings.filterwarnings("ignore", message=_AS_STRIDED_WARNING, category=UserWarning)
-            return vmap(one_slot, in_dims=(0, 0, 1), out_dims=1)(params, buffers, subimages)
+            # randomness="different": each local CNN draws its own dropout masks, as N separate networks would.
+            return vmap(one_slot, in_dims=(0, 0, 1), out_dims=1, randomness="different")(params, buffers, subimages)
 
     def check_subimages(self, decomposition) -> None:
         """Refuse subimages the local CNNs cannot take: smaller than a built-in family accepts, or, for a foreign
@@ -206,6 +207,11 @@ class LocalEnsemble(nn.Module):
         else:
             probe(self.local_model(0), (self.in_channels, *decomposition.subimage_size), self.num_classes,
                   self.backbone)
+            # The ensemble itself too: its backend (loop's views of the batch, vmap's batching rules) in training.
+            x = torch.zeros(2, self.n_local, self.in_channels, *decomposition.subimage_size,
+                            device=next(self.parameters()).device)
+            train_probe(self, x, [2, self.n_local, self.num_classes], self.backbone,
+                        f"a local CNN (backend {self.backend!r})")
 
     # ------------------------------------------------------------------ moving single local CNNs in and out
     def _check_index(self, i: int) -> None:

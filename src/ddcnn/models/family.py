@@ -55,7 +55,7 @@ def import_backbone(path: str, label: str = "backbone") -> Callable:
     except ModuleNotFoundError as err:
         raise ConfigError(f"{label} = {path!r}: module {err.name or module_name!r} is not found; install it or "
                           f"put it on PYTHONPATH") from None
-    except Exception as err:  # the user's module failed while importing: say so in one line
+    except (Exception, SystemExit) as err:  # the user's module failed (or called sys.exit) while importing
         raise ConfigError(f"{label} = {path!r}: importing {module_name!r} failed with {type(err).__name__}: "
                           f"{err}") from None
     target = module
@@ -145,7 +145,7 @@ class Family:
             model = factory(**given)
         except DDCNNError:
             raise
-        except Exception as err:
+        except (Exception, SystemExit) as err:
             arguments = ", ".join(f"{k}={v!r}" for k, v in given.items())
             raise ConfigError(f"backbone {self.name!r} failed to build with ({arguments}): {type(err).__name__}: "
                               f"{_first_line(err)}; fix backbone_kwargs") from None
@@ -163,6 +163,9 @@ def _check_parameters(model: nn.Module, name: str) -> None:
     if lazy:
         raise ConfigError(f"backbone {name!r} has lazy layers ({', '.join(lazy[:3])}); give their sizes, as local "
                           f"CNNs are stacked before they see a subimage")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"backbone {name!r} has no trainable parameters, so there is nothing to train; give a "
+                          f"network with weights")
     # Every tensor of a local CNN is stacked slot after slot along dim 0; a 0-dim tensor has no dim 0 to stack on.
     scalars = [k for k, p in model.named_parameters() if p.dim() == 0]
     if scalars:
@@ -197,7 +200,8 @@ def _replace_layer(model: nn.Module, kinds: tuple, first: bool, size: int) -> No
 @torch.no_grad()
 def probe(model: nn.Module, input_shape: Sequence[int], num_classes: int, name: str, what: str = "a local CNN"):
     """Refuse a network that fails on one input of ``input_shape`` ``(C, *size)`` or gives other than
-    ``(1, num_classes)`` logits, with one error naming it and the shapes (one sample, eval mode, no gradient)."""
+    ``(1, num_classes)`` logits, with one error naming it and the shapes (one sample, eval mode, no gradient); then
+    :func:`train_probe` on a batch of two in training mode."""
     param = next(model.parameters(), None)
     x = torch.zeros(1, *input_shape, device=param.device if param is not None else None)
     was_training = model.training
@@ -216,3 +220,27 @@ def probe(model: nn.Module, input_shape: Sequence[int], num_classes: int, name: 
     if shape != [1, num_classes]:
         raise ShapeError(f"backbone {name!r} maps inputs of shape {list(x.shape)} to {shape}, but {what} must give "
                          f"[1, {num_classes}] logits; make it end in {num_classes} outputs")
+    train_probe(model, x.expand(2, *x.shape[1:]), [2, num_classes], name, what)
+
+
+def train_probe(model: nn.Module, x: torch.Tensor, expected: list[int], name: str, what: str) -> None:
+    """Refuse a network that fails in training mode on the batch ``x`` (two samples), gives there other than
+    ``expected`` logits, or cannot be differentiated: one training step's forward and backward pass, on a copy (the
+    model's weights, statistics and gradients stay as they were)."""
+    model = copy.deepcopy(model).train()
+    x = x.clone()  # the network may change its input in place, as the training batches allow
+    try:
+        with torch.enable_grad():
+            out = model(x)
+            shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            if shape == expected:
+                out.float().sum().backward()
+    except DDCNNError:
+        raise
+    except Exception as err:
+        raise ShapeError(f"backbone {name!r} fails as {what} in training mode (a batch of {x.shape[0]}, with the "
+                         f"backward pass): {type(err).__name__}: {_first_line(err)}; fix the network for training "
+                         f"batches") from None
+    if shape != expected:
+        raise ShapeError(f"backbone {name!r} maps a training batch of shape {list(x.shape)} to {shape} in training "
+                         f"mode, but {what} must give {expected} logits there too (one tensor, one row per image)")

@@ -66,15 +66,17 @@ def collect(study_dir: StudyDir, command: str | None = None) -> dict:
 
 def run_study(path: str | Path, out: str | Path | None = None, jobs: int = 1, resume: bool = False,
               print_commands: bool = False, aggregate_only: bool = False, command: str | None = None,
-              echo=print) -> int:
-    """What ``ddcnn study`` does; returns the exit status (1 when a run failed, else 0)."""
+              echo=print, trusted: bool = True) -> int:
+    """What ``ddcnn study`` does; returns the exit status (1 when a run failed, else 0). ``trusted``: the study's
+    runs may import a backbone its base names by import path (the command line trusts a study file it is given,
+    but not one inside a study or run directory, without --trust-code)."""
     from ddcnn.errors import ConfigError
     from ddcnn.study.report import summary_text
 
     if jobs < 1:
         raise ConfigError(f"--jobs {jobs} must be at least 1, e.g. --jobs 2")
-    study = load_study(path)
-    study_dir = StudyDir(study, out)
+    study = load_study(path, trusted)
+    study_dir = StudyDir(study, out, trusted)
     if aggregate_only:
         study_dir.check()
         if not (study_dir.path / "study-spec.json").is_file():

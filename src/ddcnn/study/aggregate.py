@@ -11,7 +11,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ddcnn.files import read_json
 from ddcnn.study.stats import METHOD, paired_differences, ratio_summary, summarize, verdict
+from ddcnn.train.runfiles import RESULTS, fix_for
 
 # The paper's claims, as (a, b): "a beats b". Everything else is read from each run's results.json.
 CLAIMS = (("cnn_dnn", "mean_probability"), ("cnn_dnn", "majority_vote"), ("transfer", "coherent"),
@@ -40,8 +42,9 @@ class RunData:
 
 
 def read_run(cell: str, seed: int, out: Path) -> RunData:
-    """Read a finished run directory; unreadable metrics lines are skipped (a kill can cut the last one)."""
-    results = json.loads((out / "results.json").read_text())
+    """Read a finished run directory; unreadable metrics lines are skipped (a kill can cut the last one). A damaged
+    results.json is a CheckpointError naming it and the wrong entry."""
+    results = read_json(out / "results.json", RESULTS, fix_for("results.json"))
     metrics = []
     try:
         lines = (out / "metrics.jsonl").read_text().splitlines()

@@ -3,7 +3,8 @@
 ```
 DIR/
   study.yaml          the study file as given
-  study-spec.json     its resolved spec and SHA-256: a different study pointed at DIR is refused
+  study-spec.json     its resolved spec and SHA-256, and the SHA-256 of study.yaml and base.yaml: a different
+                      study pointed at DIR (other than more seeds or axis values), or an edited file, is refused
   command.txt         the command that made the study (study.md gives it, and the last one when they differ)
   base.yaml           the base config with the study's `set` applied; every run is `ddcnn run DIR/base.yaml ...`
   runs/<cell>/seed-<s>/   ordinary run directories (resumable and inspectable on their own)
@@ -14,9 +15,13 @@ DIR/
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import hashlib
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -28,12 +33,14 @@ from pathlib import Path
 import yaml
 
 from ddcnn.errors import ConfigError
+from ddcnn.models.backbones import BACKBONES
 from ddcnn.study.spec import Cell, Study
 
 SPEC_FILE = "study-spec.json"
 COMMAND_FILE = "command.txt"  # the command that made the study, for its report
 EXIT_PREFIX = "[study] exit status "
-INTERRUPTED = (0, 130, -2, -9, -15)  # stopped by Ctrl-C or a signal: not a failure of the run itself
+INTERRUPTED = (0, 130, -2, -9, -15)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h  # stopped by Ctrl-C or a signal: not a failure of the run itself
 
 
 @dataclass(frozen=True)
@@ -46,15 +53,17 @@ class Run:
     log: Path
     state: str
 
-    def args(self, base: Path) -> list[str]:
-        """The arguments after ``ddcnn``: a fresh run, ``--resume`` of a started one, ``--force`` of a leftover."""
+    def args(self, base: Path, trusted: bool = False) -> list[str]:
+        """The arguments after ``ddcnn``: a fresh run, ``--resume`` of a started one, ``--force`` of a leftover;
+        ``--trust-code`` when the study itself is trusted (base.yaml's checksum is checked before any run)."""
         extra = []
         if (self.out / "ddcnn-run.json").is_file():
             extra = ["--resume"]
         elif self.out.is_dir() and any(self.out.iterdir()):  # killed before the run wrote its marker
             extra = ["--force"]
         sets = [a for override in [*self.cell.overrides(), f"seed={self.seed}"] for a in ("--set", override)]
-        return ["run", str(base), *sets, "--out", str(self.out), "--quiet", *extra]
+        return ["run", str(base), *sets, "--out", str(self.out), "--quiet", *extra,
+                *(["--trust-code"] if trusted else [])]
 
 
 def finished(out: Path) -> bool:
@@ -91,23 +100,53 @@ def last_error(log: Path) -> str:
     return (errors or lines or ["no output"])[-1].strip()
 
 
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _die_with(parent: int) -> None:
+    """In the child, before ``ddcnn run`` starts: the kernel sends it SIGTERM when the study process (``parent``)
+    dies, even by SIGKILL (Linux ``prctl(PR_SET_PDEATHSIG)``), so that no run goes on unattended. (The signal
+    follows the thread that started the child: the pool's thread waits for it, so it lives as long.)"""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # the study died between the fork and the prctl
+        os._exit(1)
+
+
 class StudyDir:
-    def __init__(self, study: Study, path: str | Path | None):
-        self.study = study
+    def __init__(self, study: Study, path: str | Path | None, trusted: bool = False):
+        """``trusted``: the study's runs may import the backbone its base names (see :mod:`ddcnn.models.settings`)."""
+        named = {(study.base.get("model") or {}).get("backbone", "vgg"), *study.axes.get("model.backbone", [])}
+        # --trust-code reaches the runs only where a run imports code: a study of built-in backbones needs none.
+        self.study, self.trusted = study, trusted and bool(named - set(BACKBONES))
         self.path = Path(path) if path is not None else Path("runs") / study.name
         self.base = self.path / "base.yaml"
 
+    def files(self) -> dict[str, str]:
+        """The files the runs read (besides the study's own runs): name -> their text."""
+        return {"study.yaml": self.study.text, "base.yaml": yaml.safe_dump(self.study.base, sort_keys=False)}
+
     def check(self) -> None:
-        """Refuse a directory that holds another study or other files; accept this study's own or a new one."""
+        """Refuse a directory that holds another study or other files, or whose files were changed; accept this
+        study's own or a new one."""
         path = self.path
         if path.exists() and not path.is_dir():
             raise ConfigError(f"study directory {str(path)!r} is a file; choose another --out")
+        for name in ("runs", "logs", "plots"):
+            if (path / name).exists() and not (path / name).is_dir():
+                raise ConfigError(f"study directory {str(path)!r}: {name!r} is a file where the study's folder "
+                                  f"belongs; move it away, or choose another --out")
         spec = path / SPEC_FILE
         if spec.is_file():
             try:
                 recorded = json.loads(spec.read_text())
                 sha = recorded["sha256"]
-            except (OSError, ValueError, KeyError, TypeError):
+                files = recorded.get("files", {})
+                if not (isinstance(sha, str) and isinstance(files, dict) and all(
+                        isinstance(v, str) for v in files.values())):
+                    raise TypeError(sha)
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
                 raise ConfigError(f"study directory {str(path)!r}: {SPEC_FILE} is damaged; restore it or choose "
                                   f"another --out") from None
             if sha != self.study.sha256 and not extends(recorded.get("spec"), self.study):
@@ -116,29 +155,49 @@ class StudyDir:
                     f"{sha[:12]}), not {str(self.study.path)!r} (spec {self.study.sha256[:12]}): its base, set, axes "
                     f"or seeds differ (beyond more seeds or more axis values, which extend it); choose another "
                     f"--out, or give the study file it was made from ({str(path / 'study.yaml')!r})")
+            self._check_files(files)
         elif path.is_dir() and any(path.iterdir()):
             raise ConfigError(f"study directory {str(path)!r} already holds files that are not a ddcnn study; "
                               f"choose another --out")
 
+    def _check_files(self, recorded: dict[str, str]) -> None:
+        """Each file of :meth:`files` must be as this study writes it and as study-spec.json recorded it (a study
+        directory of an older ddcnn records none: the files are still compared with the study)."""
+        for name, text in self.files().items():
+            target = self.path / name
+            try:
+                now = _sha256(target.read_text())
+            except (OSError, UnicodeDecodeError):
+                raise ConfigError(f"study directory {str(self.path)!r}: {name} cannot be read; restore it (the "
+                                  f"study writes it once, from the study file) or choose another --out") from None
+            if now != recorded.get(name, now) or (name == "base.yaml" and now != _sha256(text)):
+                raise ConfigError(f"study directory {str(self.path)!r}: {name} was changed since the study wrote "
+                                  f"it (its SHA-256 differs from {SPEC_FILE}); restore it, or start the study in "
+                                  f"another --out")
+
     def create(self, command: str | None = None) -> None:
         """Write the study's record (once): the spec, the study file, the base config the runs start from and the
-        ``command`` that made the study (a later --resume or --aggregate does not replace it)."""
+        ``command`` that made the study (a later --resume or --aggregate does not replace it). An extended study
+        (more seeds or axis values) gets its new study file and spec; its base.yaml is the same."""
         from ddcnn.files import atomic_write_text
 
         self.check()
         spec = self.path / SPEC_FILE
+        files = self.files()
         if spec.is_file():
             if json.loads(spec.read_text())["sha256"] == self.study.sha256:
                 return
-        else:  # an extended study keeps its base.yaml (the same base: the finished runs' config)
+            atomic_write_text(self.path / "study.yaml", self.study.text)
+        else:
             self.path.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.base, yaml.safe_dump(self.study.base, sort_keys=False))
+            for name, text in files.items():
+                atomic_write_text(self.path / name, text)
             if command:
                 atomic_write_text(self.path / COMMAND_FILE, command + "\n")
-        atomic_write_text(self.path / "study.yaml", self.study.text)
         # The spec last: its presence says the directory is complete.
-        atomic_write_text(self.path / SPEC_FILE, json.dumps({"name": self.study.name, "sha256": self.study.sha256,
-                                                             "spec": self.study.spec}, indent=2) + "\n")
+        atomic_write_text(self.path / SPEC_FILE, json.dumps({
+            "name": self.study.name, "sha256": self.study.sha256, "spec": self.study.spec,
+            "files": {name: _sha256(text) for name, text in files.items()}}, indent=2) + "\n")
 
     def first_command(self) -> str | None:
         """The command that made the study, as :meth:`create` recorded it (None for a study made before it did)."""
@@ -193,7 +252,7 @@ def extends(recorded, study: Study) -> bool:
 
 def commands(study_dir: StudyDir, runs: list[Run]) -> list[str]:
     """One ``ddcnn run ...`` line per run that is not finished (for a SLURM array, GNU parallel, ...)."""
-    return ["ddcnn " + " ".join(shlex.quote(a) for a in run.args(study_dir.base))
+    return ["ddcnn " + " ".join(shlex.quote(a) for a in run.args(study_dir.base, study_dir.trusted))
             for run in runs if run.state != "finished"]
 
 
@@ -243,7 +302,7 @@ def execute(study_dir: StudyDir, runs: list[Run], jobs: int, echo=print) -> list
             slot = slots.pop(0)
         try:
             run.log.parent.mkdir(parents=True, exist_ok=True)
-            args = run.args(study_dir.base)
+            args = run.args(study_dir.base, study_dir.trusted)
             start = time.monotonic()
             with open(run.log, "w") as log:
                 log.write("ddcnn " + " ".join(shlex.quote(a) for a in args) + "\n")
@@ -252,7 +311,9 @@ def execute(study_dir: StudyDir, runs: list[Run], jobs: int, echo=print) -> list
                     if stop.is_set():
                         return
                     process = subprocess.Popen([sys.executable, "-m", "ddcnn", *args], stdout=log,
-                                               stderr=subprocess.STDOUT, env=_environment(slot, jobs, devices))
+                                               stderr=subprocess.STDOUT, env=_environment(slot, jobs, devices),
+                                               preexec_fn=functools.partial(_die_with, os.getpid())
+                                               if sys.platform == "linux" else None)
                     active.add(process)
                 status = process.wait()
                 with lock:

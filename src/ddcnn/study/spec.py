@@ -26,8 +26,12 @@ import yaml
 
 from ddcnn.config import apply_overrides, from_dict
 from ddcnn.errors import ConfigError, did_you_mean
+from ddcnn.files import load_yaml
+from ddcnn.models.settings import check_model_settings
 
 KEYS = ("name", "base", "set", "axes", "seeds")
+MAX_RUNS = 10_000  # cells x seeds: a study larger than this is a typo (each run is a whole training)
+PLAIN = (str, int, float, bool, type(None))
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,7 @@ def _read_yaml(path: Path, what: str) -> Any:
     if not path.is_file():
         raise ConfigError(f"{what} {str(path)!r} does not exist; give the path of a YAML file")
     try:
-        return yaml.safe_load(path.read_text())
+        return load_yaml(path.read_text(), f"{what} {str(path)!r}")
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
@@ -114,26 +118,45 @@ def _read_yaml(path: Path, what: str) -> Any:
         raise ConfigError(f"{what} {str(path)!r} is not a text file; give a YAML file") from None
 
 
-def load_study(path: str | Path) -> Study:
-    """Read and check a study file: every axis value and every cell must make a valid config."""
+def _check_plain(value, where: str) -> None:
+    """Refuse what YAML reads but a config or JSON cannot hold (a date, a timestamp, binary data)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_plain(key, where)
+            _check_plain(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]")
+    elif not isinstance(value, PLAIN) or (isinstance(value, float) and value != value):
+        raise ConfigError(f"{where} = {value!r} is a {type(value).__name__}, which a config cannot hold; quote it "
+                          f"to make it a string, e.g. '{value}'")
+
+
+def load_study(path: str | Path, trusted: bool = True) -> Study:
+    """Read and check a study file: every axis value and every cell must make a valid config. An import path as
+    backbone is imported (to check it) only when ``trusted``; else it is refused (see :mod:`ddcnn.models.settings`).
+    """
     path = Path(path)
     data = _read_yaml(path, "study file")
     where = f"study {str(path)!r}"
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must hold a mapping with base, axes and seeds, not a {type(data).__name__}")
+    _check_plain(data, where)
     for key in data:
         if key not in KEYS:
             raise ConfigError(f"{where}: unknown key {key!r}{did_you_mean(str(key), KEYS)}; valid keys: "
                               f"{', '.join(KEYS)}")
     name = data.get("name", path.stem)
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._-]+", name):
-        raise ConfigError(f"{where}: name = {name!r} must be letters, digits, '.', '_' or '-', e.g. my_study")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise ConfigError(f"{where}: name = {name!r} must be letters, digits, '.', '_' or '-', starting with a "
+                          f"letter or digit (it names the folder runs/NAME), e.g. my_study")
 
     base = data.get("base")
     if isinstance(base, str):
         base_data = _read_yaml(path.parent / base, f"{where}: base config")
         if not isinstance(base_data, dict):
             raise ConfigError(f"{where}: base config {base!r} must hold a mapping of config keys to values")
+        _check_plain(base_data, f"{where}: base config {base!r}")
     elif isinstance(base, dict):
         base_data = copy.deepcopy(base)
     else:
@@ -151,10 +174,17 @@ def load_study(path: str | Path) -> Study:
         if key in settings or key in axes:
             raise ConfigError(f"{where}: {key!r} cannot be set or be an axis; the study sets it for every run "
                               f"({'list the seeds under seeds:' if key == 'seed' else 'name the study with name:'})")
+    runs = len(data.get("seeds") or []) if isinstance(data.get("seeds"), list) else 1
+    for values in axes.values():
+        runs *= len(values) if isinstance(values, list) else 1
+    if runs > MAX_RUNS:
+        raise ConfigError(f"{where}: its axes and seeds make {runs:,} runs, more than {MAX_RUNS:,}; split it into "
+                          f"smaller studies or give fewer values")
     base_data["name"] = name
-    _check(base_data, [], f"{where}: the base config")
+    source = repr(str(path))
+    _check(base_data, [], f"{where}: the base config", trusted, source)
     sets = [f"{k}={_yaml_value(v)}" for k, v in settings.items()]
-    _check(base_data, sets, f"{where}: set")
+    _check(base_data, sets, f"{where}: set", trusted, source)
     base_data = apply_overrides(base_data, sets)
 
     clean_axes = {}
@@ -169,26 +199,30 @@ def load_study(path: str | Path) -> Study:
             duplicate = next(t for t in texts if texts.count(t) > 1)
             raise ConfigError(f"{where}: axis {key!r} lists the value {duplicate} twice; give each value once")
         for value in values:
-            _check(base_data, [f"{key}={_yaml_value(value)}"], f"{where}: axis {key!r} = {value_text(value)}")
+            _check(base_data, [f"{key}={_yaml_value(value)}"], f"{where}: axis {key!r} = {value_text(value)}",
+                   trusted, source)
         clean_axes[str(key)] = values
 
     seeds = data.get("seeds")
-    if not isinstance(seeds, list) or not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0
-                                                       for s in seeds):
-        raise ConfigError(f"{where}: seeds must be a non-empty list of whole numbers >= 0, e.g. seeds: [0, 1, 2, 3, "
-                          f"4], got {seeds!r}")
+    if not isinstance(seeds, list) or not seeds or any(isinstance(s, bool) or not isinstance(s, int) or
+                                                       not 0 <= s < 2**63 for s in seeds):
+        raise ConfigError(f"{where}: seeds must be a non-empty list of whole numbers from 0 to 2**63 - 1, e.g. "
+                          f"seeds: [0, 1, 2, 3, 4], got {seeds!r}")
     if len(set(seeds)) != len(seeds):
         duplicate = next(s for s in seeds if seeds.count(s) > 1)
         raise ConfigError(f"{where}: seed {duplicate} is listed twice; each seed gives one run per cell, list it once")
 
     study = Study(name, path, base_data, clean_axes, list(seeds), path.read_text())
     for cell in study.cells():  # combinations of valid values can still clash (a check across sections)
-        _check(base_data, cell.overrides(), f"{where}: cell {cell.label}")
+        _check(base_data, cell.overrides(), f"{where}: cell {cell.label}", trusted, source)
     return study
 
 
-def _check(base: dict, overrides: list[str], where: str) -> None:
+def _check(base: dict, overrides: list[str], where: str, trusted: bool, source: str) -> None:
+    """A valid config, with the models' names (an imported backbone is imported, and so checked, when trusted)."""
     try:
-        from_dict(base, overrides)
+        cfg = from_dict(base, overrides)
+        check_model_settings(cfg.model, cfg.combiner, trusted, source,
+                             spatial=cfg.stages.global_.parallel == "spatial")
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None

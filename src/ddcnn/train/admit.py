@@ -2,7 +2,9 @@
 touched, so a refused run leaves every file as it was.
 
 1. The config: keys, types and ranges (:func:`ddcnn.config.load_config`, when it is read).
-2. The device (:func:`ddcnn.train.runtime.make_runtime`) and the stages' dependencies (:func:`check_stages`).
+2. The device (:func:`ddcnn.train.runtime.make_runtime`) and the stages' dependencies (:func:`check_stages`); the
+   models' names and an imported backbone, imported only when trusted
+   (:func:`ddcnn.models.settings.check_model_settings`, first in :func:`ddcnn.train.context.build_context`).
 3. The data: files, shapes, classes, and whether the images fit in memory (:func:`ddcnn.data.datasets.load_datasets`).
 4. The models: the grid against the backbone's depth, a foreign CNN run once on a sample
    (:class:`ddcnn.build.Models`).
@@ -35,10 +37,12 @@ def check_stages(cfg: Config) -> None:
                               f"stages.{stage}")
 
 
-def check_processes(cfg: Config, models: Models, env: DistEnv) -> None:
+def check_processes(cfg: Config, models: Models, env: DistEnv, sharded: list[str] | None = None) -> None:
     """A model-parallel stage gives every process at least one local CNN: more processes than local CNNs are
-    refused."""
-    sharded = [stage for stage in STAGES if cfg.stages.get(stage).enabled and parallelism(cfg, stage) == "model"]
+    refused, on every rank alike. ``sharded``: the stages loaded as shards (a finished run under torchrun);
+    default the enabled model-parallel stages of ``cfg``."""
+    if sharded is None:
+        sharded = [stage for stage in STAGES if cfg.stages.get(stage).enabled and parallelism(cfg, stage) == "model"]
     if env.enabled and sharded and env.world > models.n_local:
         # Model and data parallelism together (a 2-D mesh of processes) is not built: refused, not half-done.
         raise ConfigError(

@@ -104,8 +104,11 @@ def stage_sizes(cfg: Config, models, stages=None) -> list[StageSize]:
 def count_exactly(cfg: Config, models, size: StageSize) -> None:
     """Replace the bound in ``size`` by the activation bytes a meta forward pass counts."""
     shape = _meta_input(models, size.stage, cfg.stages.get(size.stage).batch_size)[0]
+    model = meta_model(models, size.stage)
+    if any(p.device.type != "meta" for p in model.parameters()):
+        return  # built on the CPU (see meta_model): running it on a whole batch is what the check avoids
     try:
-        size.activation_bytes = _activation_bytes(meta_model(models, size.stage), torch.empty(shape, device="meta"))
+        size.activation_bytes = _activation_bytes(model, torch.empty(shape, device="meta"))
     except DDCNNError:
         raise
     except (RuntimeError, OverflowError, ValueError) as err:
@@ -175,3 +178,15 @@ def check_budget(cfg: Config, models, device: torch.device, n_train: int | None 
             f"of activations for a batch of {cfg.stages.get(size.stage).batch_size}) but only {gib(free)} are "
             f"free; {fix}")
     return sizes
+
+
+def check_parameters(cfg: Config, models, stages, free: int | None = None) -> int:
+    """Refuse models of ``stages`` whose fp32 weights, all held at once (``ddcnn show`` builds them together), do
+    not fit into the free CPU memory (``free`` bytes; measured when None). Counted on the meta device; returns the
+    bytes."""
+    need = 4 * sum(size.parameters for size in stage_sizes(cfg, models, stages))
+    free = free_memory(torch.device("cpu")) if free is None else free
+    if free is not None and need > free:
+        raise ConfigError(f"the models of this config hold {need // 4:,} parameters ({gib(need)}) but only "
+                          f"{gib(free)} of memory are free; lower model.width, model.local_width or combiner.hidden")
+    return need

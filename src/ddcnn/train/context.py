@@ -18,6 +18,7 @@ from ddcnn.data.loading import Augment, Normalizer, make_batches, split_dataset
 from ddcnn.data.readers import ImageDataset
 from ddcnn.models import LocalEnsemble, forward_flops
 from ddcnn.models.combiners import Combiner
+from ddcnn.models.settings import check_model_settings
 from ddcnn.train import dist
 from ddcnn.train.admit import admit_models
 from ddcnn.train.dist import DistEnv
@@ -79,8 +80,10 @@ class Context:
         """The :class:`StageSpec` of ``stage`` from the config; ``options`` set the rest (clip, sync, saver...).
         With ``model`` (all processes call it), the epochs' FLOPs are counted: 3x its forward pass per image."""
         flops = TRAIN_FLOPS_FACTOR * self.forward_flops(model) if model is not None else 0
+        network = "the DNN" if stage == "combine" else f"backbone {self.cfg.model.backbone!r}"
         return StageSpec(stage, self.cfg.stages.get(stage), self.run_dir.checkpoints, self.runtime, self.cfg.seed,
-                         self.log, verbose=self.verbose, flops_per_image=flops, echo=self.echo, **options)
+                         self.log, verbose=self.verbose, flops_per_image=flops, echo=self.echo, network=network,
+                         **options)
 
     def echo(self, line: str) -> None:
         """One line of the training log: printed by rank 0 of a verbose run, where the epoch lines go."""
@@ -175,9 +178,12 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def build_context(cfg: Config, run_dir: RunDir, runtime: Runtime, env: DistEnv, resume: bool, force: bool,
-                  verbose: bool = True, print_line: Callable[[str], None] | None = None) -> Context:
+                  verbose: bool = True, print_line: Callable[[str], None] | None = None, trusted: bool = True,
+                  source: str = "the config") -> Context:
     """Read the data, build the models' builder, join the process group and prepare the run directory (rank 0
-    writes ``data.json``); every check that can refuse the run comes before the first file is written."""
+    writes ``data.json``); every check that can refuse the run comes before the first file is written. An
+    imported backbone is imported only when ``trusted`` (``source``: where the config came from, for the error)."""
+    check_model_settings(cfg.model, cfg.combiner, trusted, source, spatial=cfg.stages.global_.parallel == "spatial")
     cfg = with_backend(cfg)  # config.yaml records the backend that runs (and a resumed run is checked against it)
     train_full, test = load_datasets(cfg.data)
     train, val = split_dataset(train_full, cfg.data.val_fraction, cfg.data.split_seed)

@@ -23,14 +23,15 @@ from ddcnn.train.saved import SavedRun
 from ddcnn.train.scoring import score_strategies
 
 
-def evaluate_run(run_dir, device: str | None = None, env: DistEnv | None = None) -> dict | None:
+def evaluate_run(run_dir, device: str | None = None, env: DistEnv | None = None,
+                 trust_code: bool = False) -> dict | None:
     """Validation and test accuracy of every saved strategy, recomputed from the checkpoints through the
     protocol's scoring path; written to ``evaluation.json``.
 
     Under torchrun (``env``) each process holds its shard of the local CNNs and all compute together; rank 0
-    writes the file and returns the results, the others None.
+    writes the file and returns the results, the others None. ``trust_code``: see :class:`SavedRun`.
     """
-    run = SavedRun(run_dir, device, env, trust_code=True)  # as before: these commands build a named backbone
+    run = SavedRun(run_dir, device, env, trust_code)
     train_full, test = load_datasets(run.cfg.data)
     _, val = split_dataset(train_full, run.cfg.data.val_fraction, run.cfg.data.split_seed)
     splits = {"val": val, "test": test} if len(val) else {"test": test}
@@ -90,10 +91,11 @@ class Predictions:
 
 
 def predict_files(run_dir, files, strategy: str | None = None, device: str | None = None,
-                  env: DistEnv | None = None) -> Predictions | None:
+                  env: DistEnv | None = None, trust_code: bool = False) -> Predictions | None:
     """The chosen strategy's class and probabilities for each file, and each subdomain's vote (under torchrun,
-    ``env``: computed by all processes together, returned on rank 0, None elsewhere)."""
-    run = SavedRun(run_dir, device, env, trust_code=True)
+    ``env``: computed by all processes together, returned on rank 0, None elsewhere). ``trust_code``: see
+    :class:`SavedRun`."""
+    run = SavedRun(run_dir, device, env, trust_code)
     name, fn = run.strategy(strategy)
     notes: list[str] = []
     images = torch.stack([read_input(Path(f), run.shapes.image_size, run.shapes.in_channels, run.cfg.data.name,

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ddcnn.config import StageConfig
-from ddcnn.errors import TrainingError
+from ddcnn.errors import DDCNNError, TrainingError
 from ddcnn.seeds import derive_seed
 from ddcnn.train.checkpoint import CheckpointDir
 from ddcnn.train.runfiles import check_stage_settings
@@ -173,6 +173,7 @@ class StageSpec:
     echo: Callable[[str], None] | None = None  # a line of the training log (resumed stages, progress)
     check_every: int = 25  # steps between two looks at the NaN guard (each look is a host sync)
     flops_per_image: int = 0  # training FLOPs of one image (forward and backward, ~3x the forward pass)
+    network: str = "the model"  # how errors name what trained, e.g. "backbone 'my_nets:Net'"
 
 
 @dataclass
@@ -264,9 +265,10 @@ def fit(spec: StageSpec, model: nn.Module, loss_fn: LossFn | None, batches, eval
     extra_keys = tuple(spec.extra_state or ())
     if ckpt.has(stage):
         weights, state, opt_state = ckpt.load(stage)
-        # The schedule, the data order and the optimizer state depend on epochs, batch size and optimizer: a
-        # resumed stage must keep them (the learning rate, weight decay and momentum may change, e.g. after a NaN).
+        # The data order and the optimizer state depend on the batch size and optimizer: a resumed stage keeps
+        # them; an unfinished one may get more epochs (ddcnn.train.runfiles says what else may change).
         check_stage_settings(stage, state, cfg)
+        state["epochs"] = cfg.epochs  # more epochs for an unfinished stage (recorded in metrics.jsonl on --resume)
         saver.load_weights(weights)
         if opt_state is not None and not state["done"]:
             saver.load_optimizer_state(optimizer, opt_state)
@@ -296,13 +298,22 @@ def fit(spec: StageSpec, model: nn.Module, loss_fn: LossFn | None, batches, eval
         for i, (x, y) in enumerate(batches):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(state["step"], steps_per_epoch, cfg)
-            with runtime.autocast():
-                loss, correct = loss_fn(x, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip is not None:
-                clip(cfg.grad_clip)
-            optimizer.step()
+            try:
+                with runtime.autocast():
+                    loss, correct = loss_fn(x, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip is not None:
+                    clip(cfg.grad_clip)
+                optimizer.step()
+            except DDCNNError:
+                raise
+            except Exception as err:  # the user's network (or torch under it) failed on a training batch
+                progress.close()
+                raise TrainingError(
+                    f"{spec.network} failed in stage {stage!r} (epoch {epoch}, step {i + 1}, a batch of {len(y)}): "
+                    f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}; the checkpoint of epoch "
+                    f"{epoch - 1} is kept: fix the network (or the stage's settings) and resume") from err
             state["step"] += 1
             # NaN guard without a host sync per step: remember the first bad step, look every few steps.
             finite = torch.isfinite(loss.detach())

@@ -36,8 +36,12 @@ class Experiment:
     """
 
     def __init__(self, cfg: Config, out: str | Path, resume: bool = False, force: bool = False, command: str = "",
-                 verbose: bool = True, log=None, env: DistEnv | None = None):
+                 verbose: bool = True, log=None, env: DistEnv | None = None, trusted: bool = True,
+                 source: str = "the config"):
+        """``trusted``: whether an import path as backbone may be imported (False for a config read from a run or
+        study directory without --trust-code; ``source`` names that file in the refusal)."""
         self.cfg, self.command, self.force, self.verbose, self.print_line = cfg, command, force, verbose, log
+        self.trusted, self.source = trusted, source
         self.env = env or dist.env_from_environment()
         self.run_dir = RunDir(out)
         self.runtime = make_runtime(cfg, self.env)
@@ -47,7 +51,7 @@ class Experiment:
 
     def setup(self) -> Context:
         return build_context(self.cfg, self.run_dir, self.runtime, self.env, self.resume, self.force,
-                             self.verbose, self.print_line)
+                             self.verbose, self.print_line, self.trusted, self.source)
 
     def run(self) -> dict | None:
         """All enabled stages, then the test evaluation and the report; returns the results (None on ranks > 0)."""
@@ -73,8 +77,10 @@ def finish(ctx: Context, done: dict[str, StageResult], command: str = "") -> dic
     results = evaluate_test(ctx, done, command)
     if results is None:
         return None
-    ctx.run_dir.rewrite_metrics([r for stage in STAGES if stage in done
-                                 for r in [*done[stage].history, done[stage].summary]])
+    # settings changed on --resume (runfiles.stage_changes), then every stage's epochs and its end
+    events = [r for r in ctx.run_dir.metrics() if r.get("event") not in (None, "end")]
+    ctx.run_dir.rewrite_metrics(events + [r for stage in STAGES if stage in done
+                                          for r in [*done[stage].history, done[stage].summary]])
     ctx.run_dir.write_json("results.json", results)
     from ddcnn.report import write_report
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -13,7 +14,6 @@ import yaml
 from ddcnn.config import STAGES, Config, dump_config, from_dict, to_dict
 from ddcnn.errors import CheckpointError, ConfigError
 from ddcnn.files import atomic_write_text, load_yaml, naming, read_json, read_text
-from ddcnn.models.family import is_import_path
 from ddcnn.train.checkpoint import CheckpointDir
 from ddcnn.train.runfiles import MARKER as MARKER_SCHEMA
 from ddcnn.train.runfiles import TRAINING_STATE, check_resumable, fix_for
@@ -59,6 +59,7 @@ class RunDir:
         A resumed run is checked whole first (with ``models``, the checkpoints' shapes too): a refused
         ``--resume`` leaves every file as it was."""
         path = self.path
+        events: list[dict] = []
         if path.exists() and not path.is_dir():
             raise ConfigError(f"output directory {str(path)!r} is a file; choose another --out")
         if resume:
@@ -67,7 +68,7 @@ class RunDir:
                     "with --force instead of --resume (ddcnn replaces only the files a run writes)"
                 raise CheckpointError(f"--resume: {str(path)!r} holds no ddcnn run (a run killed before it began "
                                       f"leaves none); start it {how}")
-            check_resumable(self, cfg, models)
+            events = check_resumable(self, cfg, models)
             self._remove_leftovers()
         elif path.exists() and any(path.iterdir()):
             if not force:
@@ -100,6 +101,8 @@ class RunDir:
         atomic_write_text(path / "config.yaml", dump_config(cfg))
         if not resume:
             atomic_write_text(path / MARKER, json.dumps({"format": 1, "launch": launch}))
+        for event in events:  # what config.yaml now says differently, and from when
+            self.append_metrics(event)
 
     def _remove_leftovers(self) -> None:
         """After a kill: delete temporary files of interrupted writes, and checkpoint files that no manifest names
@@ -127,9 +130,10 @@ class RunDir:
             for tmp in self.checkpoints.root.glob(".*.tmp"):
                 tmp.unlink(missing_ok=True)
 
-    def read_config(self, trust_code: bool = True) -> dict:
-        """The run's ``config.yaml`` as plain data (a mapping), or one CheckpointError naming it. Without
-        ``trust_code`` a config naming its backbone by import path is refused before that code is imported."""
+    def read_config(self) -> dict:
+        """The run's ``config.yaml`` as plain data (a mapping), or one CheckpointError naming it. Reading it imports
+        nothing: an imported backbone it names is checked, and trusted or refused, by
+        :func:`ddcnn.models.settings.check_model_settings`."""
         path = self.path / "config.yaml"
         text = read_text(path, fix_for("config.yaml"))
         try:
@@ -145,29 +149,29 @@ class RunDir:
         if lacking:
             raise CheckpointError(f"{str(path)!r} is corrupt (it lacks {lacking[0]}, which a run always writes: cut "
                                   f"short?); {fix_for('config.yaml')}")
-        if not trust_code:
-            refuse_code(saved, path)
         try:
             from_dict(saved)
         except ConfigError as err:
             raise CheckpointError(f"{str(path)!r} is not a valid config ({err}); {fix_for('config.yaml')}") from None
         return saved
 
-    def check_same_config(self, cfg: Config) -> None:
+    def check_same_config(self, cfg: Config) -> dict:
+        """Refuse a config that changes a setting the saved weights depend on; returns the saved config."""
         saved = self.read_config()
-        new = to_dict(cfg)
+        old, new = copy.deepcopy(saved), to_dict(cfg)
         for key in FREE_DATA_KEYS:  # how the data is fed, not what it is
-            for config in (saved, new):
+            for config in (old, new):
                 if isinstance(config.get("data"), dict):
                     config["data"].pop(key, None)
         for section in FROZEN_SECTIONS:
-            diff = _first_difference(saved.get(section), new.get(section), section)
+            diff = _first_difference(old.get(section), new.get(section), section)
             if diff:
                 key, old_value, new_value = diff
                 raise CheckpointError(
                     f"--resume: {key} was {old_value!r} when the checkpoints were written but is {new_value!r} now; "
                     f"resume with the run's own config (or start a new run in another --out)"
                 )
+        return saved
 
     def append_metrics(self, record: dict) -> None:
         with naming(self.path / "metrics.jsonl"), open(self.path / "metrics.jsonl", "a") as f:
@@ -204,16 +208,6 @@ class RunDir:
                 return None
             raise CheckpointError(f"{str(path)!r} does not exist; is {str(self.path)!r} a finished ddcnn run?")
         return read_json(path, schema, fix_for(name))
-
-
-def refuse_code(raw: dict, where: Path) -> None:
-    """A ConfigError when the config ``raw`` (read from ``where``) names its backbone by import path: building the
-    run's models would import and call that code, which needs the caller's explicit trust."""
-    model = raw.get("model")
-    backbone = model.get("backbone") if isinstance(model, dict) else None
-    if isinstance(backbone, str) and is_import_path(backbone):
-        raise ConfigError(f"{str(where)!r} names the backbone {backbone!r}, which loading the run would import and "
-                          f"run; if you trust that code, pass trust_code=True (--trust-code on the command line)")
 
 
 def _first_difference(old, new, key):

@@ -8,6 +8,7 @@ directory is touched: a refused ``--resume`` leaves every file as it was.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from ddcnn.build import meta_model, weight_shapes
@@ -76,18 +77,55 @@ def fix_for(name: str) -> str:
     return "restore it, or start the run over with --force"
 
 
+# What a resumed stage that has started (has a checkpoint) may change. Everything else of its StageConfig -- every
+# field, also one added later -- is refused: config.yaml must keep describing the weights. While the stage is
+# unfinished, the knobs that rescue a run (a NaN: the learning rate and its schedule, the clip, the optimizer's
+# regularisation) may change for the epochs still to come, and more epochs may be added; each accepted change is
+# recorded in metrics.jsonl. ``enabled`` says whether the stage runs, not how it trained.
+FREE_STAGE_KEYS = ("enabled",)
+UNFINISHED_STAGE_KEYS = ("lr", "schedule", "warmup_epochs", "step_every", "step_gamma", "weight_decay", "momentum",
+                         "grad_clip")
+
+
 def check_stage_settings(stage: str, state: dict, settings) -> None:
-    """A checkpointed stage keeps the settings (a StageConfig) its schedule, data order and optimizer state depend
-    on: checked for the whole run before ``--resume`` touches a file, and by ``ddcnn.train.loop.fit`` when it
-    loads the stage."""
-    # What the best-so-far means (monitor) and whether a best epoch's weights are kept (keep) are fixed too.
+    """A checkpointed stage keeps the batch size and optimizer (its data order and optimizer state depend on
+    them), and what its best-so-far means and whether a best epoch's weights are kept (monitor, keep); its epochs
+    may only grow, and only while it is unfinished. Checked for the whole run before ``--resume`` touches a file,
+    and by ``ddcnn.train.loop.fit`` when it loads the stage, which then takes the new number of epochs."""
     for key in ("epochs", "batch_size", "optimizer", "monitor", "keep"):
-        now = settings.kept() if key == "keep" else getattr(settings, key)
-        if state.get(key, now) != now:
+        new = settings.kept() if key == "keep" else getattr(settings, key)
+        old = state.get(key, new)
+        if old == new or (key == "epochs" and not state["done"] and new > old):
+            continue
+        more = " (or more: the stage is unfinished)" if key == "epochs" and not state["done"] else ""
+        fix = f"resume with --set stages.{stage}.{key}={old}{more}"
+        raise CheckpointError(
+            f"--resume: stage {stage!r} was checkpointed with {key} = {old} but the config now says {new}; "
+            f"{fix}, or start a new run"
+        )
+
+
+def stage_changes(stage: str, state: dict, saved: dict, settings) -> list[dict]:
+    """Compare ``stage``'s section of the saved config.yaml (``saved``, plain data) with its new settings (a
+    StageConfig) for a stage that has started (``state``: its checkpointed state). A change other than the ones
+    :data:`FREE_STAGE_KEYS` and :data:`UNFINISHED_STAGE_KEYS` allow is a CheckpointError naming the key; the
+    accepted changes are returned as ``metrics.jsonl`` records."""
+    check_stage_settings(stage, state, settings)
+    events = []
+    for f in dataclasses.fields(settings):
+        key, new = f.name, getattr(settings, f.name)
+        old = saved.get(key, new)
+        if old == new or key in FREE_STAGE_KEYS:
+            continue
+        if state["done"] or key not in (*UNFINISHED_STAGE_KEYS, "epochs"):
+            how = "finished" if state["done"] else f"trained {state['epoch']} epoch(s)"
             raise CheckpointError(
-                f"--resume: stage {stage!r} was checkpointed with {key} = {state[key]} but the config now says "
-                f"{now}; resume with --set stages.{stage}.{key}={state[key]}, or start a new run"
-            )
+                f"--resume: stages.{stage}.{key} was {old!r} when stage {stage!r} {how} but is {new!r} now; a "
+                f"resumed run keeps the settings its weights were trained with: resume with --set "
+                f"stages.{stage}.{key}={old!r}, or start a new run in another --out")
+        events.append({"event": "setting changed on --resume", "stage": stage, "key": f"stages.{stage}.{key}",
+                       "was": old, "now": new, "after_epoch": state["epoch"]})
+    return events
 
 
 def check_checkpoints(run_dir, cfg: Config, models=None, stages=STAGES) -> dict[str, Any]:
@@ -103,14 +141,15 @@ def check_checkpoints(run_dir, cfg: Config, models=None, stages=STAGES) -> dict[
     return states
 
 
-def check_resumable(run_dir, cfg: Config, models=None) -> None:
-    """Everything a resumed run reads, read now: nothing has been written, moved or deleted yet."""
+def check_resumable(run_dir, cfg: Config, models=None) -> list[dict]:
+    """Everything a resumed run reads, read now: nothing has been written, moved or deleted yet. Returns the
+    accepted changes of started stages' settings (:func:`stage_changes`), to be recorded."""
     path = run_dir.path
     run_dir.read_marker()
     if run_dir.checkpoints.root.exists() and not run_dir.checkpoints.root.is_dir():
         raise CheckpointError(f"{str(run_dir.checkpoints.root)!r} is a file where the run's checkpoint folder "
                               f"belongs; move it away, or start the run over with --force")
-    run_dir.check_same_config(cfg)
+    saved = run_dir.check_same_config(cfg)
     if (path / "data.json").exists():
         facts = run_dir.read_json("data.json", DATA_FACTS)
         if models is not None:
@@ -125,6 +164,7 @@ def check_resumable(run_dir, cfg: Config, models=None) -> None:
     if (path / "local_timing.json").exists():
         run_dir.read_json("local_timing.json", LOCAL_TIMING)
     states = check_checkpoints(run_dir, cfg, models)
+    events = []
     for stage, state in states.items():
-        if cfg.stages.get(stage).enabled:
-            check_stage_settings(stage, state, cfg.stages.get(stage))
+        events += stage_changes(stage, state, saved["stages"].get(stage) or {}, cfg.stages.get(stage))
+    return events

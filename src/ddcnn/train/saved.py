@@ -16,9 +16,12 @@ from ddcnn.errors import CheckpointError, ConfigError, DDCNNError, did_you_mean
 from ddcnn.models import CNNDNN, GlobalCNN, LocalEnsemble
 from ddcnn.models.combiners import Combiner
 from ddcnn.models.deployed import Deployed, Standardise, with_layout
+from ddcnn.models.family import is_import_path
+from ddcnn.models.settings import check_model_settings
 from ddcnn.shards import shard_range
 from ddcnn.strategies import STRATEGIES, predictors
 from ddcnn.train import dist
+from ddcnn.train.admit import check_processes
 from ddcnn.train.budget import check_budget
 from ddcnn.train.dist import DistEnv, slice_state
 from ddcnn.train.model_parallel import CNNDNNState, ShardedCNNDNN, ShardedLocalCNNs
@@ -26,26 +29,35 @@ from ddcnn.train.rundir import RunDir
 from ddcnn.train.runfiles import DATA_FACTS, RESULTS, fix_for
 from ddcnn.train.runtime import make_runtime
 
+SHARDED = ("local", "coherent", "transfer")  # loaded as each process's shard of the local CNNs under torchrun
+
 
 class SavedRun:
     """Models of a run directory, ready to predict. ``strategies()`` maps each available strategy to a function
     ``normalised images -> (global scores (B, K), local logits (B, N, K) or None)``."""
 
-    def __init__(self, path: str | Path, device: str | None = None, env: DistEnv | None = None, *,
+    def __init__(self, path: str | Path, device: str | None = None, env: DistEnv | None = None,
                  trust_code: bool = False):
         """``env``: under torchrun, each process loads only its shard of the local CNNs (and the whole DNN and
         global CNN); every function of :meth:`strategies` must then be called by all processes together.
-        ``trust_code``: a config naming its backbone by import path is refused unless True, as building its
-        models imports and calls that code."""
+        ``trust_code``: import a backbone that the run's config.yaml names by import path (refused otherwise,
+        before anything is imported: a run directory is data)."""
         self.env = env or DistEnv()
         self.run_dir = RunDir(path)
         if not self.run_dir.is_run:
             raise CheckpointError(f"{str(path)!r} is not a ddcnn run directory (no ddcnn-run.json); give the --out "
                                   f"of a `ddcnn run`")
         self.run_dir.read_marker()
-        raw = self.run_dir.read_config(trust_code)  # checked: a valid config
+        raw = self.run_dir.read_config()  # checked: a valid config
         # --device is the user's own value: its errors are the user's
         self.cfg = from_dict(raw if device is None else {**raw, "device": device})
+        config = str(self.run_dir.path / "config.yaml")
+        try:
+            check_model_settings(self.cfg.model, self.cfg.combiner, trust_code, repr(config))
+        except ConfigError as err:
+            if not trust_code and is_import_path(self.cfg.model.backbone):
+                raise  # the refusal of untrusted code, as it is
+            raise CheckpointError(f"{config!r} is not a valid config ({err}); {fix_for('config.yaml')}") from None
         facts = self.run_dir.read_json("data.json", DATA_FACTS)
         self.classes = list(facts["classes"])
         self.shapes = Shapes(facts["in_channels"], len(self.classes), tuple(facts["image_size"]))
@@ -64,6 +76,7 @@ class SavedRun:
         self.decomposition = self.models.decomposition
         ckpt = self.run_dir.checkpoints
         done = [stage for stage in STAGES if ckpt.has(stage) and ckpt.state(stage)["done"]]
+        check_processes(self.cfg, self.models, self.env, [stage for stage in done if stage in SHARDED])
         check_budget(self.cfg, self.models, self.runtime.device, training=False, stages=done, world=self.env.world)
         dist.init(self.env, self.runtime.device.type)
         self.trained: dict[str, nn.Module] = {}
@@ -77,7 +90,7 @@ class SavedRun:
     def _load(self, stage: str, weights: dict) -> nn.Module:
         """``stage``'s model with ``weights`` (checked): the whole model, or under torchrun this process's part of
         the local CNNs and CNN-DNNs (both saved with the local CNNs stacked, whatever the backend and process count)."""
-        sharded = self.env.enabled and stage in ("local", "coherent", "transfer")
+        sharded = self.env.enabled and stage in SHARDED
         if not sharded:
             model = stage_model(self.models, stage)
             if isinstance(model, LocalEnsemble):

@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddcnn.config import spatial_backbone_error
 from ddcnn.errors import ConfigError
 from ddcnn.models.backbones import Backbone, BasicBlock, Head
+from ddcnn.models.settings import spatial_backbone_error
 from ddcnn.train.dist import DistEnv
 from ddcnn.train.halo import CommMeter, halo, replicated_sum, slab_sum, sum_gradients
 
