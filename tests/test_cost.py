@@ -7,9 +7,10 @@ from ddcnn.train.cost import strategy_costs, target_accuracy, time_to_target
 
 
 def _stage(name, seconds, flops, accuracies, setup=(0.0, 0), key="val_accuracy"):
-    """End-of-stage record and epoch records of a stage whose epochs take ``seconds`` and ``flops`` each."""
-    history = [{"stage": name, "epoch": e, "seconds": seconds * e, "train_flops": flops * e, key: a}
-               for e, a in enumerate(accuracies, start=1)]
+    """End-of-stage record and epoch records of a stage whose epochs take ``seconds`` and ``flops`` each, after a
+    ``setup`` (seconds, FLOPs) that every epoch's cumulative record counts, as the training loop writes them."""
+    history = [{"stage": name, "epoch": e, "seconds": setup[0] + seconds * e, "train_flops": setup[1] + flops * e,
+                key: a} for e, a in enumerate(accuracies, start=1)]
     summary = {"stage": name, "epochs_run": len(accuracies), "seconds": setup[0] + seconds * len(accuracies),
                "train_flops": setup[1] + flops * len(accuracies), "setup_seconds": setup[0], "setup_flops": setup[1]}
     return summary, history
