@@ -13,7 +13,7 @@ from conftest import tiny_dict
 from ddcnn.config import from_dict
 from ddcnn.data.datasets import load_datasets
 from ddcnn.data.loading import to_float
-from ddcnn.errors import ConfigError
+from ddcnn.errors import ConfigError, DDCNNError
 from ddcnn.strategies import STRATEGIES
 
 
@@ -48,5 +48,6 @@ def test_load_run_imports_a_named_backbone_only_when_trusted(finished_run, tmp_p
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ConfigError, match=r"names the backbone 'planted_module:net'.*--trust-code.*trust_code=True"):
         ddcnn.load_run(copy)
-    with pytest.raises(SystemExit, match="imported"):  # trusted: the code is imported (here it stops the import)
+    # trusted: the code is imported (here it stops the import, which is one error naming it)
+    with pytest.raises(DDCNNError, match="importing 'planted_module' failed with SystemExit: imported"):
         ddcnn.load_run(copy, trust_code=True)

@@ -194,10 +194,14 @@ def test_torchrun_spatial_trains_the_global_cnn_of_one_process(tmp_path, dims, b
     assert again["strategies"]["global"]["test_accuracy"] == results["strategies"]["global"]["test_accuracy"]
 
 
-def test_spatial_refuses_a_foreign_backbone_and_other_stages(tiny_config):
+def test_spatial_refuses_a_foreign_backbone_and_other_stages(tiny_config, tmp_path):
+    from ddcnn.train.protocol import Experiment
+
+    cfg = tiny_config(overrides=["stages.global.parallel=spatial", "model.backbone=torch.nn.Identity",
+                                 "model.backend=loop"])
     with pytest.raises(ConfigError, match="splits the layers of the built-in backbones"):
-        tiny_config(overrides=["stages.global.parallel=spatial", "model.backbone=torch.nn.Identity",
-                               "model.backend=loop"])
+        Experiment(cfg, tmp_path / "r", verbose=False).setup()
+    assert not (tmp_path / "r").exists()
     with pytest.raises(ConfigError, match="stages.coherent.parallel = 'spatial' is not valid"):
         tiny_config(overrides=["stages.coherent.parallel=spatial"])
 

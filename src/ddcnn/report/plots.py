@@ -356,5 +356,6 @@ def plot_accuracy_vs_cost(curves: Mapping[str, Sequence[Mapping]], target: float
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("validation accuracy (%)")
-    axes[1].legend(fontsize=7, loc="lower right")
+    if axes[1].get_legend_handles_labels()[0]:  # no curve and no target: nothing to name
+        axes[1].legend(fontsize=7, loc="lower right")
     return save_figure(fig, path)
