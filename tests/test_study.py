@@ -199,10 +199,12 @@ def test_parallel_runs_split_the_threads_and_take_one_gpu_each(monkeypatch):
 
 
 def test_resume_with_more_seeds_and_axis_values_runs_only_the_new_runs(workspace, capsys):
-    first = write_study(workspace, axes={"decomposition.grid": [[2, 2]]}, seeds=[0])
+    quick = {f"stages.{stage}.enabled": False for stage in ("global", "coherent", "transfer")}  # fewer stages
+    first = write_study(workspace, axes={"decomposition.grid": [[2, 2]]}, seeds=[0], set=quick)
     assert main(["study", str(first), "--out", "out"]) == 0
     before = snapshot(workspace / "out/runs")
-    extended = write_study(workspace, "more.yaml", axes={"decomposition.grid": [[2, 2], [1, 2]]}, seeds=[0, 1])
+    extended = write_study(workspace, "more.yaml", axes={"decomposition.grid": [[2, 2], [1, 2]]}, seeds=[0, 1],
+                           set=quick)
     assert main(["study", str(extended), "--out", "out"]) == 2  # a started study still needs --resume
     assert "use --resume" in one_error_line(capsys)
     assert main(["study", str(extended), "--out", "out", "--resume", "--jobs", "2"]) == 0
@@ -213,7 +215,7 @@ def test_resume_with_more_seeds_and_axis_values_runs_only_the_new_runs(workspace
     assert [cell["seeds"]["finished"] for cell in data["cells"]] == [[0, 1], [0, 1]]
     assert json.loads((workspace / "out/study-spec.json").read_text())["spec"]["seeds"] == [0, 1]
     changed = write_study(workspace, "changed.yaml", axes={"decomposition.grid": [[2, 2], [1, 2]]}, seeds=[0, 1],
-                          set={"model.width": 8})
+                          set={**quick, "model.width": 8})
     assert main(["study", str(changed), "--out", "out", "--resume"]) == 2  # any other change is refused
     assert "holds the study 'tiny_study'" in one_error_line(capsys)
 

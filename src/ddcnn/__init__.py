@@ -24,9 +24,18 @@ from ddcnn.models import (
     local_width,
     transfer_cnn_dnn,
 )
-from ddcnn.train.saved import Run, load_run
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # load_run and Run live in the training layer (ddcnn.train.saved), which imports torch.distributed and the whole
+    # trainer: loaded on first use, so that `import ddcnn` (every worker and CLI process) stays light.
+    if name in ("Run", "load_run"):
+        from ddcnn.train import saved
+
+        return getattr(saved, name)
+    raise AttributeError(f"module 'ddcnn' has no attribute {name!r}")
 
 __all__ = [
     "CNNDNN", "DNN", "DDCNNError", "Decomposition", "GlobalCNN", "LocalEnsemble", "MajorityVote", "MeanProbability",
