@@ -53,7 +53,7 @@ def worker(case: str, setting: str, steps: int) -> dict:
 
     from ddcnn import DNN, Decomposition, GlobalCNN, LocalEnsemble, local_loss, local_width
     from ddcnn.shards import shard_range
-    from ddcnn.train.distributed import env_from_environment, init
+    from ddcnn.train.dist import env_from_environment, init
     from ddcnn.train.halo import CommMeter
     from ddcnn.train.model_parallel import ShardedCNNDNN
     from ddcnn.train.scaling import FLOAT, ring

@@ -124,6 +124,15 @@ def test_a_disagreeing_export_leaves_every_file_as_it_was(runs, tmp_path, one_th
     assert capsys.readouterr().err.startswith("ddcnn: error: the exported global model disagrees")
     assert (_snapshot(tmp_path), _snapshot(run_dir)) == before
     assert not (run_dir / "export").exists() and not (tmp_path / "new").exists()
+    monkeypatch.undo()
+
+    def unloadable(*args, **kwargs):  # the written file does not load back
+        raise CheckpointError("the exported file cannot be loaded")
+
+    monkeypatch.setattr(export, "ExportedModel", unloadable)
+    with pytest.raises(CheckpointError):
+        export_run(run_dir, "global", "pt2", tmp_path / "other" / "folders" / "g.pt2")
+    assert not (tmp_path / "other").exists()
 
 
 @pytest.mark.parametrize("args,message", [
@@ -167,6 +176,10 @@ def test_predict_takes_an_exported_file(runs, tmp_path, one_thread, capsys, fmt)
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"strategy: majority_vote (exported: vote.{fmt})"
     assert [line.split(" (")[0] for line in lines[1:]] == from_run and all("vote share" in x for x in lines[1:])
+    assert main(["predict", str(done.path), *map(str, files), "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["file"], r["strategy"]) for r in rows] == [(str(f), "majority_vote") for f in files]
+    assert all(sum(r["probabilities"].values()) == pytest.approx(1, abs=1e-5) for r in rows)
     assert main(["predict", str(done.path), str(files[0]), "--strategy", "global"]) == 2
     assert "--strategy applies to a run directory" in capsys.readouterr().err
 

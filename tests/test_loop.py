@@ -211,3 +211,38 @@ def test_progress_without_a_terminal_prints_a_line_every_so_often():
     off = Progress(4, "x", enabled=False, echo=silent.append, every=0.0)  # --quiet
     off.update()
     assert quiet == [] and silent == []
+
+
+def test_a_checkpoint_without_the_early_stopping_keys_resumes(tmp_path):
+    """A stage checkpointed by an earlier ddcnn (no flops, monitor, keep, best-so-far in its state) resumes to the
+    same weights as one that never stopped."""
+    import json
+
+    cfg = StageConfig(epochs=3, batch_size=8, optimizer="sgd", lr=0.5, momentum=0.0, schedule="constant")
+
+    def run(folder, log):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 2)
+
+        def loss_fn(x, y):
+            out = model(x)
+            return torch.nn.functional.cross_entropy(out, y), (out.argmax(-1) == y).sum()
+
+        spec = StageSpec("x", cfg, CheckpointDir(folder), Runtime(torch.device("cpu")), 0, log, verbose=False)
+        return model, fit(spec, model, loss_fn, Batches(), lambda: {"val_accuracy": None})
+
+    whole, _ = run(tmp_path / "whole", lambda record: None)
+
+    def killed(record):  # dies once epoch 1 is checkpointed
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "old", killed)
+    manifest = tmp_path / "old" / "x.json"
+    data = json.loads(manifest.read_text())
+    for key in ("flops", "monitor", "keep", "best_epoch", "best_value", "bad_epochs", "stop_reason", "kept_epoch"):
+        data["state"].pop(key, None)
+    manifest.write_text(json.dumps(data))
+    resumed, result = run(tmp_path / "old", lambda record: None)
+    assert result.epochs_run == 3 and result.stop_reason == "cap"
+    assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), whole.state_dict().values()))

@@ -336,3 +336,17 @@ def test_a_received_run_naming_code_as_its_backbone_runs_nothing(space, own_run,
         assert main(["evaluate", str(own_run), "--trust-code"]) == 2
         assert marker.read_text() == "called"
         sys.modules.pop("evil_net", None)
+
+
+def test_a_resumed_stage_may_change_its_parallelism_but_not_how_it_trains():
+    from ddcnn.config import StageConfig
+    from ddcnn.errors import CheckpointError
+    from ddcnn.train.runfiles import stage_changes
+
+    state = {"epoch": 1, "done": False, "epochs": 3, "batch_size": 8, "optimizer": "adam"}
+    saved = {"epochs": 3, "batch_size": 8, "optimizer": "adam", "parallel": "model"}
+    now = StageConfig(epochs=3, batch_size=8, optimizer="adam", parallel="data")
+    assert stage_changes("coherent", state, saved, now) == []  # checkpoints do not depend on the parallelism
+    with pytest.raises(CheckpointError, match="stages.coherent.label_smoothing"):
+        stage_changes("coherent", state, {**saved, "label_smoothing": 0.0},
+                      StageConfig(epochs=3, batch_size=8, optimizer="adam", label_smoothing=0.1))

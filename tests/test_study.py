@@ -393,3 +393,19 @@ def test_the_runs_of_a_killed_study_die_with_it(workspace):
         parent.kill()
         for child in _children(parent.pid):
             os.kill(child, signal.SIGKILL)
+
+
+def test_a_base_yaml_with_its_keys_in_another_order_is_the_same_base(workspace, capsys):
+    study = write_study(workspace, axes={})
+    assert main(["study", str(study), "--out", "out", "--print-commands"]) == 0
+    base = workspace / "out/base.yaml"
+    data = yaml.safe_load(base.read_text())
+    base.write_text(yaml.safe_dump(data, sort_keys=True))  # the same config, keys sorted
+    spec = workspace / "out/study-spec.json"
+    recorded = json.loads(spec.read_text())
+    recorded["files"]["base.yaml"] = hashlib.sha256(base.read_text().encode()).hexdigest()
+    spec.write_text(json.dumps(recorded))
+    assert main(["study", str(study), "--out", "out", "--print-commands"]) == 0
+    base.write_text(yaml.safe_dump({**data, "seed": 7}, sort_keys=True))  # another config: refused
+    assert main(["study", str(study), "--out", "out", "--print-commands"]) == 2
+    assert "base.yaml was changed" in one_error_line(capsys)

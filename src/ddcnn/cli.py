@@ -196,13 +196,16 @@ def _predict_exported(args, files: list[str]) -> int:
     """``ddcnn predict FILE.pt2|FILE.onnx``: the exported model's strategy is the one it holds."""
     from ddcnn.errors import ConfigError
     from ddcnn.export import predict_exported
+    from ddcnn.train.evaluate import format_predictions
 
     for option in ("strategy", "device"):
         if getattr(args, option) is not None:
             raise ConfigError(f"--{option} applies to a run directory; an exported file holds one strategy and "
                               f"runs on the CPU (export another --strategy for another)")
-    for line in predict_exported(user_path(args.run_dir, "the exported file"), files):
-        print(line)
+    predictions = predict_exported(user_path(args.run_dir, "the exported file"), files)
+    for note in predictions.notes:
+        print(f"ddcnn: note: {note}", file=sys.stderr)
+    print(format_predictions(predictions, args.format))
     return 0
 
 

@@ -19,7 +19,8 @@ def describe(cfg: Config, png: Path | None = None, trusted: bool = True, source:
     """Decomposition, subimage size, parameters and FLOPs of the global CNN, one local CNN, all local CNNs and
     the CNN-DNN; draws the grid over a sample image into ``png`` when it is given. ``trusted``, ``source``: as for
     a run (:func:`ddcnn.models.settings.check_model_settings`)."""
-    check_model_settings(cfg.model, cfg.combiner, trusted, source, spatial=cfg.stages.global_.parallel == "spatial")
+    spatial = cfg.stages.global_.enabled and cfg.stages.global_.parallel == "spatial"
+    check_model_settings(cfg.model, cfg.combiner, trusted, source, spatial=spatial)
     train, _ = load_datasets(cfg.data)
     shapes = Shapes(train.in_channels, train.num_classes, train.image_size)
     models = Models(cfg, shapes)

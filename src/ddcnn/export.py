@@ -31,11 +31,10 @@ from ddcnn.checks import choice
 from ddcnn.data.datasets import load_datasets
 from ddcnn.data.loading import to_float
 from ddcnn.errors import CheckpointError, ConfigError, DataError, ExportError
-from ddcnn.files import Check, Opt, read_json
+from ddcnn.files import Check, Opt, atomic_write, atomic_write_text, read_json
 from ddcnn.models import BACKBONES
 from ddcnn.models.deployed import LAYOUTS, Deployed, scores_to_probabilities
-from ddcnn.train.checkpoint import atomic_write, atomic_write_text
-from ddcnn.train.evaluate import read_input
+from ddcnn.train.evaluate import Predictions, read_input
 from ddcnn.train.saved import SavedRun
 
 FORMATS = ("pt2", "onnx")
@@ -131,7 +130,7 @@ def export_run(run_dir: Path, strategy: str | None = None, fmt: str = "pt2", out
     created = next((p for p in reversed([path.parent, *path.parent.parents]) if not p.exists()), None)
     try:
         atomic_write(path, data, check)
-    except ExportError:
+    except BaseException:  # a disagreeing file, one that does not load back, an interrupt
         if created is not None:  # the folders this export made for the file go with it
             shutil.rmtree(created, ignore_errors=True)
         raise
@@ -257,16 +256,19 @@ def is_exported(path: Path) -> bool:
     return path.suffix in (".pt2", ".onnx") and not path.is_dir()
 
 
-def predict_exported(path: Path, files: list[str]) -> list[str]:
-    """``ddcnn predict`` with an exported file: one line per file, the class it gives and its probability."""
+def predict_exported(path: Path, files: list[str]) -> Predictions:
+    """``ddcnn predict`` with an exported file: per file the class it gives and every class's probability (vote
+    share), as :func:`ddcnn.train.evaluate.predict_files` gives them for a run (no subdomain votes: the file gives
+    only its decision)."""
     model = ExportedModel(path)
     meta = model.meta
+    notes: list[str] = []
     images = torch.stack([read_input(Path(f), tuple(meta["image_size"]), meta["in_channels"], meta["dataset"],
-                                     meta["window"]) for f in files])
-    scores = model(images)
-    lines = [f"strategy: {meta['strategy']} (exported: {path.name})"]
-    share = "vote share" if meta["output"] == "vote shares" else "probability"
-    for f, row in zip(files, scores):
+                                     meta["window"], notes) for f in files])
+    probabilities = model(images)
+    rows = []
+    for f, row in zip(files, probabilities):
         k = int(row.argmax())
-        lines.append(f"{f}: {model.classes[k]} (class {k}, {share} {float(row[k]):.3f})")
-    return lines
+        rows.append({"file": str(f), "strategy": meta["strategy"], "class": model.classes[k], "class_index": k,
+                     "probabilities": {c: round(float(p), 6) for c, p in zip(model.classes, row.tolist())}})
+    return Predictions(meta["strategy"], list(model.classes), rows, notes, origin=f"exported: {path.name}")

@@ -33,14 +33,15 @@ from pathlib import Path
 import yaml
 
 from ddcnn.errors import ConfigError
+from ddcnn.files import load_yaml
 from ddcnn.models.backbones import BACKBONES
 from ddcnn.study.spec import Cell, Study
 
 SPEC_FILE = "study-spec.json"
 COMMAND_FILE = "command.txt"  # the command that made the study, for its report
 EXIT_PREFIX = "[study] exit status "
-INTERRUPTED = (0, 130, -2, -9, -15)
-PR_SET_PDEATHSIG = 1  # linux/prctl.h  # stopped by Ctrl-C or a signal: not a failure of the run itself
+INTERRUPTED = (0, 130, -2, -9, -15)  # stopped by Ctrl-C or a signal: not a failure of the run itself
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass(frozen=True)
@@ -163,17 +164,24 @@ class StudyDir:
     def _check_files(self, recorded: dict[str, str]) -> None:
         """Each file of :meth:`files` must be as this study writes it and as study-spec.json recorded it (a study
         directory of an older ddcnn records none: the files are still compared with the study)."""
-        for name, text in self.files().items():
+        for name in self.files():
             target = self.path / name
             try:
                 now = _sha256(target.read_text())
             except (OSError, UnicodeDecodeError):
                 raise ConfigError(f"study directory {str(self.path)!r}: {name} cannot be read; restore it (the "
                                   f"study writes it once, from the study file) or choose another --out") from None
-            if now != recorded.get(name, now) or (name == "base.yaml" and now != _sha256(text)):
+            # base.yaml is also compared, as data, with the study's base: key order is not a change
+            if now != recorded.get(name, now) or (name == "base.yaml" and not self._same_base(target)):
                 raise ConfigError(f"study directory {str(self.path)!r}: {name} was changed since the study wrote "
                                   f"it (its SHA-256 differs from {SPEC_FILE}); restore it, or start the study in "
                                   f"another --out")
+
+    def _same_base(self, target: Path) -> bool:
+        try:
+            return load_yaml(target.read_text(), repr(str(target)), ConfigError) == self.study.base
+        except (ConfigError, yaml.YAMLError):
+            return False
 
     def create(self, command: str | None = None) -> None:
         """Write the study's record (once): the spec, the study file, the base config the runs start from and the

@@ -223,6 +223,6 @@ def _check(base: dict, overrides: list[str], where: str, trusted: bool, source: 
     try:
         cfg = from_dict(base, overrides)
         check_model_settings(cfg.model, cfg.combiner, trusted, source,
-                             spatial=cfg.stages.global_.parallel == "spatial")
+                             spatial=cfg.stages.global_.enabled and cfg.stages.global_.parallel == "spatial")
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None

@@ -183,7 +183,8 @@ def build_context(cfg: Config, run_dir: RunDir, runtime: Runtime, env: DistEnv, 
     """Read the data, build the models' builder, join the process group and prepare the run directory (rank 0
     writes ``data.json``); every check that can refuse the run comes before the first file is written. An
     imported backbone is imported only when ``trusted`` (``source``: where the config came from, for the error)."""
-    check_model_settings(cfg.model, cfg.combiner, trusted, source, spatial=cfg.stages.global_.parallel == "spatial")
+    spatial = cfg.stages.global_.enabled and cfg.stages.global_.parallel == "spatial"
+    check_model_settings(cfg.model, cfg.combiner, trusted, source, spatial=spatial)
     cfg = with_backend(cfg)  # config.yaml records the backend that runs (and a resumed run is checked against it)
     train_full, test = load_datasets(cfg.data)
     train, val = split_dataset(train_full, cfg.data.val_fraction, cfg.data.split_seed)

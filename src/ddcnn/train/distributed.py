@@ -62,6 +62,9 @@ class RankSync(Sync):
     def agree(self, obj):
         return self.env.broadcast(obj)
 
+    def barrier(self) -> None:
+        self.env.barrier()
+
 
 class ShardSync(RankSync):
     """Local stage: each rank saw every image with its own local CNNs; losses add up, per-CNN counts concatenate."""

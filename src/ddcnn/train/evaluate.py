@@ -88,6 +88,7 @@ class Predictions:
     classes: list[str]
     rows: list[dict]
     notes: list[str] = field(default_factory=list)
+    origin: str | None = None  # where the strategy came from when not a run directory, e.g. "exported: m.onnx"
 
 
 def predict_files(run_dir, files, strategy: str | None = None, device: str | None = None,
@@ -138,7 +139,7 @@ def format_predictions(pred: Predictions, fmt: str = "text") -> str:
                              *(f"{row['probabilities'][c]:.6f}" for c in pred.classes)])
         return out.getvalue().rstrip("\n")
     what = "vote share" if pred.strategy == "majority_vote" else "p"
-    lines = [f"strategy: {pred.strategy}"]
+    lines = [f"strategy: {pred.strategy}" + (f" ({pred.origin})" if pred.origin else "")]
     for row in pred.rows:
         lines.append(f"{row['file']}: {row['class']} (class {row['class_index']}, "
                      f"{what}={row['probabilities'][row['class']]:.3f})")

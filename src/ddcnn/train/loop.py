@@ -94,6 +94,9 @@ class Sync:
         """True if ``flag`` is true on any process."""
         return flag
 
+    def barrier(self) -> None:
+        """Wait until every process gets here."""
+
     def agree(self, obj):
         """Rank 0's ``obj`` on every process (the decisions all processes must share)."""
         return obj
@@ -264,10 +267,11 @@ def fit(spec: StageSpec, model: nn.Module, loss_fn: LossFn | None, batches, eval
              "kept_epoch": None, **(spec.extra_state or {})}
     extra_keys = tuple(spec.extra_state or ())
     if ckpt.has(stage):
-        weights, state, opt_state = ckpt.load(stage)
+        weights, saved, opt_state = ckpt.load(stage)
         # The data order and the optimizer state depend on the batch size and optimizer: a resumed stage keeps
         # them; an unfinished one may get more epochs (ddcnn.train.runfiles says what else may change).
-        check_stage_settings(stage, state, cfg)
+        check_stage_settings(stage, saved, cfg)
+        state = {**state, **saved}  # a checkpoint of an earlier ddcnn lacks the early-stopping keys: their defaults
         state["epochs"] = cfg.epochs  # more epochs for an unfinished stage (recorded in metrics.jsonl on --resume)
         saver.load_weights(weights)
         if opt_state is not None and not state["done"]:
@@ -364,6 +368,7 @@ def fit(spec: StageSpec, model: nn.Module, loss_fn: LossFn | None, batches, eval
         if restore:  # the best epoch's weights, from the checkpoint that names them, become the model's
             weights = ckpt.load_best(stage)
             saver.load_weights(weights)
+            sync.barrier()  # every process has read them before the main one replaces the checkpoint
         else:
             weights = saver.weights()
         opt_state = None if state["done"] else saver.optimizer_state(optimizer)
@@ -375,6 +380,6 @@ def fit(spec: StageSpec, model: nn.Module, loss_fn: LossFn | None, batches, eval
         if state["done"]:
             break
     result = FitResult.from_state(state, cfg, extra_keys)
-    if sync.is_main:
-        spec.log(result.summary(stage))
+    if sync.is_main:  # the end record counts what the epochs' records count (the combine stage's pass over the data)
+        spec.log(result.summary(stage, state.get("feature_seconds", 0.0), state.get("feature_flops", 0)))
     return result

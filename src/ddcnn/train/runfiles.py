@@ -82,7 +82,7 @@ def fix_for(name: str) -> str:
 # unfinished, the knobs that rescue a run (a NaN: the learning rate and its schedule, the clip, the optimizer's
 # regularisation) may change for the epochs still to come, and more epochs may be added; each accepted change is
 # recorded in metrics.jsonl. ``enabled`` says whether the stage runs, not how it trained.
-FREE_STAGE_KEYS = ("enabled",)
+FREE_STAGE_KEYS = ("enabled", "parallel")  # checkpoints do not depend on the parallelism or P
 UNFINISHED_STAGE_KEYS = ("lr", "schedule", "warmup_epochs", "step_every", "step_gamma", "weight_decay", "momentum",
                          "grad_clip")
 
@@ -166,5 +166,7 @@ def check_resumable(run_dir, cfg: Config, models=None) -> list[dict]:
     states = check_checkpoints(run_dir, cfg, models)
     events = []
     for stage, state in states.items():
+        if not cfg.stages.get(stage).enabled:
+            continue  # a stage switched off is not trained on: its settings do not matter
         events += stage_changes(stage, state, saved["stages"].get(stage) or {}, cfg.stages.get(stage))
     return events
