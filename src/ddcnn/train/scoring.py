@@ -44,7 +44,8 @@ def score_strategies(trained: Mapping[str, nn.Module], decomposition: Decomposit
                 assert local is not None  # the combiner's strategies need the local stage
                 combiner = strategy.combiner(trained, n, num_classes)
                 device = next((p.device for p in combiner.parameters()), local.device)
-                scores[name] = combine_local(combiner, local.to(device)).float().cpu()
+                with torch.no_grad():  # scoring: no graph through the combiner
+                    scores[name] = combine_local(combiner, local.to(device)).float().cpu()
             continue
         model = trained[strategy.stages[0]]
         if _spans(model) or env.is_main:
