@@ -19,7 +19,7 @@ install: $(VENV)/.installed
 test: install
 	$(PY) -m pytest
 
-# The multi-process cases left out of `make test` (4 processes, a second torchrun case): minutes on 2 cores.
+# The cases left out of `make test` (4 processes, a second torchrun case, killed and resumed runs): minutes on 2 cores.
 test-heavy: install
 	$(PY) -m pytest -m heavy
 

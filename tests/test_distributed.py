@@ -214,6 +214,7 @@ def _children(pid):
     return kids
 
 
+@pytest.mark.heavy  # a torchrun restart after a kill: half a minute on 2 cores (make test-heavy)
 def test_a_killed_worker_is_restarted_and_the_run_completes_with_the_same_results(loop_runs, tmp_path):
     """torchrun restarts both workers after one is killed in the middle of the model-parallel transfer stage; they
     resume from the checkpoints (the sharded local stage's too) and end bit-identical to an unbroken run."""

@@ -38,6 +38,7 @@ differences, run_once, run_with_kills, write_config = _h.differences, _h.run_onc
 
 # ----------------------------------------------------------------------------------------------------- tests --
 @pytest.mark.slow
+@pytest.mark.heavy  # two kills and resumes of a whole run: make test-heavy
 def test_a_run_killed_twice_resumes_to_identical_results(tmp_path):
     """Kill 1 while a checkpoint is being written (a random one of the run's), kill 2 at a random time
     between 0.5 s and the uninterrupted run's duration; then resume to the end. The uninterrupted run goes
