@@ -351,6 +351,7 @@ def test_evaluate_and_predict_with_two_processes_equal_one(loop_runs, tmp_path, 
     assert shown == alone[1].split("\n", 1)[1] and "subdomain 3" in shown
 
 
+@pytest.mark.heavy  # vmap under torchrun: the grouped backend's model-parallel tests stay in make test
 def test_the_vmap_backend_trains_model_parallel_like_one_process(tmp_path):
     """Any CNN's batched backend (vmap) under torchrun: the sharded local stage and the model-parallel CNN-DNN
     stages end with the weights of one process, to float32 rounding (vmap batches 2 slots in another order than

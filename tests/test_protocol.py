@@ -269,6 +269,7 @@ def test_grad_clip_applies_to_the_global_stage(tmp_path, tiny_config):
         torch.testing.assert_close(clipped[key], initial[key], rtol=0, atol=1e-8, msg=key)
 
 
+@pytest.mark.heavy  # torch.compile's first compile takes most of it
 def test_compiled_stages_train_the_same_weights_as_eager_ones(tmp_path, tiny_config):
     """``compile: true`` (torch.compile of the global CNN, the local ensemble and the CNN-DNN) computes what the
     eager modules compute; the checkpoints hold the plain modules' keys."""

@@ -198,6 +198,7 @@ def test_parallel_runs_split_the_threads_and_take_one_gpu_each(monkeypatch):
     assert _environment(slot=0, jobs=2, devices=[""])["OMP_NUM_THREADS"] == "3"
 
 
+@pytest.mark.heavy  # five small runs; test_a_study_extends_only_by_more_seeds_and_axis_values runs in make test
 def test_resume_with_more_seeds_and_axis_values_runs_only_the_new_runs(workspace, capsys):
     quick = {f"stages.{stage}.enabled": False for stage in ("global", "coherent", "transfer")}  # fewer stages
     first = write_study(workspace, axes={"decomposition.grid": [[2, 2]]}, seeds=[0], set=quick)
@@ -409,3 +410,18 @@ def test_a_base_yaml_with_its_keys_in_another_order_is_the_same_base(workspace, 
     base.write_text(yaml.safe_dump({**data, "seed": 7}, sort_keys=True))  # another config: refused
     assert main(["study", str(study), "--out", "out", "--print-commands"]) == 2
     assert "base.yaml was changed" in one_error_line(capsys)
+
+
+def test_a_study_extends_only_by_more_seeds_and_axis_values(workspace):
+    from ddcnn.study.runner import extends
+    from ddcnn.study.spec import load_study
+
+    first = load_study(write_study(workspace, axes={"decomposition.grid": [[2, 2]]}, seeds=[0]))
+    def spec(file, **changes):
+        return load_study(write_study(workspace, file, **changes))
+
+    assert extends(first.spec, spec("more.yaml", axes={"decomposition.grid": [[2, 2], [1, 2]]}, seeds=[0, 1]))
+    assert not extends(first.spec, spec("fewer.yaml", axes={"decomposition.grid": [[1, 2]]}, seeds=[0]))
+    assert not extends(first.spec, spec("set.yaml", axes={"decomposition.grid": [[2, 2]]}, seeds=[0],
+                                        set={"model.width": 8}))
+    assert not extends(None, first)
