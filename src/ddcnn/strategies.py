@@ -49,9 +49,6 @@ class Strategy:
             note += f" (+ {' + '.join(self.init_stages)} when the model was initialised from it)"
         return note
 
-    def train_seconds(self, stage_seconds: Mapping[str, float], initialised_from: tuple[str, ...] = ()) -> float:
-        return sum(stage_seconds[s] for s in self.counted_stages(initialised_from))
-
 
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Strategy("global", "global CNN", ("global",), ("global",)),
