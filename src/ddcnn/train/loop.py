@@ -28,8 +28,10 @@ from ddcnn.seeds import derive_seed
 from ddcnn.train.checkpoint import CheckpointDir
 from ddcnn.train.runfiles import check_stage_settings
 from ddcnn.train.runtime import Runtime
+from ddcnn.train.schedule import lr_fraction, reduce_on_plateau
 
-TRACKED = ("best_epoch", "best_value", "bad_epochs", "stop_reason")  # the early-stopping state all ranks share
+# the early-stopping state all ranks share (lr_scale: schedule plateau's reductions, ddcnn.train.schedule)
+TRACKED = ("best_epoch", "best_value", "bad_epochs", "stop_reason", "lr_scale")
 # loss_fn(x, y) -> (loss to backpropagate, correct predictions: a count, or one count per local CNN ``(N,)``)
 LossFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -55,7 +57,7 @@ def lr_at(step: int, steps_per_epoch: int, cfg: StageConfig) -> float:
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     if cfg.schedule == "step":
         return cfg.lr * cfg.step_gamma ** ((step // steps_per_epoch) // cfg.step_every)
-    return cfg.lr
+    return cfg.lr  # constant, and plateau (times the stage's lr_scale, ddcnn.train.schedule)
 
 
 class ModelState:
@@ -202,13 +204,15 @@ class FitResult:
     history: list[dict]
     extra: dict
     patience: int | None = None
+    lr_fraction: float | None = None  # the kept epoch's learning rate over the peak (ddcnn.train.schedule)
 
     @classmethod
     def from_state(cls, state: dict, cfg: StageConfig, extra_keys=()) -> FitResult:
         return cls(state["seconds"], state.get("flops", 0), state["step"], state["epoch"], state.get("epochs",
                    cfg.epochs), state.get("kept_epoch") or state["epoch"], state.get("best_epoch"),
                    state.get("best_value"), state.get("monitor", cfg.monitor), state.get("stop_reason") or "cap",
-                   state["history"], {k: state[k] for k in extra_keys if k in state}, cfg.patience)
+                   state["history"], {k: state[k] for k in extra_keys if k in state}, cfg.patience,
+                   lr_fraction(state["history"], state.get("kept_epoch") or state["epoch"], cfg.lr))
 
     def summary(self, stage: str, setup_seconds: float = 0.0, setup_flops: int = 0) -> dict:
         """The end-of-stage record of ``metrics.jsonl`` and ``results.json``; ``setup_*``: work before the first
@@ -216,6 +220,7 @@ class FitResult:
         return {"stage": stage, "event": "end", "epochs_run": self.epochs_run, "cap": self.cap,
                 "kept_epoch": self.kept_epoch, "best_epoch": self.best_epoch, "monitor": self.monitor,
                 "best_value": self.best_value, "stop_reason": self.stop_reason, "patience": self.patience,
+                "lr_fraction": self.lr_fraction,
                 "seconds": self.seconds + setup_seconds, "train_flops": self.train_flops + setup_flops,
                 "setup_seconds": setup_seconds, "setup_flops": setup_flops}
 
@@ -239,7 +244,7 @@ def early_stopping(state: dict, record: dict, cfg: StageConfig) -> None:
         state["best_epoch"], state["best_value"], state["bad_epochs"] = record["epoch"], value, 0
     else:
         state["bad_epochs"] = state.get("bad_epochs", 0) + 1
-    if cfg.patience is not None and state["bad_epochs"] >= cfg.patience:
+    if cfg.patience is not None and state["bad_epochs"] >= cfg.patience and not reduce_on_plateau(state, cfg):
         state["stop_reason"] = "patience"
     elif record["epoch"] >= cfg.epochs:
         state["stop_reason"] = "cap"
@@ -264,7 +269,7 @@ def fit(spec: StageSpec, model: nn.Module, loss_fn: LossFn | None, batches, eval
     state = {"epoch": 0, "seconds": 0.0, "history": [], "done": False, "step": 0, "epochs": cfg.epochs,
              "batch_size": cfg.batch_size, "optimizer": cfg.optimizer, "monitor": cfg.monitor, "keep": cfg.kept(),
              "flops": 0, "best_epoch": None, "best_value": None, "bad_epochs": 0, "stop_reason": None,
-             "kept_epoch": None, **(spec.extra_state or {})}
+             "kept_epoch": None, "lr_scale": 1.0, **(spec.extra_state or {})}
     extra_keys = tuple(spec.extra_state or ())
     if ckpt.has(stage):
         weights, saved, opt_state = ckpt.load(stage)
@@ -301,7 +306,7 @@ def fit(spec: StageSpec, model: nn.Module, loss_fn: LossFn | None, batches, eval
         bad_step = torch.full((), -1, dtype=torch.long, device=runtime.device)
         for i, (x, y) in enumerate(batches):
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(state["step"], steps_per_epoch, cfg)
+                group["lr"] = lr_at(state["step"], steps_per_epoch, cfg) * state["lr_scale"]
             try:
                 with runtime.autocast():
                     loss, correct = loss_fn(x, y)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ddcnn.train.rundir import RunDir
+from ddcnn.train.schedule import stop_text
 
 
 class MetricsLog:
@@ -59,8 +60,8 @@ def epoch_line(record: dict) -> str:
 
 
 def end_line(record: dict) -> str:
-    """``[   local] stopped after 7 of 20 epochs (patience); kept epoch 4 (val_accuracy 0.8512)``"""
-    how = "stopped early" if record["stop_reason"] == "patience" else "reached its cap"
+    """``[   local] stopped by patience at LR 0.5 after 7 of 20 epochs; kept epoch 4 (val_accuracy 0.8512)``: the
+    stop as :func:`ddcnn.train.schedule.stop_text` names it (converged only at a tenth of the peak LR or less)."""
     best = "" if record.get("best_value") is None else f" ({record['monitor']} {record['best_value']:.4f})"
-    return (f"[{record['stage']:>8}] {how} after {record['epochs_run']} of {record['cap']} epochs; kept epoch "
-            f"{record['kept_epoch']}{best if record['kept_epoch'] == record.get('best_epoch') else ''}")
+    return (f"[{record['stage']:>8}] {stop_text(record)} after {record['epochs_run']} of {record['cap']} epochs; "
+            f"kept epoch {record['kept_epoch']}{best if record['kept_epoch'] == record.get('best_epoch') else ''}")

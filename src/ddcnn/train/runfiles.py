@@ -60,7 +60,7 @@ TRAINING_STATE = Check(
      "batch_size?": POSITIVE, "optimizer?": str, "feature_seconds?": SECONDS, "feature_flops?": COUNT,
      "monitor?": str, "keep?": str, "flops?": COUNT, "best_epoch?": Opt(POSITIVE), "best_value?": Opt(float),
      "bad_epochs?": COUNT, "stop_reason?": Opt(Check(str, lambda v: v in ("patience", "cap"), "patience or cap")),
-     "kept_epoch?": Opt(POSITIVE)},
+     "kept_epoch?": Opt(POSITIVE), "lr_scale?": Check(float, lambda v: 0 < v <= 1, "a number above 0, at most 1")},
     lambda s: len(s["history"]) == s["epoch"] and ("epochs" not in s or s["epoch"] <= s["epochs"]) and (
         s["done"] == (s.get("stop_reason") is not None) if "stop_reason" in s
         else "epochs" not in s or s["done"] == (s["epoch"] == s["epochs"])),
@@ -83,8 +83,8 @@ def fix_for(name: str) -> str:
 # regularisation) may change for the epochs still to come, and more epochs may be added; each accepted change is
 # recorded in metrics.jsonl. ``enabled`` says whether the stage runs, not how it trained.
 FREE_STAGE_KEYS = ("enabled", "parallel")  # checkpoints do not depend on the parallelism or P
-UNFINISHED_STAGE_KEYS = ("lr", "schedule", "warmup_epochs", "step_every", "step_gamma", "weight_decay", "momentum",
-                         "grad_clip")
+UNFINISHED_STAGE_KEYS = ("lr", "schedule", "warmup_epochs", "step_every", "step_gamma", "plateau_factor",
+                         "plateau_floor", "weight_decay", "momentum", "grad_clip")
 
 
 def check_stage_settings(stage: str, state: dict, settings) -> None:
