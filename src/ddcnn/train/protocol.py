@@ -14,6 +14,7 @@ import ddcnn
 from ddcnn.config import STAGES, Config
 from ddcnn.data.loading import to_float
 from ddcnn.models import LocalEnsemble, count_parameters
+from ddcnn.predicted import pack_classes
 from ddcnn.strategies import STRATEGIES, available
 from ddcnn.train import dist, stages
 from ddcnn.train.admit import check_stages
@@ -26,6 +27,7 @@ from ddcnn.train.rundir import RunDir
 from ddcnn.train.runtime import device_name, make_runtime
 from ddcnn.train.scoring import score_strategies
 from ddcnn.train.spatial import SpatialCNN
+from ddcnn.train.stagestore import StageStore, shared_stage
 
 
 class Experiment:
@@ -37,9 +39,11 @@ class Experiment:
 
     def __init__(self, cfg: Config, out: str | Path, resume: bool = False, force: bool = False, command: str = "",
                  verbose: bool = True, log=None, env: DistEnv | None = None, trusted: bool = True,
-                 source: str = "the config"):
+                 source: str = "the config", stage_store: str | Path | None = None):
         """``trusted``: whether an import path as backbone may be imported (False for a config read from a run or
-        study directory without --trust-code; ``source`` names that file in the refusal)."""
+        study directory without --trust-code; ``source`` names that file in the refusal). ``stage_store``: a folder
+        of finished stages that runs share (:mod:`ddcnn.train.stagestore`)."""
+        self.store = StageStore(stage_store) if stage_store is not None else None
         self.cfg, self.command, self.force, self.verbose, self.print_line = cfg, command, force, verbose, log
         self.trusted, self.source = trusted, source
         self.env = env or dist.env_from_environment()
@@ -61,7 +65,8 @@ class Experiment:
             done: dict[str, StageResult] = {}
             for stage in STAGES:
                 if self.cfg.stages.get(stage).enabled:
-                    done[stage] = stages.TRAINERS[stage](ctx, done)
+                    train = lambda s=stage: stages.TRAINERS[s](ctx, done)  # noqa: E731
+                    done[stage] = shared_stage(self.store, ctx, stage, train, ddcnn.__version__)
             return finish(ctx, done, self.command)
         finally:
             if ctx is not None and isinstance(ctx.log, MetricsLog):
@@ -164,6 +169,8 @@ def evaluate_test(ctx: Context, done: dict[str, StageResult], command: str = "")
         "target": {"val_accuracy": target, "source": target_source}, "curves": curves,
         "transfer_used_dnn": ("combine" in initialised_from) if "transfer" in done else None,
         "confusion_matrix": {"strategy": best, "matrix": confusion(scores["test"][best].argmax(-1), labels, k)},
+        # every strategy's class per test image (ddcnn.predicted): a bootstrap over seeds and test images needs them
+        "test_predictions": {name: pack_classes(score.argmax(-1).tolist()) for name, score in scores["test"].items()},
     }
     if "local" in done:
         history = done["local"].history or [{}]
