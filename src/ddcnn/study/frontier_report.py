@@ -131,7 +131,9 @@ def sharing_lines(data: Mapping) -> list[str]:
     return [f"Stages trained: {trained['stages']} ({trained['seconds']:.0f} s, {_flops(trained['train_flops'])} "
             f"TFLOPs); stages reused from the study's store instead of retrained: {reused['stages']} "
             f"({reused['seconds']:.0f} s, {_flops(reused['train_flops'])} TFLOPs) — sharing saved "
-            f"{100 * share['saved_fraction_seconds']:.0f} % of the training seconds the runs would have spent."]
+            f"{100 * share.get('saved_fraction_flops', 0.0):.0f} % of the training FLOPs and "
+            f"{100 * share['saved_fraction_seconds']:.0f} % of the (contended) training seconds the runs would have "
+            f"spent."]
 
 
 def frontier_markdown(data: Mapping, folder: Path) -> str:

@@ -50,5 +50,7 @@ def sharing_summary(runs) -> dict:
             side["seconds"] += float(summary.get("seconds") or 0.0)
             side["train_flops"] += int(summary.get("train_flops") or 0)
     total = trained["seconds"] + reused["seconds"]
+    flops = trained["train_flops"] + reused["train_flops"]
     return {"trained": trained, "reused": reused,
-            "saved_fraction_seconds": reused["seconds"] / total if total else 0.0}
+            "saved_fraction_seconds": reused["seconds"] / total if total else 0.0,
+            "saved_fraction_flops": reused["train_flops"] / flops if flops else 0.0}
