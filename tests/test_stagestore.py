@@ -2,6 +2,7 @@
 to one that trains it; the store is checked, and a reused stage never touches the run it came from."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,3 +109,22 @@ def test_a_two_grid_study_trains_each_seeds_global_cnn_once(tmp_path, monkeypatc
         assert config["data"]["split_seed"] == seed and not config["stages"]["local"]["enabled"]
     data = json.loads((out / "study.json").read_text())
     assert data["sharing"]["reused"]["stages"] == 2 and data["sharing"]["trained"]["stages"] == 2
+
+
+@pytest.mark.heavy  # three small runs in subprocesses
+def test_an_extended_study_reuses_the_stages_its_finished_runs_trained(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    base = tiny_dict(2)
+    base["stages"] = {stage: {"epochs": 1, "batch_size": 32} for stage in base["stages"]}
+    study = {"name": "s", "base": base, "seeds": [0], "budgets": {"local": [1], "transfer": [1]}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(study))
+    assert main(["study", "s.yaml", "--out", "out"]) == 0
+    study["budgets"]["transfer"] = [1, 2]
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(study))
+    assert main(["study", "s.yaml", "--out", "out", "--resume"]) == 0
+    assert "1 of 2 runs to do" in capsys.readouterr().out
+    results = json.loads((tmp_path / "out/runs/base/local-1_transfer-2/seed-0/results.json").read_text())
+    first = str(Path("out/runs/base/local-1_transfer-1/seed-0"))
+    assert results["stages"]["local"]["reused_from"] == first == results["stages"]["combine"]["reused_from"]
+    assert "reused_from" not in results["stages"]["transfer"]

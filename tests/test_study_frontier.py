@@ -173,3 +173,12 @@ def test_the_timing_pass_times_every_stage_of_the_budgets_and_prices_each_point(
     assert priced["critical_path_seconds"] == pytest.approx(
         3 * table["local_critical_path"] + 10 * table["combine"] + 2 * table["cnn_dnn"])
     assert point_seconds(timing, "grid-3x3", {"global": 1}) is None
+
+
+def test_the_timing_pass_of_a_study_without_budgets_or_runs_is_one_error_that_writes_nothing(tmp_path, capsys):
+    for changes in ({"budgets": None}, {}):
+        path = write(tmp_path, **changes)
+        assert main(["study", str(path), "--out", str(tmp_path / "out"), "--time"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--time:" in err[0] and "holds no budget study yet" in err[0]
+        assert not (tmp_path / "out").exists()
