@@ -114,6 +114,8 @@ def test_points_of_shared_stages_are_one_point_and_claims_pair_only_what_shares_
     assert top["transfer"]["verdict"] == "holds"
     paired = compare(out_point(runs, "transfer", 8), out_point(runs, "cnn_dnn", 4), None)
     assert paired["paired"] and paired["ci_low"] == pytest.approx(0.05) == paired["ci_high"]
+    (beats,) = out["beats"]  # transfer beats the CNN-DNN of its own local CNNs: paired, +5 points in every seed
+    assert (beats["a"], beats["b"], beats["paired"], beats["verdict"]) == ("transfer", "cnn_dnn", True, "holds")
     # the target: median over seeds of the top global's validation accuracy, minus the margin
     assert out["target"]["val_accuracy"] == pytest.approx(np.median([0.85, 0.86, 0.84, 0.87]) - 0.005)
     assert out["time_to_target"]["global"]["median_flops"] == 6

@@ -41,6 +41,10 @@ BOOTSTRAP = 2000  # replicates of the bootstrap over seeds and test images
 BOOTSTRAP_SEED = 0
 SHARED = {"local"}  # a stage two strategies share makes their difference paired by seed
 BASELINE = "global"
+# The paper's other claims, "a beats b", at a's top budget: against b at the same local CNNs where b has them (paired
+# by seed), else against b's top budget (unpaired).
+BEATS = (("transfer", "cnn_dnn"), ("transfer", "coherent"), ("cnn_dnn", "mean_probability"),
+         ("cnn_dnn", "majority_vote"))
 
 
 def _t_interval(values: Sequence[float]) -> dict:
@@ -162,6 +166,23 @@ def non_inferiority(summary: Mapping, margin: float = MARGIN) -> str:
     return "inconclusive"
 
 
+def superiority(summary: Mapping) -> str:
+    """holds / fails / inconclusive for "a beats b" from the interval of a − b (above 0, below 0, else)."""
+    if summary.get("ci_low") is None:
+        return "inconclusive"
+    return "holds" if summary["ci_low"] > 0 else "fails" if summary["ci_high"] < 0 else "inconclusive"
+
+
+def beats(a: Mapping, b: Mapping, labels: np.ndarray | None) -> dict:
+    """The claim "point a beats point b": :func:`compare` with the superiority verdict (its own and the
+    bootstrap's)."""
+    out = compare(a, b, labels)
+    out["verdict"] = superiority(out)
+    if "bootstrap" in out:
+        out["bootstrap"]["verdict"] = superiority(out["bootstrap"])
+    return out
+
+
 def compare(a: Mapping, b: Mapping, labels: np.ndarray | None, margin: float = MARGIN) -> dict:
     """Point ``a`` against point ``b``: the difference of test accuracies (paired by seed only when they share the
     local CNNs), its t interval and verdict, and the bootstrap's interval and verdict."""
@@ -239,6 +260,12 @@ def frontier(runs, labels: Sequence[int] | None, target_margin: float, margin: f
         for name, pts in points.items():
             if name != BASELINE:
                 out["non_inferiority"].append(compare(pts[-1], glob[-1], truth, margin))
+    out["beats"] = []
+    for a, b in BEATS:
+        if a in points and b in points:
+            top = points[a][-1]
+            same = [p for p in points[b] if p["epochs"].get("local") == top["epochs"].get("local")]
+            out["beats"].append(beats(top, same[-1] if same and "local" in top["epochs"] else points[b][-1], truth))
     target = study_target(points, target_margin)
     out["target"] = target
     if target is not None:

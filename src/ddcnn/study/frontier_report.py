@@ -74,6 +74,20 @@ def claims_rows(data: Mapping) -> tuple[list[tuple[str, ...]], list[tuple[str, .
     return equal, top
 
 
+BEATS_HEADER = ("cell", "a (its budget)", "b (its budget)", "a − b (pp)", "95% CI (pp)", "bootstrap CI (pp)",
+                "paired", "a beats b?")
+
+
+def beats_rows(data: Mapping) -> list[tuple[str, ...]]:
+    rows: list[tuple[str, ...]] = []
+    for cell in data["cells"]:
+        for c in cell["frontier"].get("beats", []):
+            rows.append((cell["id"], f"{strategy_label(c['a'])} ({c['a_label']})",
+                         f"{strategy_label(c['b'])} ({c['b_label']})", _pp(c.get("mean"), True), _ci(c, True),
+                         _ci(c.get("bootstrap") or {}, True), "yes" if c["paired"] else "no", _verdict(c)))
+    return rows
+
+
 def frontier_table(cell: Mapping) -> str:
     rows = []
     points = cell["frontier"]["points"]
@@ -165,6 +179,10 @@ def frontier_markdown(data: Mapping, folder: Path) -> str:
               "### At equal cost", "",
               "At each budget of the global CNN, each strategy's point of highest mean validation accuracy among "
               "those that cost no more training FLOPs.", "", md_table(CLAIM_HEADER, equal), "",
+              "### The paper's other claims", "",
+              "\"a beats b\" at a's top budget, against b at the same local CNNs where b has them (paired by seed), "
+              "else at b's top budget (unpaired): *holds* when the 95% interval of a − b lies above 0, *fails* when "
+              "below, else *inconclusive*.", "", md_table(BEATS_HEADER, beats_rows(data)), "",
               "### Time to the study-level target", "", target_table(data), ""]
     timing = data.get("timing")
     if timing:
