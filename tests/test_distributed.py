@@ -15,9 +15,9 @@ import yaml
 
 from conftest import tiny_dict
 from ddcnn.errors import ConfigError
-from ddcnn.train.checkpoint import CheckpointDir
 from ddcnn.train.dist import DistEnv
 from ddcnn.train.protocol import Experiment
+from ddcnn.train.store.checkpoint import CheckpointDir
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 # Every process of these tests is on this machine: gloo talks over the loopback interface only.

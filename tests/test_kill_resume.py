@@ -69,12 +69,12 @@ def test_resume_removes_what_a_kill_left_behind(tmp_path, tiny_config):
     manifest and their deletion, are removed by --resume; the files the manifests name stay."""
     import torch
 
-    from ddcnn.train.rundir import RunDir
+    from ddcnn.train.store.rundir import RunDir
 
     cfg = tiny_config()
     run = RunDir(tmp_path / "run")
     run.prepare(cfg, resume=False, force=False)
-    state = {"epoch": 1, "seconds": 0.5, "done": False, "step": 5,  # the state ddcnn.train.loop.fit saves
+    state = {"epoch": 1, "seconds": 0.5, "done": False, "step": 5,  # the state ddcnn.train.engine.loop.fit saves
              "history": [{"epoch": 1, "train_loss": 1.0, "train_accuracy": 0.5, "lr": 1e-3, "seconds": 0.5}]}
     run.checkpoints.save("global", "e1", {"w": torch.ones(2)}, state, optimizer=None)
     kept = sorted(p.name for p in run.checkpoints.root.iterdir())
@@ -92,7 +92,7 @@ def test_a_directory_killed_before_its_marker_is_restarted_with_force(tmp_path, 
     """What the harness relies on: a directory that a run was killed in before the marker was written holds no run
     to resume; --force starts one there, removing the half-written files."""
     from ddcnn.errors import CheckpointError
-    from ddcnn.train.rundir import RunDir
+    from ddcnn.train.store.rundir import RunDir
 
     out = tmp_path / "early"
     out.mkdir()

@@ -7,9 +7,9 @@ import torch
 
 from ddcnn.config import StageConfig
 from ddcnn.errors import CheckpointError
-from ddcnn.train.checkpoint import CheckpointDir
-from ddcnn.train.loop import StageSpec, fit, lr_at
+from ddcnn.train.engine.loop import StageSpec, fit, lr_at
 from ddcnn.train.runtime import Runtime
+from ddcnn.train.store.checkpoint import CheckpointDir
 
 
 def test_warmup_rises_linearly_to_the_learning_rate():
@@ -195,7 +195,7 @@ def test_a_resumed_stage_says_where_it_goes_on_from(tmp_path):
 
 
 def test_progress_without_a_terminal_prints_a_line_every_so_often():
-    from ddcnn.train.loop import Progress
+    from ddcnn.train.engine.loop import Progress
 
     lines: list[str] = []
     progress = Progress(4, "[   local] epoch 1/2", enabled=True, echo=lines.append, every=0.0)

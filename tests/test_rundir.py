@@ -5,7 +5,7 @@ import json
 import pytest
 
 from ddcnn.errors import CheckpointError, ConfigError
-from ddcnn.train.rundir import MARKER, RunDir
+from ddcnn.train.store.rundir import MARKER, RunDir
 
 
 def _snapshot(path):

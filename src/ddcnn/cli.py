@@ -103,7 +103,7 @@ def _trusted(config: Path, trust_code: bool) -> tuple[bool, str]:
     inside a run or study directory (its config.yaml or base.yaml) is data that someone may have sent, trusted
     only with --trust-code; any other config file the user gives is their own."""
     from ddcnn.study.runner import SPEC_FILE
-    from ddcnn.train.rundir import MARKER
+    from ddcnn.train.store.rundir import MARKER
 
     try:
         folder = config.resolve().parent
@@ -153,7 +153,7 @@ def default_out(config: Path, name: str) -> Path:
     """The run directory when ``--out`` is not given: the config's own folder when it is a run directory (its
     ``config.yaml`` beside the run marker, so that ``ddcnn run runs/x/config.yaml --resume`` continues runs/x), else
     ``runs/<name>``."""
-    from ddcnn.train.rundir import MARKER
+    from ddcnn.train.store.rundir import MARKER
 
     if (config.parent / MARKER).exists():
         return config.parent

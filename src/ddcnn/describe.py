@@ -12,7 +12,7 @@ from ddcnn.errors import ConfigError
 from ddcnn.models import count_parameters, forward_flops
 from ddcnn.models.settings import check_model_settings
 from ddcnn.train.budget import check_parameters
-from ddcnn.train.scaling import scaling_lines
+from ddcnn.train.traffic import scaling_lines
 
 
 def describe(cfg: Config, png: Path | None = None, trusted: bool = True, source: str = "the config") -> str:

@@ -13,7 +13,7 @@ touched, so a refused run leaves every file as it was.
    (:func:`check_processes`), and a spatial-parallel global CNN's slabs against the image size
    (:func:`check_spatial`).
 6. The run directory: a new one, ``--force``, or a ``--resume`` read whole against the config and the models
-   (:meth:`ddcnn.train.rundir.RunDir.prepare`).
+   (:meth:`ddcnn.train.store.rundir.RunDir.prepare`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from ddcnn.errors import ConfigError
 from ddcnn.models.backbones import DEFAULT_DEPTH
 from ddcnn.train.budget import check_budget
 from ddcnn.train.dist import DistEnv
-from ddcnn.train.spatial import slab_rows
+from ddcnn.train.parallel.spatial import slab_rows
 
 
 def check_stages(cfg: Config) -> None:

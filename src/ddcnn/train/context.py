@@ -22,12 +22,12 @@ from ddcnn.models.settings import check_model_settings
 from ddcnn.train import dist
 from ddcnn.train.admit import admit_models
 from ddcnn.train.dist import DistEnv
-from ddcnn.train.distributed import DataParallelSync
-from ddcnn.train.loop import FitResult, StageSpec, Sync
-from ddcnn.train.metrics import MetricsLog
-from ddcnn.train.model_parallel import ShardedCNNDNN
-from ddcnn.train.rundir import RunDir
+from ddcnn.train.engine.loop import FitResult, StageSpec, Sync
+from ddcnn.train.parallel.model import ShardedCNNDNN
+from ddcnn.train.parallel.sync import DataParallelSync
 from ddcnn.train.runtime import M, Runtime
+from ddcnn.train.store.metrics import MetricsLog
+from ddcnn.train.store.rundir import RunDir
 
 # Training FLOPs of one image: the forward pass, and the backward pass at about twice its cost.
 TRAIN_FLOPS_FACTOR = 3

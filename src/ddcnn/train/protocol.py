@@ -18,14 +18,14 @@ from ddcnn.strategies import STRATEGIES, available
 from ddcnn.train import dist, stages
 from ddcnn.train.admit import check_stages
 from ddcnn.train.context import Context, StageResult, accuracy, build_context
-from ddcnn.train.cost import strategy_costs, target_accuracy, time_to_target
 from ddcnn.train.dist import DistEnv
-from ddcnn.train.metrics import MetricsLog
-from ddcnn.train.model_parallel import ShardedCNNDNN, ShardedLocalCNNs
-from ddcnn.train.rundir import RunDir
+from ddcnn.train.parallel.model import ShardedCNNDNN, ShardedLocalCNNs
+from ddcnn.train.parallel.spatial import SpatialCNN
 from ddcnn.train.runtime import device_name, make_runtime
 from ddcnn.train.scoring import score_strategies
-from ddcnn.train.spatial import SpatialCNN
+from ddcnn.train.store.metrics import MetricsLog
+from ddcnn.train.store.rundir import RunDir
+from ddcnn.train.time_to_target import strategy_costs, target_accuracy, time_to_target
 
 
 class Experiment:
@@ -139,7 +139,7 @@ def evaluate_test(ctx: Context, done: dict[str, StageResult], command: str = "")
         cost, curves[name] = strategy_costs(name, stage_data, initialised_from)
         val = accuracy(scores["val"][name], ctx.val.labels) if "val" in scores else None
         strategies[name] = {"val_accuracy": val, "test_accuracy": accuracy(scores["test"][name], labels),
-                            "train_seconds": cost["seconds"],  # every stage it depends on (train/cost.py)
+                            "train_seconds": cost["seconds"],  # every stage it depends on (train/time_to_target.py)
                             "parameters": costs[name][0], "flops_per_image": costs[name][1], "cost": cost,
                             "time_to_target": time_to_target(curves[name], target)}
     if "val" in scores:

@@ -24,10 +24,10 @@ from ddcnn.train import dist
 from ddcnn.train.admit import check_processes
 from ddcnn.train.budget import check_budget
 from ddcnn.train.dist import DistEnv, slice_state
-from ddcnn.train.model_parallel import CNNDNNState, ShardedCNNDNN, ShardedLocalCNNs
-from ddcnn.train.rundir import RunDir
-from ddcnn.train.runfiles import DATA_FACTS, RESULTS, fix_for
+from ddcnn.train.parallel.model import CNNDNNState, ShardedCNNDNN, ShardedLocalCNNs
 from ddcnn.train.runtime import make_runtime
+from ddcnn.train.store.rundir import RunDir
+from ddcnn.train.store.schema import DATA_FACTS, RESULTS, fix_for
 
 SHARDED = ("local", "coherent", "transfer")  # loaded as each process's shard of the local CNNs under torchrun
 

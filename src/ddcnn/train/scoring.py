@@ -11,8 +11,8 @@ from torch import nn
 from ddcnn.decomposition import Decomposition
 from ddcnn.strategies import STRATEGIES, available, combine_local
 from ddcnn.train.dist import DistEnv
-from ddcnn.train.model_parallel import ShardedCNNDNN, ShardedLocalCNNs
-from ddcnn.train.spatial import SpatialCNN
+from ddcnn.train.parallel.model import ShardedCNNDNN, ShardedLocalCNNs
+from ddcnn.train.parallel.spatial import SpatialCNN
 
 
 def score_strategies(trained: Mapping[str, nn.Module], decomposition: Decomposition, num_classes: int, predict,

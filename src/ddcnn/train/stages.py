@@ -1,7 +1,7 @@
 """The paper's five stages, one function each: ``train_X(ctx, done) -> StageResult``.
 
 ``done`` holds the results of the stages that ran before (in :data:`ddcnn.config.STAGES` order); every stage
-checkpoints each epoch through :func:`ddcnn.train.loop.fit`, so a finished stage is loaded, not retrained, on
+checkpoints each epoch through :func:`ddcnn.train.engine.loop.fit`, so a finished stage is loaded, not retrained, on
 ``--resume``.
 """
 
@@ -20,14 +20,14 @@ from ddcnn.models.combiners import Combiner
 from ddcnn.seeds import derive_seed
 from ddcnn.shards import shard_range
 from ddcnn.strategies import STRATEGIES
-from ddcnn.train.batches import TensorBatches
 from ddcnn.train.context import Context, StageResult, accuracy
-from ddcnn.train.distributed import EnsembleSaver, ShardSync
-from ddcnn.train.loop import ModelState, Sync, fit
-from ddcnn.train.model_parallel import CNNDNNState, ModelParallelSync, ShardedCNNDNN, ShardedLocalCNNs
-from ddcnn.train.runfiles import LOCAL_TIMING
-from ddcnn.train.spatial import SpatialCNN
-from ddcnn.train.timing import critical_path
+from ddcnn.train.engine.batches import TensorBatches
+from ddcnn.train.engine.loop import ModelState, Sync, fit
+from ddcnn.train.engine.timing import critical_path
+from ddcnn.train.parallel.model import CNNDNNState, ModelParallelSync, ShardedCNNDNN, ShardedLocalCNNs
+from ddcnn.train.parallel.spatial import SpatialCNN
+from ddcnn.train.parallel.sync import EnsembleSaver, ShardSync
+from ddcnn.train.store.schema import LOCAL_TIMING
 
 Done = Mapping[str, StageResult]
 RULES = ("mean_probability", "majority_vote")  # the strategies of the local stage alone, scored every epoch
@@ -35,7 +35,7 @@ RULES = ("mean_probability", "majority_vote")  # the strategies of the local sta
 
 def train_global(ctx: Context, done: Done) -> StageResult:
     """The global CNN on whole images (data-parallel over the processes, or spatial-parallel: each process a
-    slab of every image, :mod:`ddcnn.train.spatial`)."""
+    slab of every image, :mod:`ddcnn.train.parallel.spatial`)."""
     model = ctx.prepare(ctx.models.global_cnn())
     if parallel_mode(ctx, "global") == "spatial":
         spatial = SpatialCNN(model, ctx.env, ctx.models.shapes.image_size)

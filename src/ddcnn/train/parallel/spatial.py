@@ -5,7 +5,7 @@ The images are split along tensor dim 2 (H of 2D images, D of volumes) into ``P`
 rows ``[r L, (r + 1) L)``. :class:`SpatialCNN` runs the layers of a built-in VGG or ResNet global CNN on a slab:
 
 * a convolution with kernel ``k``, stride ``s`` and padding ``p`` first takes ``p`` rows from the rank above and
-  ``k - s - p`` from the rank below (:func:`ddcnn.train.halo.halo`), then convolves without padding along the
+  ``k - s - p`` from the rank below (:func:`ddcnn.train.parallel.halo.halo`), then convolves without padding along the
   split axis (the halo at the true image border is the zero padding); the other axes keep their padding;
 * strides and max pooling keep the slabs aligned when ``L`` is a multiple of the network's downsampling
   (:func:`slab_rows` refuses other sizes);
@@ -34,7 +34,7 @@ from ddcnn.errors import ConfigError
 from ddcnn.models.backbones import Backbone, BasicBlock, Head
 from ddcnn.models.settings import spatial_backbone_error
 from ddcnn.train.dist import DistEnv
-from ddcnn.train.halo import CommMeter, halo, replicated_sum, slab_sum, sum_gradients
+from ddcnn.train.parallel.halo import CommMeter, halo, replicated_sum, slab_sum, sum_gradients
 
 AXIS = {2: "H", 3: "D"}
 

@@ -5,7 +5,7 @@
   the end of each epoch; then the shards are gathered (for the checkpoint and the metrics). Each rank keeps its
   shard after the stage. Every rank holds at least one local CNN: ``P > N`` is refused.
 * ``combine``: the features are computed shard by shard and gathered; the DNN is trained on rank 0 and broadcast.
-* ``coherent``, ``transfer``: model-parallel by default (:mod:`ddcnn.train.model_parallel`), or
+* ``coherent``, ``transfer``: model-parallel by default (:mod:`ddcnn.train.parallel.model`), or
   DistributedDataParallel with ``parallel: data``.
 * ``global``: DistributedDataParallel; each global batch is split into ``P`` parts.
 * Only rank 0 prints, writes metrics, checkpoints, plots and the report.
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ddcnn.train.dist import DistEnv, cat_optimizer, cat_states, slice_optimizer, slice_state
-from ddcnn.train.loop import ModelState, Sync
+from ddcnn.train.engine.loop import ModelState, Sync
 
 
 class EnsembleSaver(ModelState):

@@ -54,7 +54,7 @@ RESULTS = {
 _RECORD = {"epoch": POSITIVE, "train_loss": float, "train_accuracy": FRACTION, "lr": float, "seconds": SECONDS,
            "train_flops?": COUNT,
            "val_loss?": Opt(float), "val_accuracy?": Opt(FRACTION), "val_accuracy_per_subdomain?": Opt([FRACTION])}
-# The state of a stage in its checkpoint manifest (what ddcnn.train.loop.fit saves).
+# The state of a stage in its checkpoint manifest (what ddcnn.train.engine.loop.fit saves).
 TRAINING_STATE = Check(
     {"epoch": COUNT, "seconds": SECONDS, "history": [_RECORD], "done": bool, "step": COUNT, "epochs?": POSITIVE,
      "batch_size?": POSITIVE, "optimizer?": str, "feature_seconds?": SECONDS, "feature_flops?": COUNT,
@@ -91,7 +91,7 @@ def check_stage_settings(stage: str, state: dict, settings) -> None:
     """A checkpointed stage keeps the batch size and optimizer (its data order and optimizer state depend on
     them), and what its best-so-far means and whether a best epoch's weights are kept (monitor, keep); its epochs
     may only grow, and only while it is unfinished. Checked for the whole run before ``--resume`` touches a file,
-    and by ``ddcnn.train.loop.fit`` when it loads the stage, which then takes the new number of epochs."""
+    and by ``ddcnn.train.engine.loop.fit`` when it loads the stage, which then takes the new number of epochs."""
     for key in ("epochs", "batch_size", "optimizer", "monitor", "keep"):
         new = settings.kept() if key == "keep" else getattr(settings, key)
         old = state.get(key, new)

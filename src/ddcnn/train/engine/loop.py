@@ -25,9 +25,9 @@ from torch import nn
 from ddcnn.config import StageConfig
 from ddcnn.errors import DDCNNError, TrainingError
 from ddcnn.seeds import derive_seed
-from ddcnn.train.checkpoint import CheckpointDir
-from ddcnn.train.runfiles import check_stage_settings
 from ddcnn.train.runtime import Runtime
+from ddcnn.train.store.checkpoint import CheckpointDir
+from ddcnn.train.store.schema import check_stage_settings
 
 TRACKED = ("best_epoch", "best_value", "bad_epochs", "stop_reason")  # the early-stopping state all ranks share
 # loss_fn(x, y) -> (loss to backpropagate, correct predictions: a count, or one count per local CNN ``(N,)``)
@@ -269,7 +269,7 @@ def fit(spec: StageSpec, model: nn.Module, loss_fn: LossFn | None, batches, eval
     if ckpt.has(stage):
         weights, saved, opt_state = ckpt.load(stage)
         # The data order and the optimizer state depend on the batch size and optimizer: a resumed stage keeps
-        # them; an unfinished one may get more epochs (ddcnn.train.runfiles says what else may change).
+        # them; an unfinished one may get more epochs (ddcnn.train.store.schema says what else may change).
         check_stage_settings(stage, saved, cfg)
         state = {**state, **saved}  # a checkpoint of an earlier ddcnn lacks the early-stopping keys: their defaults
         state["epochs"] = cfg.epochs  # more epochs for an unfinished stage (recorded in metrics.jsonl on --resume)

@@ -14,9 +14,9 @@ import yaml
 from ddcnn.config import STAGES, Config, dump_config, from_dict, to_dict
 from ddcnn.errors import CheckpointError, ConfigError
 from ddcnn.files import atomic_write_text, load_yaml, naming, read_json, read_text
-from ddcnn.train.checkpoint import CheckpointDir
-from ddcnn.train.runfiles import MARKER as MARKER_SCHEMA
-from ddcnn.train.runfiles import TRAINING_STATE, check_resumable, fix_for
+from ddcnn.train.store.checkpoint import CheckpointDir
+from ddcnn.train.store.schema import MARKER as MARKER_SCHEMA
+from ddcnn.train.store.schema import TRAINING_STATE, check_resumable, fix_for
 
 MARKER = "ddcnn-run.json"
 # Settings that the saved weights depend on: a resumed run must not change them.

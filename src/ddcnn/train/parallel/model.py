@@ -23,8 +23,8 @@ from ddcnn.models.cnn_dnn import split_whole_state, whole_state
 from ddcnn.models.combiners import Combiner
 from ddcnn.shards import shard_range
 from ddcnn.train.dist import DistEnv, cat_optimizer, cat_states, slice_optimizer, slice_state
-from ddcnn.train.distributed import RankSync
-from ddcnn.train.loop import ModelState
+from ddcnn.train.engine.loop import ModelState
+from ddcnn.train.parallel.sync import RankSync
 
 
 class _GatherSubdomains(torch.autograd.Function):
