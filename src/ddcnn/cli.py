@@ -176,15 +176,25 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from ddcnn.checks import choice
     from ddcnn.export import is_exported
-    from ddcnn.train.evaluate import FORMATS, format_predictions, predict_files
+    from ddcnn.finished.predictions import FORMATS, Predictions, format_predictions
 
     choice("--format", args.format, FORMATS)  # before the models are loaded
     files = [str(user_path(f, "the file")) for f in args.files]
-    if is_exported(user_path(args.run_dir, "the run directory")):
+    run_dir = user_path(args.run_dir, "the run directory")
+    if is_exported(run_dir):
         return _predict_exported(args, files)
-    with _processes() as env:
-        predictions = predict_files(user_path(args.run_dir, "the run directory"), files, strategy=args.strategy,
-                                    device=args.device, env=env, trust_code=args.trust_code)
+    predictions: Predictions | None
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # one process: the finished-run library, no training code
+        from ddcnn.finished.run import predict_files
+
+        predictions = predict_files(run_dir, files, strategy=args.strategy, device=args.device,
+                                    trust_code=args.trust_code)
+    else:
+        from ddcnn.train.evaluate import predict_files as predict_sharded
+
+        with _processes() as env:
+            predictions = predict_sharded(run_dir, files, strategy=args.strategy, device=args.device, env=env,
+                                          trust_code=args.trust_code)
     if predictions is not None:  # rank 0 (or the only process)
         for note in predictions.notes:
             print(f"ddcnn: note: {note}", file=sys.stderr)
@@ -196,7 +206,7 @@ def _predict_exported(args, files: list[str]) -> int:
     """``ddcnn predict FILE.pt2|FILE.onnx``: the exported model's strategy is the one it holds."""
     from ddcnn.errors import ConfigError
     from ddcnn.export import predict_exported
-    from ddcnn.train.evaluate import format_predictions
+    from ddcnn.finished.predictions import format_predictions
 
     for option in ("strategy", "device"):
         if getattr(args, option) is not None:

@@ -16,6 +16,7 @@ from ddcnn.config import Config
 from ddcnn.data.datasets import load_datasets
 from ddcnn.data.loading import Augment, Normalizer, make_batches, split_dataset
 from ddcnn.data.readers import ImageDataset
+from ddcnn.finished.predictions import accuracy
 from ddcnn.models import LocalEnsemble, forward_flops
 from ddcnn.models.combiners import Combiner
 from ddcnn.models.settings import check_model_settings
@@ -171,10 +172,6 @@ class Context:
         device_ids = [self.runtime.device.index] if self.runtime.device.type == "cuda" else None
         ddp = DistributedDataParallel(model, device_ids=device_ids)
         return self.compiled(ddp), batches.shard(self.env.rank, self.env.world), DataParallelSync(self.env)
-
-
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return (logits.argmax(-1) == labels).float().mean().item()
 
 
 def build_context(cfg: Config, run_dir: RunDir, runtime: Runtime, env: DistEnv, resume: bool, force: bool,

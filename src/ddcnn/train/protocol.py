@@ -13,11 +13,12 @@ import torch
 import ddcnn
 from ddcnn.config import STAGES, Config
 from ddcnn.data.loading import to_float
+from ddcnn.finished.predictions import accuracy
 from ddcnn.models import LocalEnsemble, count_parameters
 from ddcnn.strategies import STRATEGIES, available
 from ddcnn.train import dist, stages
 from ddcnn.train.admit import check_stages
-from ddcnn.train.context import Context, StageResult, accuracy, build_context
+from ddcnn.train.context import Context, StageResult, build_context
 from ddcnn.train.dist import DistEnv
 from ddcnn.train.parallel.model import ShardedCNNDNN, ShardedLocalCNNs
 from ddcnn.train.parallel.spatial import SpatialCNN

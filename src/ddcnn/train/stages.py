@@ -14,13 +14,14 @@ from typing import cast
 import torch
 
 from ddcnn.config import parallelism
+from ddcnn.finished.predictions import accuracy
 from ddcnn.models import CNNDNN, LocalEnsemble, local_loss
 from ddcnn.models.cnn_dnn import transfer_parts
 from ddcnn.models.combiners import Combiner
 from ddcnn.seeds import derive_seed
 from ddcnn.shards import shard_range
-from ddcnn.strategies import STRATEGIES
-from ddcnn.train.context import Context, StageResult, accuracy
+from ddcnn.strategies import STRATEGIES, scored_every_epoch
+from ddcnn.train.context import Context, StageResult
 from ddcnn.train.engine.batches import TensorBatches
 from ddcnn.train.engine.loop import ModelState, Sync, fit
 from ddcnn.train.engine.timing import critical_path
@@ -30,7 +31,6 @@ from ddcnn.train.parallel.sync import EnsembleSaver, ShardSync
 from ddcnn.train.store.schema import LOCAL_TIMING
 
 Done = Mapping[str, StageResult]
-RULES = ("mean_probability", "majority_vote")  # the strategies of the local stage alone, scored every epoch
 
 
 def train_global(ctx: Context, done: Done) -> StageResult:
@@ -78,7 +78,7 @@ def train_local(ctx: Context, done: Done) -> StageResult:
                   "val_accuracy_per_subdomain": per.tolist()}
         if ctx.env.is_main:
             everyone = torch.cat([p[2] for p in parts], dim=1)  # (M, N, K): the shards in rank order
-            for name in RULES:
+            for name in scored_every_epoch():
                 rule = STRATEGIES[name].combiner({}, ctx.n_local, len(ctx.classes))
                 record[f"val_accuracy_{name}"] = accuracy(rule(everyone), ctx.val.labels)
         return record
