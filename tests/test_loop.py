@@ -246,3 +246,20 @@ def test_a_checkpoint_without_the_early_stopping_keys_resumes(tmp_path):
     resumed, result = run(tmp_path / "old", lambda record: None)
     assert result.epochs_run == 3 and result.stop_reason == "cap"
     assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), whole.state_dict().values()))
+
+
+def test_the_stage_state_is_what_the_checkpoint_schema_reads_and_round_trips():
+    """The stage's state is declared once (StageState); what it writes is a state the checkpoint's schema knows,
+    key by key, and reading it back gives the same state."""
+    from ddcnn.files import conform
+    from ddcnn.train.engine.state import StageState
+    from ddcnn.train.store.schema import TRAINING_STATE
+
+    cfg = StageConfig(epochs=2, batch_size=8)
+    state = StageState.new(cfg, {"feature_seconds": 0.5, "feature_flops": 3})
+    state.epoch, state.history, state.best_epoch, state.stop_reason = 1, [{"epoch": 1, "train_loss": 0.5,
+        "train_accuracy": 0.5, "lr": 0.1, "seconds": 1.0}], 1, None
+    written = state.as_dict()
+    conform(written, TRAINING_STATE)
+    assert set(written) <= {key.rstrip("?") for key in TRAINING_STATE.schema}
+    assert StageState.new(cfg).updated(written) == state

@@ -25,11 +25,11 @@ from torch import nn
 from ddcnn.config import StageConfig
 from ddcnn.errors import DDCNNError, TrainingError
 from ddcnn.seeds import derive_seed
+from ddcnn.train.engine.state import StageState, early_stopping
 from ddcnn.train.runtime import Runtime
 from ddcnn.train.store.checkpoint import CheckpointDir
 from ddcnn.train.store.schema import check_stage_settings
 
-TRACKED = ("best_epoch", "best_value", "bad_epochs", "stop_reason")  # the early-stopping state all ranks share
 # loss_fn(x, y) -> (loss to backpropagate, correct predictions: a count, or one count per local CNN ``(N,)``)
 LossFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -143,12 +143,12 @@ def _non_finite(stage: str, epoch: int, bad_step: int, bad_weights: bool, cfg: S
                          f"resume, e.g. --resume --set stages.{stage}.lr={cfg.lr / 10:g}")
 
 
-def _resumed(stage: str, state: dict, epochs: int) -> str:
+def _resumed(stage: str, state: StageState, epochs: int) -> str:
     """Where a stage with a checkpoint goes on from, for the training log."""
-    where = f"[{stage:>8}] checkpoint of epoch {state['epoch']}/{epochs}"
-    if state["done"]:
+    where = f"[{stage:>8}] checkpoint of epoch {state.epoch}/{epochs}"
+    if state.done:
         return f"{where}: finished before, loaded"
-    return f"{where} ({state['seconds']:.1f} s trained): resuming at epoch {state['epoch'] + 1}"
+    return f"{where} ({state.seconds:.1f} s trained): resuming at epoch {state.epoch + 1}"
 
 
 @dataclass
@@ -204,11 +204,10 @@ class FitResult:
     patience: int | None = None
 
     @classmethod
-    def from_state(cls, state: dict, cfg: StageConfig, extra_keys=()) -> FitResult:
-        return cls(state["seconds"], state.get("flops", 0), state["step"], state["epoch"], state.get("epochs",
-                   cfg.epochs), state.get("kept_epoch") or state["epoch"], state.get("best_epoch"),
-                   state.get("best_value"), state.get("monitor", cfg.monitor), state.get("stop_reason") or "cap",
-                   state["history"], {k: state[k] for k in extra_keys if k in state}, cfg.patience)
+    def from_state(cls, state: StageState, cfg: StageConfig, extra_keys=()) -> FitResult:
+        return cls(state.seconds, state.flops, state.step, state.epoch, state.epochs, state.kept_epoch or state.epoch,
+                   state.best_epoch, state.best_value, state.monitor, state.stop_reason or "cap", state.history,
+                   {k: state.extra[k] for k in extra_keys if k in state.extra}, cfg.patience)
 
     def summary(self, stage: str, setup_seconds: float = 0.0, setup_flops: int = 0) -> dict:
         """The end-of-stage record of ``metrics.jsonl`` and ``results.json``; ``setup_*``: work before the first
@@ -220,29 +219,29 @@ class FitResult:
                 "setup_seconds": setup_seconds, "setup_flops": setup_flops}
 
 
-def improved(value: float | None, best: float | None, cfg: StageConfig) -> bool:
-    """Whether the monitored ``value`` improves on ``best`` by more than ``min_delta`` (the first value does)."""
-    if value is None or not math.isfinite(value):
-        return False
-    if best is None:
-        return True
-    if cfg.monitor == "val_loss":
-        return value < best - cfg.min_delta
-    return value > best + cfg.min_delta
+@dataclass
+class _Training:
+    """What :func:`fit` works with besides the stage's spec: the model and how it is saved, synchronised, clipped
+    and optimised, and the stage's state."""
+
+    model: nn.Module
+    saver: ModelState
+    sync: Sync
+    clip: Callable[[float], object]
+    optimizer: torch.optim.Optimizer
+    state: StageState
 
 
-def early_stopping(state: dict, record: dict, cfg: StageConfig) -> None:
-    """Update the best-so-far and the epochs without improvement in ``state`` from the epoch's ``record``; set
-    ``stop_reason`` when the stage ends here (patience run out, or the cap reached)."""
-    value = record.get(cfg.monitor)
-    if improved(value, state.get("best_value"), cfg):
-        state["best_epoch"], state["best_value"], state["bad_epochs"] = record["epoch"], value, 0
-    else:
-        state["bad_epochs"] = state.get("bad_epochs", 0) + 1
-    if cfg.patience is not None and state["bad_epochs"] >= cfg.patience:
-        state["stop_reason"] = "patience"
-    elif record["epoch"] >= cfg.epochs:
-        state["stop_reason"] = "cap"
+@dataclass
+class _Epoch:
+    """One epoch's training statistics on this process: the loss summed over its images, the correct predictions
+    (a count, or one per local CNN), the images seen, the first step with a non-finite loss (-1: none)."""
+
+    loss_sum: torch.Tensor
+    correct: torch.Tensor | None
+    seen: int
+    bad_step: torch.Tensor
+    seconds: float = 0.0
 
 
 def fit(spec: StageSpec, model: nn.Module, loss_fn: LossFn | None, batches, evaluate: Callable[[], dict] | None
@@ -256,130 +255,167 @@ def fit(spec: StageSpec, model: nn.Module, loss_fn: LossFn | None, batches, eval
     with ``keep: best`` the model is given the best epoch's weights, and those are the stage's last checkpoint. A
     finished stage only loads its weights: ``loss_fn``, ``batches`` and ``evaluate`` are not used.
     """
-    stage, cfg, ckpt, runtime = spec.stage, spec.cfg, spec.ckpt, spec.runtime
-    saver = spec.saver or ModelState(model)
-    sync = spec.sync or Sync()
-    clip = spec.clip or (lambda max_norm: nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-    optimizer = make_optimizer(model.parameters(), cfg)
-    state = {"epoch": 0, "seconds": 0.0, "history": [], "done": False, "step": 0, "epochs": cfg.epochs,
-             "batch_size": cfg.batch_size, "optimizer": cfg.optimizer, "monitor": cfg.monitor, "keep": cfg.kept(),
-             "flops": 0, "best_epoch": None, "best_value": None, "bad_epochs": 0, "stop_reason": None,
-             "kept_epoch": None, **(spec.extra_state or {})}
+    cfg = spec.cfg
+    run = _start(spec, model)
     extra_keys = tuple(spec.extra_state or ())
-    if ckpt.has(stage):
-        weights, saved, opt_state = ckpt.load(stage)
-        # The data order and the optimizer state depend on the batch size and optimizer: a resumed stage keeps
-        # them; an unfinished one may get more epochs (ddcnn.train.store.schema says what else may change).
-        check_stage_settings(stage, saved, cfg)
-        state = {**state, **saved}  # a checkpoint of an earlier ddcnn lacks the early-stopping keys: their defaults
-        state["epochs"] = cfg.epochs  # more epochs for an unfinished stage (recorded in metrics.jsonl on --resume)
-        saver.load_weights(weights)
-        if opt_state is not None and not state["done"]:
-            saver.load_optimizer_state(optimizer, opt_state)
-            for group in optimizer.param_groups:  # the config's settings, not the checkpoint's, from here on
-                group.update({k: v for k, v in optimizer.defaults.items() if k != "lr"})
-        if spec.verbose and spec.echo is not None:
-            spec.echo(_resumed(stage, state, cfg.epochs))
-    if state["done"]:
-        return FitResult.from_state(state, cfg, extra_keys)
+    if run.state.done:
+        return FitResult.from_state(run.state, cfg, extra_keys)
     if loss_fn is None or batches is None or evaluate is None:
-        raise TrainingError(f"stage {stage!r} is not finished but fit was given nothing to train it with")
-    steps_per_epoch = len(batches)
-    if steps_per_epoch == 0:
-        raise TrainingError(f"stage {stage!r} has no training batches: the training set is smaller than one batch "
-                            f"({cfg.batch_size}); lower stages.{stage}.batch_size")
-    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
-        torch.manual_seed(derive_seed(spec.seed, stage, epoch))
-        batches.set_epoch(epoch)
-        model.train()
-        progress = Progress(steps_per_epoch, f"[{stage:>8}] epoch {epoch}/{cfg.epochs}", spec.verbose, spec.echo)
-        runtime.synchronize()
-        start = time.perf_counter()
-        loss_sum = torch.zeros((), device=runtime.device)
-        correct_sum: torch.Tensor | None = None
-        seen = 0
-        bad_step = torch.full((), -1, dtype=torch.long, device=runtime.device)
-        for i, (x, y) in enumerate(batches):
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(state["step"], steps_per_epoch, cfg)
-            try:
-                with runtime.autocast():
-                    loss, correct = loss_fn(x, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip is not None:
-                    clip(cfg.grad_clip)
-                optimizer.step()
-            except DDCNNError:
-                raise
-            except Exception as err:  # the user's network (or torch under it) failed on a training batch
-                progress.close()
-                raise TrainingError(
-                    f"{spec.network} failed in stage {stage!r} (epoch {epoch}, step {i + 1}, a batch of {len(y)}): "
-                    f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}; the checkpoint of epoch "
-                    f"{epoch - 1} is kept: fix the network (or the stage's settings) and resume") from err
-            state["step"] += 1
-            # NaN guard without a host sync per step: remember the first bad step, look every few steps.
-            finite = torch.isfinite(loss.detach())
-            bad_step = torch.where((bad_step < 0) & ~finite, torch.full_like(bad_step, i + 1), bad_step)
-            loss_sum += loss.detach().float() * len(y)
-            correct_sum = correct.detach() if correct_sum is None else correct_sum + correct.detach()
-            seen += len(y)
-            if (i + 1) % spec.check_every == 0 or i + 1 == steps_per_epoch:
-                # Several processes decide together at the end of the epoch (no communication inside it).
-                if not sync.distributed and bad_step.item() >= 0:
-                    progress.close()
-                    raise _non_finite(stage, epoch, int(bad_step.item()), False, cfg)
-                progress.update(loss=f"{loss.item() * spec.loss_scale:.3f}")
-            else:
-                progress.update()
-        # The last steps' updates can make the weights non-finite with a finite loss: never checkpoint them.
-        first_bad = int(bad_step.item())
-        bad_weights = not all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()
-                              if t.is_floating_point())
-        if sync.any(first_bad >= 0 or bad_weights):
-            progress.close()
-            raise _non_finite(stage, epoch, first_bad, bad_weights, cfg)
-        runtime.synchronize()
-        state["seconds"] += sync.seconds(time.perf_counter() - start)
-        progress.close()
-        assert correct_sum is not None  # steps_per_epoch > 0
-        loss_sum, correct_sum, seen = sync.reduce(loss_sum, correct_sum, seen)
-        acc = (correct_sum.float() / seen).cpu()
-        record = {"stage": stage, "epoch": epoch, "train_loss": (loss_sum / seen).item() * spec.loss_scale,
-                  "train_accuracy": acc.mean().item(), "lr": optimizer.param_groups[0]["lr"]}
-        model.eval()
-        record.update(evaluate())
-        state["flops"] += spec.flops_per_image * seen
-        # Cumulative over the stage's epochs (a resumed stage goes on from its checkpoint's); the combine stage's
-        # pass of the local CNNs over the data (its setup) counts from the first epoch on, as in results.json.
-        record["seconds"] = state["seconds"] + state.get("feature_seconds", 0.0)
-        record["train_flops"] = state["flops"] + state.get("feature_flops", 0)
-        # The decision is rank 0's: every process stops on the same epoch and keeps the same weights.
-        early_stopping(state, record, cfg)
-        state.update(sync.agree({k: state[k] for k in TRACKED}))
-        state["epoch"] = epoch
-        state["done"] = state["stop_reason"] is not None
-        state["history"].append(record)
-        restore = state["done"] and state["keep"] == "best" and state["best_epoch"] not in (None, epoch)
-        state["kept_epoch"] = (state["best_epoch"] if restore else epoch) if state["done"] else None
-        # Every process takes part in gathering the state; the main one writes it.
-        gathering = time.perf_counter()
-        if restore:  # the best epoch's weights, from the checkpoint that names them, become the model's
-            weights = ckpt.load_best(stage)
-            saver.load_weights(weights)
-            sync.barrier()  # every process has read them before the main one replaces the checkpoint
-        else:
-            weights = saver.weights()
-        opt_state = None if state["done"] else saver.optimizer_state(optimizer)
-        record["gather_seconds"] = time.perf_counter() - gathering  # collecting the state, not in "seconds"
-        keep_best = not state["done"] and state["keep"] == "best" and state["best_epoch"] not in (None, epoch)
-        if sync.is_main:
-            ckpt.save(stage, f"e{epoch}", weights, state, optimizer=opt_state, keep_best=keep_best)
-            spec.log(record)
-        if state["done"]:
+        raise TrainingError(f"stage {spec.stage!r} is not finished but fit was given nothing to train it with")
+    if len(batches) == 0:
+        raise TrainingError(f"stage {spec.stage!r} has no training batches: the training set is smaller than one "
+                            f"batch ({cfg.batch_size}); lower stages.{spec.stage}.batch_size")
+    for epoch in range(run.state.epoch + 1, cfg.epochs + 1):
+        stats = _train_epoch(spec, run, loss_fn, batches, epoch)
+        record = _epoch_record(spec, run, stats, epoch, evaluate)
+        _end_epoch(spec, run, record, epoch)
+        if run.state.done:
             break
-    result = FitResult.from_state(state, cfg, extra_keys)
-    if sync.is_main:  # the end record counts what the epochs' records count (the combine stage's pass over the data)
-        spec.log(result.summary(stage, state.get("feature_seconds", 0.0), state.get("feature_flops", 0)))
+    result = FitResult.from_state(run.state, cfg, extra_keys)
+    # The end record counts what the epochs' records count (the combine stage's pass over the data).
+    if run.sync.is_main:
+        extra = run.state.extra
+        spec.log(result.summary(spec.stage, extra.get("feature_seconds", 0.0), extra.get("feature_flops", 0)))
     return result
+
+
+def _start(spec: StageSpec, model: nn.Module) -> _Training:
+    """The optimizer, saver, sync and clip of the stage, and its state: new, or loaded from its checkpoint with the
+    model's weights and (for an unfinished stage) the optimizer's state."""
+    stage, cfg, ckpt = spec.stage, spec.cfg, spec.ckpt
+    run = _Training(model, spec.saver or ModelState(model), spec.sync or Sync(),
+                    spec.clip or (lambda max_norm: nn.utils.clip_grad_norm_(model.parameters(), max_norm)),
+                    make_optimizer(model.parameters(), cfg), StageState.new(cfg, spec.extra_state))
+    if not ckpt.has(stage):
+        return run
+    weights, saved, opt_state = ckpt.load(stage)
+    # The data order and the optimizer state depend on the batch size and optimizer: a resumed stage keeps
+    # them; an unfinished one may get more epochs (ddcnn.train.store.schema says what else may change).
+    check_stage_settings(stage, saved, cfg)
+    run.state = run.state.updated(saved)
+    run.state.epochs = cfg.epochs  # more epochs for an unfinished stage (recorded in metrics.jsonl on --resume)
+    run.saver.load_weights(weights)
+    if opt_state is not None and not run.state.done:
+        run.saver.load_optimizer_state(run.optimizer, opt_state)
+        for group in run.optimizer.param_groups:  # the config's settings, not the checkpoint's, from here on
+            group.update({k: v for k, v in run.optimizer.defaults.items() if k != "lr"})
+    if spec.verbose and spec.echo is not None:
+        spec.echo(_resumed(stage, run.state, cfg.epochs))
+    return run
+
+
+def _train_epoch(spec: StageSpec, run: _Training, loss_fn: LossFn, batches, epoch: int) -> _Epoch:
+    """One epoch of optimizer steps on this process, with the NaN guard; returns its statistics (not yet
+    combined with the other processes')."""
+    stage, cfg, runtime = spec.stage, spec.cfg, spec.runtime
+    steps_per_epoch = len(batches)
+    torch.manual_seed(derive_seed(spec.seed, stage, epoch))
+    batches.set_epoch(epoch)
+    run.model.train()
+    progress = Progress(steps_per_epoch, f"[{stage:>8}] epoch {epoch}/{cfg.epochs}", spec.verbose, spec.echo)
+    runtime.synchronize()
+    start = time.perf_counter()
+    stats = _Epoch(torch.zeros((), device=runtime.device), None, 0,
+                   torch.full((), -1, dtype=torch.long, device=runtime.device))
+    for i, (x, y) in enumerate(batches):
+        loss = _step(spec, run, loss_fn, x, y, stats, epoch, i, progress)
+        if (i + 1) % spec.check_every == 0 or i + 1 == steps_per_epoch:
+            # Several processes decide together at the end of the epoch (no communication inside it).
+            if not run.sync.distributed and stats.bad_step.item() >= 0:
+                progress.close()
+                raise _non_finite(stage, epoch, int(stats.bad_step.item()), False, cfg)
+            progress.update(loss=f"{loss.item() * spec.loss_scale:.3f}")
+        else:
+            progress.update()
+    # The last steps' updates can make the weights non-finite with a finite loss: never checkpoint them.
+    first_bad = int(stats.bad_step.item())
+    bad_weights = not all(bool(torch.isfinite(t).all()) for t in run.model.state_dict().values()
+                          if t.is_floating_point())
+    if run.sync.any(first_bad >= 0 or bad_weights):
+        progress.close()
+        raise _non_finite(stage, epoch, first_bad, bad_weights, cfg)
+    runtime.synchronize()
+    stats.seconds = run.sync.seconds(time.perf_counter() - start)
+    progress.close()
+    return stats
+
+
+def _step(spec: StageSpec, run: _Training, loss_fn: LossFn, x, y, stats: _Epoch, epoch: int, i: int,
+          progress: Progress) -> torch.Tensor:
+    """Optimizer step ``i`` of the epoch on the batch ``(x, y)``; adds to ``stats``, returns the loss."""
+    cfg, optimizer = spec.cfg, run.optimizer
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(run.state.step, progress.total, cfg)  # the progress counts the epoch's steps
+    try:
+        with spec.runtime.autocast():
+            loss, correct = loss_fn(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip is not None:
+            run.clip(cfg.grad_clip)
+        optimizer.step()
+    except DDCNNError:
+        raise
+    except Exception as err:  # the user's network (or torch under it) failed on a training batch
+        progress.close()
+        raise TrainingError(
+            f"{spec.network} failed in stage {spec.stage!r} (epoch {epoch}, step {i + 1}, a batch of {len(y)}): "
+            f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}; the checkpoint of epoch "
+            f"{epoch - 1} is kept: fix the network (or the stage's settings) and resume") from err
+    run.state.step += 1
+    # NaN guard without a host sync per step: remember the first bad step, look every few steps.
+    finite = torch.isfinite(loss.detach())
+    stats.bad_step = torch.where((stats.bad_step < 0) & ~finite, torch.full_like(stats.bad_step, i + 1),
+                                 stats.bad_step)
+    stats.loss_sum += loss.detach().float() * len(y)
+    stats.correct = correct.detach() if stats.correct is None else stats.correct + correct.detach()
+    stats.seen += len(y)
+    return loss
+
+
+def _epoch_record(spec: StageSpec, run: _Training, stats: _Epoch, epoch: int, evaluate: Callable[[], dict]) -> dict:
+    """The epoch's metrics: its training statistics over all processes, the validation metrics, the cumulative
+    seconds and FLOPs."""
+    state = run.state
+    state.seconds += stats.seconds
+    assert stats.correct is not None  # the epoch had steps
+    loss_sum, correct_sum, seen = run.sync.reduce(stats.loss_sum, stats.correct, stats.seen)
+    acc = (correct_sum.float() / seen).cpu()
+    record = {"stage": spec.stage, "epoch": epoch, "train_loss": (loss_sum / seen).item() * spec.loss_scale,
+              "train_accuracy": acc.mean().item(), "lr": run.optimizer.param_groups[0]["lr"]}
+    run.model.eval()
+    record.update(evaluate())
+    state.flops += spec.flops_per_image * seen
+    # Cumulative over the stage's epochs (a resumed stage goes on from its checkpoint's); the combine stage's
+    # pass of the local CNNs over the data (its setup) counts from the first epoch on, as in results.json.
+    record["seconds"] = state.seconds + state.extra.get("feature_seconds", 0.0)
+    record["train_flops"] = state.flops + state.extra.get("feature_flops", 0)
+    return record
+
+
+def _end_epoch(spec: StageSpec, run: _Training, record: dict, epoch: int) -> None:
+    """Early stopping (rank 0's decision, sent to all), then the checkpoint of the epoch and its metrics."""
+    state, cfg = run.state, spec.cfg
+    # The decision is rank 0's: every process stops on the same epoch and keeps the same weights.
+    early_stopping(state, record, cfg)
+    for key, value in run.sync.agree(state.tracked()).items():
+        setattr(state, key, value)
+    state.epoch = epoch
+    state.done = state.stop_reason is not None
+    state.history.append(record)
+    restore = state.done and state.keep == "best" and state.best_epoch not in (None, epoch)
+    state.kept_epoch = (state.best_epoch if restore else epoch) if state.done else None
+    # Every process takes part in gathering the state; the main one writes it.
+    gathering = time.perf_counter()
+    if restore:  # the best epoch's weights, from the checkpoint that names them, become the model's
+        weights = spec.ckpt.load_best(spec.stage)
+        run.saver.load_weights(weights)
+        run.sync.barrier()  # every process has read them before the main one replaces the checkpoint
+    else:
+        weights = run.saver.weights()
+    opt_state = None if state.done else run.saver.optimizer_state(run.optimizer)
+    record["gather_seconds"] = time.perf_counter() - gathering  # collecting the state, not in "seconds"
+    keep_best = not state.done and state.keep == "best" and state.best_epoch not in (None, epoch)
+    if run.sync.is_main:
+        spec.ckpt.save(spec.stage, f"e{epoch}", weights, state.as_dict(), optimizer=opt_state, keep_best=keep_best)
+        spec.log(record)
