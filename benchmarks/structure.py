@@ -2,9 +2,9 @@
 older checkout's to compare):
 
 * **parallelism deciders**: the places outside ``config.py`` (which holds the choice list) that decide how a stage
-  uses the processes: calls of ``parallelism(...)`` or ``parallel_mode(...)``, comparisons with one of the names
-  ``"single"``, ``"data"``, ``"model"``, ``"spatial"``, and ``isinstance`` tests of a parallel wrapper class; one per
-  source line;
+  uses the processes: calls of ``parallelism(...)``, ``parallel_mode(...)`` or ``choose(...)``, comparisons with
+  one of the names ``"single"``, ``"data"``, ``"model"``, ``"spatial"``, and ``isinstance`` tests of a parallel
+  wrapper class; one per source line;
 * **spatial modules**: the modules outside ``config.py`` that know spatial parallelism (the name ``"spatial"`` as a
   value, an import of a ``spatial`` module, or a name of its API);
 * **modules loaded by** ``import ddcnn.export``, and those of them under ``ddcnn.train.engine`` (the training loop,
@@ -32,7 +32,7 @@ import tempfile
 from pathlib import Path
 
 MODES = {"single", "data", "model", "spatial"}
-DECIDERS = {"parallelism", "parallel_mode", "strategy_for"}
+DECIDERS = {"parallelism", "parallel_mode", "choose"}
 WRAPPERS = {"ShardedCNNDNN", "ShardedLocalCNNs", "SpatialCNN", "DistributedDataParallel"}
 SPATIAL_NAMES = {"SpatialCNN", "slab_rows", "spatial_step_bytes", "spatial_backbone_error", "Spatial"}
 

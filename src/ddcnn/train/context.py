@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +24,10 @@ from ddcnn.models.settings import check_model_settings
 from ddcnn.train import dist
 from ddcnn.train.admit import admit_models
 from ddcnn.train.dist import DistEnv
-from ddcnn.train.engine.loop import FitResult, StageSpec, Sync
-from ddcnn.train.parallel.model import ShardedCNNDNN
-from ddcnn.train.parallel.sync import DataParallelSync
+from ddcnn.train.engine.loop import FitResult, StageSpec
+from ddcnn.train.parallel.base import Parallelism
+from ddcnn.train.parallel.choose import choose
+from ddcnn.train.parallel.local import LocalShards
 from ddcnn.train.runtime import M, Runtime
 from ddcnn.train.store.metrics import MetricsLog
 from ddcnn.train.store.rundir import RunDir
@@ -129,8 +131,9 @@ class Context:
         if isinstance(model, LocalEnsemble):
             own = forward_flops(model, (model.n_local, shapes.in_channels, *d.subimage_size))
             return sum(self.env.all_gather(own))
-        if isinstance(model, ShardedCNNDNN):
-            return self.forward_flops(model.ensemble) + forward_flops(model.combiner, (n, shapes.num_classes))
+        if getattr(model, "spans_processes", False):  # this process's part of a CNN-DNN: its shard, and the DNN
+            ensemble, combiner = cast(nn.Module, model.ensemble), cast(nn.Module, model.combiner)
+            return self.forward_flops(ensemble) + forward_flops(combiner, (n, shapes.num_classes))
         if isinstance(model, Combiner):
             return forward_flops(model, (n, shapes.num_classes))
         return forward_flops(model, (shapes.in_channels, *shapes.image_size))
@@ -162,16 +165,13 @@ class Context:
 
         return loss_fn
 
-    def data_parallel(self, stage: str, model: nn.Module) -> tuple[nn.Module, object, Sync | None]:
-        """``(module to run, batches, sync)``: DistributedDataParallel over the ranks, or the model itself."""
-        batches = self.batches(stage, parts=self.env.world)
-        if not self.env.enabled:
-            return self.compiled(model), batches, None
-        from torch.nn.parallel import DistributedDataParallel
+    def parallelism(self, stage: str) -> Parallelism:
+        """How ``stage`` uses the processes (:func:`ddcnn.train.parallel.choose.choose`)."""
+        return choose(self.cfg, stage, self.env, self.models.shapes.image_size, self.n_local)
 
-        device_ids = [self.runtime.device.index] if self.runtime.device.type == "cuda" else None
-        ddp = DistributedDataParallel(model, device_ids=device_ids)
-        return self.compiled(ddp), batches.shard(self.env.rank, self.env.world), DataParallelSync(self.env)
+    def local_shards(self) -> LocalShards:
+        """The local stage's way: this process's shard of the local CNNs, for the stages that use them."""
+        return cast(LocalShards, self.parallelism("local"))
 
 
 def build_context(cfg: Config, run_dir: RunDir, runtime: Runtime, env: DistEnv, resume: bool, force: bool,

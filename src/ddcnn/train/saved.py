@@ -16,7 +16,8 @@ from ddcnn.train import dist
 from ddcnn.train.admit import check_processes
 from ddcnn.train.budget import check_budget
 from ddcnn.train.dist import DistEnv, slice_state
-from ddcnn.train.parallel.model import CNNDNNState, ShardedCNNDNN, ShardedLocalCNNs
+from ddcnn.train.parallel.model import ShardedCNNDNN, ShardedLocalCNNs
+from ddcnn.train.parallel.savers import CNNDNNState
 from ddcnn.train.runtime import Runtime, make_runtime
 
 SHARDED = ("local", "coherent", "transfer")  # loaded as each process's shard of the local CNNs under torchrun
@@ -50,7 +51,7 @@ class ShardedRun(SavedRun):
             ensemble.load_stacked_state_dict(slice_state(weights, self.models.n_local, shard))
             return ShardedLocalCNNs(self.decomposition, ensemble, self.env)
         model = ShardedCNNDNN(self.decomposition, ensemble, self.models.dnn(stage), self.env)
-        CNNDNNState(model, self.env).load_weights(weights)
+        CNNDNNState(model, self.env, shard).load_weights(weights)
         return model
 
     def model(self, name: str, layout: str | None = None) -> Deployed:

@@ -19,30 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from ddcnn.train.dist import DistEnv, cat_optimizer, cat_states, slice_optimizer, slice_state
-from ddcnn.train.engine.loop import ModelState, Sync
-
-
-class EnsembleSaver(ModelState):
-    """Saves a (shard of a) local ensemble as the full N-slot stacked state, gathered from every rank, so that the
-    checkpoint is the same for any number of processes and either backend."""
-
-    def __init__(self, ensemble, env: DistEnv, shard: range, n_total: int):
-        super().__init__(ensemble)
-        self.ensemble, self.env, self.shard, self.n_total = ensemble, env, shard, n_total
-
-    def weights(self) -> dict:
-        local = {k: v.cpu() for k, v in self.ensemble.stacked_state_dict().items()}
-        return cat_states(self.env.all_gather(local))
-
-    def load_weights(self, weights: dict) -> None:
-        self.ensemble.load_stacked_state_dict(slice_state(weights, self.n_total, self.shard))
-
-    def optimizer_state(self, optimizer) -> dict:
-        return cat_optimizer(self.env.all_gather(self.ensemble.stacked_optimizer_state(optimizer)))
-
-    def load_optimizer_state(self, optimizer, state: dict) -> None:
-        self.ensemble.load_stacked_optimizer_state(optimizer, slice_optimizer(state, self.n_total, self.shard))
+from ddcnn.train.dist import DistEnv
+from ddcnn.train.engine.loop import Sync
 
 
 class RankSync(Sync):
@@ -80,3 +58,11 @@ class DataParallelSync(RankSync):
     def reduce(self, loss_sum, correct, seen):
         seen = int(self.env.sum(torch.tensor(float(seen), device=loss_sum.device)).item())
         return self.env.sum(loss_sum), self.env.sum(correct), seen
+
+
+class ReplicatedSync(RankSync):
+    """Every rank saw the whole batch (model parallelism) or its slab of every image (spatial parallelism) and
+    computed the same loss: the statistics are already complete."""
+
+    def reduce(self, loss_sum, correct, seen):
+        return loss_sum, correct, seen
