@@ -3,7 +3,6 @@ the run directory, this process's rank and the metrics log."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
@@ -12,17 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddcnn.build import Models, Shapes, with_backend
+from ddcnn.build import Models
 from ddcnn.config import Config
-from ddcnn.data.datasets import load_datasets
-from ddcnn.data.loading import Augment, Normalizer, make_batches, split_dataset
+from ddcnn.data.loading import Augment, Normalizer, make_batches
 from ddcnn.data.readers import ImageDataset
 from ddcnn.finished.predictions import accuracy
 from ddcnn.models import LocalEnsemble, forward_flops
 from ddcnn.models.combiners import Combiner
-from ddcnn.models.settings import check_model_settings
 from ddcnn.train import dist
-from ddcnn.train.admit import admit_models
+from ddcnn.train.admit import admit
 from ddcnn.train.dist import DistEnv
 from ddcnn.train.engine.loop import FitResult, StageSpec
 from ddcnn.train.parallel.base import Parallelism
@@ -180,22 +177,13 @@ def build_context(cfg: Config, run_dir: RunDir, runtime: Runtime, env: DistEnv, 
     """Read the data, build the models' builder, join the process group and prepare the run directory (rank 0
     writes ``data.json``); every check that can refuse the run comes before the first file is written. An
     imported backbone is imported only when ``trusted`` (``source``: where the config came from, for the error)."""
-    spatial = cfg.stages.global_.enabled and cfg.stages.global_.parallel == "spatial"
-    check_model_settings(cfg.model, cfg.combiner, trusted, source, spatial=spatial)
-    cfg = with_backend(cfg)  # config.yaml records the backend that runs (and a resumed run is checked against it)
-    train_full, test = load_datasets(cfg.data)
-    train, val = split_dataset(train_full, cfg.data.val_fraction, cfg.data.split_seed)
-    classes = list(train_full.classes)
-    shapes = Shapes(train.in_channels, len(classes), train.image_size)
-    models = Models(cfg, shapes)
-    if env.is_main:
-        for note in models.notes:
-            print(f"ddcnn: note: {note}", file=sys.stderr)
-    admit_models(cfg, models, runtime.device, len(train), env)
+    admitted = admit(cfg, run_dir, runtime.device, env, resume, force, trusted, source)
+    cfg, train, val, test, classes = admitted.cfg, admitted.train, admitted.val, admitted.test, admitted.classes
+    models, shapes = admitted.models, admitted.models.shapes
     normalizer = Normalizer.fit(train.images)
     dist.init(env, runtime.device.type)
     if env.is_main:
-        run_dir.prepare(cfg, resume, force, launch=dist.launch_id(), models=models)
+        run_dir.prepare(cfg, resume, force, launch=dist.launch_id(), events=admitted.events)
         run_dir.write_json("data.json", {
             "classes": classes, "in_channels": shapes.in_channels, "image_size": list(shapes.image_size),
             "normalizer": normalizer.state_dict(), "train": len(train), "val": len(val), "test": len(test),
