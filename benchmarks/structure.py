@@ -2,9 +2,10 @@
 older checkout's to compare):
 
 * **parallelism deciders**: the places outside ``config.py`` (which holds the choice list) that decide how a stage
-  uses the processes: calls of ``parallelism(...)``, ``parallel_mode(...)`` or ``choose(...)``, comparisons with
-  one of the names ``"single"``, ``"data"``, ``"model"``, ``"spatial"``, and ``isinstance`` tests of a parallel
-  wrapper class; one per source line;
+  uses the processes: calls of the functions ``parallelism(...)``, ``parallel_mode(...)`` or ``choose(...)`` (not
+  a method that hands a stage the one choice, ``ctx.parallelism(stage)``), comparisons with one of the names
+  ``"single"``, ``"data"``, ``"model"``, ``"spatial"``, and ``isinstance`` tests of a parallel wrapper class; one
+  per source line;
 * **spatial modules**: the modules outside ``config.py`` that know spatial parallelism (the name ``"spatial"`` as a
   value, an import of a ``spatial`` module, or a name of its API);
 * **modules loaded by** ``import ddcnn.export``, and those of them under ``ddcnn.train.engine`` (the training loop,
@@ -60,7 +61,7 @@ def parallelism_deciders(src: Path) -> list[str]:
             hit = False
             if isinstance(node, ast.Call):
                 name = _name(node.func)
-                if name in DECIDERS:
+                if isinstance(node.func, ast.Name) and name in DECIDERS:
                     hit = True
                 elif name == "isinstance" and len(node.args) == 2:
                     kinds = node.args[1]

@@ -1,12 +1,14 @@
 """Spatial parallelism as the global stage's way (ddcnn.train.parallel.spatial.SpatialParallel). Its layers against
 one process are tests/test_spatial.py's."""
 
+import pytest
 import torch
 
+from ddcnn.errors import ConfigError
 from ddcnn.train.engine.loop import ModelState
 from ddcnn.train.parallel.spatial import SpatialCNN, SpatialParallel
 from ddcnn.train.parallel.sync import ReplicatedSync
-from parallel_cases import way
+from parallel_cases import tiny, way
 
 SPATIAL = ["stages.global.parallel=spatial"]
 
@@ -30,3 +32,10 @@ def test_each_process_trains_the_whole_cnn_on_its_slab_of_every_image_and_saves_
 def test_spatial_needs_several_processes():
     one, _ = way("global", world=1, overrides=SPATIAL)
     assert not isinstance(one, SpatialParallel)
+
+
+def test_its_admission_refuses_slabs_that_would_not_stay_aligned():
+    cfg = tiny(SPATIAL)[0]
+    with pytest.raises(ConfigError, match="stages.global.parallel = spatial splits"):
+        way("global", world=3, overrides=SPATIAL)[0].admit(cfg)
+    way("global", world=2, overrides=SPATIAL)[0].admit(cfg)  # 16 rows in two slabs of 8: aligned

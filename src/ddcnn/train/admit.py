@@ -11,7 +11,7 @@ touched, so a refused run leaves every file as it was.
 5. The models against the machine (:func:`admit_models`): the memory each stage needs per process
    (:func:`ddcnn.train.budget.check_budget`), and the number of processes against the local CNNs
    (:func:`check_processes`), and a spatial-parallel global CNN's slabs against the image size
-   (:func:`check_spatial`).
+   (:func:`check_ways`).
 6. The run directory: a new one, ``--force``, or a ``--resume`` read whole against the config and the models
    (:func:`admit_run_dir`); the store then only writes (:meth:`ddcnn.train.store.rundir.RunDir.prepare`).
 
@@ -27,16 +27,15 @@ from dataclasses import dataclass
 import torch
 
 from ddcnn.build import Models, Shapes, meta_model, weight_shapes, with_backend
-from ddcnn.config import STAGES, Config, parallelism
+from ddcnn.config import STAGES, Config, parallelism, spatial_global
 from ddcnn.data.datasets import load_datasets
 from ddcnn.data.loading import split_dataset
 from ddcnn.data.readers import ImageDataset
 from ddcnn.errors import CheckpointError, ConfigError
-from ddcnn.models.backbones import DEFAULT_DEPTH
 from ddcnn.models.settings import check_model_settings
 from ddcnn.train.budget import check_budget
 from ddcnn.train.dist import DistEnv
-from ddcnn.train.parallel.spatial import slab_rows
+from ddcnn.train.parallel.choose import choose
 from ddcnn.train.store.rundir import RunDir
 from ddcnn.train.store.schema import check_resumable
 
@@ -61,7 +60,7 @@ def admit(cfg: Config, run_dir: RunDir, device: torch.device, env: DistEnv, resu
     """Steps 2 to 6, in order, before anything is written: the models' names (an imported backbone is imported
     only when ``trusted``; ``source`` names the config's file in the refusal), the data, the models, the models
     against the machine, and (on rank 0, which writes it) the run directory."""
-    check_model_settings(cfg.model, cfg.combiner, trusted, source, spatial=_spatial(cfg))
+    check_model_settings(cfg.model, cfg.combiner, trusted, source, spatial=spatial_global(cfg))
     cfg = with_backend(cfg)  # config.yaml records the backend that runs (and a resumed run is checked against it)
     train_full, test = load_datasets(cfg.data)
     train, val = split_dataset(train_full, cfg.data.val_fraction, cfg.data.split_seed)
@@ -104,9 +103,6 @@ def admit_run_dir(run_dir: RunDir, cfg: Config, resume: bool, force: bool, model
     return []
 
 
-def _spatial(cfg: Config) -> bool:
-    """Whether the global stage trains spatial-parallel (under torchrun)."""
-    return cfg.stages.global_.enabled and parallelism(cfg, "global") == "spatial"
 
 
 def check_stages(cfg: Config) -> None:
@@ -138,12 +134,12 @@ def admit_models(cfg: Config, models: Models, device: torch.device, n_train: int
     of processes against the local CNNs."""
     check_budget(cfg, models, device, n_train, env.world)
     check_processes(cfg, models, env)
-    check_spatial(cfg, models, env)
+    check_ways(cfg, models, env)
 
 
-def check_spatial(cfg: Config, models: Models, env: DistEnv) -> None:
-    """A spatial-parallel global CNN splits every image into ``world`` slabs that stay aligned through every
-    downsampling: an image size that does not allow it is refused, naming the sizes that do."""
-    if env.enabled and _spatial(cfg):
-        m = cfg.model
-        slab_rows(models.shapes.image_size, env.world, m.depth or DEFAULT_DEPTH[m.backbone], m.backbone)
+def check_ways(cfg: Config, models: Models, env: DistEnv) -> None:
+    """Each enabled stage's way of using the processes refuses what it cannot split (a spatial-parallel global
+    CNN: an image size whose slabs would not stay aligned through every downsampling)."""
+    for stage in STAGES:
+        if cfg.stages.get(stage).enabled:
+            choose(cfg, stage, env, models.shapes.image_size, models.n_local).admit(cfg)

@@ -9,6 +9,8 @@ A new way (FSDP for a large global CNN, a model x data mesh) is one subclass in 
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable, Sequence
 
 from torch import nn
@@ -67,10 +69,19 @@ class Parallelism:
         """The module scored on validation images."""
         return model
 
+    def parts(self) -> int:
+        """The processes each training batch is split among."""
+        return 1
+
     def batch_options(self, wrapped: nn.Module) -> dict:
         """Keywords of :meth:`ddcnn.train.context.Context.batches`: the parts each batch is split among, this
         process's subdomains (``shard``) or rows (``slab``)."""
-        return {"parts": 1}
+        return {"parts": self.parts()}
+
+    def held(self, size, dnn_parameters: Callable[[], int]):
+        """The part of a stage's size (a :class:`ddcnn.train.budget.StageSize`: parameters, activation and input
+        bytes) that one process holds; ``dnn_parameters()``: the DNN's parameters (whole on every process)."""
+        return size
 
     def split(self, batches):
         """This process's part of every batch."""
@@ -89,6 +100,28 @@ class Parallelism:
         """The gradient clip (None: one norm over the model's parameters)."""
         return None
 
+    def admit(self, cfg) -> None:
+        """Refuse, before anything is written, a config (:class:`ddcnn.config.Config`) this way cannot train."""
+
     def plain(self, model: nn.Module) -> nn.Module:
         """The trained model as one process would hold it (for its parameter and FLOP counts)."""
         return model
+
+
+def batch_part(size, world: int):
+    """``size`` with its activations and inputs split among ``world`` processes (rounded up)."""
+    if world <= 1:
+        return size
+    return dataclasses.replace(size, activation_bytes=-(-size.activation_bytes // world),
+                               input_bytes=-(-size.input_bytes // world))
+
+
+def local_share(size, world: int, n_local: int, dnn_parameters: Callable[[], int]):
+    """``size`` of a stage whose ``n_local`` local CNNs are sharded over ``world`` processes: the largest shard's
+    parameters and activations, and the DNN's ``dnn_parameters()`` whole."""
+    if world <= 1:
+        return size
+    share = -(-n_local // world) / n_local
+    dnn = dnn_parameters()
+    return dataclasses.replace(size, parameters=dnn + math.ceil((size.parameters - dnn) * share),
+                               activation_bytes=math.ceil(size.activation_bytes * share))

@@ -18,9 +18,12 @@ WAYS: dict[str, type[Parallelism]] = {"single": Parallelism, "data": DataParalle
                                       "spatial": SpatialParallel}
 
 
-def choose(cfg: Config, stage: str, env: DistEnv, image_size: Sequence[int], n_local: int) -> Parallelism:
+def choose(cfg: Config, stage: str, env: DistEnv, image_size: Sequence[int], n_local: int,
+           way: str | None = None) -> Parallelism:
     """How ``stage`` uses ``env``'s processes: the local CNNs sharded in the local stage; one process without
-    torchrun and for the combine stage (rank 0 trains the DNN); else the config's way."""
+    torchrun and for the combine stage (rank 0 trains the DNN); else the config's way (or ``way``, a name of
+    :data:`WAYS`: how ``ddcnn show`` compares the ways)."""
     if stage == "local":
         return LocalShards(env, image_size, n_local)
-    return WAYS[parallelism(cfg, stage) if env.enabled else "single"](env, image_size, n_local)
+    name = way or (parallelism(cfg, stage) if env.enabled else "single")
+    return WAYS[name](env, image_size, n_local)

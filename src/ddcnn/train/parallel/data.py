@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ddcnn.train.parallel.base import Parallelism
+from ddcnn.train.parallel.base import Parallelism, batch_part
 from ddcnn.train.parallel.sync import DataParallelSync
 
 
@@ -28,8 +28,12 @@ class DataParallel(Parallelism):
         device_ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids)
 
-    def batch_options(self, wrapped: nn.Module) -> dict:
-        return {"parts": self.env.world}
+    def parts(self) -> int:
+        return self.env.world
+
+    def held(self, size, dnn_parameters):
+        """The whole model, and this process's part of the batch."""
+        return batch_part(size, self.env.world)
 
     def split(self, batches):
         return batches.shard(self.env.rank, self.env.world)

@@ -10,7 +10,7 @@ from torch import nn
 from ddcnn.decomposition import Decomposition
 from ddcnn.models import LocalEnsemble
 from ddcnn.shards import shard_range
-from ddcnn.train.parallel.base import Parallelism
+from ddcnn.train.parallel.base import Parallelism, local_share
 from ddcnn.train.parallel.model import ShardedLocalCNNs
 from ddcnn.train.parallel.savers import EnsembleSaver
 from ddcnn.train.parallel.sync import ShardSync
@@ -34,6 +34,10 @@ class LocalShards(Parallelism):
 
     def batch_options(self, wrapped: nn.Module) -> dict:
         return {"shard": self.shard()}
+
+    def held(self, size, dnn_parameters):
+        """The largest shard of the local CNNs with their activations, and the whole batch."""
+        return local_share(size, self.env.world, self.n_local, lambda: 0)
 
     def sync(self) -> ShardSync:
         # Also in one process: the NaN guard looks at the end of the epoch, as several processes decide together.

@@ -25,7 +25,7 @@ from ddcnn.models import LocalEnsemble
 from ddcnn.models.combiners import Combiner
 from ddcnn.shards import shard_range
 from ddcnn.train.dist import DistEnv
-from ddcnn.train.parallel.base import Parallelism
+from ddcnn.train.parallel.base import Parallelism, local_share
 from ddcnn.train.parallel.savers import CNNDNNState
 from ddcnn.train.parallel.sync import ReplicatedSync
 
@@ -136,7 +136,11 @@ class ModelParallel(Parallelism):
         return ShardedCNNDNN(decomposition, ensemble, combiner, self.env)
 
     def batch_options(self, wrapped: nn.Module) -> dict:
-        return {"shard": wrapped.shard}
+        return {"shard": cast(ShardedCNNDNN, wrapped).shard}
+
+    def held(self, size, dnn_parameters):
+        """The largest shard of the local CNNs with their activations, the whole DNN and the whole batch."""
+        return local_share(size, self.env.world, self.n_local, dnn_parameters)
 
     def sync(self) -> ReplicatedSync:
         return ReplicatedSync(self.env)

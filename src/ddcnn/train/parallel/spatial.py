@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddcnn.errors import ConfigError
-from ddcnn.models.backbones import Backbone, BasicBlock, Head
+from ddcnn.models.backbones import DEFAULT_DEPTH, Backbone, BasicBlock, Head
 from ddcnn.models.settings import spatial_backbone_error
 from ddcnn.train.dist import DistEnv
 from ddcnn.train.engine.loop import ModelState
-from ddcnn.train.parallel.base import Parallelism
+from ddcnn.train.parallel.base import Parallelism, batch_part
 from ddcnn.train.parallel.halo import CommMeter, halo, replicated_sum, slab_sum, sum_gradients
 from ddcnn.train.parallel.sync import ReplicatedSync
 
@@ -181,13 +181,23 @@ class SpatialParallel(Parallelism):
         return wrapped
 
     def batch_options(self, wrapped: nn.Module) -> dict:
-        return {"slab": wrapped.rows}
+        return {"slab": cast(SpatialCNN, wrapped).rows}
+
+    def held(self, size, dnn_parameters):
+        """The whole model, and this process's slab of the batch."""
+        return batch_part(size, self.env.world)
 
     def sync(self) -> ReplicatedSync:
         return ReplicatedSync(self.env)
 
     def saver(self, model: nn.Module) -> ModelState:
         return ModelState(model)  # the plain CNN's state dict, not the wrapper's
+
+    def admit(self, cfg) -> None:
+        """Every image splits into ``P`` slabs that stay aligned through every downsampling: other image sizes
+        are refused, naming the sizes that work."""
+        m = cfg.model
+        slab_rows(self.image_size, self.env.world, m.depth or DEFAULT_DEPTH[m.backbone], m.backbone)
 
     def plain(self, model: nn.Module) -> nn.Module:
         return cast(SpatialCNN, model).cnn  # the stage's model is the wrapper: the whole CNN is inside
