@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ddcnn.build import Models, Shapes, meta_model, weight_shapes, with_backend
-from ddcnn.config import STAGES, Config, parallelism, spatial_global
+from ddcnn.config import STAGES, Config, spatial_global
 from ddcnn.data.datasets import load_datasets
 from ddcnn.data.loading import split_dataset
 from ddcnn.data.readers import ImageDataset
@@ -103,8 +103,6 @@ def admit_run_dir(run_dir: RunDir, cfg: Config, resume: bool, force: bool, model
     return []
 
 
-
-
 def check_stages(cfg: Config) -> None:
     """Stages that need another stage's models: refused before anything is read or written."""
     for stage in ("combine", "transfer"):
@@ -117,8 +115,9 @@ def check_processes(cfg: Config, models: Models, env: DistEnv, sharded: list[str
     """A model-parallel stage gives every process at least one local CNN: more processes than local CNNs are
     refused, on every rank alike. ``sharded``: the stages loaded as shards (a finished run under torchrun);
     default the enabled model-parallel stages of ``cfg``."""
-    if sharded is None:
-        sharded = [stage for stage in STAGES if cfg.stages.get(stage).enabled and parallelism(cfg, stage) == "model"]
+    if sharded is None:  # the stages whose way holds a shard of the local CNNs on each process
+        sharded = [stage for stage in STAGES if cfg.stages.get(stage).enabled and
+                   choose(cfg, stage, env, models.shapes.image_size, models.n_local).shard(models.n_local) is not None]
     if env.enabled and sharded and env.world > models.n_local:
         # Model and data parallelism together (a 2-D mesh of processes) is not built: refused, not half-done.
         raise ConfigError(
