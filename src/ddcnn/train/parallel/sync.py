@@ -1,12 +1,23 @@
-"""How the processes combine a stage's epoch statistics (the ``Sync`` of :func:`ddcnn.train.engine.loop.fit`), one
-rule per kind of split: each rank saw all images with its own local CNNs (:class:`ShardSync`), its part of every
-batch (:class:`DataParallelSync`), or every batch whole with the same loss (:class:`ReplicatedSync`: model and
-spatial parallelism). Any flag raised anywhere counts, a stage lasts as long as its slowest rank, and only rank 0
-prints, writes metrics, checkpoints, plots and the report.
+"""Several processes (``torchrun``): how the processes combine a stage's epoch statistics, one rule per split.
 
-The ways that use them are :mod:`ddcnn.train.parallel` (one class each); under torchrun the local stage is always
-sharded (:mod:`~ddcnn.train.parallel.local`), the global stage data- or spatial-parallel, the coherent and transfer
-stages model-parallel by default or data-parallel, and the combine stage's DNN trains on rank 0 and is broadcast.
+* ``local``: rank ``r`` of ``P`` trains a contiguous shard of the N local CNNs (:func:`shard_range`) as one batched
+  ensemble, on every training image, in the same order as a single process would, with no communication until
+  the end of each epoch; then the shards are gathered (for the checkpoint and the metrics). Each rank keeps its
+  shard after the stage. Every rank holds at least one local CNN: ``P > N`` is refused.
+* ``combine``: the features are computed shard by shard and gathered; the DNN is trained on rank 0 and broadcast.
+* ``coherent``, ``transfer``: model-parallel by default (:mod:`ddcnn.train.parallel.model`), or
+  DistributedDataParallel with ``parallel: data``.
+* ``global``: DistributedDataParallel (each global batch split into ``P`` parts), or spatial-parallel.
+* Only rank 0 prints, writes metrics, checkpoints, plots and the report.
+
+Every gathered state is concatenated along dim 0 in rank order: because the shards are contiguous and every
+ensemble tensor is stacked slot-major along dim 0, the result is exactly the state of one N-slot ensemble, so
+checkpoints do not depend on the number of processes (a run can be resumed with another ``P``).
+
+The rules: each rank saw every image with its own local CNNs (:class:`ShardSync`), its part of every batch
+(:class:`DataParallelSync`), or every batch whole with the same loss (:class:`ReplicatedSync`: model and spatial
+parallelism). The ways that use them are :mod:`ddcnn.train.parallel` (one class each); the savers that gather the
+states are :mod:`ddcnn.train.parallel.savers`.
 """
 
 from __future__ import annotations
