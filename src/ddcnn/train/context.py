@@ -184,8 +184,9 @@ def build_context(cfg: Config, run_dir: RunDir, runtime: Runtime, env: DistEnv, 
     writes ``data.json``); every check that can refuse the run comes before the first file is written. An
     imported backbone is imported only when ``trusted`` (``source``: where the config came from, for the error)."""
     spatial = cfg.stages.global_.enabled and cfg.stages.global_.parallel == "spatial"
-    check_model_settings(cfg.model, cfg.combiner, trusted, source, spatial=spatial)
     cfg = with_backend(cfg)  # config.yaml records the backend that runs (and a resumed run is checked against it)
+    run_dir.admit(cfg, resume, force)  # the refusals that need no import come before any import
+    check_model_settings(cfg.model, cfg.combiner, trusted, source, spatial=spatial)
     train_full, test = load_datasets(cfg.data)
     train, val = split_dataset(train_full, cfg.data.val_fraction, cfg.data.split_seed)
     classes = list(train_full.classes)

@@ -13,7 +13,7 @@ import yaml
 
 from ddcnn.config import STAGES, Config, dump_config, from_dict, to_dict
 from ddcnn.errors import CheckpointError, ConfigError
-from ddcnn.files import atomic_write_text, load_yaml, naming, read_json, read_text
+from ddcnn.files import atomic_write_text, load_yaml, naming, open_append, read_json, read_text, refuse_linked_folders
 from ddcnn.train.checkpoint import CheckpointDir
 from ddcnn.train.runfiles import MARKER as MARKER_SCHEMA
 from ddcnn.train.runfiles import TRAINING_STATE, check_resumable, fix_for
@@ -28,6 +28,9 @@ LATER_SECTIONS = ("evaluation",)
 # without its config.yaml.
 OUTPUTS = (MARKER, "checkpoints", "plots", "tensorboard", "metrics.jsonl", "results.json", "report.md",
            "config.yaml", "data.json", "local_timing.json", "evaluation.json", ".write-test")
+# The folders a run writes into: one that is a symbolic link (a received run's plots/ pointing elsewhere) is refused
+# before anything is written, so nothing is written through it.
+FOLDERS = ("checkpoints", "plots", "tensorboard", "export")
 
 
 class RunDir:
@@ -60,14 +63,8 @@ class RunDir:
         ``--resume`` leaves every file as it was."""
         path = self.path
         events: list[dict] = []
-        if path.exists() and not path.is_dir():
-            raise ConfigError(f"output directory {str(path)!r} is a file; choose another --out")
+        self.admit(cfg, resume, force)
         if resume:
-            if not self.is_run:
-                how = "without --resume" if not (path.is_dir() and any(path.iterdir())) else \
-                    "with --force instead of --resume (ddcnn replaces only the files a run writes)"
-                raise CheckpointError(f"--resume: {str(path)!r} holds no ddcnn run (a run killed before it began "
-                                      f"leaves none); start it {how}")
             events = check_resumable(self, cfg, models)
             self._remove_leftovers()
         elif path.exists() and any(path.iterdir()):
@@ -103,6 +100,23 @@ class RunDir:
             atomic_write_text(path / MARKER, json.dumps({"format": 1, "launch": launch}))
         for event in events:  # what config.yaml now says differently, and from when
             self.append_metrics(event)
+
+    def admit(self, cfg: Config, resume: bool, force: bool = False) -> None:
+        """The refusals of this directory that need neither the data nor the models, made before anything is
+        imported or written: a file in its place, a --resume with no run here or with a changed frozen setting,
+        and a folder of the run that is a symbolic link (without --force, which replaces it)."""
+        path = self.path
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"output directory {str(path)!r} is a file; choose another --out")
+        if not force:
+            refuse_linked_folders(path, FOLDERS)
+        if resume:
+            if not self.is_run:
+                how = "without --resume" if not (path.is_dir() and any(path.iterdir())) else \
+                    "with --force instead of --resume (ddcnn replaces only the files a run writes)"
+                raise CheckpointError(f"--resume: {str(path)!r} holds no ddcnn run (a run killed before it began "
+                                      f"leaves none); start it {how}")
+            self.check_same_config(cfg)
 
     def _remove_leftovers(self) -> None:
         """After a kill: delete temporary files of interrupted writes, and checkpoint files that no manifest names
@@ -174,7 +188,7 @@ class RunDir:
         return saved
 
     def append_metrics(self, record: dict) -> None:
-        with naming(self.path / "metrics.jsonl"), open(self.path / "metrics.jsonl", "a") as f:
+        with naming(self.path / "metrics.jsonl"), open_append(self.path / "metrics.jsonl") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
