@@ -130,6 +130,19 @@ def test_a_sidecar_that_does_not_match_its_model_is_one_error(pt2_bytes, tmp_pat
     assert message in line and "\x1b" not in line, line
 
 
+def test_the_sanity_check_of_a_trusted_pt2_looks_into_sub_folders_and_for_compiled_code(pt2_bytes, tmp_path):
+    for name, body in (("archive/data/weights/sub/model_weights_config.json",
+                        json.dumps({"config": {"w": {"path_name": "weight_0", "use_pickle": True}}})),
+                       ("archive/aotinductor/model/model.wrapper.so", "\x7fELF")):
+        source, out = zipfile.ZipFile(io.BytesIO(pt2_bytes)), io.BytesIO()
+        with zipfile.ZipFile(out, "w") as target:
+            for info in source.infolist():
+                target.writestr(info, source.read(info))
+            target.writestr(name, body)
+        with pytest.raises(CheckpointError, match="holds pickled objects"):
+            export.ExportedModel(_exported(tmp_path, out.getvalue()), trust_code=True)
+
+
 def test_the_logs_of_a_failed_load_are_not_printed(pt2_bytes, tmp_path, capsys, monkeypatch):
     path = _exported(tmp_path, pt2_bytes)
 

@@ -187,9 +187,11 @@ def serialise(model: Deployed, fmt: str, example: torch.Tensor) -> bytes:
 
 
 # ------------------------------------------------------------------------------------------ running a file --
-_PT2_PAYLOAD_CONFIG = re.compile(r"(.*/)?data/(weights|constants)/[^/]*_config\.json")
-_PT2_PICKLES = re.compile(r"(.*/)?data/(weights|constants)/[^/]*\.pt")  # the legacy layout: pickled state dicts
-_PT2_SAMPLE_INPUTS = re.compile(r"(.*/)?data/sample_inputs/[^/]*\.pt")
+# Members at any depth: a second program under models/sub/ keeps its payload in sub-folders too.
+_PT2_PAYLOAD_CONFIG = re.compile(r"(.*/)?data/(weights|constants)/(.*/)?[^/]*_config\.json")
+_PT2_PICKLES = re.compile(r"(.*/)?data/(weights|constants)/(.*/)?[^/]*\.pt")  # the legacy layout: pickled dicts
+_PT2_SAMPLE_INPUTS = re.compile(r"(.*/)?data/sample_inputs/(.*/)?[^/]*\.pt")
+_PT2_NATIVE = re.compile(r"(.*/)?aotinductor/.*|.*\.(so|dll|dylib|cpp)")  # compiled code a loader would open
 ARCHIVE_LIMIT = 4 * 2**30  # all members of a .pt2 together, as torch reads them (far above any ddcnn model)
 ONNX_LIMIT = 2**31 - 1  # protobuf's own limit of one ONNX file without external data
 
@@ -220,17 +222,17 @@ def _member_sizes(archive: zipfile.ZipFile) -> None:
 
 def check_pt2(path: Path) -> None:
     """A sanity check of a .pt2 archive before ``torch.export.load`` (not a security boundary: a .pt2 is a program,
-    loaded only when trusted): members of bounded size (:func:`_member_sizes`), and none that torch would fully
-    unpickle -- pickled weights or constants, custom objects, or sample inputs that the restricted ``weights_only``
-    loader refuses (torch then retries without the restriction). The files ``ddcnn export`` writes hold raw
-    tensors only."""
+    loaded only when trusted): members of bounded size (:func:`_member_sizes`), no compiled code (AOTInductor
+    libraries), and none that torch would fully unpickle -- pickled weights or constants, custom objects, or sample
+    inputs that the restricted ``weights_only`` loader refuses (torch then retries without the restriction), at any
+    depth of the archive. The files ``ddcnn export`` writes hold raw tensors only."""
     try:
         with zipfile.ZipFile(path) as archive:
             _member_sizes(archive)
             names = archive.namelist()
             configs = [n for n in names if _PT2_PAYLOAD_CONFIG.fullmatch(n)]
             entries = [e for n in configs for e in json.loads(read_member(archive, n)).get("config", {}).values()]
-            pickled = [n for n in names if _PT2_PICKLES.fullmatch(n)] + [
+            pickled = [n for n in names if _PT2_PICKLES.fullmatch(n) or _PT2_NATIVE.fullmatch(n)] + [
                 e for e in entries if not isinstance(e, dict) or e.get("use_pickle", True)
                 or not str(e.get("path_name", "")).startswith(("weight_", "tensor_"))]
             for name in (n for n in names if _PT2_SAMPLE_INPUTS.fullmatch(n)):
@@ -242,9 +244,9 @@ def check_pt2(path: Path) -> None:
         raise CheckpointError(f"{str(path)!r} is not a .pt2 archive torch.export wrote ({err}); export it again "
                               f"with `ddcnn export`") from None
     if not configs or pickled:
-        raise CheckpointError(f"{str(path)!r} holds pickled objects (or is not an archive torch.export.save "
-                              f"wrote); loading it could run code, so it is refused; export the run again with "
-                              f"`ddcnn export`")
+        raise CheckpointError(f"{str(path)!r} holds pickled objects or compiled code (or is not an archive "
+                              f"torch.export.save wrote); loading it could run code, so it is refused; export the run "
+                              f"again with `ddcnn export`")
 
 
 def _check_onnx(path: Path) -> None:
