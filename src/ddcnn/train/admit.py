@@ -1,7 +1,11 @@
 """Every check that can refuse a run, in the order a run makes them; all of them come before the run directory is
 touched, so a refused run leaves every file as it was.
 
-1. The config: keys, types and ranges (:func:`ddcnn.config.load_config`, when it is read).
+1. The config: keys, types and ranges (:func:`ddcnn.config.load_config`, when it is read); whether its imported
+   backbone is trusted is decided then, from the command line (:func:`ddcnn.cli._trusted`), before any import.
+   The run directory's refusals that need no import: a file in its place, a linked folder of the run, a --resume
+   with no run or with a changed frozen setting (:meth:`ddcnn.train.rundir.RunDir.admit`, first in
+   :func:`ddcnn.train.context.build_context`).
 2. The device (:func:`ddcnn.train.runtime.make_runtime`) and the stages' dependencies (:func:`check_stages`); the
    models' names and an imported backbone, imported only when trusted
    (:func:`ddcnn.models.settings.check_model_settings`, first in :func:`ddcnn.train.context.build_context`).

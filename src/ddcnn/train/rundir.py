@@ -89,7 +89,7 @@ class RunDir:
         try:
             path.mkdir(parents=True, exist_ok=True)
             probe = path / ".write-test"
-            probe.write_text("")
+            open_append(probe, "w").close()  # O_NOFOLLOW: a link of that name is refused, not written through
             probe.unlink()
         except OSError as err:
             raise ConfigError(f"output directory {str(path)!r} is not writable ({err.strerror}); choose another "
