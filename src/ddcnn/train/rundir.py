@@ -30,7 +30,7 @@ OUTPUTS = (MARKER, "checkpoints", "plots", "tensorboard", "metrics.jsonl", "resu
            "config.yaml", "data.json", "local_timing.json", "evaluation.json", ".write-test")
 # The folders a run writes into: one that is a symbolic link (a received run's plots/ pointing elsewhere) is refused
 # before anything is written, so nothing is written through it.
-FOLDERS = ("checkpoints", "plots", "tensorboard", "export")
+FOLDERS = ("checkpoints", "plots", "tensorboard")
 
 
 class RunDir:
