@@ -10,21 +10,22 @@ from hypothesis import strategies as st
 from conftest import tiny_dict
 from ddcnn.config import StageConfig, from_dict
 from ddcnn.errors import ConfigError
-from ddcnn.train.loop import early_stopping
-from ddcnn.train.metrics import end_line
+from ddcnn.train.engine.state import StageState, early_stopping
 from ddcnn.train.protocol import Experiment
 from ddcnn.train.schedule import CONVERGED, converged, lr_fraction, reduce_on_plateau, stop_text
+from ddcnn.train.store.metrics import end_line
 
 
 def flat(epochs: int, cfg: StageConfig) -> dict:
     """Early stopping's state after ``epochs`` epochs whose validation accuracy never improves on the first."""
-    state = {"lr_scale": 1.0}
+    state = StageState.new(cfg)
+    stopped_at = None
     for epoch in range(1, epochs + 1):
         early_stopping(state, {"epoch": epoch, "val_accuracy": 0.5}, cfg)
-        if state.get("stop_reason"):
-            state["stopped_at"] = epoch
+        if state.stop_reason:
+            stopped_at = epoch
             break
-    return state
+    return {"stop_reason": state.stop_reason, "lr_scale": state.lr_scale, "stopped_at": stopped_at}
 
 
 def test_plateau_lowers_the_rate_before_patience_may_stop_the_stage():
@@ -39,7 +40,8 @@ def test_plateau_lowers_the_rate_before_patience_may_stop_the_stage():
 def test_without_plateau_patience_stops_at_whatever_rate_the_schedule_has():
     state = flat(50, StageConfig(epochs=50, schedule="cosine", patience=2))
     assert state["stop_reason"] == "patience" and state["stopped_at"] == 3 and state["lr_scale"] == 1.0
-    assert not reduce_on_plateau({"lr_scale": 1.0}, StageConfig(schedule="cosine", patience=2))
+    cosine = StageConfig(schedule="cosine", patience=2)
+    assert not reduce_on_plateau(StageState.new(cosine), cosine)
 
 
 def test_the_cap_ends_a_stage_whose_plateau_lowered_its_rate_on_the_last_epoch():

@@ -2,9 +2,9 @@
 
 :func:`frontier` is a pure function of the finished runs of one cell (``RunData`` with their budget ``point``).
 Every strategy a run reports is a **point** of that strategy: its cost is the sum of the stages it depends on
-(:func:`ddcnn.train.cost.strategy_costs`), its training FLOPs the frontier's axis (deterministic, the same for every
-seed); the same strategy at the same stages' epochs in several runs (the CNN-DNN of local 6 under every transfer
-budget) is one point, its stages being one shared, bit-identical stage. Per point: the test accuracy over seeds
+(:func:`ddcnn.train.time_to_target.strategy_costs`), its training FLOPs the frontier's axis (deterministic, the same
+for every seed); the same strategy at the same stages' epochs in several runs (the CNN-DNN of local 6 under every
+transfer budget) is one point, its stages being one shared, bit-identical stage. Per point: the test accuracy over seeds
 (mean, 95 % Student-t interval from ``scipy.stats``) and the validation accuracy that chooses.
 
 The claims, all with the global CNN as the baseline:

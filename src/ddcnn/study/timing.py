@@ -26,7 +26,7 @@ from ddcnn.config import from_dict
 from ddcnn.data.datasets import load_datasets
 from ddcnn.models import local_loss
 from ddcnn.study.spec import Study
-from ddcnn.train.loop import make_optimizer
+from ddcnn.train.engine.loop import make_optimizer
 
 REPEATS = 5
 STEPS = 10

@@ -21,15 +21,14 @@ CONVERGED = 0.1  # the largest fraction of the peak learning rate at which a sto
 _EPS = 1e-9  # a fraction is computed from floats: 0.1 of the peak must count as 0.1
 
 
-def reduce_on_plateau(state: dict, cfg) -> bool:
-    """Patience ran out in ``state`` (a stage's checkpointed state, ``cfg`` its StageConfig): under ``schedule:
-    plateau`` above its floor, multiply ``state["lr_scale"]`` by ``plateau_factor``, count the epochs without
-    improvement from zero again and return True (the stage goes on); else return False (the stage stops)."""
-    scale = state.get("lr_scale", 1.0)
-    if cfg.schedule != "plateau" or scale <= cfg.plateau_floor + _EPS:
+def reduce_on_plateau(state, cfg) -> bool:
+    """Patience ran out in ``state`` (a stage's StageState, ``cfg`` its StageConfig): under ``schedule: plateau``
+    above its floor, multiply ``state.lr_scale`` by ``plateau_factor``, count the epochs without improvement from
+    zero again and return True (the stage goes on); else return False (the stage stops)."""
+    if cfg.schedule != "plateau" or state.lr_scale <= cfg.plateau_floor + _EPS:
         return False
-    state["lr_scale"] = max(scale * cfg.plateau_factor, cfg.plateau_floor)
-    state["bad_epochs"] = 0
+    state.lr_scale = max(state.lr_scale * cfg.plateau_factor, cfg.plateau_floor)
+    state.bad_epochs = 0
     return True
 
 

@@ -12,7 +12,7 @@ The store is a folder (``ddcnn study`` gives ``STUDY/stages``; ``ddcnn run --sta
         <stage>.json        the stage's checkpoint manifest (SHA-256 of every weights file), as the run wrote it
         <stage>-eN.weights.safetensors
         origin.json         the identity in full, and the run directory that trained it
-        local_timing.json   the local stage's critical-path timing (ddcnn.train.timing), when it has one
+        local_timing.json   the local stage's critical-path timing (ddcnn.train.engine.timing), when it has one
 
 A run that trains a stage publishes it there (hard links to its own checkpoint files, a copy across file systems);
 a run that meets the identity again takes the files into its own ``checkpoints/`` (again a hard link or a copy),
@@ -35,10 +35,10 @@ import torch
 
 from ddcnn.config import Config
 from ddcnn.errors import CheckpointError
-from ddcnn.files import atomic_write_text
-from ddcnn.train.checkpoint import CheckpointDir
-from ddcnn.train.rundir import FREE_DATA_KEYS, RunDir
-from ddcnn.train.runfiles import FREE_STAGE_KEYS, TRAINING_STATE
+from ddcnn.files import atomic_write_text, own_folder
+from ddcnn.train.store.checkpoint import CheckpointDir
+from ddcnn.train.store.rundir import FREE_DATA_KEYS, RunDir
+from ddcnn.train.store.schema import FREE_STAGE_KEYS, TRAINING_STATE
 
 ORIGIN = "origin.json"
 REUSED = "reused.json"  # in a run's checkpoints/: stage -> where its reused files came from
@@ -144,7 +144,7 @@ class StageStore:
             return None
         store, origin = found
         target = run_dir.checkpoints
-        target.root.mkdir(parents=True, exist_ok=True)
+        own_folder(target.root, run_dir.path)  # never a link out of the run
         for name in sorted(store.named_files(stage)):
             _link_or_copy(store.root / name, target.root / name)
         source = self.entry(identity)
