@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from ddcnn.checks import choice
-from ddcnn.data.datasets import load_datasets
+from ddcnn.data.datasets import PYTHON_DATA, load_datasets
 from ddcnn.data.loading import split_dataset, to_float
-from ddcnn.data.readers import read_image_file, read_volume_file
+from ddcnn.data.readers import ImageDataset, read_image_file, read_volume_file
 from ddcnn.errors import DataError
 from ddcnn.models.deployed import scores_to_probabilities
 from ddcnn.train.context import accuracy
@@ -24,17 +24,19 @@ from ddcnn.train.scoring import score_strategies
 
 
 def evaluate_run(run_dir, device: str | None = None, env: DistEnv | None = None,
-                 trust_code: bool = False) -> dict | None:
+                 trust_code: bool = False, splits: dict[str, ImageDataset] | None = None) -> dict | None:
     """Validation and test accuracy of every saved strategy, recomputed from the checkpoints through the
     protocol's scoring path; written to ``evaluation.json``.
 
     Under torchrun (``env``) each process holds its shard of the local CNNs and all compute together; rank 0
-    writes the file and returns the results, the others None. ``trust_code``: see :class:`SavedRun`.
+    writes the file and returns the results, the others None. ``trust_code``: see :class:`SavedRun`. ``splits``:
+    ``{"test": ..., "val": ...}`` to score (datasets given from Python), else the config's data are read.
     """
     run = SavedRun(run_dir, device, env, trust_code)
-    train_full, test = load_datasets(run.cfg.data)
-    _, val = split_dataset(train_full, run.cfg.data.val_fraction, run.cfg.data.split_seed)
-    splits = {"val": val, "test": test} if len(val) else {"test": test}
+    if splits is None:
+        train_full, test = load_datasets(run.cfg.data)
+        _, val = split_dataset(train_full, run.cfg.data.val_fraction, run.cfg.data.split_seed)
+        splits = {"val": val, "test": test} if len(val) else {"test": test}
     scores = {split: score_strategies(run.trained, run.decomposition, run.shapes.num_classes, run.run_batches,
                                       to_float(data.images), run.env)[0] for split, data in splits.items()}
     if not run.env.is_main:
@@ -44,8 +46,8 @@ def evaluate_run(run_dir, device: str | None = None, env: DistEnv | None = None,
     for name in scores["test"]:
         old = previous.get("strategies", {}).get(name, {})
         strategies[name] = {
-            "val_accuracy": accuracy(scores["val"][name], val.labels) if "val" in scores else None,
-            "test_accuracy": accuracy(scores["test"][name], test.labels), "train_seconds": old.get("train_seconds"),
+            "val_accuracy": accuracy(scores["val"][name], splits["val"].labels) if "val" in scores else None,
+            "test_accuracy": accuracy(scores["test"][name], splits["test"].labels), "train_seconds": old.get("train_seconds"),
             "parameters": old.get("parameters"), "flops_per_image": old.get("flops_per_image")}
     results = {"dataset": run.cfg.data.name, "grid": list(run.decomposition.grid),
                "overlap": list(run.decomposition.overlap), "device_name": device_name(run.runtime.device),
@@ -60,6 +62,8 @@ def read_input(path: Path, size: tuple[int, ...], channels: int, dataset: str, w
     """One file as a float image ``(C, *size)`` in [0, 1], prepared as the training data of ``dataset`` (a data
     config's name; ``window``: its intensity window for volumes) was. A picture of other channels or another size
     is converted and fitted as image-folder data is, with a line in ``notes``."""
+    if dataset == "python":  # preprocessing of the user's own: no file reader knows it
+        raise DataError(PYTHON_DATA.replace("ddcnn.evaluate(run, test)", "ddcnn.predict(run, images)"))
     if len(size) == 3:
         if dataset == "volume-folder":
             return read_volume_file(path, size, window)
