@@ -28,7 +28,7 @@ from ddcnn.data.datasets import check_against_config
 from ddcnn.data.loading import Normalizer, val_mask
 from ddcnn.data.readers import ImageDataset
 from ddcnn.data.samples import SampleBatches, Samples, StreamedImages, TensorSamples, as_sample, check_label, \
-    chunks, kept_generators
+    chunks, kept_generators, transformed
 from ddcnn.errors import ConfigError, DataError
 from ddcnn.memory import free_memory, gib
 
@@ -110,7 +110,9 @@ def prepare(train, test, val=None, *, data, seed: int, classes=None, transform=N
     with kept_generators():
         first, _ = as_sample(train[0], "train[0]")
         again, _ = as_sample(train[0], "train[0]")
-    shape, uint8 = tuple(first.shape), first.dtype == torch.uint8
+        shape, uint8 = tuple(first.shape), first.dtype == torch.uint8
+        if transform is not None:  # a transform that breaks the images is refused before anything is written
+            transformed(transform, first, "train[0]", shape, uint8)
     random_draws = not torch.equal(first, again)
     one = first.numel() * first.element_size()
     total = one * sum(counts.values())
