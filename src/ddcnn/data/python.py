@@ -27,8 +27,17 @@ import torch
 from ddcnn.data.datasets import check_against_config
 from ddcnn.data.loading import Normalizer, val_mask
 from ddcnn.data.readers import ImageDataset
-from ddcnn.data.samples import SampleBatches, Samples, StreamedImages, TensorSamples, as_sample, check_label, \
-    chunks, kept_generators, transformed
+from ddcnn.data.samples import (
+    SampleBatches,
+    Samples,
+    StreamedImages,
+    TensorSamples,
+    as_sample,
+    check_label,
+    chunks,
+    kept_generators,
+    transformed,
+)
 from ddcnn.errors import ConfigError, DataError
 from ddcnn.memory import free_memory, gib
 
@@ -135,7 +144,7 @@ def prepare(train, test, val=None, *, data, seed: int, classes=None, transform=N
     k = len(names) if names is not None else max(int(s.labels.max()) for s in scans.values()) + 1
     names = names or [str(c) for c in range(k)]
     if len(names) < 2:
-        raise DataError(f"every label of the data is 0: a classifier needs two or more classes")
+        raise DataError("every label of the data is 0: a classifier needs two or more classes")
     whole = scans["train"]
     if val is None:
         in_val = val_mask(whole.labels, k, data.val_fraction, data.split_seed)

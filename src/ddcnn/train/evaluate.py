@@ -47,8 +47,9 @@ def evaluate_run(run_dir, device: str | None = None, env: DistEnv | None = None,
         old = previous.get("strategies", {}).get(name, {})
         strategies[name] = {
             "val_accuracy": accuracy(scores["val"][name], splits["val"].labels) if "val" in scores else None,
-            "test_accuracy": accuracy(scores["test"][name], splits["test"].labels), "train_seconds": old.get("train_seconds"),
-            "parameters": old.get("parameters"), "flops_per_image": old.get("flops_per_image")}
+            "test_accuracy": accuracy(scores["test"][name], splits["test"].labels),
+            "train_seconds": old.get("train_seconds"), "parameters": old.get("parameters"),
+            "flops_per_image": old.get("flops_per_image")}
     results = {"dataset": run.cfg.data.name, "grid": list(run.decomposition.grid),
                "overlap": list(run.decomposition.overlap), "device_name": device_name(run.runtime.device),
                "torch_version": torch.__version__,
