@@ -60,6 +60,7 @@ class Exported:
     checked: int
     max_abs_diff: float
     agree: int
+    checked_on: str = "the run's first test images"
 
 
 def meta_path(path: Path) -> Path:
@@ -141,7 +142,8 @@ def export_run(run_dir: Path, strategy: str | None = None, fmt: str = "pt2", out
         raise
     meta["check"] = {"images": len(images), "on": checked_on, **outcome}
     atomic_write_text(meta_path(path), json.dumps(meta, indent=2))
-    return Exported(path, meta_path(path), name, layout, len(images), outcome["max_abs_diff"], outcome["agree"])
+    return Exported(path, meta_path(path), name, layout, len(images), outcome["max_abs_diff"], outcome["agree"],
+                    checked_on)
 
 
 def _check_images(run: SavedRun, given: torch.Tensor | None) -> tuple[torch.Tensor, str]:
