@@ -125,6 +125,8 @@ def test_3d_volumes_from_a_plain_dataset_stream_and_train(tmp_path, one_thread):
                                               "transfer"}
 
 
+@pytest.mark.slow
+@pytest.mark.heavy  # two runs: make test-heavy (make test keeps under five minutes on 2 cores)
 def test_memory_and_stream_paths_train_the_same_models(tmp_path, one_thread):
     """A per-sample transform's draws depend only on (seed, epoch, sample): held in memory or streamed, with or
     without workers, the run is the same."""
