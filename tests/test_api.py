@@ -121,6 +121,7 @@ def test_3d_volumes_from_a_plain_dataset_stream_and_train(tmp_path, one_thread):
     facts = json.loads((out / "data.json").read_text())["python"]
     assert facts["load"] == "stream" and facts["bytes"] == 0 and facts["dtype"] == "float32"
     assert run.image_size == (8, 8, 8) and run.classes == ["low", "high"]
+    assert "Data given from Python (ddcnn.fit), streamed from the Datasets" in (out / "report.md").read_text()
     assert set(run.results["strategies"]) == {"global", "cnn_dnn", "mean_probability", "majority_vote", "coherent",
                                               "transfer"}
 

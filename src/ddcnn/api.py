@@ -22,6 +22,7 @@ from ddcnn.data.samples import as_sample
 from ddcnn.errors import CheckpointError, ConfigError, DataError
 from ddcnn.export import CHECK_IMAGES, Exported, export_run
 from ddcnn.paths import user_path
+from ddcnn.report import format_table
 from ddcnn.train import dist
 from ddcnn.train.evaluate import evaluate_run
 from ddcnn.train.protocol import Experiment
@@ -81,6 +82,9 @@ def fit(train, test, *, val=None, classes: Sequence[str] | None = None, transfor
                          source=source, python=python).run()
     if results is None:
         return None
+    if verbose:  # what `ddcnn run` prints at the end
+        print(format_table(results))
+        print(f"report: {out / 'report.md'}")
     return load_run(out, trust_code=True)  # the models this call trained: its own code
 
 
