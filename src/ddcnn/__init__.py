@@ -32,12 +32,12 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # load_run and Run live in the training layer (ddcnn.train.saved), which imports torch.distributed and the whole
-    # trainer: loaded on first use, so that `import ddcnn` (every worker and CLI process) stays light.
+    # load_run and Run live in the finished-run library (ddcnn.finished.run), which builds every model: loaded on
+    # first use, so that `import ddcnn` (every worker and CLI process) stays light.
     if name in ("Run", "load_run"):
-        from ddcnn.train import saved
+        from ddcnn.finished import run
 
-        return getattr(saved, name)
+        return getattr(run, name)
     if name in ("fit", "evaluate", "predict"):
         # The protocol on your own Datasets (ddcnn.api), loaded likewise. By name: the trainer's modules read
         # ddcnn.__version__ from this package, and must not count as importing the layer above them.

@@ -21,14 +21,14 @@ from ddcnn.data.python import PythonData, prepare, read_split
 from ddcnn.data.samples import as_sample
 from ddcnn.errors import CheckpointError, ConfigError, DataError
 from ddcnn.export import CHECK_IMAGES, Exported, export_run
+from ddcnn.finished.run import Run, load_run
 from ddcnn.paths import user_path
 from ddcnn.report import format_table
 from ddcnn.train import dist
 from ddcnn.train.evaluate import evaluate_run
 from ddcnn.train.protocol import Experiment
-from ddcnn.train.rundir import MARKER, RunDir
-from ddcnn.train.runfiles import DATA_FACTS
-from ddcnn.train.saved import Run, load_run
+from ddcnn.train.store.rundir import MARKER, RunDir
+from ddcnn.train.store.schema import DATA_FACTS
 
 COMMAND = "ddcnn.fit (Python)"
 
@@ -40,7 +40,7 @@ def fit(train, test, *, val=None, classes: Sequence[str] | None = None, transfor
         verbose: bool = True, trust_code: bool = False) -> Run | None:
     """Run the protocol (every enabled stage, the evaluation, the report) on map-style datasets of ``(image,
     label)`` pairs, into the run directory ``out`` (default ``runs/<config name>``); returns the finished run
-    (:class:`~ddcnn.train.saved.Run`), or None on the ranks > 0 of a torchrun launch.
+    (:class:`~ddcnn.finished.run.Run`), or None on the ranks > 0 of a torchrun launch.
 
     - ``train``, ``test``, ``val``: images ``(C, H, W)`` or volumes ``(C, D, H, W)`` as tensors, numpy arrays or
       PIL images, uint8 (0-255) or floats, all of one size; labels integers ``0..K-1``. Without ``val`` the
