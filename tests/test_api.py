@@ -243,6 +243,15 @@ def test_export_sidecar_says_the_preprocessing_is_the_users_own(python_run, tmp_
     assert "user's own" in meta["preprocessing"]["by"]
 
 
+def test_an_out_that_holds_a_run_is_refused_before_the_data_are_read(python_run):
+    class Unread(Generated):
+        def __getitem__(self, i):
+            raise AssertionError("read")
+
+    with pytest.raises(DDCNNError, match="already holds a ddcnn run; use --resume"):
+        ddcnn.fit(Unread(8, 0), Unread(8, 1), out=python_run, verbose=False, overrides=TINY)
+
+
 def test_resume_with_other_data_is_refused_and_leaves_the_run_as_it_was(python_run):
     before = {p: p.read_bytes() for p in python_run.rglob("*") if p.is_file()}
     with pytest.raises(CheckpointError, match="the train dataset differs from the one the run was trained with"):

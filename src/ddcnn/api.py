@@ -25,6 +25,7 @@ from ddcnn.finished.run import Run, load_run
 from ddcnn.paths import user_path
 from ddcnn.report import format_table
 from ddcnn.train import dist
+from ddcnn.train.admit import admit_run_dir
 from ddcnn.train.evaluate import evaluate_run
 from ddcnn.train.protocol import Experiment
 from ddcnn.train.store.rundir import MARKER, RunDir
@@ -71,11 +72,13 @@ def fit(train, test, *, val=None, classes: Sequence[str] | None = None, transfor
             raise ConfigError(f"preprocessing = {preprocessing!r} must be text or a mapping of plain values "
                               f"(JSON)") from None
     out = user_path(out, "out") if out is not None else Path("runs") / cfg.name
+    env = dist.env_from_environment()
+    if not resume and env.is_main and not dist.is_restart():  # an --out taken is refused before the data are read
+        admit_run_dir(RunDir(out), cfg, resume=False, force=force)
     python = prepare(train, test, val, data=cfg.data, seed=cfg.seed, classes=classes, transform=transform,
                      load=load, preprocessing=preprocessing)
     if resume:
         _check_same_data(out, python)
-    env = dist.env_from_environment()
     if verbose and env.is_main:
         print(python.summary(), flush=True)
     results = Experiment(cfg, out, resume=resume, force=force, command=COMMAND, verbose=verbose, trusted=trusted,
