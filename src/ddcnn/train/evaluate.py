@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from ddcnn.data.datasets import load_datasets
 from ddcnn.data.loading import split_dataset, to_float
 from ddcnn.data.readers import ImageDataset
 from ddcnn.finished.predictions import Predictions, accuracy
@@ -26,7 +25,7 @@ def evaluate_run(run_dir, device: str | None = None, env: DistEnv | None = None,
     """
     run = ShardedRun(run_dir, device, env, trust_code)
     if splits is None:
-        train_full, test = load_datasets(run.cfg.data)
+        train_full, test = run.datasets()
         _, val = split_dataset(train_full, run.cfg.data.val_fraction, run.cfg.data.split_seed)
         splits = {"val": val, "test": test} if len(val) else {"test": test}
     scores = {split: score_strategies(run.trained, run.decomposition, run.shapes.num_classes, run.run_batches,
