@@ -73,6 +73,11 @@ def _header_lines(results: Mapping, decomposition: Decomposition | None) -> list
     sizes = results.get("data_sizes") or {}
     if sizes:
         facts.append("Data: " + ", ".join(f"{format_count(v)} {k}" for k, v in sizes.items()) + " images.")
+    source = results.get("data_source") or {}
+    if source.get("source") == "python":  # ddcnn.fit: which path the data took, and which data it was
+        how = "held in memory" if source.get("load") == "memory" else "streamed from the Datasets"
+        prints = ", ".join(f"{k} {str(v)[:19]}..." for k, v in (source.get("fingerprints") or {}).items())
+        facts.append(f"Data given from Python (ddcnn.fit), {how}: {source.get('why')}; fingerprints {prints}.")
     image_size = results.get("image_size") or (decomposition.image_size if decomposition else None)
     if image_size:
         shape = f"Images {dims_text(image_size)}"

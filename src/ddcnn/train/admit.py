@@ -8,7 +8,8 @@ touched, so a refused run leaves every file as it was.
 2. The device (:func:`ddcnn.train.runtime.make_runtime`) and the stages' dependencies (:func:`check_stages`); the
    models' names and an imported backbone, imported only when trusted
    (:func:`ddcnn.models.settings.check_model_settings`, first in :func:`ddcnn.train.context.build_context`).
-3. The data: files, shapes, classes, and whether the images fit in memory (:func:`ddcnn.data.datasets.load_datasets`).
+3. The data: files, shapes, classes, and whether the images fit in memory (:func:`ddcnn.data.datasets.load_datasets`;
+   Datasets given from Python: :func:`ddcnn.data.python.prepare`, before the run is set up).
 4. The models: the grid against the backbone's depth, a foreign CNN run once on a sample
    (:class:`ddcnn.build.Models`).
 5. The models against the machine (:func:`admit_models`): the memory each stage needs per process
@@ -34,6 +35,7 @@ from ddcnn.build import Models, Shapes, meta_model, weight_shapes, with_backend
 from ddcnn.config import STAGES, Config, spatial_global
 from ddcnn.data.datasets import load_datasets
 from ddcnn.data.loading import split_dataset
+from ddcnn.data.python import PythonData
 from ddcnn.data.readers import ImageDataset
 from ddcnn.errors import CheckpointError, ConfigError
 from ddcnn.files import refuse_linked_folders
@@ -61,17 +63,21 @@ class Admitted:
 
 
 def admit(cfg: Config, run_dir: RunDir, device: torch.device, env: DistEnv, resume: bool, force: bool,
-          trusted: bool = True, source: str = "the config") -> Admitted:
+          trusted: bool = True, source: str = "the config", python: PythonData | None = None) -> Admitted:
     """Steps 2 to 6, in order, before anything is written: the models' names (an imported backbone is imported
-    only when ``trusted``; ``source`` names the config's file in the refusal), the data, the models, the models
-    against the machine, and (on rank 0, which writes it) the run directory."""
+    only when ``trusted``; ``source`` names the config's file in the refusal), the data (``python``: the datasets
+    given from Python, read and checked already), the models, the models against the machine, and (on rank 0,
+    which writes it) the run directory."""
     cfg = with_backend(cfg)  # config.yaml records the backend that runs (and a resumed run is checked against it)
     if env.is_main:
         admit_run_dir_early(run_dir, cfg, resume, force)  # the refusals that need no import, before any import
     check_model_settings(cfg.model, cfg.combiner, trusted, source, spatial=spatial_global(cfg))
-    train_full, test = load_datasets(cfg.data)
-    train, val = split_dataset(train_full, cfg.data.val_fraction, cfg.data.split_seed)
-    classes = list(train_full.classes)
+    if python is None:
+        train_full, test = load_datasets(cfg.data)
+        train, val = split_dataset(train_full, cfg.data.val_fraction, cfg.data.split_seed)
+        classes = list(train_full.classes)
+    else:
+        train, val, test, classes = python.train, python.val, python.test, python.classes
     models = Models(cfg, Shapes(train.in_channels, len(classes), train.image_size))
     if env.is_main:
         for note in models.notes:

@@ -196,7 +196,7 @@ def shared_stage(store: StageStore | None, ctx, stage: str, train, ddcnn_version
     """``train()`` the ``stage`` of the run ``ctx`` (a :class:`~ddcnn.train.context.Context`), first taking it
     from ``store`` when it holds the stage's identity, and publishing it there when this run trained it; returns
     what ``train()`` returns (a StageResult, whose end record then names where a reused stage came from)."""
-    if store is None:
+    if store is None or getattr(ctx, "python", None) is not None:  # data from Python: the config does not name it
         return train()
     identity = stage_identity(ctx.cfg, stage, ctx.runtime.device.type, ddcnn_version, ctx.env.world)
     origin = store.fetch(ctx.run_dir, identity) if ctx.env.is_main else None
