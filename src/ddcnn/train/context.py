@@ -16,6 +16,7 @@ from ddcnn.config import Config
 from ddcnn.data.datasets import load_datasets
 from ddcnn.data.loading import Augment, Normalizer, make_batches, split_dataset
 from ddcnn.data.readers import ImageDataset
+from ddcnn.data.volumes import volume_recipe
 from ddcnn.models import LocalEnsemble, forward_flops
 from ddcnn.models.combiners import Combiner
 from ddcnn.models.settings import check_model_settings
@@ -202,6 +203,7 @@ def build_context(cfg: Config, run_dir: RunDir, runtime: Runtime, env: DistEnv, 
         run_dir.write_json("data.json", {
             "classes": classes, "in_channels": shapes.in_channels, "image_size": list(shapes.image_size),
             "normalizer": normalizer.state_dict(), "train": len(train), "val": len(val), "test": len(test),
+            **({"volumes": recipe.to_json()} if (recipe := volume_recipe(cfg.data)) is not None else {}),
         })
     env.barrier()  # the other ranks read the run directory that rank 0 prepared
     log = MetricsLog(run_dir, verbose, print_line) if env.is_main else _no_log

@@ -13,7 +13,9 @@ import torch
 from ddcnn.checks import choice
 from ddcnn.data.datasets import load_datasets
 from ddcnn.data.loading import split_dataset, to_float
-from ddcnn.data.readers import read_image_file, read_volume_file
+from ddcnn.data.readers import read_image_file
+from ddcnn.data.volume_folder import read_volume_file
+from ddcnn.data.volumes import VolumeRecipe, volume_recipe
 from ddcnn.errors import DataError
 from ddcnn.models.deployed import scores_to_probabilities
 from ddcnn.train.context import accuracy
@@ -55,15 +57,15 @@ def evaluate_run(run_dir, device: str | None = None, env: DistEnv | None = None,
     return results
 
 
-def read_input(path: Path, size: tuple[int, ...], channels: int, dataset: str, window,
+def read_input(path: Path, size: tuple[int, ...], channels: int, dataset: str, recipe: VolumeRecipe | None,
                notes: list[str] | None = None) -> torch.Tensor:
-    """One file as a float image ``(C, *size)`` in [0, 1], prepared as the training data of ``dataset`` (a data
-    config's name; ``window``: its intensity window for volumes) was. A picture of other channels or another size
-    is converted and fitted as image-folder data is, with a line in ``notes``."""
+    """One file as a float image ``(C, *size)``, prepared as the training data of ``dataset`` (a data config's
+    name; ``recipe``: how its volumes were prepared) was. A picture of other channels or another size is converted
+    and fitted as image-folder data is, with a line in ``notes``."""
     if len(size) == 3:
-        if dataset == "volume-folder":
-            return read_volume_file(path, size, window)
-        x = read_volume_file(path, None, None)
+        if dataset == "volume-folder" and recipe is not None:
+            return read_volume_file(path, recipe)
+        x = read_volume_file(path)
     else:
         x = read_image_file(path, size, channels, [] if notes is None else notes)
     x = to_float(x)
@@ -100,7 +102,7 @@ def predict_files(run_dir, files, strategy: str | None = None, device: str | Non
     name, fn = run.strategy(strategy)
     notes: list[str] = []
     images = torch.stack([read_input(Path(f), run.shapes.image_size, run.shapes.in_channels, run.cfg.data.name,
-                                     run.cfg.data.window, notes) for f in files])
+                                     volume_recipe(run.cfg.data), notes) for f in files])
     scores, local = run.run_batches(fn, images)
     if not run.env.is_main:
         return None
