@@ -4,7 +4,6 @@
 import numpy as np
 import pytest
 import torch
-from volume_phantoms import SPACING, phantom, ras_affine, save_dicom_series, save_nifti, stored
 
 from ddcnn.config import from_dict
 from ddcnn.data.intensity import apply_intensity
@@ -12,6 +11,7 @@ from ddcnn.data.volume_folder import load_volume_folder, read_volume_file
 from ddcnn.data.volumes import VolumeRecipe, crop_or_pad, read_raw, resample_shape
 from ddcnn.decomposition import Decomposition
 from ddcnn.errors import ConfigError, DataError
+from volume_phantoms import SPACING, phantom, ras_affine, save_dicom_series, save_nifti, stored
 
 nibabel = pytest.importorskip("nibabel")
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from ddcnn.build import Models, Shapes, with_backend
 from ddcnn.config import Config
+from ddcnn.data.balance import class_weights
 from ddcnn.data.datasets import load_datasets
 from ddcnn.data.loading import Augment, Normalizer, make_batches, split_dataset
 from ddcnn.data.readers import ImageDataset
@@ -116,6 +117,7 @@ class Context:
             augment=augment, normalizer=self.normalizer,
             seed=self.cfg.seed, workers=self.cfg.data.workers,
             limit_bytes=int(self.cfg.data.device_resident_limit_gb * 2**30),
+            balanced=self.cfg.data.balance == "sampler",
         )
 
     def predict(self, fn, images: torch.Tensor):
@@ -154,13 +156,20 @@ class Context:
 
     def classifier_loss(self, stage: str, forward):
         """Cross-entropy (with the stage's label smoothing) of ``forward(x)``, and the number it got right."""
-        smoothing = self.cfg.stages.get(stage).label_smoothing
+        smoothing, weight = self.cfg.stages.get(stage).label_smoothing, self.class_weights()
 
         def loss_fn(x, y):
             out = forward(x)
-            return F.cross_entropy(out.float(), y, label_smoothing=smoothing), (out.argmax(-1) == y).sum()
+            loss = F.cross_entropy(out.float(), y, weight=weight, label_smoothing=smoothing)
+            return loss, (out.argmax(-1) == y).sum()
 
         return loss_fn
+
+    def class_weights(self) -> torch.Tensor | None:
+        """``(K,)`` on the device with ``data.balance: weights`` (data/balance.py), else None."""
+        if self.cfg.data.balance != "weights":
+            return None
+        return class_weights(self.train.labels, len(self.classes)).to(self.runtime.device)
 
     def data_parallel(self, stage: str, model: nn.Module) -> tuple[nn.Module, object, Sync | None]:
         """``(module to run, batches, sync)``: DistributedDataParallel over the ranks, or the model itself."""

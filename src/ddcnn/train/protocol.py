@@ -141,7 +141,9 @@ def evaluate_test(ctx: Context, done: dict[str, StageResult], command: str = "")
         strategies[name] = {"val_accuracy": val, "test_accuracy": accuracy(scores["test"][name], labels),
                             "train_seconds": cost["seconds"],  # every stage it depends on (train/cost.py)
                             "parameters": costs[name][0], "flops_per_image": costs[name][1], "cost": cost,
-                            "time_to_target": time_to_target(curves[name], target)}
+                            "time_to_target": time_to_target(curves[name], target),
+                            # how often it gives each class on the test set: the report warns of a collapse
+                            "test_predicted": torch.bincount(scores["test"][name].argmax(-1), minlength=k).tolist()}
     if "val" in scores:
         best = max(strategies, key=lambda name: cast(float, strategies[name]["val_accuracy"]))
         basis = "validation accuracy"
