@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from volume_phantoms import phantom, ras_affine, save_dicom_series, save_nifti, stored
 
 from ddcnn.cli import main
 from ddcnn.config import from_dict
 from ddcnn.data.generated import make_generated
 from ddcnn.train.evaluate import predict_files
 from ddcnn.train.protocol import Experiment
+from volume_phantoms import phantom, ras_affine, save_dicom_series, save_nifti, stored
 
 pytest.importorskip("nibabel")
 pytestmark = pytest.mark.slow
@@ -42,7 +42,8 @@ def phantom_run(tmp_path_factory):
         hu, affine = stored(phantom(lesion, seed=i), ras_affine(spacing), "flip_x" if i % 3 else "as_is")
         save_nifti(root / ("abnormal" if lesion else "normal") / f"study_{i}.nii.gz", hu, affine)
     out = root.parent / "run"
-    Experiment(from_dict(volume_config(root)), out, verbose=False).run()
+    augment = {"flip_axes": [0], "rotate_degrees": 5.0, "intensity_shift": 0.02}  # the 3D augmentation, on a run
+    Experiment(from_dict(volume_config(root, augment=augment)), out, verbose=False).run()
     return out, root
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import copy
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -185,10 +186,22 @@ class Augment:
         return self.apply(x, self.draw(x.shape[0], x.dim() - 2, generator))
 
 
+class Augmentation(Protocol):
+    """What a batch source needs of an augmentation: :class:`Augment`, or a chain of augmentations
+    (:mod:`ddcnn.data.augment`)."""
+
+    @property
+    def identity(self) -> bool: ...
+
+    def draw(self, n: int, ndim: int, generator: torch.Generator) -> dict: ...
+
+    def apply(self, x: torch.Tensor, params: dict) -> torch.Tensor: ...
+
+
 class _Batches:
     """The batch plan shared by both sources: order, global batches, the rank's slice, augmentation choices."""
 
-    def __init__(self, ds: ImageDataset, batch_size: int, shuffle: bool, drop_last: bool, augment: Augment | None,
+    def __init__(self, ds: ImageDataset, batch_size: int, shuffle: bool, drop_last: bool, augment: Augmentation | None,
                  normalizer: Normalizer | None, seed: int, device, balanced: bool = False):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}.")
@@ -256,7 +269,7 @@ class DeviceBatches(_Batches):
     """
 
     def __init__(self, ds: ImageDataset, batch_size: int, shuffle: bool = True, drop_last: bool = False,
-                 augment: Augment | None = None, normalizer: Normalizer | None = None, device="cpu", seed: int = 0,
+                 augment: Augmentation | None = None, normalizer: Normalizer | None = None, device="cpu", seed: int = 0,
                  balanced: bool = False):
         super().__init__(ds, batch_size, shuffle, drop_last, augment, normalizer, seed, device, balanced)
         self.images = ds.images.to(self.device)
@@ -290,7 +303,7 @@ class LoaderBatches(_Batches):
     """
 
     def __init__(self, ds: ImageDataset, batch_size: int, shuffle: bool = True, drop_last: bool = False,
-                 augment: Augment | None = None, normalizer: Normalizer | None = None, device="cpu", seed: int = 0,
+                 augment: Augmentation | None = None, normalizer: Normalizer | None = None, device="cpu", seed: int = 0,
                  workers: int = 0, pin_memory: bool = False, balanced: bool = False):
         super().__init__(ds, batch_size, shuffle, drop_last, augment, normalizer, seed, device, balanced)
         if not isinstance(workers, int) or workers < 0:
@@ -336,7 +349,7 @@ class _PlanSampler(torch.utils.data.Sampler):
 
 
 def make_dataloader(ds: ImageDataset, batch_size: int, shuffle: bool = True, workers: int = 0,
-                    pin_memory: bool = False, augment: Augment | None = None, seed: int = 0, *,
+                    pin_memory: bool = False, augment: Augmentation | None = None, seed: int = 0, *,
                     drop_last: bool = False, normalizer: Normalizer | None = None, device="cpu",
                     balanced: bool = False) -> LoaderBatches:
     """Batches of a large set through a ``torch.utils.data.DataLoader``; see :class:`LoaderBatches`."""
@@ -363,7 +376,7 @@ def use_device_resident(ds: ImageDataset, device, limit_bytes: int = 2 << 30) ->
 
 
 def make_batches(ds: ImageDataset, batch_size: int, device="cpu", shuffle: bool = True, drop_last: bool = False,
-                 augment: Augment | None = None, normalizer: Normalizer | None = None, seed: int = 0,
+                 augment: Augmentation | None = None, normalizer: Normalizer | None = None, seed: int = 0,
                  workers: int = 0, pin_memory: bool = True, limit_bytes: int = 2 << 30, balanced: bool = False):
     """:class:`DeviceBatches` or :func:`make_dataloader`, as :func:`use_device_resident` decides; ``balanced``:
     each epoch drawn class-balanced (:func:`ddcnn.data.balance.balanced_order`)."""

@@ -28,6 +28,7 @@ client can repeat with numpy; torchio and MONAI would add SimpleITK or a large d
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,8 +166,8 @@ def read_raw(path: Path, orientation: str = "RAS") -> RawVolume:
     nibabel = _nibabel(str(path))
     try:
         image = nibabel.load(str(path))
-        vol = np.asarray(image.dataobj)  # type: ignore[attr-defined]  # the proxy applies scl_slope, scl_inter
-        affine = image.affine  # type: ignore[attr-defined]
+        vol = np.asarray(image.dataobj)  # the proxy applies scl_slope, scl_inter
+        affine = image.affine
     except Exception as e:  # nibabel raises ImageFileError, EOFError, zlib/gzip errors...
         raise DataError(f"{path} cannot be read as a NIfTI volume ({e}); the file is corrupt, replace it.") from e
     vol = _squeezed(vol, path)
@@ -220,7 +221,7 @@ def prepare_volume(path: Path, recipe: VolumeRecipe) -> tuple[torch.Tensor, tupl
     return crop_or_pad(vol, recipe.size), raw.spacing
 
 
-def spacing_note(spacings: dict[str, tuple[float, ...]]) -> str | None:
+def spacing_note(spacings: Mapping[str, tuple[float, ...]]) -> str | None:
     """A warning when volumes read without a target spacing have different voxel spacings, else None."""
     distinct = sorted({tuple(round(v, 3) for v in s) for s in spacings.values()})
     if len(distinct) < 2:

@@ -13,9 +13,10 @@ from torch import nn
 
 from ddcnn.build import Models, Shapes, with_backend
 from ddcnn.config import Config
+from ddcnn.data.augment import make_augment
 from ddcnn.data.balance import class_weights
 from ddcnn.data.datasets import load_datasets
-from ddcnn.data.loading import Augment, Normalizer, make_batches, split_dataset
+from ddcnn.data.loading import Normalizer, make_batches, split_dataset
 from ddcnn.data.readers import ImageDataset
 from ddcnn.data.volumes import volume_recipe
 from ddcnn.models import LocalEnsemble, forward_flops
@@ -98,8 +99,7 @@ class Context:
         the device, so a process never holds the other subdomains' pixels there; with ``slab`` (rows of dim 2,
         spatial parallelism) to those rows. (A random crop or flip moves pixels across subdomains: with
         augmentation the batches keep whole images.)"""
-        a = self.cfg.data.augment
-        augment = Augment(a.crop_padding, a.hflip)
+        augment = make_augment(self.cfg.data.augment)
         batch_size = self.cfg.stages.get(stage).batch_size
         # BatchNorm cannot train on one image (one value per channel): a last batch that would leave some part
         # with fewer than two images is left out.
