@@ -166,6 +166,8 @@ def evaluate_test(ctx: Context, done: dict[str, StageResult], command: str = "")
         "target": {"val_accuracy": target, "source": target_source}, "curves": curves,
         "transfer_used_dnn": ("combine" in initialised_from) if "transfer" in done else None,
         "confusion_matrix": {"strategy": best, "matrix": confusion(scores["test"][best].argmax(-1), labels, k)},
+        # the frame of volume-folder volumes (data/volumes.py), for the orientation labels of the 3D figures
+        "orientation": ctx.cfg.data.orientation.upper() if ctx.cfg.data.name == "volume-folder" else None,
     }
     if "local" in done:
         history = done["local"].history or [{}]
