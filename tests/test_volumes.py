@@ -179,3 +179,21 @@ def test_config_records_the_recipe_round_trip():
     recipe = VolumeRecipe.from_config(cfg.data)
     assert recipe.orientation == "LPS" and recipe.spacing == (4.0, 2.0, 2.0)
     assert VolumeRecipe.from_json(recipe.to_json()) == recipe
+
+
+def test_a_contradicting_range_stops_the_run_with_one_line_naming_the_file_and_writes_nothing(tmp_path, capsys):
+    import json
+
+    from ddcnn.cli import main
+
+    for c in ("a", "b"):
+        for i in range(3):
+            save_nifti(tmp_path / "data" / c / f"v{i}.nii.gz", phantom(c == "b", seed=i), ras_affine())
+    np.save(tmp_path / "data" / "b" / "scaled.npy", np.random.default_rng(0).random((10, 16, 20)))
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps({"data": {"name": "volume-folder", "root": str(tmp_path / "data"),
+                                           "image_size": [8, 8, 8]}, "decomposition": {"grid": [1, 1, 2]}}))
+    assert main(["run", str(config), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "scaled.npy holds values in [0" in err[0] and "data.intensity: stored" in err[0]
+    assert not (tmp_path / "run").exists()
