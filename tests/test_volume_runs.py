@@ -93,8 +93,17 @@ def test_a_dicom_series_trains_and_predicts(tmp_path, capsys):
         lesion = i % 2 == 1
         save_dicom_series(root / ("abnormal" if lesion else "normal") / f"patient-{i}" / "CT", phantom(lesion, seed=i))
     config = tmp_path / "c.yaml"
-    config.write_text(json.dumps(volume_config(root, test_fraction=0.25, val_fraction=0.0)))
+    config.write_text(json.dumps(volume_config(root, test_fraction=0.25, val_fraction=0.0,
+                                               cache=str(tmp_path / "cache"))))
     assert main(["run", str(config), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    assert "0 of 8 read from the preprocessing cache" in capsys.readouterr().err
+    # The second reading of the same series (here `ddcnn evaluate`) skips the preparation, with identical tensors:
+    # every strategy scores exactly what the run scored.
+    assert main(["evaluate", str(tmp_path / "run")]) == 0
+    assert "8 of 8 read from the preprocessing cache" in capsys.readouterr().err
+    run = json.loads((tmp_path / "run" / "results.json").read_text())["strategies"]
+    again = json.loads((tmp_path / "run" / "evaluation.json").read_text())["strategies"]
+    assert {n: e["test_accuracy"] for n, e in run.items()} == {n: e["test_accuracy"] for n, e in again.items()}
     series = save_dicom_series(tmp_path / "new" / "CT", phantom(True, seed=50))
     capsys.readouterr()
     assert main(["predict", str(tmp_path / "run"), str(series), "--format", "json"]) == 0

@@ -123,6 +123,10 @@ def _check_against_config(data, train: ImageDataset) -> None:
             f"data.image_size = {list(data.image_size)} but the {data.name} images are {list(train.image_size)}; "
             f"set data.image_size to {list(train.image_size)} (or remove it)"
         )
+    dims = len(train.image_size)
+    if any(axis >= dims for axis in data.augment.flip_axes):
+        raise ConfigError(f"data.augment.flip_axes = {data.augment.flip_axes} names an axis the {data.name} images "
+                          f"do not have: they have {dims} spatial axes, 0 to {dims - 1}")
     if data.channels is not None and data.channels != train.in_channels:
         raise ShapeError(
             f"data.channels = {data.channels} but the {data.name} images have {train.in_channels} channels; set "
