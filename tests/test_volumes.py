@@ -111,10 +111,11 @@ def test_resampling_to_a_spacing_keeps_the_physical_size():
     assert (fitted[:, 0] == vol.min()).all() and (fitted[:, 6] == vol.min()).all()
 
 
-def test_a_dicom_series_is_in_the_same_canonical_frame_as_the_nifti_of_the_same_scan(tmp_path):
+@pytest.mark.parametrize("plane", ["axial", "coronal"])
+def test_a_dicom_series_is_in_the_same_canonical_frame_as_the_nifti_of_the_same_scan(tmp_path, plane):
     pytest.importorskip("pydicom")
     hu = phantom(lesion=True)
-    series = save_dicom_series(tmp_path / "series", hu)
+    series = save_dicom_series(tmp_path / "series", hu, plane=plane)
     nifti = save_nifti(tmp_path / "v.nii.gz", *stored(hu, ras_affine(), "flip_x"))
     a, b = read_raw(series), read_raw(nifti)
     np.testing.assert_array_equal(a.array, b.array)

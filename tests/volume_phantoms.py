@@ -64,9 +64,11 @@ def save_nifti(path: Path, hu: np.ndarray, affine: np.ndarray, offset: float | N
     return path
 
 
-def save_dicom_series(folder: Path, hu: np.ndarray, spacing=SPACING) -> Path:
-    """``hu`` (RAS voxels) as an axial CT series, one file per slice, stored as DICOM does it: rows running to the
-    patient's left (LPS), int16 values minus 1024 with RescaleIntercept -1024, files named in no slice order."""
+def save_dicom_series(folder: Path, hu: np.ndarray, spacing=SPACING, plane: str = "axial") -> Path:
+    """``hu`` (RAS voxels) as a CT series, one file per slice, stored as DICOM does it (LPS world): ``axial``
+    slices along Z with rows running to the patient's left and down to posterior, or ``coronal`` slices along Y
+    with rows running to the left and down to inferior; uint16 values plus 1024 with RescaleIntercept -1024, files
+    named in no slice order."""
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -74,25 +76,30 @@ def save_dicom_series(folder: Path, hu: np.ndarray, spacing=SPACING) -> Path:
     nx, ny, nz = hu.shape
     sx, sy, sz = spacing
     series = generate_uid()
-    for k in range(nz):
-        # Pixel (row j, column i) is LPS (x0 + i sx, y0 + j sy): RAS voxel (nx - 1 - i, ny - 1 - j).
-        pixels = hu[::-1, ::-1, k].T.astype(np.int32) + 1024
+    count = nz if plane == "axial" else ny
+    for k in range(count):
+        if plane == "axial":
+            # Pixel (row j, column i) is LPS (x0 + i sx, y0 + j sy): RAS voxel (nx - 1 - i, ny - 1 - j, k).
+            pixels, position = hu[::-1, ::-1, k].T, [-(nx - 1) * sx, -(ny - 1) * sy, k * sz]
+            orientation, pixel_spacing = [1, 0, 0, 0, 1, 0], [sy, sx]
+        else:
+            # Pixel (row j, column i) is LPS (x0 + i sx, -k sy, z0 - j sz): RAS voxel (nx - 1 - i, k, nz - 1 - j).
+            pixels, position = hu[::-1, k, ::-1].T, [-(nx - 1) * sx, -k * sy, (nz - 1) * sz]
+            orientation, pixel_spacing = [1, 0, 0, 0, 0, -1], [sz, sx]
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = CTImageStorage
         meta.MediaStorageSOPInstanceUID = generate_uid()
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        path = folder / f"slice_{(k * 7) % nz:03d}"
+        path = folder / f"slice_{(k * 7) % count:03d}"
         ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
         ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID, \
             series
-        ds.Modality, ds.Rows, ds.Columns = "CT", ny, nx
+        ds.Modality, ds.Rows, ds.Columns = "CT", pixels.shape[0], pixels.shape[1]
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [-(nx - 1) * sx, -(ny - 1) * sy, k * sz]
-        ds.PixelSpacing = [sy, sx]
-        ds.SliceThickness = sz
+        ds.ImageOrientationPatient, ds.ImagePositionPatient = orientation, position
+        ds.PixelSpacing, ds.SliceThickness = pixel_spacing, sz if plane == "axial" else sy
         ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-        ds.PixelData = pixels.astype(np.uint16).tobytes()
+        ds.PixelData = (np.ascontiguousarray(pixels).astype(np.int32) + 1024).astype(np.uint16).tobytes()
         ds.save_as(str(path), enforce_file_format=True)
     return folder

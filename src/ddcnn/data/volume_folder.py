@@ -13,7 +13,9 @@ from pathlib import Path
 
 import torch
 
+from ddcnn.checks import choice
 from ddcnn.data.dicom import is_dicom_file
+from ddcnn.data.intensity import MODES
 from ddcnn.data.readers import ImageDataset, _check_size, _class_files, natural_key
 from ddcnn.data.volume_cache import VolumeCache
 from ddcnn.data.volumes import VolumeRecipe, prepare_volume, spacing_note
@@ -44,6 +46,7 @@ def volume_items(folder: Path) -> list[Path]:
 
 def _recipe(size, window, intensity, percentiles, orientation, spacing) -> VolumeRecipe:
     size = _check_size(size, 3, "size")
+    choice("intensity", intensity, MODES)
     if window is not None:
         try:
             low, high = (float(v) for v in window)
