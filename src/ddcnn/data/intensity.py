@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ddcnn.config import INTENSITIES as MODES  # noqa: F401 - the one list of modes, named here for the readers
 from ddcnn.errors import DataError
-
-MODES = ("window", "percentile", "zscore", "stored")
 
 
 def check_window_range(vol: np.ndarray, window: tuple[float, float], source: str) -> None:
