@@ -198,3 +198,14 @@ def test_a_contradicting_range_stops_the_run_with_one_line_naming_the_file_and_w
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "scaled.npy holds values in [0" in err[0] and "data.intensity: stored" in err[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_set_too_large_for_memory_is_refused_before_any_volume_is_read(tmp_path, monkeypatch):
+    from ddcnn.data import volume_folder
+
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        (tmp_path / c / "v.nii.gz").write_bytes(b"not read")  # refused before any file is opened
+    monkeypatch.setattr(volume_folder, "free_memory", lambda device: 2 * 64 ** 3 * 4 - 1)
+    with pytest.raises(ConfigError, match=r"the 2 volumes of .* at data.image_size = \[64, 64, 64\] take"):
+        load_volume_folder(tmp_path, size=(64, 64, 64))

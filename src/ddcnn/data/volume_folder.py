@@ -8,6 +8,7 @@ preprocessing cache when ``cache`` names a folder.
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from ddcnn.data.readers import ImageDataset, _check_size, _class_files, natural_
 from ddcnn.data.volume_cache import VolumeCache
 from ddcnn.data.volumes import VolumeRecipe, prepare_volume, spacing_note
 from ddcnn.errors import ConfigError, DataError, DataNotFoundError
+from ddcnn.memory import free_memory, gib
 
 VOLUME_EXTENSIONS = (".npy", ".nii", ".nii.gz")
 
@@ -61,6 +63,16 @@ def _recipe(size, window, intensity, percentiles, orientation, spacing) -> Volum
                         window, tuple(percentiles))
 
 
+def _check_fits(count: int, size, root) -> None:
+    """Refuse, before any volume is read, a set whose prepared volumes cannot be held in memory together."""
+    need = count * math.prod(size) * 4
+    free = free_memory(torch.device("cpu"))
+    if free is not None and need > free:
+        raise ConfigError(f"the {count} volumes of {root} at data.image_size = {list(size)} take {gib(need)} as "
+                          f"float32 but only {gib(free)} of memory are free; lower data.image_size (a coarser "
+                          f"data.spacing keeps the field of view) or use fewer volumes")
+
+
 def load_volume_folder(root, size=(64, 128, 128), window=(-1000.0, 400.0), class_map: dict[str, str] | None = None,
                        *, intensity: str = "window", percentiles=(0.5, 99.5), orientation: str = "RAS",
                        spacing=None, cache=None) -> ImageDataset:
@@ -74,6 +86,7 @@ def load_volume_folder(root, size=(64, 128, 128), window=(-1000.0, 400.0), class
     """
     recipe = _recipe(size, window, intensity, percentiles, orientation, spacing)
     classes, items = _class_files(root, VOLUME_EXTENSIONS, "volumes", class_map, items_of=volume_items)
+    _check_fits(len(items), recipe.size, root)
     store = VolumeCache(Path(cache), recipe) if cache is not None else None
     images = torch.empty((len(items), 1, *recipe.size), dtype=torch.float32)
     spacings = {}
