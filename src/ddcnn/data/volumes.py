@@ -9,7 +9,8 @@ Every NIfTI file and DICOM series goes through the same steps, in this order (:f
    ``io_orientation`` / ``ornt_transform`` / ``apply_orientation``; ``RAS``: the first axis runs to the patient's
    Right, the second to Anterior, the third to Superior), then read as ``(D, H, W) = (Z, Y, X)``: depth runs
    inferior to superior, height posterior to anterior, width left to right. Two files of one scan stored in
-   different orientations give the same array.
+   different orientations give the same array. An oblique scan is turned to its closest canonical axes (as
+   nibabel's ``as_closest_canonical``), not resampled onto them.
 3. **intensity**: :mod:`ddcnn.data.intensity` (window, percentile, zscore or stored; the HU window checks the range).
 4. **spacing**: with ``spacing`` = ``(D, H, W)`` mm the volume is resampled to ``round(shape * own / target)`` voxels
    (trilinear, ``align_corners=False``: half-voxel centres, no antialiasing), then cropped or padded about its
