@@ -149,6 +149,7 @@ def test_the_second_load_reads_the_cache_with_identical_tensors(tmp_path, capsys
     second = load_volume_folder(root, **args)
     err = capsys.readouterr().err
     assert "4 of 4 read from the preprocessing cache" in err and "resampling skipped" in err
+    assert "4 of 4 stored in another orientation (LAS: 4), turned to RAS" in err  # remembered by the cache
     assert torch.equal(first.images, second.images)
     uncached = load_volume_folder(root, size=(8, 12, 16), spacing=(4.0, 2.0, 2.0))
     assert torch.equal(first.images, uncached.images)
@@ -166,6 +167,17 @@ def test_different_spacings_without_a_target_are_warned(tmp_path, capsys):
     assert "2 different voxel spacings" in capsys.readouterr().err
     load_volume_folder(tmp_path, size=(8, 8, 8), spacing=(3.0, 1.5, 1.5))
     assert "voxel spacings" not in capsys.readouterr().err
+
+
+def test_the_notes_say_what_preparing_a_volume_changed(tmp_path):
+    hu, affine = stored(phantom(False), ras_affine(), "flip_x")
+    notes: list[str] = []
+    read_volume_file(save_nifti(tmp_path / "v.nii.gz", hu, affine), RECIPE, notes)
+    assert notes == [f"{tmp_path / 'v.nii.gz'}: stored LAS, turned to RAS; 3x1.5x1.5 mm voxels resampled to 4x2x2 mm "
+                     f"and fitted to 8x12x16"]
+    notes.clear()
+    read_volume_file(save_nifti(tmp_path / "w.nii.gz", phantom(False), ras_affine((2, 2, 4))), RECIPE, notes)
+    assert notes == []
 
 
 def test_a_npy_volume_has_no_spacing_to_resample_from(tmp_path):

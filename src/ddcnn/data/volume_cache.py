@@ -1,10 +1,10 @@
 """Preprocessed volumes on disk, so that a second run skips reading, reorienting and resampling.
 
-An entry is one ``.npz`` file (numeric arrays only, read with ``allow_pickle=False``): the prepared volume
-``(D, H, W)`` float32 and the voxel spacing it was stored with. Its name is the SHA-256 of the source's content
-(every file of a DICOM series, with their names) and of the whole :class:`~ddcnn.data.volumes.VolumeRecipe`: a
-changed file or setting is a new entry, never a stale one. Entries are written atomically; an unreadable one is
-prepared again and replaced.
+An entry is one ``.npz`` file (plain arrays only, read with ``allow_pickle=False``): the prepared volume
+``(D, H, W)`` float32, the voxel spacing and the orientation it was stored with. Its name is the SHA-256 of the
+source's content (every file of a DICOM series, with their names) and of the whole
+:class:`~ddcnn.data.volumes.VolumeRecipe`: a changed file or setting is a new entry, never a stale one. Entries are
+written atomically; an unreadable one is prepared again and replaced.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from ddcnn.data.dicom import series_files
-from ddcnn.data.volumes import VolumeRecipe
+from ddcnn.data.volumes import Prepared, VolumeRecipe
 from ddcnn.errors import ConfigError
 from ddcnn.files import atomic_write
 
-FORMAT = 1  # bumped when what an entry holds, or how a volume is prepared, changes
+FORMAT = 2  # bumped when what an entry holds, or how a volume is prepared, changes
 
 
 def content_digest(source: Path) -> str:
@@ -50,12 +50,12 @@ class VolumeCache:
     def key(self, source: Path) -> str:
         return hashlib.sha256(content_digest(source).encode() + self._settings).hexdigest()
 
-    def get(self, key: str) -> tuple[torch.Tensor, tuple[float, float, float] | None] | None:
-        """The entry ``key`` (volume, stored spacing), or None when it is absent or unreadable."""
+    def get(self, key: str) -> Prepared | None:
+        """The entry ``key``, or None when it is absent or unreadable."""
         path = self.folder / f"{key}.npz"
         try:
             with np.load(path, allow_pickle=False) as entry:
-                volume, spacing = entry["volume"], entry["spacing"]
+                volume, spacing, stored = entry["volume"], entry["spacing"], str(entry["stored"])
         except (OSError, ValueError, KeyError, EOFError):
             self.misses += 1
             return None
@@ -63,13 +63,14 @@ class VolumeCache:
             self.misses += 1
             return None
         self.hits += 1
-        stored = tuple(float(v) for v in spacing) if np.all(spacing > 0) else None
-        return torch.from_numpy(volume), stored  # type: ignore[return-value]
+        own = (float(spacing[0]), float(spacing[1]), float(spacing[2])) if np.all(spacing > 0) else None
+        return Prepared(torch.from_numpy(volume), own, stored or None)
 
-    def put(self, key: str, volume: torch.Tensor, spacing: tuple[float, float, float] | None) -> None:
+    def put(self, key: str, prepared: Prepared) -> None:
         buffer = io.BytesIO()
-        np.savez(buffer, volume=volume.numpy().astype(np.float32),
-                 spacing=np.asarray(spacing if spacing is not None else (0.0, 0.0, 0.0), dtype=np.float64))
+        spacing = prepared.spacing if prepared.spacing is not None else (0.0, 0.0, 0.0)
+        np.savez(buffer, volume=prepared.volume.numpy().astype(np.float32),
+                 spacing=np.asarray(spacing, dtype=np.float64), stored=np.asarray(prepared.stored or ""))
         atomic_write(self.folder / f"{key}.npz", buffer.getvalue())
 
     def summary(self) -> str:

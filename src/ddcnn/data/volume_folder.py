@@ -19,7 +19,7 @@ from ddcnn.data.dicom import is_dicom_file
 from ddcnn.data.intensity import MODES
 from ddcnn.data.readers import ImageDataset, _check_size, _class_files, natural_key
 from ddcnn.data.volume_cache import VolumeCache
-from ddcnn.data.volumes import VolumeRecipe, prepare_volume, spacing_note
+from ddcnn.data.volumes import VolumeRecipe, describe, orientation_note, prepare_volume, spacing_note
 from ddcnn.errors import ConfigError, DataError, DataNotFoundError
 from ddcnn.memory import free_memory, gib
 
@@ -89,19 +89,24 @@ def load_volume_folder(root, size=(64, 128, 128), window=(-1000.0, 400.0), class
     _check_fits(len(items), recipe.size, root)
     store = VolumeCache(Path(cache), recipe) if cache is not None else None
     images = torch.empty((len(items), 1, *recipe.size), dtype=torch.float32)
-    spacings = {}
+    spacings, stored = {}, {}
     for i, (path, _) in enumerate(items):
         key = store.key(path) if store is not None else ""
         entry = store.get(key) if store is not None else None
         if entry is None:
             entry = prepare_volume(path, recipe)
             if store is not None:
-                store.put(key, *entry)
-        images[i, 0] = entry[0]
-        if entry[1] is not None:
-            spacings[str(path)] = entry[1]
+                store.put(key, entry)
+        images[i, 0] = entry.volume
+        if entry.spacing is not None:
+            spacings[str(path)] = entry.spacing
+        if entry.stored is not None:
+            stored[str(path)] = entry.stored
     if store is not None:
         say(store.summary())
+    turned = orientation_note(stored, recipe.orientation)
+    if turned:
+        say(turned)
     note = spacing_note(spacings) if recipe.spacing is None else None
     if note:
         say(f"warning: {note}")
@@ -109,10 +114,10 @@ def load_volume_folder(root, size=(64, 128, 128), window=(-1000.0, 400.0), class
     return ImageDataset(images, labels, classes)
 
 
-def read_volume_file(path, recipe: VolumeRecipe | None = None) -> torch.Tensor:
+def read_volume_file(path, recipe: VolumeRecipe | None = None, notes: list[str] | None = None) -> torch.Tensor:
     """One ``.npy`` or NIfTI file, or a DICOM series folder, as ``(1, D, H, W)`` float32: prepared by ``recipe``
     as :func:`load_volume_folder` prepares its volumes, or (without one) as stored (canonical frame, stored
-    values and size)."""
+    values and size). ``notes`` receives a line on what preparing it changed (orientation, spacing)."""
     path = Path(path)
     if not path.exists():
         raise DataNotFoundError(f"{path} does not exist; give the path of a .npy or .nii(.gz) volume or of a DICOM "
@@ -123,4 +128,7 @@ def read_volume_file(path, recipe: VolumeRecipe | None = None) -> torch.Tensor:
         from ddcnn.data.volumes import read_raw
 
         return torch.from_numpy(read_raw(path).array)[None]
-    return prepare_volume(path, recipe)[0][None]
+    prepared = prepare_volume(path, recipe)
+    if notes is not None and (changes := describe(prepared, recipe)):
+        notes.append(f"{path}: " + "; ".join(changes))
+    return prepared.volume[None]

@@ -95,10 +95,21 @@ def volume_recipe(data) -> VolumeRecipe | None:
 @dataclass
 class RawVolume:
     """A volume read from its file: ``array`` ``(D, H, W)`` float32 in the canonical frame, its voxel ``spacing``
-    ``(D, H, W)`` in mm (None for ``.npy``)."""
+    ``(D, H, W)`` in mm and the axis codes it was ``stored`` in (both None for ``.npy``)."""
 
     array: np.ndarray
     spacing: tuple[float, float, float] | None
+    stored: str | None = None
+
+
+@dataclass
+class Prepared:
+    """A model input ``volume`` ``(D, H, W)`` float32 and what its file said: voxel ``spacing`` ``(D, H, W)`` mm and
+    ``stored`` orientation (None for ``.npy``)."""
+
+    volume: torch.Tensor
+    spacing: tuple[float, float, float] | None
+    stored: str | None
 
 
 def _nibabel(source: str):
@@ -126,7 +137,7 @@ def canonical(array: np.ndarray, affine: np.ndarray, orientation: str, source: s
     affine = affine @ orientations.inv_ornt_aff(transform, array.shape)
     spacing = tuple(float(v) for v in nibabel.affines.voxel_sizes(affine))
     return RawVolume(np.ascontiguousarray(turned.transpose(2, 1, 0), dtype=np.float32),
-                     (spacing[2], spacing[1], spacing[0]))
+                     (spacing[2], spacing[1], spacing[0]), "".join(orientations.ornt2axcodes(stored)))
 
 
 def _squeezed(vol: np.ndarray, path: Path) -> np.ndarray:
@@ -203,9 +214,9 @@ def _interpolate(vol: torch.Tensor, shape) -> torch.Tensor:
     return F.interpolate(vol[None, None], size=tuple(shape), mode="trilinear", align_corners=False)[0, 0]
 
 
-def prepare_volume(path: Path, recipe: VolumeRecipe) -> tuple[torch.Tensor, tuple[float, float, float] | None]:
-    """The model input ``(D, H, W)`` float32 of one file or DICOM series folder under ``recipe``, and the voxel
-    spacing it was stored with (None for ``.npy``)."""
+def prepare_volume(path: Path, recipe: VolumeRecipe) -> Prepared:
+    """The model input ``(D, H, W)`` float32 of one file or DICOM series folder under ``recipe``, with the spacing
+    and orientation it was stored in."""
     raw = read_raw(path, recipe.orientation)
     if not np.isfinite(raw.array).all():
         raise DataError(f"{path} contains NaN or infinite values; fix or remove the file.")
@@ -214,12 +225,34 @@ def prepare_volume(path: Path, recipe: VolumeRecipe) -> tuple[torch.Tensor, tupl
         check_window_range(raw.array, recipe.window, str(path))
     vol = torch.from_numpy(apply_intensity(raw.array, recipe.intensity, recipe.window, recipe.percentiles))
     if recipe.spacing is None:
-        return _interpolate(vol, recipe.size), raw.spacing
+        return Prepared(_interpolate(vol, recipe.size), raw.spacing, raw.stored)
     if raw.spacing is None:
         raise DataError(f"{path} is a .npy array with no voxel spacing, but data.spacing = {list(recipe.spacing)} "
                         f"resamples to a spacing; give NIfTI or DICOM files, or set data.spacing: null")
     vol = _interpolate(vol, resample_shape(vol.shape, raw.spacing, recipe.spacing))
-    return crop_or_pad(vol, recipe.size), raw.spacing
+    return Prepared(crop_or_pad(vol, recipe.size), raw.spacing, raw.stored)
+
+
+def describe(prepared: Prepared, recipe: VolumeRecipe) -> list[str]:
+    """What preparing a volume changed, in words: its orientation turned, its spacing resampled."""
+    lines = []
+    if prepared.stored is not None and prepared.stored != recipe.orientation:
+        lines.append(f"stored {prepared.stored}, turned to {recipe.orientation}")
+    if prepared.spacing is not None and recipe.spacing is not None and \
+            not np.allclose(prepared.spacing, recipe.spacing):
+        lines.append(f"{'x'.join(f'{v:g}' for v in prepared.spacing)} mm voxels resampled to "
+                     f"{'x'.join(f'{v:g}' for v in recipe.spacing)} mm and fitted to {'x'.join(map(str, recipe.size))}")
+    return lines
+
+
+def orientation_note(stored: Mapping[str, str], orientation: str) -> str | None:
+    """A line counting the volumes stored in another orientation than ``orientation``, else None."""
+    turned = [codes for codes in stored.values() if codes != orientation]
+    if not turned:
+        return None
+    counts = ", ".join(f"{codes}: {turned.count(codes)}" for codes in sorted(set(turned)))
+    return (f"volumes: {len(turned)} of {len(stored)} stored in another orientation ({counts}), turned to "
+            f"{orientation}")
 
 
 def spacing_note(spacings: Mapping[str, tuple[float, ...]]) -> str | None:

@@ -64,7 +64,7 @@ def read_input(path: Path, size: tuple[int, ...], channels: int, dataset: str, r
     and fitted as image-folder data is, with a line in ``notes``."""
     if len(size) == 3:
         if dataset == "volume-folder" and recipe is not None:
-            return read_volume_file(path, recipe)
+            return read_volume_file(path, recipe, notes)
         x = read_volume_file(path)
     else:
         x = read_image_file(path, size, channels, [] if notes is None else notes)
