@@ -41,6 +41,14 @@ from ddcnn.data.intensity import apply_intensity, check_window_range
 from ddcnn.errors import DataError
 
 NIFTI_EXTRA = "pip install nibabel (or the extra `ddcnn[nifti]`)"
+# Each intensity mode in words, for the sidecar's reader (data/intensity.py computes them).
+INTENSITY_RULES = {
+    "window": "clip to [low, high], then (v - low) / (high - low)",
+    "percentile": "low, high = numpy.percentile(volume, percentiles) (linear); clip to [low, high], then "
+                  "(v - low) / (high - low); all zeros when high <= low",
+    "zscore": "(v - mean) / std over the whole volume (population std; 1 when it is 0)",
+    "stored": "values as read (after the header's scaling)",
+}
 
 
 @dataclass(frozen=True)
@@ -68,7 +76,8 @@ class VolumeRecipe:
             "axis_order": "(D, H, W) = the canonical frame's (Z, Y, X) voxel axes; .npy arrays are taken as (D, H, "
                           "W) as stored",
             "scaling": "NIfTI scl_slope/scl_inter and DICOM RescaleSlope/RescaleIntercept applied on reading",
-            "intensity": self.intensity, "window": list(self.window) if self.window is not None else None,
+            "intensity": self.intensity, "intensity_rule": INTENSITY_RULES[self.intensity],
+            "window": list(self.window) if self.window is not None else None,
             "percentiles": list(self.percentiles),
             "spacing": list(self.spacing) if self.spacing is not None else None,
             "interpolation": "trilinear, align_corners=False (half-voxel centres), no antialiasing",
