@@ -9,7 +9,7 @@ from ddcnn.data.loading import DeviceBatches
 from ddcnn.data.readers import ImageDataset
 from ddcnn.errors import DataError
 from ddcnn.models import local_loss
-from ddcnn.train.batches import TensorBatches
+from ddcnn.train.engine.batches import TensorBatches
 
 
 def test_class_weights_and_a_missing_class():

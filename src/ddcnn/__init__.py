@@ -29,12 +29,12 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # load_run and Run live in the training layer (ddcnn.train.saved), which imports torch.distributed and the whole
-    # trainer: loaded on first use, so that `import ddcnn` (every worker and CLI process) stays light.
+    # load_run and Run live in the finished-run library (ddcnn.finished.run), which builds every model: loaded on
+    # first use, so that `import ddcnn` (every worker and CLI process) stays light.
     if name in ("Run", "load_run"):
-        from ddcnn.train import saved
+        from ddcnn.finished import run
 
-        return getattr(saved, name)
+        return getattr(run, name)
     raise AttributeError(f"module 'ddcnn' has no attribute {name!r}")
 
 __all__ = [

@@ -3,34 +3,34 @@ the run directory, this process's rank and the metrics log."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddcnn.build import Models, Shapes, with_backend
+from ddcnn.build import Models
 from ddcnn.config import Config
 from ddcnn.data.augment import make_augment
 from ddcnn.data.balance import class_weights
-from ddcnn.data.datasets import load_datasets
-from ddcnn.data.loading import Normalizer, make_batches, split_dataset
+from ddcnn.data.loading import Normalizer, make_batches
 from ddcnn.data.readers import ImageDataset
 from ddcnn.data.volumes import volume_recipe
+from ddcnn.finished.predictions import accuracy
 from ddcnn.models import LocalEnsemble, forward_flops
 from ddcnn.models.combiners import Combiner
-from ddcnn.models.settings import check_model_settings
 from ddcnn.train import dist
-from ddcnn.train.admit import admit_models
+from ddcnn.train.admit import admit
 from ddcnn.train.dist import DistEnv
-from ddcnn.train.distributed import DataParallelSync
-from ddcnn.train.loop import FitResult, StageSpec, Sync
-from ddcnn.train.metrics import MetricsLog
-from ddcnn.train.model_parallel import ShardedCNNDNN
-from ddcnn.train.rundir import RunDir
+from ddcnn.train.engine.loop import FitResult, StageSpec
+from ddcnn.train.parallel.base import Parallelism
+from ddcnn.train.parallel.choose import choose
+from ddcnn.train.parallel.local import LocalShards
 from ddcnn.train.runtime import M, Runtime
+from ddcnn.train.store.metrics import MetricsLog
+from ddcnn.train.store.rundir import RunDir
 
 # Training FLOPs of one image: the forward pass, and the backward pass at about twice its cost.
 TRAIN_FLOPS_FACTOR = 3
@@ -131,8 +131,9 @@ class Context:
         if isinstance(model, LocalEnsemble):
             own = forward_flops(model, (model.n_local, shapes.in_channels, *d.subimage_size))
             return sum(self.env.all_gather(own))
-        if isinstance(model, ShardedCNNDNN):
-            return self.forward_flops(model.ensemble) + forward_flops(model.combiner, (n, shapes.num_classes))
+        if getattr(model, "spans_processes", False):  # this process's part of a CNN-DNN: its shard, and the DNN
+            ensemble, combiner = cast(nn.Module, model.ensemble), cast(nn.Module, model.combiner)
+            return self.forward_flops(ensemble) + forward_flops(combiner, (n, shapes.num_classes))
         if isinstance(model, Combiner):
             return forward_flops(model, (n, shapes.num_classes))
         return forward_flops(model, (shapes.in_channels, *shapes.image_size))
@@ -171,20 +172,13 @@ class Context:
             return None
         return class_weights(self.train.labels, len(self.classes)).to(self.runtime.device)
 
-    def data_parallel(self, stage: str, model: nn.Module) -> tuple[nn.Module, object, Sync | None]:
-        """``(module to run, batches, sync)``: DistributedDataParallel over the ranks, or the model itself."""
-        batches = self.batches(stage, parts=self.env.world)
-        if not self.env.enabled:
-            return self.compiled(model), batches, None
-        from torch.nn.parallel import DistributedDataParallel
+    def parallelism(self, stage: str) -> Parallelism:
+        """How ``stage`` uses the processes (:func:`ddcnn.train.parallel.choose.choose`)."""
+        return choose(self.cfg, stage, self.env, self.models.shapes.image_size, self.n_local)
 
-        device_ids = [self.runtime.device.index] if self.runtime.device.type == "cuda" else None
-        ddp = DistributedDataParallel(model, device_ids=device_ids)
-        return self.compiled(ddp), batches.shard(self.env.rank, self.env.world), DataParallelSync(self.env)
-
-
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return (logits.argmax(-1) == labels).float().mean().item()
+    def local_shards(self) -> LocalShards:
+        """The local stage's way: this process's shard of the local CNNs, for the stages that use them."""
+        return cast(LocalShards, self.parallelism("local"))
 
 
 def build_context(cfg: Config, run_dir: RunDir, runtime: Runtime, env: DistEnv, resume: bool, force: bool,
@@ -193,22 +187,13 @@ def build_context(cfg: Config, run_dir: RunDir, runtime: Runtime, env: DistEnv, 
     """Read the data, build the models' builder, join the process group and prepare the run directory (rank 0
     writes ``data.json``); every check that can refuse the run comes before the first file is written. An
     imported backbone is imported only when ``trusted`` (``source``: where the config came from, for the error)."""
-    spatial = cfg.stages.global_.enabled and cfg.stages.global_.parallel == "spatial"
-    check_model_settings(cfg.model, cfg.combiner, trusted, source, spatial=spatial)
-    cfg = with_backend(cfg)  # config.yaml records the backend that runs (and a resumed run is checked against it)
-    train_full, test = load_datasets(cfg.data)
-    train, val = split_dataset(train_full, cfg.data.val_fraction, cfg.data.split_seed)
-    classes = list(train_full.classes)
-    shapes = Shapes(train.in_channels, len(classes), train.image_size)
-    models = Models(cfg, shapes)
-    if env.is_main:
-        for note in models.notes:
-            print(f"ddcnn: note: {note}", file=sys.stderr)
-    admit_models(cfg, models, runtime.device, len(train), env)
+    admitted = admit(cfg, run_dir, runtime.device, env, resume, force, trusted, source)
+    cfg, train, val, test, classes = admitted.cfg, admitted.train, admitted.val, admitted.test, admitted.classes
+    models, shapes = admitted.models, admitted.models.shapes
     normalizer = Normalizer.fit(train.images)
     dist.init(env, runtime.device.type)
     if env.is_main:
-        run_dir.prepare(cfg, resume, force, launch=dist.launch_id(), models=models)
+        run_dir.prepare(cfg, resume, force, launch=dist.launch_id(), events=admitted.events)
         run_dir.write_json("data.json", {
             "classes": classes, "in_channels": shapes.in_channels, "image_size": list(shapes.image_size),
             "normalizer": normalizer.state_dict(), "train": len(train), "val": len(val), "test": len(test),
