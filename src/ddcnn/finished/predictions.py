@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ddcnn.checks import choice
+from ddcnn.data.datasets import PYTHON_DATA
 from ddcnn.data.loading import to_float
 from ddcnn.data.readers import read_image_file
 from ddcnn.data.volume_folder import read_volume_file
@@ -33,6 +34,8 @@ def read_input(path: Path, size: tuple[int, ...], channels: int, dataset: str, r
     name; ``recipe``: how its volumes were prepared, :func:`ddcnn.data.volumes.volume_recipe`) was. A picture of
     other channels or another size is converted and fitted as image-folder data is, and a volume's orientation
     and spacing are changed as its recipe says, each with a line in ``notes``."""
+    if dataset == "python":  # preprocessing of the user's own: no file reader knows it
+        raise DataError(PYTHON_DATA.replace("ddcnn.evaluate(run, test)", "ddcnn.predict(run, images)"))
     if len(size) == 3:
         if dataset == "volume-folder" and recipe is not None:
             return read_volume_file(path, recipe, notes)
