@@ -82,7 +82,7 @@ def test_an_axis_the_images_lack_is_refused():
 
 def test_a_flip_axis_the_images_lack_is_refused_before_anything_is_read_or_written(tiny_config):
     from ddcnn.config import DataConfig
-    from ddcnn.data.datasets import _check_against_config
+    from ddcnn.data.datasets import check_against_config
 
     with pytest.raises(ConfigError, match=r"flip_axes = \[2\] must list distinct spatial axes from 0 to 1"):
         tiny_config(2, augment={"flip_axes": [2]})
@@ -90,4 +90,4 @@ def test_a_flip_axis_the_images_lack_is_refused_before_anything_is_read_or_writt
     data = DataConfig(name="mnist", augment=AugmentConfig(flip_axes=[2]))
     images = ImageDataset(torch.zeros(2, 1, 28, 28), torch.zeros(2, dtype=torch.int64), ["a", "b"])
     with pytest.raises(ConfigError, match=r"flip_axes = \[2\] names an axis the mnist images do not have"):
-        _check_against_config(data, images)
+        check_against_config(data, images)
