@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ddcnn.build import Models
-from ddcnn.config import STAGES, Config, parallelism
+from ddcnn.config import STAGES, Config, active, parallelism
 from ddcnn.errors import ConfigError
 from ddcnn.models.backbones import DEFAULT_DEPTH
 from ddcnn.train.budget import check_budget
@@ -31,9 +31,10 @@ from ddcnn.train.spatial import slab_rows
 
 def check_stages(cfg: Config) -> None:
     """Stages that need another stage's models: refused before anything is read or written."""
-    for stage in ("combine", "transfer"):
-        if cfg.stages.get(stage).enabled and not cfg.stages.local.enabled:
-            raise ConfigError(f"stage {stage!r} needs the trained local CNNs: enable stages.local or disable "
+    for stage in ("combine", "transfer", "global_transfer"):
+        if active(cfg, stage) and not cfg.stages.local.enabled:
+            what = "sub-networks" if stage == "global_transfer" else "local CNNs"
+            raise ConfigError(f"stage {stage!r} needs the trained {what}: enable stages.local or disable "
                               f"stages.{stage}")
 
 
@@ -42,7 +43,7 @@ def check_processes(cfg: Config, models: Models, env: DistEnv, sharded: list[str
     refused, on every rank alike. ``sharded``: the stages loaded as shards (a finished run under torchrun);
     default the enabled model-parallel stages of ``cfg``."""
     if sharded is None:
-        sharded = [stage for stage in STAGES if cfg.stages.get(stage).enabled and parallelism(cfg, stage) == "model"]
+        sharded = [stage for stage in STAGES if active(cfg, stage) and parallelism(cfg, stage) == "model"]
     if env.enabled and sharded and env.world > models.n_local:
         # Model and data parallelism together (a 2-D mesh of processes) is not built: refused, not half-done.
         raise ConfigError(
@@ -64,6 +65,7 @@ def admit_models(cfg: Config, models: Models, device: torch.device, n_train: int
 def check_spatial(cfg: Config, models: Models, env: DistEnv) -> None:
     """A spatial-parallel global CNN splits every image into ``world`` slabs that stay aligned through every
     downsampling: an image size that does not allow it is refused, naming the sizes that do."""
-    if env.enabled and cfg.stages.global_.enabled and parallelism(cfg, "global") == "spatial":
-        m = cfg.model
-        slab_rows(models.shapes.image_size, env.world, m.depth or DEFAULT_DEPTH[m.backbone], m.backbone)
+    for stage in ("global", "global_transfer"):
+        if env.enabled and active(cfg, stage) and parallelism(cfg, stage) == "spatial":
+            m = cfg.model
+            slab_rows(models.shapes.image_size, env.world, m.depth or DEFAULT_DEPTH[m.backbone], m.backbone)

@@ -11,7 +11,7 @@ from typing import cast
 import torch
 
 import ddcnn
-from ddcnn.config import STAGES, Config
+from ddcnn.config import STAGES, Config, active
 from ddcnn.data.loading import to_float
 from ddcnn.models import LocalEnsemble, count_parameters
 from ddcnn.strategies import STRATEGIES, available
@@ -60,7 +60,7 @@ class Experiment:
             ctx = self.setup()
             done: dict[str, StageResult] = {}
             for stage in STAGES:
-                if self.cfg.stages.get(stage).enabled:
+                if active(self.cfg, stage):
                     done[stage] = stages.TRAINERS[stage](ctx, done)
             return finish(ctx, done, self.command)
         finally:
@@ -73,7 +73,7 @@ class Experiment:
 def finish(ctx: Context, done: dict[str, StageResult], command: str = "") -> dict | None:
     """The test evaluation (every process takes part), then on rank 0 the epoch records in stage order,
     ``results.json`` and the report with its plots. Returns the results on rank 0, None elsewhere."""
-    ctx.echo(f"evaluating {', '.join(available(done))} on {len(ctx.test):,} test images")
+    ctx.echo(f"evaluating {', '.join(available(done, ctx.cfg.decomposition.kind))} on {len(ctx.test):,} test images")
     results = evaluate_test(ctx, done, command)
     if results is None:
         return None
@@ -96,13 +96,14 @@ def evaluate_test(ctx: Context, done: dict[str, StageResult], command: str = "")
     Every process calls it: the local CNNs' logits and a model-parallel CNN-DNN are computed by all of them
     together; the results are returned on rank 0 (None elsewhere).
     """
-    labels, k, n = ctx.test.labels, len(ctx.classes), ctx.n_local
+    labels, k, n, kind = ctx.test.labels, len(ctx.classes), ctx.n_local, ctx.cfg.decomposition.kind
     shapes, d, env = ctx.models.shapes, ctx.decomposition, ctx.env
     trained = {stage: result.model.eval() for stage, result in done.items()}
     if "local" in trained and env.enabled:
         trained["local"] = ShardedLocalCNNs(d, cast(LocalEnsemble, trained["local"]), env)
     splits = {"test": ctx.test} if len(ctx.val) == 0 else {"val": ctx.val, "test": ctx.test}
-    scored = {split: score_strategies(trained, d, k, ctx.predict, data.images, env) for split, data in splits.items()}
+    scored = {split: score_strategies(trained, d, k, ctx.predict, data.images, env, kind)
+              for split, data in splits.items()}
     scores = {split: s for split, (s, _) in scored.items()}
 
     def local_cost(ensemble: LocalEnsemble) -> tuple[int, int]:
@@ -115,7 +116,7 @@ def evaluate_test(ctx: Context, done: dict[str, StageResult], command: str = "")
 
     ensemble_cost = local_cost(cast(LocalEnsemble, done["local"].model)) if "local" in done else (0, 0)
     costs = {}
-    for name in available(done):
+    for name in available(done, kind):
         strategy = STRATEGIES[name]
         if strategy.combiner is not None:
             combiner = strategy.combiner(trained, n, k)
@@ -157,7 +158,8 @@ def evaluate_test(ctx: Context, done: dict[str, StageResult], command: str = "")
         "device": ctx.runtime.device.type, "device_name": device_name(ctx.runtime.device),
         "torch_version": torch.__version__, "ddcnn_version": ddcnn.__version__, "python": platform.python_version(),
         "command": command, "seed": ctx.cfg.seed, "processes": env.world,
-        "parallel": {stage: stages.parallel_mode(ctx, stage) for stage in ("coherent", "transfer") if stage in done},
+        "parallel": {stage: stages.parallel_mode(ctx, stage) for stage in ("coherent", "transfer", "global_transfer")
+                     if stage in done},
         "data_sizes": {"train": len(ctx.train), "val": len(ctx.val), "test": len(ctx.test)},
         "strategies": strategies, "stage_seconds": seconds, "stages": stages_summary,
         "best_strategy": best, "best_strategy_basis": basis,
@@ -165,6 +167,9 @@ def evaluate_test(ctx: Context, done: dict[str, StageResult], command: str = "")
         "transfer_used_dnn": ("combine" in initialised_from) if "transfer" in done else None,
         "confusion_matrix": {"strategy": best, "matrix": confusion(scores["test"][best].argmax(-1), labels, k)},
     }
+    if kind == "width":  # a spatial run's results.json keeps its keys
+        results["decomposition"] = {"kind": kind, "parts": n, "input": ctx.cfg.decomposition.input,
+                                    "cross_scale": ctx.cfg.decomposition.cross_scale}
     if "local" in done:
         history = done["local"].history or [{}]
         kept = done["local"].summary.get("kept_epoch") or len(history)

@@ -12,7 +12,7 @@ import dataclasses
 from typing import Any
 
 from ddcnn.build import meta_model, weight_shapes
-from ddcnn.config import STAGES, Config
+from ddcnn.config import STAGES, Config, active
 from ddcnn.errors import CheckpointError
 from ddcnn.files import Check, MapOf, Opt
 
@@ -166,7 +166,7 @@ def check_resumable(run_dir, cfg: Config, models=None) -> list[dict]:
     states = check_checkpoints(run_dir, cfg, models)
     events = []
     for stage, state in states.items():
-        if not cfg.stages.get(stage).enabled:
+        if not active(cfg, stage):
             continue  # a stage switched off is not trained on: its settings do not matter
         events += stage_changes(stage, state, saved["stages"].get(stage) or {}, cfg.stages.get(stage))
     return events

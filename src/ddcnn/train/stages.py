@@ -17,6 +17,7 @@ from ddcnn.config import parallelism
 from ddcnn.models import CNNDNN, LocalEnsemble, local_loss
 from ddcnn.models.cnn_dnn import transfer_parts
 from ddcnn.models.combiners import Combiner
+from ddcnn.models.width import recompose
 from ddcnn.seeds import derive_seed
 from ddcnn.shards import shard_range
 from ddcnn.strategies import STRATEGIES
@@ -31,23 +32,37 @@ from ddcnn.train.timing import critical_path
 
 Done = Mapping[str, StageResult]
 RULES = ("mean_probability", "majority_vote")  # the strategies of the local stage alone, scored every epoch
+WIDTH_RULES = (*RULES, "sub_networks")  # and with decomposition.kind: width, the sub-networks' ensemble
 
 
 def train_global(ctx: Context, done: Done) -> StageResult:
     """The global CNN on whole images (data-parallel over the processes, or spatial-parallel: each process a
     slab of every image, :mod:`ddcnn.train.spatial`)."""
-    model = ctx.prepare(ctx.models.global_cnn())
-    if parallel_mode(ctx, "global") == "spatial":
+    return _train_whole(ctx, "global", ctx.prepare(ctx.models.global_cnn()))
+
+
+def train_global_transfer(ctx: Context, done: Done) -> StageResult:
+    """The global CNN initialised from the trained sub-networks of a width decomposition
+    (:func:`ddcnn.models.width.recompose`), then trained as the global stage is."""
+    model = ctx.models.global_cnn("global_transfer")
+    stacked = full_ensemble(ctx, done["local"]).stacked_state_dict()
+    recompose(model.net, {k: v.to(next(model.parameters()).device) for k, v in stacked.items()}, ctx.n_local,
+              ctx.cfg.decomposition.cross_scale)
+    return _train_whole(ctx, "global_transfer", ctx.prepare(model))
+
+
+def _train_whole(ctx: Context, stage: str, model: torch.nn.Module) -> StageResult:
+    if parallel_mode(ctx, stage) == "spatial":
         spatial = SpatialCNN(model, ctx.env, ctx.models.shapes.image_size)
         # Every process sees every batch (its slab) and computes the same loss; the checkpoint is the plain CNN.
-        spec = ctx.spec("global", model, sync=ModelParallelSync(ctx.env), saver=ModelState(model))
-        result = fit(spec, spatial, ctx.classifier_loss("global", spatial), ctx.batches("global", slab=spatial.rows),
+        spec = ctx.spec(stage, model, sync=ModelParallelSync(ctx.env), saver=ModelState(model))
+        result = fit(spec, spatial, ctx.classifier_loss(stage, spatial), ctx.batches(stage, slab=spatial.rows),
                      lambda: ctx.val_metrics(spatial))
-        return StageResult.of(spatial, result, "global")
-    run, batches, sync = ctx.data_parallel("global", model)
-    result = fit(ctx.spec("global", model, sync=sync), model, ctx.classifier_loss("global", run), batches,
+        return StageResult.of(spatial, result, stage)
+    run, batches, sync = ctx.data_parallel(stage, model)
+    result = fit(ctx.spec(stage, model, sync=sync), model, ctx.classifier_loss(stage, run), batches,
                  lambda: ctx.val_metrics(model))
-    return StageResult.of(model, result, "global")
+    return StageResult.of(model, result, stage)
 
 
 def train_local(ctx: Context, done: Done) -> StageResult:
@@ -78,7 +93,7 @@ def train_local(ctx: Context, done: Done) -> StageResult:
                   "val_accuracy_per_subdomain": per.tolist()}
         if ctx.env.is_main:
             everyone = torch.cat([p[2] for p in parts], dim=1)  # (M, N, K): the shards in rank order
-            for name in RULES:
+            for name in WIDTH_RULES if ctx.models.width_kind else RULES:
                 rule = STRATEGIES[name].combiner({}, ctx.n_local, len(ctx.classes))
                 record[f"val_accuracy_{name}"] = accuracy(rule(everyone), ctx.val.labels)
         return record
@@ -220,4 +235,5 @@ TRAINERS: dict[str, Callable[[Context, Done], StageResult]] = {
     "combine": train_combine,
     "coherent": train_coherent,
     "transfer": train_transfer,
+    "global_transfer": train_global_transfer,
 }
