@@ -152,7 +152,7 @@ class StagesConfig:
     combine: StageConfig = field(default_factory=lambda: StageConfig(epochs=20, batch_size=256, lr=1e-2))
     coherent: StageConfig = field(default_factory=StageConfig)
     transfer: StageConfig = field(default_factory=lambda: StageConfig(epochs=5, lr=1e-4))
-    global_transfer: StageConfig = field(default_factory=StageConfig)
+    global_transfer: StageConfig = field(default_factory=lambda: StageConfig(epochs=5, lr=1e-4))  # as transfer
 
     def get(self, stage: str) -> StageConfig:
         return getattr(self, "global_" if stage == "global" else stage)

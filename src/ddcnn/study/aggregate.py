@@ -18,10 +18,17 @@ from ddcnn.train.runfiles import RESULTS, fix_for
 # The paper's claims, as (a, b): "a beats b". Everything else is read from each run's results.json.
 CLAIMS = (("cnn_dnn", "mean_probability"), ("cnn_dnn", "majority_vote"), ("transfer", "coherent"),
           ("transfer", "cnn_dnn"), ("transfer", "global"))
+# A width decomposition's claims (Gu et al.; Klawonn, Lanser, Weber 2410.23359), in cells that trained
+# global_transfer: the recomposed global CNN against the global CNN and against the sub-networks without transfer.
+WIDTH_CLAIMS = (("global_transfer", "global"), ("global_transfer", "sub_networks"), ("sub_networks", "global"))
+# "a is not worse than b by more than the margin": the paired interval's lower end above -margin (0.5 pp, the
+# default evaluation.target_margin).
+NONINFERIORITY = {("global_transfer", "global"): 0.005}
 # The paper's time claim: "a reaches the target validation accuracy in less time than b", as a paired ratio.
 TIME_CLAIMS = (("transfer", "global"), ("cnn_dnn", "global"))
+WIDTH_TIME_CLAIMS = (("global_transfer", "global"), ("sub_networks", "global"))
 TIME_KEYS = ("seconds", "critical_path_seconds")
-CNN_STAGES = ("global", "local", "coherent", "transfer")  # the stages that train CNNs (not the combine DNN)
+CNN_STAGES = ("global", "local", "coherent", "transfer", "global_transfer")  # the stages that train CNNs (not the combine DNN)
 TIME_METHOD = ("time claims are paired ratios a/b of the time to reach the target validation accuracy, per seed; "
                "geometric mean over the seeds where both reached it, 95% interval exp(mean ± t · s / sqrt(n)) of "
                "the log ratios; a claim holds when the interval lies below 1, fails when it lies above 1, else (or "
@@ -88,6 +95,13 @@ def claim(a: Mapping[int, float], b: Mapping[int, float]) -> dict:
     summary = summarize(list(differences.values()))
     return {**summary.as_dict(), "holds_in": sum(d > 0 for d in differences.values()), "verdict": verdict(summary),
             "per_seed": {str(s): d for s, d in differences.items()}}
+
+
+def noninferiority(summary: Mapping, margin: float) -> dict:
+    """``non-inferior`` when the paired interval's lower end lies above ``-margin``, else ``not shown``."""
+    low = summary.get("ci_low")
+    shown = summary.get("n", 0) >= 2 and low is not None and low > -margin
+    return {"margin": margin, "verdict": "non-inferior" if shown else "not shown"}
 
 
 def learning_curve(runs: Sequence[RunData], stage: str) -> list[dict]:
@@ -157,18 +171,26 @@ def regime(runs: Sequence[RunData]) -> dict:
 def aggregate_cell(runs: Sequence[RunData]) -> dict:
     """Strategies, claims and learning curves of one cell's finished runs."""
     accuracies = _accuracies(runs)
+    width = "global_transfer" in accuracies
     claims = {}
-    for a, b in CLAIMS:
+    # A width cell on whole images has no CNN-DNN: the paper's first claims are left out of it, not "not measured".
+    for a, b in [c for c in CLAIMS if not width or {*c} <= set(accuracies)] + list(WIDTH_CLAIMS if width else ()):
         if a in accuracies and b in accuracies:
             claims[f"{a} - {b}"] = {"a": a, "b": b, **claim(accuracies[a], accuracies[b])}
+            if (a, b) in NONINFERIORITY:
+                claims[f"{a} - {b}"]["noninferiority"] = noninferiority(claims[f"{a} - {b}"], NONINFERIORITY[a, b])
         else:
-            claims[f"{a} - {b}"] = {"a": a, "b": b, "n": 0, "verdict": "not measured",
-                                    "missing": [s for s in (a, b) if s not in accuracies]}
+            claims[f"{a} - {b}"] = not_measured(a, b, accuracies)
+    times = [c for c in TIME_CLAIMS if not width or {*c} <= set(accuracies)] + list(WIDTH_TIME_CLAIMS if width else ())
     return {"strategies": {name: _strategy_stats(runs, name, acc) for name, acc in accuracies.items()},
             "claims": claims,
-            "time_claims": {f"{a} / {b}": time_claim(runs, a, b) for a, b in TIME_CLAIMS},
+            "time_claims": {f"{a} / {b}": time_claim(runs, a, b) for a, b in times},
             **regime(runs),
             "curves": {stage: learning_curve(runs, stage) for stage in CURVE_STAGES}}
+
+
+def not_measured(a: str, b: str, accuracies: Mapping) -> dict:
+    return {"a": a, "b": b, "n": 0, "verdict": "not measured", "missing": [s for s in (a, b) if s not in accuracies]}
 
 
 def aggregate(cells: Sequence[Mapping], runs: Sequence[RunData], status: Mapping[str, Mapping[int, str]]) -> dict:
@@ -185,6 +207,16 @@ def aggregate(cells: Sequence[Mapping], runs: Sequence[RunData], status: Mapping
     for run in runs:
         for key in ENVIRONMENT_KEYS:
             environment.setdefault(key, run.results.get(key))
-    return {"method": METHOD, "time_method": TIME_METHOD, "claims": [f"{a} - {b}" for a, b in CLAIMS],
-            "time_claims": [f"{a} / {b}" for a, b in TIME_CLAIMS], "environment": environment,
+    # Every cell answers every claim of the study: one a cell left out (a width cell's CNN-DNN) is "not measured".
+    claims = list(dict.fromkeys([f"{a} - {b}" for a, b in CLAIMS] if not out_cells else
+                                [key for cell in out_cells for key in cell["claims"]]))
+    for cell in out_cells:
+        for key in claims:
+            if key not in cell["claims"]:
+                a, b = key.split(" - ")
+                cell["claims"][key] = not_measured(a, b, cell["strategies"])
+    time_claims = list(dict.fromkeys([f"{a} / {b}" for a, b in TIME_CLAIMS] if not out_cells else
+                                     [key for cell in out_cells for key in cell["time_claims"]]))
+    return {"method": METHOD, "time_method": TIME_METHOD, "claims": claims,
+            "time_claims": time_claims, "environment": environment,
             "cells": out_cells}

@@ -52,8 +52,18 @@ def _claim_rows(data: Mapping, short: bool = False) -> list[tuple[str, ...]]:
             n = claim.get("n", 0)
             rows.append((cell["id" if short else "label"], _claim_label(claim), _pp(claim.get("mean"), True),
                          _interval(claim, True), f"{claim.get('holds_in', 0)}/{n}" if n else MISSING,
-                         claim["verdict"]))
+                         claim["verdict"] + _noninferiority(claim)))
     return rows
+
+
+def _noninferiority(claim: Mapping) -> str:
+    """``; non-inferior at 0.5 pp`` (or ``; non-inferiority at 0.5 pp not shown``) for a claim that tests it."""
+    test = claim.get("noninferiority")
+    if not test:
+        return ""
+    margin = _pp(test["margin"], False)
+    return f"; non-inferior at {margin} pp" if test["verdict"] == "non-inferior" else \
+        f"; non-inferiority at {margin} pp not shown"
 
 
 def claims_table(data: Mapping) -> str:
@@ -133,6 +143,7 @@ def claims_matrix(data: Mapping) -> str:
                 entries.append(claim["verdict"])
                 continue
             word = claim["verdict"] if claim["verdict"] == "inconclusive" else f"**{claim['verdict']}**"
+            word += _noninferiority(claim)
             entries.append(f"{_pp(claim['mean'], True)} {_interval(claim, True)} {claim['holds_in']}/{claim['n']} "
                            f"{word}")
         lines.append(f"| {_claim_label(cells[0]['claims'][key])} | " + " | ".join(entries) + " |")
