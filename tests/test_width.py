@@ -179,7 +179,7 @@ def test_show_describes_the_sub_networks(tmp_path):
     assert "\nCNN-DNN " not in text  # no CNN-DNN is trained on whole images
 
 
-@pytest.mark.parametrize("backbone", ["vgg", "resnet"])
+@pytest.mark.parametrize("backbone", [pytest.param("vgg", marks=pytest.mark.heavy), "resnet"])
 def test_the_subimage_option_runs_every_strategy_end_to_end(tmp_path, backbone, one_thread):
     cfg = from_dict(tiny_dict(2), [*WIDTH[:1], "decomposition.input=subimage", *WIDTH[2:], f"model.backbone={backbone}",
                                    "stages.coherent.enabled=false"] + [f"stages.{s}.epochs=1" for s in STAGES])
@@ -201,6 +201,7 @@ def test_a_spatial_run_has_no_width_keys(finished_run):
     assert "global_transfer" not in results["stages"]
 
 
+@pytest.mark.heavy  # reads all of Fashion-MNIST: half a minute on 2 cores (make test-heavy)
 def test_the_issue_command_trains_sub_networks_recomposes_them_and_trains_the_global_cnn(tmp_path):
     """``ddcnn run configs/fashion_mnist_2x2.yaml --set decomposition.kind=width --set decomposition.parts=4`` at a
     tiny budget, on the real Fashion-MNIST files."""
@@ -220,3 +221,109 @@ def test_the_issue_command_trains_sub_networks_recomposes_them_and_trains_the_gl
     assert results["local_width"] == 2
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["decomposition"]["kind"] == "width" and saved["decomposition"]["parts"] == 4
+
+
+@pytest.mark.heavy  # two runs, one under torchrun: about a minute on 2 cores (make test-heavy)
+def test_two_processes_train_the_same_sub_networks_and_recomposed_cnn_as_one(tmp_path):
+    """torchrun shards the sub-networks as the local stage shards local CNNs (the loop backend: bit for bit); the
+    recomposed global CNN, trained spatial-parallel (every process sees every batch), agrees to float32 rounding."""
+    from test_distributed import _finish, _records, _run, _weights
+
+    data = tiny_dict(2, generated_train=160, generated_test=64)
+    data["stages"]["global"]["enabled"] = False
+    data["model"].update(width=8, backend="loop")
+    data["decomposition"].update(kind="width", parts=4)
+    data["stages"]["global_transfer"] = {"epochs": 2, "batch_size": 32, "lr": 0.01, "parallel": "spatial"}
+    path = tmp_path / "width.yaml"
+    path.write_text(yaml.safe_dump(data))
+    one, two = _run(["run", str(path)], tmp_path / "one"), _run(["run", str(path)], tmp_path / "two", processes=2)
+    _finish(one), _finish(two)
+    a, b = _weights(tmp_path / "one", "local"), _weights(tmp_path / "two", "local")
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    a, b = _weights(tmp_path / "one", "global_transfer"), _weights(tmp_path / "two", "global_transfer")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-4, msg=key)
+    r1, r2 = (json.loads((p / "results.json").read_text()) for p in (tmp_path / "one", tmp_path / "two"))
+    assert r2["processes"] == 2 and r2["parallel"] == {"global_transfer": "spatial"}
+    assert r1["strategies"]["sub_networks"]["test_accuracy"] == r2["strategies"]["sub_networks"]["test_accuracy"]
+    # the logged loss is the mean over the shards' sums: equal to float32 rounding
+    assert [r["train_loss"] for r in _records(tmp_path / "one", "local")] == \
+        pytest.approx([r["train_loss"] for r in _records(tmp_path / "two", "local")], rel=1e-6)
+
+
+def test_a_run_directory_written_before_width_decomposition_resumes(finished_run, tmp_path):
+    """A config.yaml without decomposition.kind, parts, input, cross_scale and stages.global_transfer: their
+    defaults held, so it is neither corrupt nor changed."""
+    from ddcnn.train.rundir import RunDir
+
+    saved = yaml.safe_load((finished_run[0] / "config.yaml").read_text())
+    assert saved["decomposition"].pop("kind") == "spatial"
+    for key in ("parts", "input", "cross_scale"):
+        saved["decomposition"].pop(key)
+    saved["stages"].pop("global_transfer")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    from ddcnn.build import with_backend
+
+    assert RunDir(tmp_path).check_same_config(with_backend(from_dict(tiny_dict(2)))) == saved
+    with pytest.raises(DDCNNError, match="decomposition.kind was 'spatial' when the checkpoints were written"):
+        RunDir(tmp_path).check_same_config(with_backend(from_dict(tiny_dict(2), WIDTH[:2])))
+
+
+def _width_runs(differences):
+    from ddcnn.study.aggregate import RunData
+
+    runs = []
+    for seed, d in enumerate(differences):
+        ten = {"seconds": 10.0, "critical_path_seconds": 10.0}
+        strategies = {"global": {"test_accuracy": 0.8, "time_to_target": ten},
+                      "sub_networks": {"test_accuracy": 0.75, "time_to_target": None},
+                      "global_transfer": {"test_accuracy": 0.8 + d,
+                                          "time_to_target": {"seconds": 5.0, "critical_path_seconds": 4.0}}}
+        runs.append(RunData("c", seed, {"strategies": strategies}))
+    return runs
+
+
+@pytest.mark.parametrize(("differences", "verdict"), [
+    ([0.001, -0.002, 0.0, 0.002, -0.001], "non-inferior"),      # within 0.5 pp
+    ([0.02, -0.03, 0.01, -0.02, 0.0], "not shown"),             # an interval reaching below -0.5 pp
+])
+def test_the_study_judges_global_transfer_against_the_global_cnn_as_non_inferiority(differences, verdict):
+    from ddcnn.study.aggregate import CLAIMS, aggregate, aggregate_cell
+    from ddcnn.study.report import claims_table
+
+    cell = aggregate_cell(_width_runs(differences))
+    assert list(cell["claims"]) == ["global_transfer - global", "global_transfer - sub_networks",
+                                    "sub_networks - global"]
+    claim = cell["claims"]["global_transfer - global"]
+    assert claim["noninferiority"] == {"margin": 0.005, "verdict": verdict}
+    assert claim["mean"] == pytest.approx(sum(differences) / 5)
+    assert cell["time_claims"]["global_transfer / global"]["seconds"]["geometric_mean"] == pytest.approx(0.5)
+    assert cell["time_claims"]["sub_networks / global"]["not_reached"] == {str(s): ["sub_networks"] for s in range(5)}
+    # a study of spatial and width cells: every cell answers every claim, the paper's first for the spatial cell
+    spatial = RunDataOf("s", {"global": 0.8, "transfer": 0.81, "coherent": 0.7, "cnn_dnn": 0.79,
+                              "mean_probability": 0.78, "majority_vote": 0.77})
+    data = aggregate([{"id": "c", "label": "c", "values": {}}, {"id": "s", "label": "s", "values": {}}],
+                     [*_width_runs(differences), *spatial], {})
+    assert data["claims"][:3] == list(cell["claims"]) and data["claims"][3:] == [f"{a} - {b}" for a, b in CLAIMS]
+    assert data["cells"][0]["claims"]["transfer - coherent"]["verdict"] == "not measured"
+    assert data["cells"][1]["claims"]["global_transfer - global"]["verdict"] == "not measured"
+    text = claims_table(data)
+    assert ("non-inferior at 0.50 pp" if verdict == "non-inferior" else "non-inferiority at 0.50 pp not shown") in text
+
+
+def RunDataOf(cell, accuracies):
+    from ddcnn.study.aggregate import RunData
+
+    return [RunData(cell, seed, {"strategies": {k: {"test_accuracy": v + 0.001 * seed} for k, v in accuracies.items()}})
+            for seed in range(3)]
+
+
+def test_a_spatial_study_keeps_its_claims():
+    from ddcnn.study.aggregate import CLAIMS, TIME_CLAIMS, aggregate
+
+    runs = RunDataOf("s", {"global": 0.8, "transfer": 0.81, "coherent": 0.7, "cnn_dnn": 0.79,
+                           "mean_probability": 0.78, "majority_vote": 0.77})
+    data = aggregate([{"id": "s", "label": "s", "values": {}}], runs, {})
+    assert data["claims"] == [f"{a} - {b}" for a, b in CLAIMS]
+    assert data["time_claims"] == [f"{a} / {b}" for a, b in TIME_CLAIMS]
+    assert "noninferiority" not in str(data)

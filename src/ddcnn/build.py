@@ -50,6 +50,7 @@ class Models:
             raise ConfigError(f"decomposition.kind = 'width' recomposes the built-in backbones (vgg, resnet) only, "
                               f"whose every layer splits into groups of channels; {cfg.model.backbone!r} has no such "
                               f"rule: use model.backbone: vgg or resnet, or decomposition.kind: spatial")
+        self.decomposition: Decomposition
         if self.width_kind and d.input == "whole":  # every sub-network sees the whole image
             self.decomposition = WholeImages(shapes.image_size, n_parts(cfg))
         else:

@@ -45,9 +45,10 @@ def sub_width(width: int, parts: int) -> int:
     :data:`MIN_SUB_WIDTH` channels."""
     if width % parts:
         lower = max(d for d in range(1, parts + 1) if width % d == 0)
+        wider = parts * max(MIN_SUB_WIDTH, width // parts)
         raise ConfigError(f"model.width = {width} does not split into decomposition.parts = {parts} sub-networks of "
-                          f"equal width; use a width divisible by {parts} (e.g. {parts * max(MIN_SUB_WIDTH, width // parts)}) "
-                          f"or parts = {lower}")
+                          f"equal width; use a width divisible by {parts} (e.g. {wider})"
+                          + (f" or parts = {lower}" if lower >= 2 else ""))
     if width // parts < MIN_SUB_WIDTH:
         raise ConfigError(f"model.width = {width} split into decomposition.parts = {parts} gives sub-networks of "
                           f"width {width // parts}, narrower than {MIN_SUB_WIDTH}; use model.width >= "
@@ -95,7 +96,7 @@ def recompose(net: nn.Module, stacked: Mapping[str, torch.Tensor], parts: int, c
     ``cross_scale``: the cross-group blocks of the convolutions become ``cross_scale`` times ``net``'s own
     initialisation (0: zero, and the recomposed CNN computes the sub-networks' mean logits).
     """
-    found = set()
+    found: set[str] = set()
     for name, module in net.named_modules():
         prefix = f"{name}." if name else ""
         if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):

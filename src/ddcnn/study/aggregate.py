@@ -28,7 +28,8 @@ NONINFERIORITY = {("global_transfer", "global"): 0.005}
 TIME_CLAIMS = (("transfer", "global"), ("cnn_dnn", "global"))
 WIDTH_TIME_CLAIMS = (("global_transfer", "global"), ("sub_networks", "global"))
 TIME_KEYS = ("seconds", "critical_path_seconds")
-CNN_STAGES = ("global", "local", "coherent", "transfer", "global_transfer")  # the stages that train CNNs (not the combine DNN)
+# the stages that train CNNs (not the combine DNN)
+CNN_STAGES = ("global", "local", "coherent", "transfer", "global_transfer")
 TIME_METHOD = ("time claims are paired ratios a/b of the time to reach the target validation accuracy, per seed; "
                "geometric mean over the seeds where both reached it, 95% interval exp(mean ± t · s / sqrt(n)) of "
                "the log ratios; a claim holds when the interval lies below 1, fails when it lies above 1, else (or "
