@@ -269,17 +269,24 @@ def test_a_run_directory_written_before_width_decomposition_resumes(finished_run
         RunDir(tmp_path).check_same_config(with_backend(from_dict(tiny_dict(2), WIDTH[:2])))
 
 
+def _curve(costs, accuracies):
+    return [{"seconds": c, "critical_path_seconds": c / 2, "train_flops": 10 * c, "val_accuracy": a}
+            for c, a in zip(costs, accuracies)]
+
+
 def _width_runs(differences):
     from ddcnn.study.aggregate import RunData
 
     runs = []
     for seed, d in enumerate(differences):
+        # global: 0.70 at cost 4, 0.80 at 8; global_transfer (after 3 of sub-networks): 0.78 + d at 5, 0.9 at 12
+        curves = {"global": _curve([4, 8], [0.7, 0.8]), "global_transfer": _curve([5, 12], [0.78 + d, 0.9])}
         ten = {"seconds": 10.0, "critical_path_seconds": 10.0}
         strategies = {"global": {"test_accuracy": 0.8, "time_to_target": ten},
                       "sub_networks": {"test_accuracy": 0.75, "time_to_target": None},
                       "global_transfer": {"test_accuracy": 0.8 + d,
                                           "time_to_target": {"seconds": 5.0, "critical_path_seconds": 4.0}}}
-        runs.append(RunData("c", seed, {"strategies": strategies}))
+        runs.append(RunData("c", seed, {"strategies": strategies, "curves": curves}))
     return runs
 
 
@@ -289,7 +296,7 @@ def _width_runs(differences):
 ])
 def test_the_study_judges_global_transfer_against_the_global_cnn_as_non_inferiority(differences, verdict):
     from ddcnn.study.aggregate import CLAIMS, aggregate, aggregate_cell
-    from ddcnn.study.report import claims_table
+    from ddcnn.study.report import claims_table, equal_cost_lines
 
     cell = aggregate_cell(_width_runs(differences))
     assert list(cell["claims"]) == ["global_transfer - global", "global_transfer - sub_networks",
@@ -299,6 +306,10 @@ def test_the_study_judges_global_transfer_against_the_global_cnn_as_non_inferior
     assert claim["mean"] == pytest.approx(sum(differences) / 5)
     assert cell["time_claims"]["global_transfer / global"]["seconds"]["geometric_mean"] == pytest.approx(0.5)
     assert cell["time_claims"]["sub_networks / global"]["not_reached"] == {str(s): ["sub_networks"] for s in range(5)}
+    # at equal cost: the budget is global's whole cost (8), within which global_transfer reached 0.78 + d
+    equal = cell["equal_cost_claims"]["global_transfer - global"]
+    for key in ("seconds", "critical_path_seconds", "train_flops"):
+        assert equal[key]["per_seed"] == {str(s): pytest.approx(d - 0.02) for s, d in enumerate(differences)}
     # a study of spatial and width cells: every cell answers every claim, the paper's first for the spatial cell
     spatial = RunDataOf("s", {"global": 0.8, "transfer": 0.81, "coherent": 0.7, "cnn_dnn": 0.79,
                               "mean_probability": 0.78, "majority_vote": 0.77})
@@ -308,6 +319,7 @@ def test_the_study_judges_global_transfer_against_the_global_cnn_as_non_inferior
     assert data["cells"][0]["claims"]["transfer - coherent"]["verdict"] == "not measured"
     assert data["cells"][1]["claims"]["global_transfer - global"]["verdict"] == "not measured"
     text = claims_table(data)
+    assert "## At equal cost" in "\n".join(equal_cost_lines(data))
     assert ("non-inferior at 0.50 pp" if verdict == "non-inferior" else "non-inferiority at 0.50 pp not shown") in text
 
 
@@ -326,4 +338,4 @@ def test_a_spatial_study_keeps_its_claims():
     data = aggregate([{"id": "s", "label": "s", "values": {}}], runs, {})
     assert data["claims"] == [f"{a} - {b}" for a, b in CLAIMS]
     assert data["time_claims"] == [f"{a} / {b}" for a, b in TIME_CLAIMS]
-    assert "noninferiority" not in str(data)
+    assert "noninferiority" not in str(data) and "equal_cost_claims" not in data["cells"][0]

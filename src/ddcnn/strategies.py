@@ -68,8 +68,13 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Strategy("sub_networks", "sub-network ensemble", ("local",), ("local",),
              combiner=lambda trained, n, k: MeanLogits(n, k), curve_key="val_accuracy_sub_networks", kinds=("width",)),
     Strategy("global_transfer", "global CNN from sub-networks", ("global_transfer",), ("local", "global_transfer"),
-             whole_image=True),
+             whole_image=True, kinds=("width",)),
 )}
+
+
+def strategy_names(kind: str = "spatial") -> list[str]:
+    """The strategies a run of decomposition.kind ``kind`` can score, in registry order."""
+    return [name for name, s in STRATEGIES.items() if kind in s.kinds]
 
 
 def available(trained: Collection[str], kind: str = "spatial") -> list[str]:

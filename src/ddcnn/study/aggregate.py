@@ -27,6 +27,8 @@ NONINFERIORITY = {("global_transfer", "global"): 0.005}
 # The paper's time claim: "a reaches the target validation accuracy in less time than b", as a paired ratio.
 TIME_CLAIMS = (("transfer", "global"), ("cnn_dnn", "global"))
 WIDTH_TIME_CLAIMS = (("global_transfer", "global"), ("sub_networks", "global"))
+WIDTH_EQUAL_COST = (("global_transfer", "global"),)  # validation accuracy at the same training cost
+EQUAL_COST_KEYS = ("seconds", "critical_path_seconds", "train_flops")
 TIME_KEYS = ("seconds", "critical_path_seconds")
 # the stages that train CNNs (not the combine DNN)
 CNN_STAGES = ("global", "local", "coherent", "transfer", "global_transfer")
@@ -141,6 +143,38 @@ def time_claim(runs: Sequence[RunData], a: str, b: str) -> dict:
     return out
 
 
+def best_within(curve: Sequence[Mapping], budget: float, key: str) -> float | None:
+    """The best validation accuracy a strategy's curve reached at a cumulative cost ``key`` of at most ``budget``."""
+    values = [p["val_accuracy"] for p in curve if isinstance(p.get("val_accuracy"), int | float)
+              and isinstance(p.get(key), int | float) and p[key] <= budget * (1 + 1e-9)]
+    return max(values) if values else None
+
+
+def equal_cost_claim(runs: Sequence[RunData], a: str, b: str) -> dict:
+    """The paired claim "at equal cost, a is more accurate than b", read off the accuracy-against-cost frontier:
+    per seed and cost measure, the budget is the smaller of the two strategies' whole costs, and each strategy
+    counts the best validation accuracy its curve reached within it (a strategy with no epoch inside the budget
+    is counted as not reached)."""
+    out: dict = {"a": a, "b": b}
+    for key in EQUAL_COST_KEYS:
+        differences, short = {}, []
+        for run in runs:
+            curves = run.results.get("curves") or {}
+            if not curves.get(a) or not curves.get(b):
+                continue
+            budget = min(curves[a][-1].get(key, 0.0), curves[b][-1].get(key, 0.0))
+            best = [best_within(curves[name], budget, key) for name in (a, b)]
+            if None in best:
+                short.append(run.seed)
+            else:
+                differences[run.seed] = best[0] - best[1]
+        summary = summarize(list(differences.values()))
+        out[key] = {**summary.as_dict(), "verdict": verdict(summary), "not_reached": short,
+                    "holds_in": sum(d > 0 for d in differences.values()),
+                    "per_seed": {str(s): d for s, d in sorted(differences.items())}}
+    return out
+
+
 def regime(runs: Sequence[RunData]) -> dict:
     """How the cell's runs were trained: ``converged`` (every stage under early stopping) or ``fixed budget``,
     with the stages' stop reasons counted, and the runs whose global CNN stopped at its cap while another
@@ -186,6 +220,8 @@ def aggregate_cell(runs: Sequence[RunData]) -> dict:
     return {"strategies": {name: _strategy_stats(runs, name, acc) for name, acc in accuracies.items()},
             "claims": claims,
             "time_claims": {f"{a} / {b}": time_claim(runs, a, b) for a, b in times},
+            **({"equal_cost_claims": {f"{a} - {b}": equal_cost_claim(runs, a, b) for a, b in WIDTH_EQUAL_COST}}
+               if width else {}),
             **regime(runs),
             "curves": {stage: learning_curve(runs, stage) for stage in CURVE_STAGES}}
 
