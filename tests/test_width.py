@@ -179,7 +179,7 @@ def test_show_describes_the_sub_networks(tmp_path):
     assert "\nCNN-DNN " not in text  # no CNN-DNN is trained on whole images
 
 
-@pytest.mark.parametrize("backbone", [pytest.param("vgg", marks=pytest.mark.heavy), "resnet"])
+@pytest.mark.parametrize("backbone", ["vgg", "resnet"])
 def test_the_subimage_option_runs_every_strategy_end_to_end(tmp_path, backbone, one_thread):
     cfg = from_dict(tiny_dict(2), [*WIDTH[:1], "decomposition.input=subimage", *WIDTH[2:], f"model.backbone={backbone}",
                                    "stages.coherent.enabled=false"] + [f"stages.{s}.epochs=1" for s in STAGES])
