@@ -163,11 +163,11 @@ def equal_cost_claim(runs: Sequence[RunData], a: str, b: str) -> dict:
             if not curves.get(a) or not curves.get(b):
                 continue
             budget = min(curves[a][-1].get(key, 0.0), curves[b][-1].get(key, 0.0))
-            best = [best_within(curves[name], budget, key) for name in (a, b)]
-            if None in best:
+            best_a, best_b = (best_within(curves[name], budget, key) for name in (a, b))
+            if best_a is None or best_b is None:
                 short.append(run.seed)
             else:
-                differences[run.seed] = best[0] - best[1]
+                differences[run.seed] = best_a - best_b
         summary = summarize(list(differences.values()))
         out[key] = {**summary.as_dict(), "verdict": verdict(summary), "not_reached": short,
                     "holds_in": sum(d > 0 for d in differences.values()),
