@@ -339,3 +339,12 @@ def test_a_spatial_study_keeps_its_claims():
     assert data["claims"] == [f"{a} - {b}" for a, b in CLAIMS]
     assert data["time_claims"] == [f"{a} / {b}" for a, b in TIME_CLAIMS]
     assert "noninferiority" not in str(data) and "equal_cost_claims" not in data["cells"][0]
+
+
+def test_the_shipped_width_study_is_a_valid_study_of_width_runs():
+    from ddcnn.study.spec import load_study
+
+    study = load_study(ROOT / "studies/fashion_mnist_width.yaml")
+    cfg = from_dict(study.base, ["model.backbone=vgg"])  # the base with the study's `set` applied
+    assert [s for s in STAGES if active(cfg, s)] == ["global", "local", "global_transfer"]
+    assert study.seeds == [0, 1, 2, 3, 4]
