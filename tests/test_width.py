@@ -17,8 +17,8 @@ from ddcnn.data.fetch import find_dataset
 from ddcnn.errors import ConfigError, DDCNNError
 from ddcnn.models import GlobalCNN, LocalEnsemble
 from ddcnn.models.width import MeanLogits, WholeImages, recompose, sub_width
-from ddcnn.train.checkpoint import CheckpointDir
 from ddcnn.train.protocol import Experiment
+from ddcnn.train.store.checkpoint import CheckpointDir
 
 WIDTH = ["decomposition.kind=width", "decomposition.parts=4", "model.width=8", "stages.global_transfer.epochs=1",
          "stages.global_transfer.batch_size=32"]
@@ -254,7 +254,7 @@ def test_two_processes_train_the_same_sub_networks_and_recomposed_cnn_as_one(tmp
 def test_a_run_directory_written_before_width_decomposition_resumes(finished_run, tmp_path):
     """A config.yaml without decomposition.kind, parts, input, cross_scale and stages.global_transfer: their
     defaults held, so it is neither corrupt nor changed."""
-    from ddcnn.train.rundir import RunDir
+    from ddcnn.train.store.rundir import RunDir
 
     saved = yaml.safe_load((finished_run[0] / "config.yaml").read_text())
     assert saved["decomposition"].pop("kind") == "spatial"

@@ -31,7 +31,8 @@ from ddcnn.files import load_yaml
 STAGES = ("global", "local", "combine", "coherent", "transfer", "global_transfer")
 KINDS = ("spatial", "width")  # decomposition.kind: subimages of the image, or sub-networks of the width
 WIDTH_INPUTS = ("whole", "subimage")  # what each sub-network of a width decomposition sees
-DATASETS = ("fashion-mnist", "mnist", "cifar10", "image-folder", "volume-folder", "generated")
+# "python": the datasets were given from Python (ddcnn.fit); no reader can read them back
+DATASETS = ("fashion-mnist", "mnist", "cifar10", "image-folder", "volume-folder", "generated", "python")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "step")
 MONITORS = ("val_accuracy", "val_loss")  # what early stopping watches (higher accuracy, lower loss is better)
@@ -334,6 +335,12 @@ def active(cfg: Config, stage: str) -> bool:
     if stage in CNN_DNN_STAGES and d.kind == "width" and d.input == "whole":
         return False
     return cfg.stages.get(stage).enabled
+
+
+def spatial_global(cfg: Config) -> bool:
+    """Whether the global stage trains spatial-parallel under torchrun (its backbone must then be a built-in one,
+    :func:`ddcnn.models.settings.check_model_settings`)."""
+    return cfg.stages.global_.enabled and parallelism(cfg, "global") == "spatial"
 
 
 def validate(cfg: Config) -> Config:

@@ -27,7 +27,9 @@ class Strategy:
     only stage). ``time_stages``: whose train time counts toward it; ``init_stages``: counted too when the
     strategy's model was initialised from them (the transfer CNN-DNN's DNN from the combine stage).
     ``curve_key``: the key of the epoch records of its own stage (the last it counts) that hold its validation
-    accuracy.
+    accuracy. ``scored_every_epoch``: a rule on the local CNNs alone, scored on validation every local epoch (its
+    learning curve). ``outputs``: what its ``(B, K)`` scores become as one decision, ``"probabilities"`` or
+    ``"votes"`` (each class's share of the subdomains' votes).
     """
 
     name: str
@@ -37,6 +39,8 @@ class Strategy:
     combiner: Callable[[Mapping[str, nn.Module], int, int], nn.Module] | None = None
     init_stages: tuple[str, ...] = ()
     curve_key: str = "val_accuracy"
+    scored_every_epoch: bool = False
+    outputs: str = "probabilities"
     whole_image: bool = False  # its model is one CNN of whole images (scores only, no local logits)
     kinds: tuple[str, ...] = ("spatial", "width")  # the decomposition.kind of the runs that score it
 
@@ -58,15 +62,18 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Strategy("cnn_dnn", "CNN-DNN", ("local", "combine"), ("local", "combine"),
              combiner=lambda trained, n, k: trained["combine"]),
     Strategy("mean_probability", "mean probability", ("local",), ("local",),
-             combiner=lambda trained, n, k: MeanProbability(n, k), curve_key="val_accuracy_mean_probability"),
+             combiner=lambda trained, n, k: MeanProbability(n, k), curve_key="val_accuracy_mean_probability",
+             scored_every_epoch=True),
     Strategy("majority_vote", "majority vote", ("local",), ("local",),
-             combiner=lambda trained, n, k: MajorityVote(n, k), curve_key="val_accuracy_majority_vote"),
+             combiner=lambda trained, n, k: MajorityVote(n, k), curve_key="val_accuracy_majority_vote",
+             scored_every_epoch=True, outputs="votes"),
     Strategy("coherent", "coherent CNN-DNN", ("coherent",), ("coherent",)),
     Strategy("transfer", "transfer CNN-DNN", ("transfer",), ("local", "transfer"), init_stages=("combine",)),
     # Width decomposition: the sub-networks' mean logits (without transfer), and the global CNN recomposed from
     # them and trained further.
     Strategy("sub_networks", "sub-network ensemble", ("local",), ("local",),
-             combiner=lambda trained, n, k: MeanLogits(n, k), curve_key="val_accuracy_sub_networks", kinds=("width",)),
+             combiner=lambda trained, n, k: MeanLogits(n, k), curve_key="val_accuracy_sub_networks",
+             scored_every_epoch=True, kinds=("width",)),
     Strategy("global_transfer", "global CNN from sub-networks", ("global_transfer",), ("local", "global_transfer"),
              whole_image=True, kinds=("width",)),
 )}
@@ -75,6 +82,19 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
 def strategy_names(kind: str = "spatial") -> list[str]:
     """The strategies a run of decomposition.kind ``kind`` can score, in registry order."""
     return [name for name, s in STRATEGIES.items() if kind in s.kinds]
+
+
+def scored_every_epoch(kind: str = "spatial") -> list[str]:
+    """The rules on the local CNNs alone whose validation accuracy the local stage records every epoch (in a run of
+    decomposition.kind ``kind``)."""
+    return [name for name, s in STRATEGIES.items() if s.scored_every_epoch and kind in s.kinds]
+
+
+def gives_votes(name: str) -> bool:
+    """Whether strategy ``name``'s scores are vote shares rather than probabilities (a name outside the registry,
+    e.g. from an exported file's JSON: no)."""
+    strategy = STRATEGIES.get(name)
+    return strategy is not None and strategy.outputs == "votes"
 
 
 def available(trained: Collection[str], kind: str = "spatial") -> list[str]:

@@ -11,6 +11,7 @@ from pathlib import Path
 from ddcnn.config import STAGES
 from ddcnn.decomposition import Decomposition
 from ddcnn.errors import DDCNNError
+from ddcnn.files import atomic_write_text, own_folder
 from ddcnn.report.plots import (
     _grid_index,
     plot_accuracy_vs_cost,
@@ -73,6 +74,11 @@ def _header_lines(results: Mapping, decomposition: Decomposition | None) -> list
     sizes = results.get("data_sizes") or {}
     if sizes:
         facts.append("Data: " + ", ".join(f"{format_count(v)} {k}" for k, v in sizes.items()) + " images.")
+    source = results.get("data_source") or {}
+    if source.get("source") == "python":  # ddcnn.fit: which path the data took, and which data it was
+        how = "held in memory" if source.get("load") == "memory" else "streamed from the Datasets"
+        prints = ", ".join(f"{k} {str(v)[:19]}..." for k, v in (source.get("fingerprints") or {}).items())
+        facts.append(f"Data given from Python (ddcnn.fit), {how}: {source.get('why')}; fingerprints {prints}.")
     image_size = results.get("image_size") or (decomposition.image_size if decomposition else None)
     if image_size:
         shape = f"Images {dims_text(image_size)}"
@@ -93,6 +99,9 @@ def _header_lines(results: Mapping, decomposition: Decomposition | None) -> list
         model.append(f"local width {results['local_width']}")
     if model:
         facts.append("Model: " + ", ".join(model) + ".")
+    ways = _parallelism_text(results.get("stages") or {})
+    if ways:
+        facts.append("Processes: " + ways + ".")
     versions = []
     if results.get("device"):
         device = str(results["device"])
@@ -111,6 +120,17 @@ def _header_lines(results: Mapping, decomposition: Decomposition | None) -> list
         facts.append("Command: " + md_code(results["command"]))
     lines += [f"- {md_cell(f) if not f.startswith('Command: ') else f}" for f in facts]
     return lines
+
+
+def _parallelism_text(stages: Mapping) -> str:
+    """How each stage used the processes, e.g. ``global data (2), local shards (2), combine single (1)``."""
+    parts = []
+    for stage in ordered(stages, STAGES):
+        entry = stages[stage]
+        if isinstance(entry, Mapping) and entry.get("parallelism") is not None:
+            count = finite_number(entry.get("processes"))
+            parts.append(f"{stage_label(stage)} {entry['parallelism']}" + (f" ({int(count)})" if count else ""))
+    return ", ".join(parts)
 
 
 def _train_time_note(results: Mapping) -> list[str]:
@@ -151,8 +171,7 @@ def write_report(
     overlap).
     """
     run_dir = Path(run_dir)
-    plots = run_dir / "plots"
-    plots.mkdir(parents=True, exist_ok=True)
+    plots = own_folder(run_dir / "plots", run_dir)  # a received run's plots/ that is a link is refused
     results = results or {}
     metrics = list(metrics or [])
     if decomposition is None:
@@ -210,7 +229,7 @@ def write_report(
         )]
 
     report = run_dir / "report.md"
-    report.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    atomic_write_text(report, "\n".join(lines) + "\n")
     return report
 
 

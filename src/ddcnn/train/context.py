@@ -3,31 +3,32 @@ the run directory, this process's rank and the metrics log."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddcnn.build import Models, Shapes, with_backend
+from ddcnn.build import Models
 from ddcnn.config import Config
-from ddcnn.data.datasets import load_datasets
-from ddcnn.data.loading import Augment, Normalizer, make_batches, split_dataset
+from ddcnn.data.loading import Augment, Normalizer, make_batches
+from ddcnn.data.python import PythonData
 from ddcnn.data.readers import ImageDataset
+from ddcnn.finished.predictions import accuracy
 from ddcnn.models import LocalEnsemble, forward_flops
 from ddcnn.models.combiners import Combiner
-from ddcnn.models.settings import check_model_settings
 from ddcnn.train import dist
-from ddcnn.train.admit import admit_models
+from ddcnn.train.admit import admit
 from ddcnn.train.dist import DistEnv
-from ddcnn.train.distributed import DataParallelSync
-from ddcnn.train.loop import FitResult, StageSpec, Sync
-from ddcnn.train.metrics import MetricsLog
-from ddcnn.train.model_parallel import ShardedCNNDNN
-from ddcnn.train.rundir import RunDir
+from ddcnn.train.engine.loop import FitResult, StageSpec
+from ddcnn.train.parallel.base import Parallelism
+from ddcnn.train.parallel.choose import choose
+from ddcnn.train.parallel.local import LocalShards
 from ddcnn.train.runtime import M, Runtime
+from ddcnn.train.store.metrics import MetricsLog
+from ddcnn.train.store.rundir import RunDir
 
 # Training FLOPs of one image: the forward pass, and the backward pass at about twice its cost.
 TRAIN_FLOPS_FACTOR = 3
@@ -66,6 +67,7 @@ class Context:
     models: Models
     log: Callable[[dict], None]
     verbose: bool
+    python: PythonData | None = None  # the datasets given from Python (ddcnn.fit), else None: read by the config
 
     @property
     def decomposition(self):
@@ -102,6 +104,10 @@ class Context:
         # BatchNorm cannot train on one image (one value per channel): a last batch that would leave some part
         # with fewer than two images is left out.
         remainder = len(self.train) % batch_size
+        drop_last = 0 < remainder < 2 * parts
+        if self.python is not None and self.python.feed is not None:  # read (and transformed) per sample
+            return self.python.feed(self.train, batch_size, self.runtime.device, True, drop_last, augment,
+                                    self.normalizer, self.cfg.seed)
         train = self.train
         if shard is not None and augment.identity and len(shard) < self.n_local:
             start, stop = self.decomposition.region(shard)
@@ -111,7 +117,7 @@ class Context:
             rows = self.train.images[:, :, slab.start:slab.stop].contiguous()
             train = ImageDataset(rows, self.train.labels, self.train.classes)
         return make_batches(
-            train, batch_size, self.runtime.device, shuffle=True, drop_last=0 < remainder < 2 * parts,
+            train, batch_size, self.runtime.device, shuffle=True, drop_last=drop_last,
             augment=augment, normalizer=self.normalizer,
             seed=self.cfg.seed, workers=self.cfg.data.workers,
             limit_bytes=int(self.cfg.data.device_resident_limit_gb * 2**30),
@@ -128,8 +134,9 @@ class Context:
         if isinstance(model, LocalEnsemble):
             own = forward_flops(model, (model.n_local, shapes.in_channels, *d.subimage_size))
             return sum(self.env.all_gather(own))
-        if isinstance(model, ShardedCNNDNN):
-            return self.forward_flops(model.ensemble) + forward_flops(model.combiner, (n, shapes.num_classes))
+        if getattr(model, "spans_processes", False):  # this process's part of a CNN-DNN: its shard, and the DNN
+            ensemble, combiner = cast(nn.Module, model.ensemble), cast(nn.Module, model.combiner)
+            return self.forward_flops(ensemble) + forward_flops(combiner, (n, shapes.num_classes))
         if isinstance(model, Combiner):
             return forward_flops(model, (n, shapes.num_classes))
         return forward_flops(model, (shapes.in_channels, *shapes.image_size))
@@ -161,52 +168,38 @@ class Context:
 
         return loss_fn
 
-    def data_parallel(self, stage: str, model: nn.Module) -> tuple[nn.Module, object, Sync | None]:
-        """``(module to run, batches, sync)``: DistributedDataParallel over the ranks, or the model itself."""
-        batches = self.batches(stage, parts=self.env.world)
-        if not self.env.enabled:
-            return self.compiled(model), batches, None
-        from torch.nn.parallel import DistributedDataParallel
+    def parallelism(self, stage: str) -> Parallelism:
+        """How ``stage`` uses the processes (:func:`ddcnn.train.parallel.choose.choose`)."""
+        return choose(self.cfg, stage, self.env, self.models.shapes.image_size, self.n_local)
 
-        device_ids = [self.runtime.device.index] if self.runtime.device.type == "cuda" else None
-        ddp = DistributedDataParallel(model, device_ids=device_ids)
-        return self.compiled(ddp), batches.shard(self.env.rank, self.env.world), DataParallelSync(self.env)
-
-
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return (logits.argmax(-1) == labels).float().mean().item()
+    def local_shards(self) -> LocalShards:
+        """The local stage's way: this process's shard of the local CNNs, for the stages that use them."""
+        return cast(LocalShards, self.parallelism("local"))
 
 
 def build_context(cfg: Config, run_dir: RunDir, runtime: Runtime, env: DistEnv, resume: bool, force: bool,
                   verbose: bool = True, print_line: Callable[[str], None] | None = None, trusted: bool = True,
-                  source: str = "the config") -> Context:
-    """Read the data, build the models' builder, join the process group and prepare the run directory (rank 0
-    writes ``data.json``); every check that can refuse the run comes before the first file is written. An
-    imported backbone is imported only when ``trusted`` (``source``: where the config came from, for the error)."""
-    spatial = cfg.stages.global_.enabled and cfg.stages.global_.parallel == "spatial"
-    check_model_settings(cfg.model, cfg.combiner, trusted, source, spatial=spatial)
-    cfg = with_backend(cfg)  # config.yaml records the backend that runs (and a resumed run is checked against it)
-    train_full, test = load_datasets(cfg.data)
-    train, val = split_dataset(train_full, cfg.data.val_fraction, cfg.data.split_seed)
-    classes = list(train_full.classes)
-    shapes = Shapes(train.in_channels, len(classes), train.image_size)
-    models = Models(cfg, shapes)
-    if env.is_main:
-        for note in models.notes:
-            print(f"ddcnn: note: {note}", file=sys.stderr)
-    admit_models(cfg, models, runtime.device, len(train), env)
-    normalizer = Normalizer.fit(train.images)
+                  source: str = "the config", python: PythonData | None = None) -> Context:
+    """Read the data (``python``: the datasets given from Python, checked already), build the models' builder,
+    join the process group and prepare the run directory (rank 0 writes ``data.json``); every check that can
+    refuse the run comes before the first file is written. An imported backbone is imported only when ``trusted``
+    (``source``: where the config came from, for the error)."""
+    admitted = admit(cfg, run_dir, runtime.device, env, resume, force, trusted, source, python)
+    cfg, train, val, test, classes = admitted.cfg, admitted.train, admitted.val, admitted.test, admitted.classes
+    models, shapes = admitted.models, admitted.models.shapes
+    normalizer = Normalizer.fit(train.images) if python is None else python.normalizer
     dist.init(env, runtime.device.type)
     if env.is_main:
-        run_dir.prepare(cfg, resume, force, launch=dist.launch_id(), models=models)
+        run_dir.prepare(cfg, resume, force, launch=dist.launch_id(), events=admitted.events)
         run_dir.write_json("data.json", {
             "classes": classes, "in_channels": shapes.in_channels, "image_size": list(shapes.image_size),
             "normalizer": normalizer.state_dict(), "train": len(train), "val": len(val), "test": len(test),
+            **({"python": python.facts} if python is not None else {}),
         })
     env.barrier()  # the other ranks read the run directory that rank 0 prepared
     log = MetricsLog(run_dir, verbose, print_line) if env.is_main else _no_log
     return Context(cfg, env, runtime, run_dir, train, val, test, classes, normalizer, models, log,
-                   verbose and env.is_main)
+                   verbose and env.is_main, python)
 
 
 def _no_log(record: dict) -> None:
