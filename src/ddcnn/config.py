@@ -27,21 +27,35 @@ from ddcnn.checks import choice
 from ddcnn.errors import ConfigError, did_you_mean
 from ddcnn.files import load_yaml
 
-STAGES = ("global", "local", "combine", "coherent", "transfer")
+# global_transfer, last, runs only with decomposition.kind: width (the global CNN recomposed from sub-networks).
+STAGES = ("global", "local", "combine", "coherent", "transfer", "global_transfer")
+KINDS = ("spatial", "width")  # decomposition.kind: subimages of the image, or sub-networks of the width
+WIDTH_INPUTS = ("whole", "subimage")  # what each sub-network of a width decomposition sees
 # "python": the datasets were given from Python (ddcnn.fit); no reader can read them back
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "image-folder", "volume-folder", "generated", "python")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "step", "plateau")  # plateau: reduce on plateau (ddcnn.train.schedule)
 MONITORS = ("val_accuracy", "val_loss")  # what early stopping watches (higher accuracy, lower loss is better)
 KEEPS = ("best", "last")
+INTENSITIES = ("window", "percentile", "zscore", "stored")
+BALANCES = ("weights", "sampler")
 # The ways a stage can use several processes, the default first (docs/scaling.md).
-PARALLEL = {"global": ("data", "spatial"), "coherent": ("model", "data"), "transfer": ("model", "data")}
+PARALLEL = {"global": ("data", "spatial"), "coherent": ("model", "data"), "transfer": ("model", "data"),
+            "global_transfer": ("data", "spatial")}
+CNN_DNN_STAGES = ("combine", "coherent", "transfer")  # they combine subimages: not with width on whole images
 
 
 @dataclass
 class AugmentConfig:
     crop_padding: int = 0  # random crop after zero padding by this many pixels (0: off)
     hflip: bool = False  # random horizontal flip
+    # Volumes (and images): flips, a small random affine and intensity jitter, drawn per image (data/augment.py).
+    flip_axes: list[int] = field(default_factory=list)  # spatial axes each flipped with p = 1/2: 0 = D (or H), ...
+    rotate_degrees: float = 0.0  # largest rotation about each axis
+    scale: float = 0.0  # largest relative zoom in or out (0.1: 0.9 to 1.1)
+    translate: float = 0.0  # largest shift, a fraction of the size along each axis
+    intensity_scale: float = 0.0  # values times 1 + u, |u| <= this
+    intensity_shift: float = 0.0  # values plus v, |v| <= this (in the [0, 1] scale of windowed volumes)
 
 
 @dataclass
@@ -57,7 +71,15 @@ class DataConfig:
     #                                  of image and volume folders, which list the classes one after the other
     limit_test: int | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    window: list[float] = field(default_factory=lambda: [-1000.0, 400.0])  # intensity window for volumes (CT: HU)
+    # Volumes (data/volumes.py): read in a canonical frame, intensity mapped, resampled, fitted to image_size.
+    intensity: str = "window"  # window (CT: HU clipped to data.window) | percentile | zscore | stored
+    window: list[float] | None = field(default_factory=lambda: [-1000.0, 400.0])  # [low, high] of intensity: window
+    percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])  # intensity: percentile -> [0, 1]
+    orientation: str = "RAS"  # the canonical frame NIfTI and DICOM volumes are turned to (nibabel axis codes)
+    spacing: list[float] | None = None  # target voxel spacing [D, H, W] in mm (then cropped/padded to image_size);
+    #                                     None: each volume stretched to image_size as stored
+    cache: str | None = None  # folder of preprocessed volumes, keyed by file checksums and these settings
+    balance: str | None = None  # class imbalance: weights (in every stage's loss) | sampler (balanced batches)
     class_map: dict[str, str] | None = None  # merge folders into classes, e.g. {"CT-1": "abnormal"}
     num_classes: int = 4  # generated data only
     generated_train: int = 2000  # generated data only
@@ -71,6 +93,12 @@ class DataConfig:
 class DecompositionConfig:
     grid: list[int] = field(default_factory=lambda: [2, 2])
     overlap: int | list[int] = 0
+    # spatial: one local CNN per subimage of the grid. width: the global CNN's channels split into ``parts``
+    # sub-networks of width w / parts (default prod(grid)), recomposed into the global CNN (global_transfer).
+    kind: str = "spatial"
+    parts: int | None = None
+    input: str = "whole"  # width: every sub-network sees the whole image, or its own subimage of the grid
+    cross_scale: float = 0.0  # width: cross-group weights start at this times the global CNN's initialisation
 
 
 @dataclass
@@ -146,6 +174,7 @@ class StagesConfig:
     combine: StageConfig = field(default_factory=lambda: StageConfig(epochs=20, batch_size=256, lr=1e-2))
     coherent: StageConfig = field(default_factory=StageConfig)
     transfer: StageConfig = field(default_factory=lambda: StageConfig(epochs=5, lr=1e-4))
+    global_transfer: StageConfig = field(default_factory=lambda: StageConfig(epochs=5, lr=1e-4))  # as transfer
 
     def get(self, stage: str) -> StageConfig:
         return getattr(self, "global_" if stage == "global" else stage)
@@ -318,6 +347,17 @@ def parallelism(cfg: Config, stage: str) -> str:
     return cfg.stages.get(stage).parallel or PARALLEL.get(stage, ("data",))[0]
 
 
+def active(cfg: Config, stage: str) -> bool:
+    """Whether ``stage`` runs: enabled, and meaningful for the decomposition's kind (global_transfer only with
+    ``width``; the CNN-DNN stages not with ``width`` on whole images, where there are no subimages to combine)."""
+    d = cfg.decomposition
+    if stage == "global_transfer" and d.kind != "width":
+        return False
+    if stage in CNN_DNN_STAGES and d.kind == "width" and d.input == "whole":
+        return False
+    return cfg.stages.get(stage).enabled
+
+
 def spatial_global(cfg: Config) -> bool:
     """Whether the global stage trains spatial-parallel under torchrun (its backbone must then be a built-in one,
     :func:`ddcnn.models.settings.check_model_settings`)."""
@@ -373,7 +413,7 @@ def validate(cfg: Config) -> Config:
                               f"but stages.{stage}.patience is not set; set it (e.g. 3) or choose schedule cosine")
         if s.min_delta < 0:
             raise ConfigError(f"stages.{stage}.min_delta = {s.min_delta} must not be negative, e.g. 0.001")
-        if s.enabled and cfg.data.val_fraction == 0 and (s.patience is not None or s.kept() == "best"):
+        if active(cfg, stage) and cfg.data.val_fraction == 0 and (s.patience is not None or s.kept() == "best"):
             raise ConfigError(f"stages.{stage}.patience / keep: best watch the validation split but "
                               f"data.val_fraction = 0 leaves none; set data.val_fraction (e.g. 0.1) or remove "
                               f"stages.{stage}.patience and keep")
@@ -413,17 +453,87 @@ def validate(cfg: Config) -> Config:
                           f"classes)")
     if not 0 <= cfg.combiner.dropout < 1:
         raise ConfigError(f"combiner.dropout = {cfg.combiner.dropout} must be in [0, 1), e.g. 0.1")
-    if len(cfg.data.window) != 2 or cfg.data.window[0] >= cfg.data.window[1]:
-        raise ConfigError(f"data.window = {cfg.data.window} must be [low, high] with low < high, e.g. [-1000, 400]")
+    _validate_volumes(cfg.data)
     target, margin = cfg.evaluation.target_accuracy, cfg.evaluation.target_margin
     if target is not None and not 0 < target <= 1:
         raise ConfigError(f"evaluation.target_accuracy = {target} must be a fraction in (0, 1], e.g. 0.9, or null "
                           f"for the global CNN's best validation accuracy minus evaluation.target_margin")
     if not 0 <= margin < 1:
         raise ConfigError(f"evaluation.target_margin = {margin} must be a fraction in [0, 1), e.g. 0.005 (0.5 pp)")
-    if not any(cfg.stages.get(s).enabled for s in STAGES):
-        raise ConfigError("every stage is disabled; enable at least one of " + ", ".join(STAGES))
+    _validate_kind(cfg)
+    if not any(active(cfg, s) for s in STAGES):
+        raise ConfigError("every stage is disabled; enable at least one of " +
+                          ", ".join(s for s in STAGES if s != "global_transfer" or cfg.decomposition.kind == "width"))
     return cfg
+
+
+def _validate_volumes(data: DataConfig) -> None:
+    """The volume settings (data.intensity, window, percentiles, orientation, spacing, balance, augment)."""
+    choice("data.intensity", data.intensity, INTENSITIES)
+    if data.balance is not None:
+        choice("data.balance", data.balance, BALANCES)
+    window = data.window
+    if window is not None and (len(window) != 2 or window[0] >= window[1]):
+        raise ConfigError(f"data.window = {window} must be [low, high] with low < high, e.g. [-1000, 400], or null")
+    if window is None and data.intensity == "window":
+        raise ConfigError("data.window = null but data.intensity = window needs one; set data.intensity to stored "
+                          "(values as they are), percentile or zscore (MRI and other non-CT volumes), or give "
+                          "data.window, e.g. [-1000, 400]")
+    p = data.percentiles
+    if len(p) != 2 or not 0 <= p[0] < p[1] <= 100:
+        raise ConfigError(f"data.percentiles = {p} must be [low, high] with 0 <= low < high <= 100, e.g. [0.5, 99.5]")
+    axes = ("LR", "PA", "IS")
+    o = data.orientation
+    if len(o) != 3 or sorted(next((i for i, a in enumerate(axes) if c in a), 9) for c in o.upper()) != [0, 1, 2]:
+        raise ConfigError(f"data.orientation = {o!r} must be three axis codes, one of L/R, one of P/A and one of "
+                          f"I/S, e.g. RAS (the nibabel canonical frame) or LPS (DICOM's)")
+    if data.spacing is not None and (len(data.spacing) != 3 or min(data.spacing) <= 0):
+        raise ConfigError(f"data.spacing = {data.spacing} must be three positive voxel sizes [D, H, W] in mm, e.g. "
+                          f"[2.0, 1.5, 1.5], or null to keep each volume's own")
+    a = data.augment
+    for key in ("rotate_degrees", "scale", "translate", "intensity_scale", "intensity_shift"):
+        if getattr(a, key) < 0:
+            raise ConfigError(f"data.augment.{key} = {getattr(a, key)} must not be negative, e.g. 0.1")
+    if a.rotate_degrees > 180 or a.scale >= 1 or a.translate >= 1:
+        raise ConfigError(f"data.augment rotate_degrees = {a.rotate_degrees}, scale = {a.scale}, translate = "
+                          f"{a.translate} must be at most 180 degrees, below 1 and below 1; use small values, "
+                          f"e.g. 10, 0.1, 0.05")
+    size = data.image_size
+    dims = len(size) if size is not None else 3
+    if any(not 0 <= axis < dims for axis in a.flip_axes) or len(set(a.flip_axes)) != len(a.flip_axes):
+        raise ConfigError(f"data.augment.flip_axes = {a.flip_axes} must list distinct spatial axes from 0 to "
+                          f"{dims - 1} (0 = depth of a volume, {dims - 1} = width), e.g. [0, 1, 2]")
+
+
+def _validate_kind(cfg: Config) -> None:
+    """The width decomposition's own keys (the widths themselves are checked with the data's shapes, in
+    :mod:`ddcnn.build`)."""
+    d = cfg.decomposition
+    choice("decomposition.kind", d.kind, KINDS)
+    choice("decomposition.input", d.input, WIDTH_INPUTS)
+    if d.kind == "spatial":
+        if d.parts is not None:
+            raise ConfigError(f"decomposition.parts = {d.parts} applies to decomposition.kind: width; the spatial "
+                              f"decomposition has one local CNN per subimage of decomposition.grid: remove it")
+        return
+    if d.parts is not None and d.parts < 2:
+        raise ConfigError(f"decomposition.parts = {d.parts} must be at least 2 sub-networks, e.g. 4")
+    if d.input == "subimage" and d.parts is not None and d.parts != math.prod(d.grid):
+        raise ConfigError(f"decomposition.parts = {d.parts} but decomposition.input: subimage gives one sub-network "
+                          f"per subimage of grid {d.grid} ({math.prod(d.grid)}); set decomposition.parts="
+                          f"{math.prod(d.grid)} or remove it")
+    if d.cross_scale < 0:
+        raise ConfigError(f"decomposition.cross_scale = {d.cross_scale} must not be negative; 0 starts the "
+                          f"cross-group weights at zero, e.g. 0.1 at a tenth of the global CNN's initialisation")
+    if cfg.model.local_width is not None:
+        raise ConfigError(f"model.local_width = {cfg.model.local_width} does not apply to decomposition.kind: width, "
+                          f"whose sub-networks have width model.width / decomposition.parts; remove it")
+
+
+def n_parts(cfg: Config) -> int:
+    """The number of local CNNs: the subimages of the grid, or the width decomposition's sub-networks."""
+    d = cfg.decomposition
+    return d.parts if d.kind == "width" and d.parts is not None else math.prod(d.grid)
 
 
 def from_dict(data: dict, overrides: list[str] | None = None) -> Config:

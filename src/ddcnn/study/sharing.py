@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import ddcnn
-from ddcnn.config import STAGES, from_dict
-from ddcnn.train.stagestore import device_type, stage_identity, stage_key
+from ddcnn.config import STAGES, active, from_dict
+from ddcnn.train.stagestore import UPSTREAM, device_type, stage_identity, stage_key
 
 
 def run_keys(base: dict, overrides: Sequence[str]) -> list[str]:
@@ -20,7 +20,7 @@ def run_keys(base: dict, overrides: Sequence[str]) -> list[str]:
     cfg = from_dict(base, list(overrides))
     device = device_type(cfg)
     return [stage_key(stage_identity(cfg, stage, device, ddcnn.__version__))
-            for stage in STAGES if cfg.stages.get(stage).enabled]
+            for stage in STAGES if active(cfg, stage) and stage in UPSTREAM]
 
 
 def producers(study, runs) -> dict[str, set[str]]:

@@ -32,7 +32,8 @@ from dataclasses import dataclass
 import torch
 
 from ddcnn.build import Models, Shapes, meta_model, weight_shapes, with_backend
-from ddcnn.config import STAGES, Config, spatial_global
+from ddcnn.config import STAGES, Config, active, spatial_global
+from ddcnn.data.balance import class_weights
 from ddcnn.data.datasets import load_datasets
 from ddcnn.data.loading import split_dataset
 from ddcnn.data.python import PythonData
@@ -78,6 +79,11 @@ def admit(cfg: Config, run_dir: RunDir, device: torch.device, env: DistEnv, resu
         classes = list(train_full.classes)
     else:
         train, val, test, classes = python.train, python.val, python.test, python.classes
+    if cfg.data.balance is not None:  # a class with no training image cannot be weighted or drawn
+        class_weights(train.labels, len(classes))
+    if cfg.data.balance == "sampler" and python is not None and python.feed is not None:
+        raise ConfigError("data.balance = sampler draws each epoch from images held in memory, but this Dataset "
+                          "is read sample by sample; use data.balance: weights")
     models = Models(cfg, Shapes(train.in_channels, len(classes), train.image_size))
     if env.is_main:
         for note in models.notes:
@@ -130,9 +136,10 @@ def admit_run_dir_early(run_dir: RunDir, cfg: Config, resume: bool, force: bool 
 
 def check_stages(cfg: Config) -> None:
     """Stages that need another stage's models: refused before anything is read or written."""
-    for stage in ("combine", "transfer"):
-        if cfg.stages.get(stage).enabled and not cfg.stages.local.enabled:
-            raise ConfigError(f"stage {stage!r} needs the trained local CNNs: enable stages.local or disable "
+    for stage in ("combine", "transfer", "global_transfer"):
+        if active(cfg, stage) and not cfg.stages.local.enabled:
+            what = "sub-networks" if stage == "global_transfer" else "local CNNs"
+            raise ConfigError(f"stage {stage!r} needs the trained {what}: enable stages.local or disable "
                               f"stages.{stage}")
 
 
@@ -141,7 +148,7 @@ def check_processes(cfg: Config, models: Models, env: DistEnv, sharded: list[str
     refused, on every rank alike. ``sharded``: the stages loaded as shards (a finished run under torchrun);
     default the enabled model-parallel stages of ``cfg``."""
     if sharded is None:  # the stages whose way holds a shard of the local CNNs on each process
-        sharded = [stage for stage in STAGES if cfg.stages.get(stage).enabled and
+        sharded = [stage for stage in STAGES if active(cfg, stage) and
                    choose(cfg, stage, env, models.shapes.image_size, models.n_local).shard(models.n_local) is not None]
     if env.enabled and sharded and env.world > models.n_local:
         # Model and data parallelism together (a 2-D mesh of processes) is not built: refused, not half-done.
@@ -165,5 +172,5 @@ def check_ways(cfg: Config, models: Models, env: DistEnv) -> None:
     """Each enabled stage's way of using the processes refuses what it cannot split (a spatial-parallel global
     CNN: an image size whose slabs would not stay aligned through every downsampling)."""
     for stage in STAGES:
-        if cfg.stages.get(stage).enabled:
+        if active(cfg, stage):
             choose(cfg, stage, env, models.shapes.image_size, models.n_local).admit(cfg)

@@ -17,6 +17,7 @@ from ddcnn.finished.predictions import accuracy
 from ddcnn.models import LocalEnsemble, local_loss
 from ddcnn.models.cnn_dnn import transfer_parts
 from ddcnn.models.combiners import Combiner
+from ddcnn.models.width import recompose
 from ddcnn.seeds import derive_seed
 from ddcnn.strategies import STRATEGIES, scored_every_epoch
 from ddcnn.train.context import Context, StageResult
@@ -33,6 +34,16 @@ def train_global(ctx: Context, done: Done) -> StageResult:
     """The global CNN on whole images (data-parallel over the processes, or spatial-parallel: each process a
     slab of every image, :mod:`ddcnn.train.parallel.spatial`)."""
     return _train(ctx, "global", ctx.parallelism("global"), ctx.prepare(ctx.models.global_cnn()))
+
+
+def train_global_transfer(ctx: Context, done: Done) -> StageResult:
+    """The global CNN initialised from the trained sub-networks of a width decomposition
+    (:func:`ddcnn.models.width.recompose`), then trained as the global stage is."""
+    model = ctx.models.global_cnn("global_transfer")
+    stacked = full_ensemble(ctx, done["local"]).stacked_state_dict()
+    recompose(model.net, {k: v.to(next(model.parameters()).device) for k, v in stacked.items()}, ctx.n_local,
+              ctx.cfg.decomposition.cross_scale)
+    return _train(ctx, "global_transfer", ctx.parallelism("global_transfer"), ctx.prepare(model))
 
 
 def _train(ctx: Context, stage: str, way: Parallelism, model, extras: dict | None = None) -> StageResult:
@@ -58,9 +69,11 @@ def train_local(ctx: Context, done: Done) -> StageResult:
     def split(x):  # the subimages of this rank's local CNNs, from whole images or the shard's region
         return ctx.decomposition.split(x, shard)
 
+    weight = ctx.class_weights()
+
     def loss_fn(x, y):
         logits = run(split(x))
-        loss, _ = local_loss(logits, y)
+        loss, _ = local_loss(logits, y, weight)
         return loss, (logits.argmax(-1) == y[:, None]).sum(0)  # correct per local CNN, (N,)
 
     def evaluate():
@@ -76,7 +89,7 @@ def train_local(ctx: Context, done: Done) -> StageResult:
                   "val_accuracy_per_subdomain": per.tolist()}
         if ctx.env.is_main:
             everyone = torch.cat([p[2] for p in parts], dim=1)  # (M, N, K): the shards in rank order
-            for name in scored_every_epoch():
+            for name in scored_every_epoch(ctx.cfg.decomposition.kind):
                 rule = STRATEGIES[name].combiner({}, ctx.n_local, len(ctx.classes))
                 record[f"val_accuracy_{name}"] = accuracy(rule(everyone), ctx.val.labels)
         return record
@@ -160,7 +173,8 @@ def _train_dnn(ctx: Context, dnn, features: torch.Tensor, val_features: torch.Te
         with torch.no_grad():
             return ctx.val_scores(dnn(val_features).float().cpu())
 
-    batches = TensorBatches(features, ctx.train.labels.to(device), ctx.cfg.stages.combine.batch_size, ctx.cfg.seed)
+    batches = TensorBatches(features, ctx.train.labels.to(device), ctx.cfg.stages.combine.batch_size, ctx.cfg.seed,
+                            len(ctx.classes) if ctx.cfg.data.balance == "sampler" else 0)
     spec = ctx.spec("combine", dnn, extra_state={"feature_seconds": feature_seconds, "feature_flops": feature_flops})
     result = fit(spec, dnn, ctx.classifier_loss("combine", dnn), batches, evaluate)
     return _combine_result(dnn, result, feature_seconds, feature_flops)
@@ -198,4 +212,5 @@ TRAINERS: dict[str, Callable[[Context, Done], StageResult]] = {
     "combine": train_combine,
     "coherent": train_coherent,
     "transfer": train_transfer,
+    "global_transfer": train_global_transfer,
 }

@@ -43,7 +43,8 @@ from ddcnn.train.store.schema import FREE_STAGE_KEYS, TRAINING_STATE
 ORIGIN = "origin.json"
 REUSED = "reused.json"  # in a run's checkpoints/: stage -> where its reused files came from
 LOCAL_TIMING = "local_timing.json"
-# The stages each stage starts from (transfer from the combine stage's DNN only with init_dnn).
+# The stages each stage starts from (transfer from the combine stage's DNN only with init_dnn); the stages that
+# can be shared (another stage, e.g. global_transfer of a width decomposition, is always trained by its run).
 UPSTREAM = {"global": (), "local": (), "combine": ("local",), "coherent": (), "transfer": ("local", "combine")}
 MODEL_KEYS = {"global": ("backbone", "backbone_kwargs", "width", "depth")}  # the global CNN's part of the model
 
@@ -196,7 +197,8 @@ def shared_stage(store: StageStore | None, ctx, stage: str, train, ddcnn_version
     """``train()`` the ``stage`` of the run ``ctx`` (a :class:`~ddcnn.train.context.Context`), first taking it
     from ``store`` when it holds the stage's identity, and publishing it there when this run trained it; returns
     what ``train()`` returns (a StageResult, whose end record then names where a reused stage came from)."""
-    if store is None or getattr(ctx, "python", None) is not None:  # data from Python: the config does not name it
+    # data from Python: the config does not name it; a stage without a declared identity (UPSTREAM) is not shared
+    if store is None or getattr(ctx, "python", None) is not None or stage not in UPSTREAM:
         return train()
     identity = stage_identity(ctx.cfg, stage, ctx.runtime.device.type, ddcnn_version, ctx.env.world)
     origin = store.fetch(ctx.run_dir, identity) if ctx.env.is_main else None

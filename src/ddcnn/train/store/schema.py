@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from ddcnn.config import STAGES, Config
+from ddcnn.config import STAGES, Config, active
 from ddcnn.errors import CheckpointError
 from ddcnn.files import CLASS_NAMES, Check, MapOf, Opt
 
@@ -38,7 +38,7 @@ _COST = {"seconds": SECONDS, "critical_path_seconds": SECONDS, "train_flops": CO
 _STRATEGY = {"test_accuracy": FRACTION, "val_accuracy?": Opt(FRACTION), "train_seconds?": Opt(SECONDS),
              "parameters?": Opt(COUNT), "flops_per_image?": Opt(SECONDS),
              "cost?": {**_COST, "epochs": MapOf(COUNT)},
-             "time_to_target?": Opt({**_COST, "stage": str, "epoch": POSITIVE})}
+             "time_to_target?": Opt({**_COST, "stage": str, "epoch": POSITIVE}), "test_predicted?": [COUNT]}
 RESULTS = {
     "strategies": MapOf(_STRATEGY), "best_strategy": str,
     "dataset?": str, "name?": str, "image_size?": SIZE, "grid?": [POSITIVE], "overlap?": [COUNT],
@@ -177,7 +177,7 @@ def check_resumable(run_dir, cfg: Config, data_shape: tuple | None = None,
     states = check_checkpoints(run_dir, cfg, expected)
     events = []
     for stage, state in states.items():
-        if not cfg.stages.get(stage).enabled:
+        if not active(cfg, stage):
             continue  # a stage switched off is not trained on: its settings do not matter
         events += stage_changes(stage, state, saved["stages"].get(stage) or {}, cfg.stages.get(stage))
     return events
