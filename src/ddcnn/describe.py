@@ -11,7 +11,7 @@ from ddcnn.data.loading import to_float
 from ddcnn.errors import ConfigError
 from ddcnn.models import count_parameters, forward_flops
 from ddcnn.models.settings import check_model_settings
-from ddcnn.train.budget import check_parameters
+from ddcnn.sizing import check_parameters
 from ddcnn.train.traffic import scaling_lines
 
 
