@@ -35,7 +35,9 @@ from pathlib import Path
 MODES = {"single", "data", "model", "spatial"}
 DECIDERS = {"parallelism", "parallel_mode", "choose"}
 WRAPPERS = {"ShardedCNNDNN", "ShardedLocalCNNs", "SpatialCNN", "DistributedDataParallel"}
-SPATIAL_NAMES = {"SpatialCNN", "slab_rows", "spatial_step_bytes", "spatial_backbone_error", "Spatial"}
+# The spatial API's names, of this checkout and of older ones (spatial_global: whether the global stage is spatial).
+SPATIAL_NAMES = {"SpatialCNN", "SpatialParallel", "slab_rows", "spatial_step_bytes", "spatial_backbone_error",
+                 "spatial_global", "Spatial", "HaloConv", "WholeImageBatchNorm", "WholeImageMean", "SPLITS_LAYERS"}
 
 
 def _modules(src: Path) -> dict[str, Path]:

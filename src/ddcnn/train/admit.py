@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ddcnn.build import Models, Shapes, meta_model, weight_shapes, with_backend
-from ddcnn.config import STAGES, Config, spatial_global
+from ddcnn.config import STAGES, Config, builtin_backbone_only
 from ddcnn.data.datasets import load_datasets
 from ddcnn.data.loading import split_dataset
 from ddcnn.data.readers import ImageDataset
@@ -60,7 +60,7 @@ def admit(cfg: Config, run_dir: RunDir, device: torch.device, env: DistEnv, resu
     """Steps 2 to 6, in order, before anything is written: the models' names (an imported backbone is imported
     only when ``trusted``; ``source`` names the config's file in the refusal), the data, the models, the models
     against the machine, and (on rank 0, which writes it) the run directory."""
-    check_model_settings(cfg.model, cfg.combiner, trusted, source, spatial=spatial_global(cfg))
+    check_model_settings(cfg.model, cfg.combiner, trusted, source, builtin_only=builtin_backbone_only(cfg))
     cfg = with_backend(cfg)  # config.yaml records the backend that runs (and a resumed run is checked against it)
     train_full, test = load_datasets(cfg.data)
     train, val = split_dataset(train_full, cfg.data.val_fraction, cfg.data.split_seed)

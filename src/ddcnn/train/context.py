@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddcnn.build import Models
-from ddcnn.config import Config
+from ddcnn.config import STAGES, Config
 from ddcnn.data.loading import Augment, Normalizer, make_batches
 from ddcnn.data.readers import ImageDataset
 from ddcnn.finished.predictions import accuracy
@@ -66,6 +66,7 @@ class Context:
     models: Models
     log: Callable[[dict], None]
     verbose: bool
+    ways: dict[str, Parallelism]  # how each stage uses the processes, chosen once (parallel.choose.choose)
 
     @property
     def decomposition(self):
@@ -163,12 +164,13 @@ class Context:
         return loss_fn
 
     def parallelism(self, stage: str) -> Parallelism:
-        """How ``stage`` uses the processes (:func:`ddcnn.train.parallel.choose.choose`)."""
-        return choose(self.cfg, stage, self.env, self.models.shapes.image_size, self.n_local)
+        """How ``stage`` uses the processes (:func:`ddcnn.train.parallel.choose.choose`, chosen when the context
+        was built)."""
+        return self.ways[stage]
 
     def local_shards(self) -> LocalShards:
         """The local stage's way: this process's shard of the local CNNs, for the stages that use them."""
-        return cast(LocalShards, self.parallelism("local"))
+        return cast(LocalShards, self.ways["local"])
 
 
 def build_context(cfg: Config, run_dir: RunDir, runtime: Runtime, env: DistEnv, resume: bool, force: bool,
@@ -190,8 +192,9 @@ def build_context(cfg: Config, run_dir: RunDir, runtime: Runtime, env: DistEnv, 
         })
     env.barrier()  # the other ranks read the run directory that rank 0 prepared
     log = MetricsLog(run_dir, verbose, print_line) if env.is_main else _no_log
+    ways = {stage: choose(cfg, stage, env, shapes.image_size, models.n_local) for stage in STAGES}
     return Context(cfg, env, runtime, run_dir, train, val, test, classes, normalizer, models, log,
-                   verbose and env.is_main)
+                   verbose and env.is_main, ways)
 
 
 def _no_log(record: dict) -> None:

@@ -38,9 +38,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddcnn.build import meta_model
+from ddcnn.config import SPLITS_LAYERS
 from ddcnn.errors import ConfigError
 from ddcnn.models.backbones import BACKBONES, DEFAULT_DEPTH, Backbone
-from ddcnn.models.settings import spatial_backbone_error
+from ddcnn.models.settings import builtin_only_error
 from ddcnn.train.dist import DistEnv
 from ddcnn.train.engine.loop import ModelState
 from ddcnn.train.parallel.base import FLOAT, Parallelism, batch_part, ring
@@ -208,7 +209,7 @@ class SpatialCNN(nn.Module):
         super().__init__()
         net = getattr(cnn, "net", None)
         if not isinstance(net, Backbone) or net.groups != 1:
-            raise spatial_backbone_error(getattr(cnn, "backbone", type(cnn).__name__))
+            raise builtin_only_error(getattr(cnn, "backbone", type(cnn).__name__), SPLITS_LAYERS)
         self.cnn = cnn
         self.image_length = image_size[0]
         self.slabs = slab_rows(image_size, env.world, net.depth, net.name)
