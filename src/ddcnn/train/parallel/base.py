@@ -92,7 +92,7 @@ class Parallelism:
         return 0
 
     def held(self, size, dnn_parameters: Callable[[], int]):
-        """The part of a stage's size (a :class:`ddcnn.train.budget.StageSize`: parameters, activation and input
+        """The part of a stage's size (a :class:`ddcnn.sizing.StageSize`: parameters, activation and input
         bytes) that one process holds; ``dnn_parameters()``: the DNN's parameters (whole on every process)."""
         return size
 
