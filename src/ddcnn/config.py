@@ -28,7 +28,8 @@ from ddcnn.errors import ConfigError, did_you_mean
 from ddcnn.files import load_yaml
 
 STAGES = ("global", "local", "combine", "coherent", "transfer")
-DATASETS = ("fashion-mnist", "mnist", "cifar10", "image-folder", "volume-folder", "generated")
+# "python": the datasets were given from Python (ddcnn.fit); no reader can read them back
+DATASETS = ("fashion-mnist", "mnist", "cifar10", "image-folder", "volume-folder", "generated", "python")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "step")
 MONITORS = ("val_accuracy", "val_loss")  # what early stopping watches (higher accuracy, lower loss is better)

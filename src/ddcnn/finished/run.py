@@ -39,6 +39,10 @@ class SavedRun:
     def __init__(self, path: str | Path, device: str | None = None, trust_code: bool = False):
         """``trust_code``: import a backbone that the run's config.yaml names by import path (refused otherwise,
         before anything is imported: a run directory is data)."""
+        if Path(path).suffix in (".pt2", ".onnx") and Path(path).is_file():
+            raise CheckpointError(f"{str(path)!r} is a file of `ddcnn export`, not a run directory; run it with "
+                                  f"`ddcnn predict` or ddcnn.export.ExportedModel (a .pt2 program only with "
+                                  f"--trust-code / trust_code=True; the .onnx file needs none)")
         self.run_dir = RunDir(path)
         if not self.run_dir.is_run:
             raise CheckpointError(f"{str(path)!r} is not a ddcnn run directory (no ddcnn-run.json); give the --out "
@@ -107,6 +111,23 @@ class SavedRun:
         else:
             model.load_state_dict(weights)
         return model
+
+    def datasets(self):
+        """``(train, test)`` as config.yaml's data section reads them, checked against data.json: data of other
+        classes, channels or image size would measure another test set than the run's."""
+        from ddcnn.data.datasets import load_datasets
+
+        train, test = load_datasets(self.cfg.data)
+        facts = {"classes": self.classes, "channels": self.shapes.in_channels,
+                 "image size": list(self.shapes.image_size)}
+        found = {"classes": list(test.classes), "channels": test.in_channels, "image size": list(test.image_size)}
+        for what in facts:
+            if facts[what] != found[what] or (what == "classes" and list(train.classes) != found[what]):
+                raise CheckpointError(
+                    f"the data {str(self.run_dir.path / 'config.yaml')!r} names has {what} {found[what]} but the "
+                    f"run's data.json records {facts[what]}: the models would be measured on another test set; "
+                    f"point data.root at the run's own data, or restore config.yaml and data.json")
+        return train, test
 
     def strategies(self) -> dict:
         """Every strategy this run trained: name -> ``normalised images -> (scores (B, K), local logits or None)``."""

@@ -10,6 +10,7 @@ from pathlib import Path
 from ddcnn.config import STAGES
 from ddcnn.decomposition import Decomposition
 from ddcnn.errors import DDCNNError
+from ddcnn.files import atomic_write_text, own_folder
 from ddcnn.report.plots import (
     _grid_index,
     plot_accuracy_vs_cost,
@@ -72,6 +73,11 @@ def _header_lines(results: Mapping, decomposition: Decomposition | None) -> list
     sizes = results.get("data_sizes") or {}
     if sizes:
         facts.append("Data: " + ", ".join(f"{format_count(v)} {k}" for k, v in sizes.items()) + " images.")
+    source = results.get("data_source") or {}
+    if source.get("source") == "python":  # ddcnn.fit: which path the data took, and which data it was
+        how = "held in memory" if source.get("load") == "memory" else "streamed from the Datasets"
+        prints = ", ".join(f"{k} {str(v)[:19]}..." for k, v in (source.get("fingerprints") or {}).items())
+        facts.append(f"Data given from Python (ddcnn.fit), {how}: {source.get('why')}; fingerprints {prints}.")
     image_size = results.get("image_size") or (decomposition.image_size if decomposition else None)
     if image_size:
         shape = f"Images {dims_text(image_size)}"
@@ -164,8 +170,7 @@ def write_report(
     overlap).
     """
     run_dir = Path(run_dir)
-    plots = run_dir / "plots"
-    plots.mkdir(parents=True, exist_ok=True)
+    plots = own_folder(run_dir / "plots", run_dir)  # a received run's plots/ that is a link is refused
     results = results or {}
     metrics = list(metrics or [])
     if decomposition is None:
@@ -223,7 +228,7 @@ def write_report(
         )]
 
     report = run_dir / "report.md"
-    report.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    atomic_write_text(report, "\n".join(lines) + "\n")
     return report
 
 

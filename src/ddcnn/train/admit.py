@@ -1,11 +1,15 @@
 """Every check that can refuse a run, in the order a run makes them; all of them come before the run directory is
 touched, so a refused run leaves every file as it was.
 
-1. The config: keys, types and ranges (:func:`ddcnn.config.load_config`, when it is read).
+1. The config: keys, types and ranges (:func:`ddcnn.config.load_config`, when it is read); whether its imported
+   backbone is trusted is decided then, from the command line (:func:`ddcnn.cli._trusted`), before any import.
+   The run directory's refusals that need no import: a file in its place, a linked folder of the run, a --resume
+   with no run or with a changed frozen setting (:func:`admit_run_dir_early`, first in :func:`admit`).
 2. The device (:func:`ddcnn.train.runtime.make_runtime`) and the stages' dependencies (:func:`check_stages`); the
    models' names and an imported backbone, imported only when trusted
    (:func:`ddcnn.models.settings.check_model_settings`, first in :func:`ddcnn.train.context.build_context`).
-3. The data: files, shapes, classes, and whether the images fit in memory (:func:`ddcnn.data.datasets.load_datasets`).
+3. The data: files, shapes, classes, and whether the images fit in memory (:func:`ddcnn.data.datasets.load_datasets`;
+   Datasets given from Python: :func:`ddcnn.data.python.prepare`, before the run is set up).
 4. The models: the grid against the backbone's depth, a foreign CNN run once on a sample
    (:class:`ddcnn.build.Models`).
 5. The models against the machine (:func:`admit_models`): the memory each stage needs per process
@@ -15,7 +19,8 @@ touched, so a refused run leaves every file as it was.
 6. The run directory: a new one, ``--force``, or a ``--resume`` read whole against the config and the models
    (:func:`admit_run_dir`); the store then only writes (:meth:`ddcnn.train.store.rundir.RunDir.prepare`).
 
-:func:`admit` runs steps 2 (the models' names) to 6 in this order for a run; the first two of step 2 run when the
+:func:`admit` runs the run directory's early refusals of step 1, then steps 2 (the models' names) to 6 in this
+order for a run; the first two of step 2 run when the
 run is set up (:class:`ddcnn.train.protocol.Experiment`).
 """
 
@@ -30,13 +35,15 @@ from ddcnn.build import Models, Shapes, meta_model, weight_shapes, with_backend
 from ddcnn.config import STAGES, Config, builtin_backbone_only
 from ddcnn.data.datasets import load_datasets
 from ddcnn.data.loading import split_dataset
+from ddcnn.data.python import PythonData
 from ddcnn.data.readers import ImageDataset
 from ddcnn.errors import CheckpointError, ConfigError
+from ddcnn.files import refuse_linked_folders
 from ddcnn.models.settings import check_model_settings
 from ddcnn.train.budget import check_budget
 from ddcnn.train.dist import DistEnv
 from ddcnn.train.parallel.choose import choose
-from ddcnn.train.store.rundir import RunDir
+from ddcnn.train.store.rundir import FOLDERS, RunDir
 from ddcnn.train.store.schema import check_resumable
 
 
@@ -56,15 +63,21 @@ class Admitted:
 
 
 def admit(cfg: Config, run_dir: RunDir, device: torch.device, env: DistEnv, resume: bool, force: bool,
-          trusted: bool = True, source: str = "the config") -> Admitted:
+          trusted: bool = True, source: str = "the config", python: PythonData | None = None) -> Admitted:
     """Steps 2 to 6, in order, before anything is written: the models' names (an imported backbone is imported
-    only when ``trusted``; ``source`` names the config's file in the refusal), the data, the models, the models
-    against the machine, and (on rank 0, which writes it) the run directory."""
-    check_model_settings(cfg.model, cfg.combiner, trusted, source, builtin_only=builtin_backbone_only(cfg))
+    only when ``trusted``; ``source`` names the config's file in the refusal), the data (``python``: the datasets
+    given from Python, read and checked already), the models, the models against the machine, and (on rank 0,
+    which writes it) the run directory."""
     cfg = with_backend(cfg)  # config.yaml records the backend that runs (and a resumed run is checked against it)
-    train_full, test = load_datasets(cfg.data)
-    train, val = split_dataset(train_full, cfg.data.val_fraction, cfg.data.split_seed)
-    classes = list(train_full.classes)
+    if env.is_main:
+        admit_run_dir_early(run_dir, cfg, resume, force)  # the refusals that need no import, before any import
+    check_model_settings(cfg.model, cfg.combiner, trusted, source, builtin_only=builtin_backbone_only(cfg))
+    if python is None:
+        train_full, test = load_datasets(cfg.data)
+        train, val = split_dataset(train_full, cfg.data.val_fraction, cfg.data.split_seed)
+        classes = list(train_full.classes)
+    else:
+        train, val, test, classes = python.train, python.val, python.test, python.classes
     models = Models(cfg, Shapes(train.in_channels, len(classes), train.image_size))
     if env.is_main:
         for note in models.notes:
@@ -80,14 +93,8 @@ def admit_run_dir(run_dir: RunDir, cfg: Config, resume: bool, force: bool, model
     the config and (with ``models``) the data's shapes and the checkpoints' weights. Returns the accepted changes
     of started stages' settings, to be recorded."""
     path = run_dir.path
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"output directory {str(path)!r} is a file; choose another --out")
+    admit_run_dir_early(run_dir, cfg, resume, force)
     if resume:
-        if not run_dir.is_run:
-            how = "without --resume" if not (path.is_dir() and any(path.iterdir())) else \
-                "with --force instead of --resume (ddcnn replaces only the files a run writes)"
-            raise CheckpointError(f"--resume: {str(path)!r} holds no ddcnn run (a run killed before it began "
-                                  f"leaves none); start it {how}")
         if models is None:
             return check_resumable(run_dir, cfg)
         shapes = models.shapes
@@ -101,6 +108,24 @@ def admit_run_dir(run_dir: RunDir, cfg: Config, resume: bool, force: bool, model
                           f"--force to start a run there anyway (only the files a run writes are replaced), "
                           f"or choose another --out")
     return []
+
+
+def admit_run_dir_early(run_dir: RunDir, cfg: Config, resume: bool, force: bool = False) -> None:
+    """The refusals of the run directory that need neither the data nor the models, made before anything is
+    imported or written: a file in its place, a folder of the run that is a symbolic link (without --force, which
+    replaces it), a --resume with no run here or with a changed frozen setting."""
+    path = run_dir.path
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output directory {str(path)!r} is a file; choose another --out")
+    if not force:
+        refuse_linked_folders(path, FOLDERS)
+    if resume:
+        if not run_dir.is_run:
+            how = "without --resume" if not (path.is_dir() and any(path.iterdir())) else \
+                "with --force instead of --resume (ddcnn replaces only the files a run writes)"
+            raise CheckpointError(f"--resume: {str(path)!r} holds no ddcnn run (a run killed before it began "
+                                  f"leaves none); start it {how}")
+        run_dir.check_same_config(cfg)
 
 
 def check_stages(cfg: Config) -> None:

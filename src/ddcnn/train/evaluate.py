@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ddcnn.data.datasets import load_datasets
 from ddcnn.data.loading import split_dataset, to_float
+from ddcnn.data.readers import ImageDataset
 from ddcnn.finished.predictions import Predictions, accuracy
 from ddcnn.finished.run import predict
 from ddcnn.train.dist import DistEnv
@@ -15,17 +15,19 @@ from ddcnn.train.scoring import score_strategies
 
 
 def evaluate_run(run_dir, device: str | None = None, env: DistEnv | None = None,
-                 trust_code: bool = False) -> dict | None:
+                 trust_code: bool = False, splits: dict[str, ImageDataset] | None = None) -> dict | None:
     """Validation and test accuracy of every saved strategy, recomputed from the checkpoints through the
     protocol's scoring path; written to ``evaluation.json``.
 
     Under torchrun (``env``) each process holds its shard of the local CNNs and all compute together; rank 0
-    writes the file and returns the results, the others None. ``trust_code``: see :class:`ShardedRun`.
+    writes the file and returns the results, the others None. ``trust_code``: see :class:`ShardedRun`. ``splits``:
+    ``{"test": ..., "val": ...}`` to score (datasets given from Python), else the config's data are read.
     """
     run = ShardedRun(run_dir, device, env, trust_code)
-    train_full, test = load_datasets(run.cfg.data)
-    _, val = split_dataset(train_full, run.cfg.data.val_fraction, run.cfg.data.split_seed)
-    splits = {"val": val, "test": test} if len(val) else {"test": test}
+    if splits is None:
+        train_full, test = run.datasets()
+        _, val = split_dataset(train_full, run.cfg.data.val_fraction, run.cfg.data.split_seed)
+        splits = {"val": val, "test": test} if len(val) else {"test": test}
     scores = {split: score_strategies(run.trained, run.decomposition, run.shapes.num_classes, run.run_batches,
                                       to_float(data.images), run.env)[0] for split, data in splits.items()}
     if not run.env.is_main:
@@ -35,9 +37,10 @@ def evaluate_run(run_dir, device: str | None = None, env: DistEnv | None = None,
     for name in scores["test"]:
         old = previous.get("strategies", {}).get(name, {})
         strategies[name] = {
-            "val_accuracy": accuracy(scores["val"][name], val.labels) if "val" in scores else None,
-            "test_accuracy": accuracy(scores["test"][name], test.labels), "train_seconds": old.get("train_seconds"),
-            "parameters": old.get("parameters"), "flops_per_image": old.get("flops_per_image")}
+            "val_accuracy": accuracy(scores["val"][name], splits["val"].labels) if "val" in scores else None,
+            "test_accuracy": accuracy(scores["test"][name], splits["test"].labels),
+            "train_seconds": old.get("train_seconds"), "parameters": old.get("parameters"),
+            "flops_per_image": old.get("flops_per_image")}
     results = {"dataset": run.cfg.data.name, "grid": list(run.decomposition.grid),
                "overlap": list(run.decomposition.overlap), "device_name": device_name(run.runtime.device),
                "torch_version": torch.__version__,

@@ -13,6 +13,7 @@ import torch
 import ddcnn
 from ddcnn.config import STAGES, Config
 from ddcnn.data.loading import to_float
+from ddcnn.data.python import PythonData
 from ddcnn.finished.predictions import accuracy
 from ddcnn.models import LocalEnsemble, count_parameters
 from ddcnn.strategies import STRATEGIES, available
@@ -36,11 +37,12 @@ class Experiment:
 
     def __init__(self, cfg: Config, out: str | Path, resume: bool = False, force: bool = False, command: str = "",
                  verbose: bool = True, log=None, env: DistEnv | None = None, trusted: bool = True,
-                 source: str = "the config"):
+                 source: str = "the config", python: PythonData | None = None):
         """``trusted``: whether an import path as backbone may be imported (False for a config read from a run or
-        study directory without --trust-code; ``source`` names that file in the refusal)."""
+        study directory without --trust-code; ``source`` names that file in the refusal). ``python``: the
+        datasets given from Python (:func:`ddcnn.api.fit`), else the config's data section is read."""
         self.cfg, self.command, self.force, self.verbose, self.print_line = cfg, command, force, verbose, log
-        self.trusted, self.source = trusted, source
+        self.trusted, self.source, self.python = trusted, source, python
         self.env = env or dist.env_from_environment()
         self.run_dir = RunDir(out)
         self.runtime = make_runtime(cfg, self.env)
@@ -50,7 +52,7 @@ class Experiment:
 
     def setup(self) -> Context:
         return build_context(self.cfg, self.run_dir, self.runtime, self.env, self.resume, self.force,
-                             self.verbose, self.print_line, self.trusted, self.source)
+                             self.verbose, self.print_line, self.trusted, self.source, self.python)
 
     def run(self) -> dict | None:
         """All enabled stages, then the test evaluation and the report; returns the results (None on ranks > 0)."""
@@ -80,6 +82,8 @@ def finish(ctx: Context, done: dict[str, StageResult], command: str = "") -> dic
     events = [r for r in ctx.run_dir.metrics() if r.get("event") not in (None, "end")]
     ctx.run_dir.rewrite_metrics(events + [r for stage in STAGES if stage in done
                                           for r in [*done[stage].history, done[stage].summary]])
+    if ctx.python is not None:  # where the data came from, and the path it took
+        results["data_source"] = ctx.python.facts
     ctx.run_dir.write_json("results.json", results)
     from ddcnn.report import write_report
 
