@@ -46,6 +46,7 @@ from ddcnn.finished.predictions import Predictions, prediction_rows, read_inputs
 from ddcnn.finished.run import SavedRun
 from ddcnn.models import BACKBONES
 from ddcnn.models.deployed import LAYOUTS, Deployed, scores_to_probabilities
+from ddcnn.strategies import STRATEGIES
 from ddcnn.train.store.schema import DATA_FACTS
 
 FORMATS = ("pt2", "onnx")
@@ -112,7 +113,7 @@ def export_run(run_dir: Path, strategy: str | None = None, fmt: str = "pt2", out
     run = SavedRun(run_dir, "cpu", trust_code=trust_code)
     name, predictor = run.strategy(strategy)
     path = _out_path(out, Path(run_dir), name, fmt)
-    if name == "global":
+    if STRATEGIES[name].whole_image:
         layout = None  # one whole-image CNN: no local CNNs to lay out
     elif layout is None:
         layout = "grouped" if run.cfg.model.backbone in BACKBONES else "separate"

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from ddcnn.build import Models, Shapes, meta_model, weight_shapes, with_backend
-from ddcnn.config import STAGES, Config, builtin_backbone_only
+from ddcnn.config import STAGES, Config, active, builtin_backbone_only
 from ddcnn.data.datasets import load_datasets
 from ddcnn.data.loading import split_dataset
 from ddcnn.data.python import PythonData
@@ -130,9 +130,10 @@ def admit_run_dir_early(run_dir: RunDir, cfg: Config, resume: bool, force: bool 
 
 def check_stages(cfg: Config) -> None:
     """Stages that need another stage's models: refused before anything is read or written."""
-    for stage in ("combine", "transfer"):
-        if cfg.stages.get(stage).enabled and not cfg.stages.local.enabled:
-            raise ConfigError(f"stage {stage!r} needs the trained local CNNs: enable stages.local or disable "
+    for stage in ("combine", "transfer", "global_transfer"):
+        if active(cfg, stage) and not cfg.stages.local.enabled:
+            what = "sub-networks" if stage == "global_transfer" else "local CNNs"
+            raise ConfigError(f"stage {stage!r} needs the trained {what}: enable stages.local or disable "
                               f"stages.{stage}")
 
 
@@ -141,7 +142,7 @@ def check_processes(cfg: Config, models: Models, env: DistEnv, sharded: list[str
     refused, on every rank alike. ``sharded``: the stages loaded as shards (a finished run under torchrun);
     default the enabled model-parallel stages of ``cfg``."""
     if sharded is None:  # the stages whose way holds a shard of the local CNNs on each process
-        sharded = [stage for stage in STAGES if cfg.stages.get(stage).enabled and
+        sharded = [stage for stage in STAGES if active(cfg, stage) and
                    choose(cfg, stage, env, models.shapes.image_size, models.n_local).shard(models.n_local) is not None]
     if env.enabled and sharded and env.world > models.n_local:
         # Model and data parallelism together (a 2-D mesh of processes) is not built: refused, not half-done.
@@ -165,5 +166,5 @@ def check_ways(cfg: Config, models: Models, env: DistEnv) -> None:
     """Each enabled stage's way of using the processes refuses what it cannot split (a spatial-parallel global
     CNN: an image size whose slabs would not stay aligned through every downsampling)."""
     for stage in STAGES:
-        if cfg.stages.get(stage).enabled:
+        if active(cfg, stage):
             choose(cfg, stage, env, models.shapes.image_size, models.n_local).admit(cfg)

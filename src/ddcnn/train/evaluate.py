@@ -29,7 +29,8 @@ def evaluate_run(run_dir, device: str | None = None, env: DistEnv | None = None,
         _, val = split_dataset(train_full, run.cfg.data.val_fraction, run.cfg.data.split_seed)
         splits = {"val": val, "test": test} if len(val) else {"test": test}
     scores = {split: score_strategies(run.trained, run.decomposition, run.shapes.num_classes, run.run_batches,
-                                      to_float(data.images), run.env)[0] for split, data in splits.items()}
+                                      to_float(data.images), run.env, run.cfg.decomposition.kind)[0]
+              for split, data in splits.items()}
     if not run.env.is_main:
         return None
     previous = run.best or {}  # the evaluation stands on its own without results.json

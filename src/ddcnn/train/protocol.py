@@ -11,7 +11,7 @@ from typing import cast
 import torch
 
 import ddcnn
-from ddcnn.config import STAGES, Config
+from ddcnn.config import STAGES, Config, active
 from ddcnn.data.loading import to_float
 from ddcnn.data.python import PythonData
 from ddcnn.finished.predictions import accuracy
@@ -61,7 +61,7 @@ class Experiment:
             ctx = self.setup()
             done: dict[str, StageResult] = {}
             for stage in STAGES:
-                if self.cfg.stages.get(stage).enabled:
+                if active(self.cfg, stage):
                     done[stage] = stages.TRAINERS[stage](ctx, done)
             return finish(ctx, done, self.command)
         finally:
@@ -74,7 +74,7 @@ class Experiment:
 def finish(ctx: Context, done: dict[str, StageResult], command: str = "") -> dict | None:
     """The test evaluation (every process takes part), then on rank 0 the epoch records in stage order,
     ``results.json`` and the report with its plots. Returns the results on rank 0, None elsewhere."""
-    ctx.echo(f"evaluating {', '.join(available(done))} on {len(ctx.test):,} test images")
+    ctx.echo(f"evaluating {', '.join(available(done, ctx.cfg.decomposition.kind))} on {len(ctx.test):,} test images")
     results = evaluate_test(ctx, done, command)
     if results is None:
         return None
@@ -104,7 +104,7 @@ def evaluate_test(ctx: Context, done: dict[str, StageResult], command: str = "")
         trained["local"] = ctx.local_shards().scored(ctx.decomposition, cast(LocalEnsemble, trained["local"]))
     splits = {"test": ctx.test} if len(ctx.val) == 0 else {"val": ctx.val, "test": ctx.test}
     scored = {split: score_strategies(trained, ctx.decomposition, len(ctx.classes), ctx.predict, data.images,
-                                      ctx.env) for split, data in splits.items()}
+                                      ctx.env, ctx.cfg.decomposition.kind) for split, data in splits.items()}
     scores = {split: s for split, (s, _) in scored.items()}
     costs = _model_costs(ctx, done, trained)
     if not ctx.env.is_main:
@@ -140,7 +140,7 @@ def _model_costs(ctx: Context, done: dict[str, StageResult], trained: dict) -> d
 
     ensemble_cost = local_cost(cast(LocalEnsemble, done["local"].model)) if "local" in done else (0, 0)
     costs = {}
-    for name in available(done):
+    for name in available(done, ctx.cfg.decomposition.kind):
         strategy = STRATEGIES[name]
         if strategy.combiner is not None:
             combiner = strategy.combiner(trained, n, k)
@@ -185,7 +185,9 @@ def _strategy_records(ctx: Context, done: dict[str, StageResult], scores: dict, 
 def _run_facts(ctx: Context, command: str) -> dict:
     """What the run was: its data, decomposition, models, machine, versions and command."""
     shapes, d = ctx.models.shapes, ctx.decomposition
-    return {
+    width = {"decomposition": {"kind": "width", "parts": ctx.n_local, "input": ctx.cfg.decomposition.input,
+                               "cross_scale": ctx.cfg.decomposition.cross_scale}} if ctx.models.width_kind else {}
+    return {  # a spatial run's results.json keeps its keys
         "dataset": ctx.cfg.data.name, "name": ctx.cfg.name, "image_size": list(shapes.image_size),
         "grid": list(d.grid), "overlap": list(d.overlap), "subimage_size": list(d.subimage_size),
         "num_classes": len(ctx.classes), "classes": ctx.classes, "backbone": ctx.cfg.model.backbone,
@@ -193,7 +195,7 @@ def _run_facts(ctx: Context, command: str) -> dict:
         "device": ctx.runtime.device.type, "device_name": device_name(ctx.runtime.device),
         "torch_version": torch.__version__, "ddcnn_version": ddcnn.__version__, "python": platform.python_version(),
         "command": command, "seed": ctx.cfg.seed, "processes": ctx.env.world,
-        "data_sizes": {"train": len(ctx.train), "val": len(ctx.val), "test": len(ctx.test)},
+        "data_sizes": {"train": len(ctx.train), "val": len(ctx.val), "test": len(ctx.test)}, **width,
     }
 
 
@@ -202,7 +204,8 @@ def _stage_records(ctx: Context, done: dict[str, StageResult]) -> dict:
     critical = _critical(done)
     ways = {stage: ctx.parallelism(stage).record() for stage in done}
     return {
-        "parallel": {stage: ways[stage]["parallelism"] for stage in ("coherent", "transfer") if stage in done},
+        "parallel": {stage: ways[stage]["parallelism"] for stage in ("coherent", "transfer", "global_transfer")
+                     if stage in done},
         "stage_seconds": {stage: result.seconds for stage, result in done.items()},
         "stages": {stage: {**result.summary, **ways[stage],
                            **({"critical_path_seconds": critical[stage]} if stage in critical else {})}
