@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # torch and torchvision as a matched pair (see README, "Set-up"); pyproject.toml keeps loose ranges.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
-OPTIONAL_EXTRAS := 'nibabel>=5' 'tensorboard>=2.12' 'onnx>=1.23' 'onnxscript>=0.7' 'onnxruntime>=1.32'
+OPTIONAL_EXTRAS := 'nibabel>=5' 'pydicom>=2.4' 'tensorboard>=2.12' 'onnx>=1.23' 'onnxscript>=0.7' 'onnxruntime>=1.32'
 
 .PHONY: install test test-heavy lint demo demo-3d bench clean
 

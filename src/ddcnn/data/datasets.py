@@ -20,8 +20,8 @@ from ddcnn.data.readers import (
     load_cifar10,
     load_idx_dataset,
     load_image_folder,
-    load_volume_folder,
 )
+from ddcnn.data.volume_folder import load_volume_folder
 from ddcnn.errors import ConfigError, DataError, DataNotFoundError, ShapeError
 from ddcnn.memory import free_memory, gib
 from ddcnn.paths import user_path
@@ -92,7 +92,10 @@ def load_datasets(data) -> tuple[ImageDataset, ImageDataset]:
         if name == "image-folder":
             full = load_image_folder(data.root, data.image_size, data.channels or 3)
         else:
-            full = load_volume_folder(data.root, data.image_size, data.window, data.class_map)
+            cache = str(user_path(data.cache, "data.cache")) if data.cache is not None else None
+            full = load_volume_folder(data.root, data.image_size, data.window, data.class_map,
+                                      intensity=data.intensity, percentiles=data.percentiles,
+                                      orientation=data.orientation, spacing=data.spacing, cache=cache)
         train, test = split_dataset(full, data.test_fraction, seed=data.split_seed + 1)
         if len(test) == 0:
             raise ConfigError(f"data.test_fraction = {data.test_fraction} leaves no test images; use e.g. 0.2")
@@ -129,6 +132,10 @@ def check_against_config(data, train: ImageDataset) -> None:
             f"data.image_size = {list(data.image_size)} but the {data.name} images are {list(train.image_size)}; "
             f"set data.image_size to {list(train.image_size)} (or remove it)"
         )
+    dims = len(train.image_size)
+    if any(axis >= dims for axis in data.augment.flip_axes):
+        raise ConfigError(f"data.augment.flip_axes = {data.augment.flip_axes} names an axis the {data.name} images "
+                          f"do not have: they have {dims} spatial axes, 0 to {dims - 1}")
     if data.channels is not None and data.channels != train.in_channels:
         raise ShapeError(
             f"data.channels = {data.channels} but the {data.name} images have {train.in_channels} channels; set "
