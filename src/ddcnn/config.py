@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
+import os
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +29,7 @@ import yaml
 from ddcnn.checks import choice
 from ddcnn.errors import ConfigError, did_you_mean
 from ddcnn.files import load_yaml
+from ddcnn.paths import anchored
 
 STAGES = ("global", "local", "combine", "coherent", "transfer")
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "image-folder", "volume-folder", "generated")
@@ -46,7 +50,9 @@ class AugmentConfig:
 @dataclass
 class DataConfig:
     name: str = "fashion-mnist"
-    root: str | None = None  # folder with the files; known places are searched when None
+    root: str | None = None  # folder with the files; known places are searched when None. Relative: to the config
+    #                          file that names it (to the current directory for --set); a run records it absolute
+    root_as_written: str | None = None  # written by ddcnn: data.root as given, and where (data.root: resolved)
     image_size: list[int] | None = None  # resize image/volume folders to this; checked against other datasets
     channels: int | None = None  # 1 or 3 for image folders; checked against other datasets
     val_fraction: float = 0.1  # validation split taken from the training set
@@ -436,7 +442,34 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values, not a "
                           f"{type(data).__name__}")
+    data, overrides, notes = anchor_paths(data, path, overrides or [])
+    for note in notes:
+        print(f"ddcnn: note: {note}", file=sys.stderr)
     return from_dict(data, overrides)
+
+
+def anchor_paths(data: dict, named_in: Path | None, overrides: list[str] = ()) -> tuple[dict, list[str], list[str]]:
+    """``data`` (a config as plain data, read from the file ``named_in``) with ``data.root`` absolute, relative to
+    ``named_in``'s folder, and ``overrides`` with a ``--set data.root=...`` made absolute from the current directory.
+    ``data.root_as_written`` records the path as given and where. Returns both and the notes of
+    :func:`ddcnn.paths.anchored` (a config that relied on the current directory)."""
+    data, notes, sets = copy.deepcopy(data), [], []
+    section = data.get("data")
+    if isinstance(section, dict) and isinstance(section.get("root"), str) and named_in is not None:
+        written = section["root"]
+        section["root"], note = anchored(written, named_in, "data.root")
+        notes += [note] if note else []
+        if section["root"] != written:
+            section["root_as_written"] = f"{written} (in {named_in})"
+    for expression in overrides:
+        key, value = parse_set(expression)
+        if key == ["data", "root"] and isinstance(value, str):
+            resolved, _ = anchored(value, None, "--set data.root")
+            written = f"{value} (--set, from {os.getcwd()})" if resolved != value else None
+            sets += [f"data.root={json.dumps(resolved)}", f"data.root_as_written={json.dumps(written)}"]
+        else:
+            sets.append(expression)
+    return data, sets, notes
 
 
 def dump_config(cfg: Config) -> str:

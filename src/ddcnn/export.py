@@ -83,7 +83,7 @@ def _out_path(out: Path | None, run_dir: Path, strategy: str, fmt: str) -> Path:
 
 
 def export_run(run_dir: Path, strategy: str | None = None, fmt: str = "pt2", out: Path | None = None,
-               layout: str | None = None, trust_code: bool = False) -> Exported:
+               layout: str | None = None, trust_code: bool = False, data_root: str | None = None) -> Exported:
     """Export ``strategy`` of the run in ``run_dir`` (default its best) to ``out`` (default
     ``RUN/export/STRATEGY.FMT``) with the local CNNs in ``layout`` (default ``grouped`` for the built-in backbones,
     ``separate`` for foreign ones), checked against the run before it is kept. Every argument is checked before
@@ -93,7 +93,7 @@ def export_run(run_dir: Path, strategy: str | None = None, fmt: str = "pt2", out
         choice("--layout", layout, LAYOUTS)
     if fmt == "onnx":
         _require_onnx()
-    run = SavedRun(run_dir, "cpu", trust_code=trust_code)
+    run = SavedRun(run_dir, "cpu", trust_code=trust_code, data_root=data_root)
     name, predictor = run.strategy(strategy)
     path = _out_path(out, Path(run_dir), name, fmt)
     if name == "global":

@@ -33,12 +33,18 @@ def _root(data, name: str):
     if root is None and named is not None and named.is_dir() and any(named.iterdir()):
         return named  # a folder the user named that holds something: the reader says what is missing or wrong
     if root is None:
-        where = f"data.root = {data.root}" if data.root else "the known places"
+        where = named_root(data) if data.root else "the known places"
         raise DataNotFoundError(
             f"the {name} files are not in {where}; run `ddcnn data fetch {name}` and set data.root to the folder it "
             f"prints (or remove data.root to search the known places)"
         )
     return root
+
+
+def named_root(data) -> str:
+    """``data.root = /resolved/path (written as 'x' in FILE)``: what the missing-data errors say."""
+    written = f" (written as {data.root_as_written})" if data.root_as_written else ""
+    return f"data.root = {data.root}{written}"
 
 
 def _limit(ds: ImageDataset, limit: int | None, sorted_by_class: bool, seed: int) -> ImageDataset:
@@ -77,6 +83,10 @@ def load_datasets(data) -> tuple[ImageDataset, ImageDataset]:
             raise ConfigError(f"data.image_size must say the size to resize to for data.name = {name!r}, "
                               f"e.g. [128, 128]" + (" or [64, 128, 128]" if name == "volume-folder" else ""))
         dims = 2 if name == "image-folder" else 3
+        if not Path(data.root).is_dir():
+            raise DataNotFoundError(f"the {name} folder is not there: {named_root(data)} is not a directory; give "
+                                    f"the folder of class sub-folders (--set data.root=DIR, relative to the current "
+                                    f"directory)")
         if len(data.image_size) != dims:
             raise ConfigError(f"data.image_size = {list(data.image_size)} has {len(data.image_size)} entries but "
                               f"{name} needs {dims}: " + ("[H, W], e.g. [128, 128]" if dims == 2 else

@@ -24,14 +24,14 @@ from ddcnn.train.scoring import score_strategies
 
 
 def evaluate_run(run_dir, device: str | None = None, env: DistEnv | None = None,
-                 trust_code: bool = False) -> dict | None:
+                 trust_code: bool = False, data_root: str | None = None) -> dict | None:
     """Validation and test accuracy of every saved strategy, recomputed from the checkpoints through the
     protocol's scoring path; written to ``evaluation.json``.
 
     Under torchrun (``env``) each process holds its shard of the local CNNs and all compute together; rank 0
-    writes the file and returns the results, the others None. ``trust_code``: see :class:`SavedRun`.
+    writes the file and returns the results, the others None. ``trust_code``, ``data_root``: see :class:`SavedRun`.
     """
-    run = SavedRun(run_dir, device, env, trust_code)
+    run = SavedRun(run_dir, device, env, trust_code, data_root)
     train_full, test = load_datasets(run.cfg.data)
     _, val = split_dataset(train_full, run.cfg.data.val_fraction, run.cfg.data.split_seed)
     splits = {"val": val, "test": test} if len(val) else {"test": test}

@@ -21,7 +21,7 @@ from ddcnn.train.runfiles import TRAINING_STATE, check_resumable, fix_for
 MARKER = "ddcnn-run.json"
 # Settings that the saved weights depend on: a resumed run must not change them.
 FROZEN_SECTIONS = ("seed", "data", "decomposition", "model", "combiner")
-FREE_DATA_KEYS = ("workers", "device_resident_limit_gb")
+FREE_DATA_KEYS = ("workers", "device_resident_limit_gb", "root", "root_as_written")  # how and where, not what
 # Sections added after runs were first written: a run's config.yaml from before lacks them (their defaults hold).
 LATER_SECTIONS = ("evaluation",)
 # The marker first: --force removes it before anything else, so a kill in the middle never leaves a marked run

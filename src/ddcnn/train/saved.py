@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,7 +11,7 @@ import torch
 from torch import nn
 
 from ddcnn.build import Models, Shapes, meta_model, stage_model, weight_shapes
-from ddcnn.config import STAGES, Config, from_dict
+from ddcnn.config import STAGES, Config, anchor_paths, from_dict
 from ddcnn.data.loading import Normalizer
 from ddcnn.decomposition import Decomposition
 from ddcnn.errors import CheckpointError, ConfigError, DDCNNError, did_you_mean
@@ -37,11 +39,13 @@ class SavedRun:
     ``normalised images -> (global scores (B, K), local logits (B, N, K) or None)``."""
 
     def __init__(self, path: str | Path, device: str | None = None, env: DistEnv | None = None,
-                 trust_code: bool = False):
+                 trust_code: bool = False, data_root: str | None = None):
         """``env``: under torchrun, each process loads only its shard of the local CNNs (and the whole DNN and
         global CNN); every function of :meth:`strategies` must then be called by all processes together.
         ``trust_code``: import a backbone that the run's config.yaml names by import path (refused otherwise,
-        before anything is imported: a run directory is data)."""
+        before anything is imported: a run directory is data). ``data_root``: where the data is now (relative to
+        the current directory), for a run moved to another machine; else config.yaml's (a relative one, written by
+        an earlier version, relative to the run directory, or to the current directory with a note)."""
         self.env = env or DistEnv()
         self.run_dir = RunDir(path)
         if not self.run_dir.is_run:
@@ -49,8 +53,12 @@ class SavedRun:
                                   f"of a `ddcnn run`")
         self.run_dir.read_marker()
         raw = self.run_dir.read_config()  # checked: a valid config
-        # --device is the user's own value: its errors are the user's
-        self.cfg = from_dict(raw if device is None else {**raw, "device": device})
+        raw, sets, notes = anchor_paths(raw, self.run_dir.path / "config.yaml",
+                                        [] if data_root is None else [f"data.root={json.dumps(data_root)}"])
+        for note in notes if self.env.is_main else ():
+            print(f"ddcnn: note: {note}", file=sys.stderr)
+        # --device and --data-root are the user's own values: their errors are the user's
+        self.cfg = from_dict(raw if device is None else {**raw, "device": device}, sets)
         config = str(self.run_dir.path / "config.yaml")
         try:
             check_model_settings(self.cfg.model, self.cfg.combiner, trust_code, repr(config))

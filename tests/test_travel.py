@@ -1,0 +1,114 @@
+"""A run that travels: paths relative to the file that names them, a run moved and used from another directory."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import tiny_dict
+from ddcnn.cli import main
+from ddcnn.config import load_config
+from ddcnn.errors import DataNotFoundError
+
+
+def make_photos(root, classes=3, per_class=10, size=(20, 24)):
+    """``root/class<c>/<i>.png``: RGB photos of another size than the runs take, one colour per class."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        colour = np.eye(3)[c] * 200 + 30
+        for i in range(per_class):
+            img = np.clip(rng.normal(colour, 30, size=(*size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def photo_config(root: str) -> dict:
+    data = tiny_dict(2)
+    data["data"] = {"name": "image-folder", "root": root, "image_size": [16, 16], "channels": 3,
+                    "test_fraction": 0.3, "val_fraction": 0.2}
+    data["stages"] = {"global": {"epochs": 1, "batch_size": 8}, "coherent": {"enabled": False},
+                      "local": {"epochs": 1, "batch_size": 8}, "combine": {"epochs": 1, "batch_size": 8},
+                      "transfer": {"epochs": 1, "batch_size": 8}}
+    return data
+
+
+@pytest.fixture(scope="module")
+def moved_run(tmp_path_factory):
+    """A run trained from ``work/`` with ``data.root: ../data/photos`` in ``work/configs/c.yaml``, then moved."""
+    base = tmp_path_factory.mktemp("travel")
+    make_photos(base / "work" / "data" / "photos")
+    (base / "work" / "configs").mkdir()
+    (base / "work" / "configs" / "c.yaml").write_text(yaml.safe_dump(photo_config("../data/photos")))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(base / "work")
+        assert main(["run", "configs/c.yaml", "--out", "runs/photos", "--quiet"]) == 0
+    moved = base / "elsewhere" / "photos"
+    moved.parent.mkdir()
+    shutil.move(base / "work" / "runs" / "photos", moved)
+    return base, moved
+
+
+def test_config_yaml_records_the_resolved_path_and_the_path_as_written(moved_run):
+    base, moved = moved_run
+    saved = yaml.safe_load((moved / "config.yaml").read_text())["data"]
+    assert saved["root"] == str(base / "work" / "data" / "photos")
+    assert saved["root_as_written"].startswith("../data/photos (in configs/c.yaml")
+
+
+def test_a_moved_run_is_evaluated_exported_and_shown_from_the_root_directory(moved_run, monkeypatch, capsys):
+    _, moved = moved_run
+    monkeypatch.chdir("/")
+    assert main(["evaluate", str(moved)]) == 0
+    assert (moved / "evaluation.json").is_file()
+    assert main(["export", str(moved), "--strategy", "global", "--out", str(moved / "export" / "g.pt2")]) == 0
+    assert main(["show", str(moved / "config.yaml")]) == 0
+    assert "subimages" in capsys.readouterr().out
+
+
+def test_a_set_path_is_relative_to_the_current_directory(tmp_path, monkeypatch):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.yaml").write_text(yaml.safe_dump(photo_config("photos")))
+    monkeypatch.chdir(tmp_path)
+    assert load_config("sub/c.yaml").data.root == str(tmp_path / "sub" / "photos")
+    cfg = load_config("sub/c.yaml", ["data.root=other"])
+    assert cfg.data.root == str(tmp_path / "other")
+    assert cfg.data.root_as_written == f"other (--set, from {tmp_path})"
+
+
+def test_a_config_that_relied_on_the_current_directory_works_with_a_note(tmp_path, monkeypatch, capsys):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "c.yaml").write_text(yaml.safe_dump(photo_config("photos")))
+    monkeypatch.chdir(tmp_path)
+    assert load_config("configs/c.yaml").data.root == str(tmp_path / "photos")
+    note = capsys.readouterr().err
+    assert "relative to that file" in note and "'../photos'" in note
+
+
+def test_the_missing_data_error_names_the_file_and_the_resolved_path(tmp_path, monkeypatch):
+    from ddcnn.data.datasets import load_datasets
+
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(photo_config("gone")))
+    monkeypatch.chdir("/")
+    with pytest.raises(DataNotFoundError) as err:
+        load_datasets(load_config(tmp_path / "c.yaml").data)
+    assert str(tmp_path / "gone") in str(err.value) and f"gone (in {tmp_path / 'c.yaml'})" in str(err.value)
+
+
+def test_a_run_of_an_earlier_version_with_a_relative_root_still_works(moved_run, tmp_path, monkeypatch):
+    """Earlier versions saved data.root as written, relative to the directory the run was started from."""
+    base, moved = moved_run
+    old = tmp_path / "old"
+    shutil.copytree(moved, old)
+    config = yaml.safe_load((old / "config.yaml").read_text())
+    config["data"]["root"] = "data/photos"
+    del config["data"]["root_as_written"]
+    (old / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    monkeypatch.chdir(base / "work")
+    assert main(["evaluate", str(old)]) == 0
+    assert json.loads((old / "evaluation.json").read_text())["strategies"]["global"]["test_accuracy"] is not None
