@@ -112,3 +112,16 @@ def test_a_run_of_an_earlier_version_with_a_relative_root_still_works(moved_run,
     monkeypatch.chdir(base / "work")
     assert main(["evaluate", str(old)]) == 0
     assert json.loads((old / "evaluation.json").read_text())["strategies"]["global"]["test_accuracy"] is not None
+
+
+def test_results_json_has_the_metrics_beyond_accuracy_for_every_strategy(moved_run):
+    _, moved = moved_run
+    results = json.loads((moved / "results.json").read_text())
+    for name, entry in results["strategies"].items():
+        m = entry["test_metrics"]
+        matrix = np.array(m["confusion_matrix"], dtype=float)
+        assert m["accuracy"] == pytest.approx(entry["test_accuracy"])
+        assert m["balanced_accuracy"] == pytest.approx(np.mean(np.diag(matrix) / matrix.sum(1)))
+        assert 0 <= m["macro_f1"] <= 1 and set(m["per_class"]) == {"class0", "class1", "class2"}
+        assert (m["roc_auc"] is None) == (name == "majority_vote")
+    assert "balanced accuracy" in (moved / "report.md").read_text()

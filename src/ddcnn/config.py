@@ -35,7 +35,11 @@ STAGES = ("global", "local", "combine", "coherent", "transfer")
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "image-folder", "volume-folder", "generated")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "step")
-MONITORS = ("val_accuracy", "val_loss")  # what early stopping watches (higher accuracy, lower loss is better)
+# The metrics a run reports per strategy (ddcnn.metrics): evaluation.metric chooses the best strategy and the
+# study's claims by one of them; stages.*.monitor watches it (or the loss) on the validation split.
+METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc")
+# what early stopping watches (lower loss, higher everything else is better); the bare names are accepted too
+MONITORS = ("val_accuracy", "val_loss", "val_balanced_accuracy", "val_macro_f1", "val_roc_auc")
 KEEPS = ("best", "last")
 # The ways a stage can use several processes, the default first (docs/scaling.md).
 PARALLEL = {"global": ("data", "spatial"), "coherent": ("model", "data"), "transfer": ("model", "data")}
@@ -137,6 +141,9 @@ class EvaluationConfig:
     # global CNN's best validation accuracy minus target_margin.
     target_accuracy: float | None = None
     target_margin: float = 0.005
+    # The metric that chooses the best strategy (on validation) and that the study's claims compare (on test):
+    # accuracy, balanced_accuracy, macro_f1 or roc_auc (ddcnn.metrics).
+    metric: str = "accuracy"
 
 
 @dataclass
@@ -355,6 +362,8 @@ def validate(cfg: Config) -> Config:
         for name in ("weight_decay", "warmup_epochs", "momentum", "label_smoothing"):
             if getattr(s, name) < 0:
                 raise ConfigError(f"stages.{stage}.{name} = {getattr(s, name)} must not be negative")
+        if s.monitor in (*METRICS, "loss"):
+            s.monitor = f"val_{s.monitor}"  # the bare metric names of evaluation.metric watch the validation split
         choice(f"stages.{stage}.monitor", s.monitor, MONITORS)
         if s.keep is not None:
             choice(f"stages.{stage}.keep", s.keep, KEEPS)
@@ -408,6 +417,7 @@ def validate(cfg: Config) -> Config:
     if target is not None and not 0 < target <= 1:
         raise ConfigError(f"evaluation.target_accuracy = {target} must be a fraction in (0, 1], e.g. 0.9, or null "
                           f"for the global CNN's best validation accuracy minus evaluation.target_margin")
+    choice("evaluation.metric", cfg.evaluation.metric, METRICS)
     if not 0 <= margin < 1:
         raise ConfigError(f"evaluation.target_margin = {margin} must be a fraction in [0, 1), e.g. 0.005 (0.5 pp)")
     if not any(cfg.stages.get(s).enabled for s in STAGES):

@@ -26,7 +26,8 @@ class Strategy:
     only stage). ``time_stages``: whose train time counts toward it; ``init_stages``: counted too when the
     strategy's model was initialised from them (the transfer CNN-DNN's DNN from the combine stage).
     ``curve_key``: the key of the epoch records of its own stage (the last it counts) that hold its validation
-    accuracy.
+    accuracy. ``probabilities``: whether the softmax of its scores is a class probability (ROC AUC is reported for
+    it); a majority vote's scores count votes.
     """
 
     name: str
@@ -36,6 +37,7 @@ class Strategy:
     combiner: Callable[[Mapping[str, nn.Module], int, int], nn.Module] | None = None
     init_stages: tuple[str, ...] = ()
     curve_key: str = "val_accuracy"
+    probabilities: bool = True
 
     def counted_stages(self, initialised_from: tuple[str, ...] = ()) -> tuple[str, ...]:
         """The stages whose train time counts, in stage order, given the stages the model was initialised from."""
@@ -57,7 +59,8 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Strategy("mean_probability", "mean probability", ("local",), ("local",),
              combiner=lambda trained, n, k: MeanProbability(n, k), curve_key="val_accuracy_mean_probability"),
     Strategy("majority_vote", "majority vote", ("local",), ("local",),
-             combiner=lambda trained, n, k: MajorityVote(n, k), curve_key="val_accuracy_majority_vote"),
+             combiner=lambda trained, n, k: MajorityVote(n, k), curve_key="val_accuracy_majority_vote",
+             probabilities=False),
     Strategy("coherent", "coherent CNN-DNN", ("coherent",), ("coherent",)),
     Strategy("transfer", "transfer CNN-DNN", ("transfer",), ("local", "transfer"), init_stages=("combine",)),
 )}

@@ -10,6 +10,7 @@ from pathlib import Path
 from ddcnn.config import STAGES
 from ddcnn.decomposition import Decomposition
 from ddcnn.errors import DDCNNError
+from ddcnn.report.classes import metrics_section
 from ddcnn.report.plots import (
     _grid_index,
     plot_accuracy_vs_cost,
@@ -175,6 +176,8 @@ def write_report(
         if results.get("best_strategy_basis"):
             how = how or f", chosen on {results['best_strategy_basis']}"
         lines += ["", f"**Best strategy:** {md_cell(strategy_label(best))}{score}{how}."]
+
+    lines += metrics_section(results, best)
 
     if any((entry or {}).get("cost") for entry in strategies.values()):
         lines += _time_to_accuracy_section(results, plots, run_dir)

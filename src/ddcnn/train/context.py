@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddcnn.build import Models, Shapes, with_backend
-from ddcnn.config import Config
+from ddcnn.config import STAGES, Config
 from ddcnn.data.datasets import load_datasets
 from ddcnn.data.loading import Augment, Normalizer, make_batches, split_dataset
 from ddcnn.data.readers import ImageDataset
+from ddcnn.metrics import metric_value
 from ddcnn.models import LocalEnsemble, forward_flops
 from ddcnn.models.combiners import Combiner
 from ddcnn.models.settings import check_model_settings
@@ -136,7 +137,14 @@ class Context:
 
     def val_scores(self, logits: torch.Tensor) -> dict:
         return {"val_loss": F.cross_entropy(logits, self.val.labels).item(),
-                "val_accuracy": accuracy(logits, self.val.labels)}
+                "val_accuracy": accuracy(logits, self.val.labels), **self.monitored(logits)}
+
+    def monitored(self, logits: torch.Tensor) -> dict:
+        """The validation metrics that some stage's ``monitor`` names beyond loss and accuracy, of logits
+        ``(M, K)``: ``{"val_macro_f1": ...}`` (:mod:`ddcnn.metrics`)."""
+        wanted = {self.cfg.stages.get(s).monitor for s in STAGES} - {"val_accuracy", "val_loss"}
+        return {key: metric_value(logits, self.val.labels, key.removeprefix("val_"), len(self.classes))
+                for key in sorted(wanted)}
 
     def val_metrics(self, fn) -> dict:
         """Validation loss and accuracy of ``fn`` (images -> logits); None when there is no validation split."""

@@ -16,6 +16,7 @@ from ddcnn.data.loading import split_dataset, to_float
 from ddcnn.data.readers import read_image_file, read_volume_file
 from ddcnn.errors import DataError
 from ddcnn.models.deployed import scores_to_probabilities
+from ddcnn.train.best import best_strategy, strategy_metrics
 from ddcnn.train.context import accuracy
 from ddcnn.train.dist import DistEnv
 from ddcnn.train.runtime import device_name
@@ -46,8 +47,11 @@ def evaluate_run(run_dir, device: str | None = None, env: DistEnv | None = None,
         strategies[name] = {
             "val_accuracy": accuracy(scores["val"][name], val.labels) if "val" in scores else None,
             "test_accuracy": accuracy(scores["test"][name], test.labels), "train_seconds": old.get("train_seconds"),
-            "parameters": old.get("parameters"), "flops_per_image": old.get("flops_per_image")}
-    results = {"dataset": run.cfg.data.name, "grid": list(run.decomposition.grid),
+            "parameters": old.get("parameters"), "flops_per_image": old.get("flops_per_image"),
+            **strategy_metrics(name, {s: scores[s][name] for s in scores}, splits, run.classes)}
+    best, basis = best_strategy(strategies, run.cfg.evaluation.metric) if "val" in scores else (None, None)
+    results = {"dataset": run.cfg.data.name, "grid": list(run.decomposition.grid), "best_strategy": best,
+               "best_strategy_basis": basis,
                "overlap": list(run.decomposition.overlap), "device_name": device_name(run.runtime.device),
                "torch_version": torch.__version__,
                "strategies": strategies}

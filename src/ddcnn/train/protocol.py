@@ -18,6 +18,7 @@ from ddcnn.strategies import STRATEGIES, available
 from ddcnn.train import dist, stages
 from ddcnn.train.admit import check_stages
 from ddcnn.train.context import Context, StageResult, accuracy, build_context
+from ddcnn.train.best import best_strategy, strategy_metrics
 from ddcnn.train.cost import strategy_costs, target_accuracy, time_to_target
 from ddcnn.train.dist import DistEnv
 from ddcnn.train.metrics import MetricsLog
@@ -141,10 +142,10 @@ def evaluate_test(ctx: Context, done: dict[str, StageResult], command: str = "")
         strategies[name] = {"val_accuracy": val, "test_accuracy": accuracy(scores["test"][name], labels),
                             "train_seconds": cost["seconds"],  # every stage it depends on (train/cost.py)
                             "parameters": costs[name][0], "flops_per_image": costs[name][1], "cost": cost,
-                            "time_to_target": time_to_target(curves[name], target)}
+                            "time_to_target": time_to_target(curves[name], target),
+                            **strategy_metrics(name, {s: scores[s][name] for s in scores}, splits, ctx.classes)}
     if "val" in scores:
-        best = max(strategies, key=lambda name: cast(float, strategies[name]["val_accuracy"]))
-        basis = "validation accuracy"
+        best, basis = best_strategy(strategies, ctx.cfg.evaluation.metric)
     else:  # the test set never chooses: without a validation split, the first strategy trained is reported
         best, basis = next(iter(strategies)), "none (no validation split): the first strategy trained"
     stages_summary = {stage: {**result.summary, **({"critical_path_seconds": critical[stage]} if stage in critical
