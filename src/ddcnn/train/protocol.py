@@ -161,7 +161,7 @@ def evaluate_test(ctx: Context, done: dict[str, StageResult], command: str = "")
         "parallel": {stage: stages.parallel_mode(ctx, stage) for stage in ("coherent", "transfer") if stage in done},
         "data_sizes": {"train": len(ctx.train), "val": len(ctx.val), "test": len(ctx.test)},
         "strategies": strategies, "stage_seconds": seconds, "stages": stages_summary,
-        "best_strategy": best, "best_strategy_basis": basis,
+        "best_strategy": best, "best_strategy_basis": basis, "evaluation_metric": ctx.cfg.evaluation.metric,
         "target": {"val_accuracy": target, "source": target_source}, "curves": curves,
         "transfer_used_dnn": ("combine" in initialised_from) if "transfer" in done else None,
         "confusion_matrix": {"strategy": best, "matrix": confusion(scores["test"][best].argmax(-1), labels, k)},
