@@ -125,3 +125,40 @@ def test_results_json_has_the_metrics_beyond_accuracy_for_every_strategy(moved_r
         assert 0 <= m["macro_f1"] <= 1 and set(m["per_class"]) == {"class0", "class1", "class2"}
         assert (m["roc_auc"] is None) == (name == "majority_vote")
     assert "balanced accuracy" in (moved / "report.md").read_text()
+
+
+def test_a_run_on_an_image_folder_lists_its_split(moved_run):
+    base, moved = moved_run
+    splits = json.loads((moved / "splits.json").read_text())
+    files = {s: splits[s]["files"] for s in ("train", "val", "test")}
+    everything = sorted(p.relative_to(base / "work" / "data" / "photos").as_posix()
+                        for p in (base / "work" / "data" / "photos").rglob("*.png"))
+    assert sorted(files["train"] + files["val"] + files["test"]) == everything  # each file once
+    assert [splits[s]["count"] for s in ("train", "val", "test")] == \
+        [len(files[s]) for s in ("train", "val", "test")] and len(files["test"]) == 9  # 30 % of 30
+
+
+def test_a_pre_split_folder_is_used_as_given(tmp_path, monkeypatch):
+    root = tmp_path / "photos"
+    for split, count in (("train", 6), ("val", 2), ("test", 3)):
+        make_photos(root / split, per_class=count)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(photo_config("photos")))
+    monkeypatch.chdir("/")
+    assert main(["run", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    splits = json.loads((tmp_path / "run" / "splits.json").read_text())
+    for split in ("train", "val", "test"):
+        assert splits[split]["files"] == sorted((p.relative_to(root).as_posix() for p in (root / split).rglob("*.png")),
+                                                key=lambda f: (f.split("/")[1], int(f.split("/")[2][:-4])))
+    assert "given" in splits["split"]
+
+
+def test_a_run_on_arrays_records_index_ranges_and_a_checksum(finished_run):
+    import hashlib
+
+    out, _ = finished_run
+    splits = json.loads((out / "splits.json").read_text())
+    covered = sorted(i for s in ("train", "val") for a, b in splits[s]["ranges"] for i in range(a, b))
+    assert covered == list(range(160))  # the 160 generated training images, each in train or val once
+    val = np.array([i for a, b in splits["val"]["ranges"] for i in range(a, b)], dtype="<i8")
+    assert splits["val"]["sha256"] == hashlib.sha256(val.tobytes()).hexdigest() and len(val) == 32
+    assert splits["test"]["ranges"] == [[0, 64]]

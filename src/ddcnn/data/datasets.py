@@ -22,6 +22,7 @@ from ddcnn.data.readers import (
     load_image_folder,
     load_volume_folder,
 )
+from ddcnn.data.splits import given_splits, with_classes
 from ddcnn.errors import ConfigError, DataError, DataNotFoundError, ShapeError
 from ddcnn.memory import free_memory, gib
 from ddcnn.paths import user_path
@@ -54,12 +55,31 @@ def _limit(ds: ImageDataset, limit: int | None, sorted_by_class: bool, seed: int
         return ds
     if sorted_by_class:
         return split_dataset(ds, limit / len(ds), seed=seed)[1]
-    return ImageDataset(ds.images[:limit], ds.labels[:limit], ds.classes)
+    origin = ds.origin if ds.origin is not None else torch.arange(len(ds))
+    return ImageDataset(ds.images[:limit], ds.labels[:limit], ds.classes, origin[:limit], ds.names)
 
 
 def load_datasets(data) -> tuple[ImageDataset, ImageDataset]:
     """``(train, test)`` for a :class:`~ddcnn.config.DataConfig`; image and volume folders are split by
-    ``test_fraction`` (stratified, ``split_seed``) since they ship no test set."""
+    ``test_fraction`` (stratified, ``split_seed``) unless they come split (:func:`load_splits`)."""
+    train, _, test = _load(data)
+    return train, test
+
+
+def load_splits(data) -> tuple[ImageDataset, ImageDataset, ImageDataset, bool]:
+    """``(train, val, test, given)``: val is a pre-split folder's ``val/`` as given, else drawn from the training
+    set (``val_fraction``, stratified, ``split_seed``); ``given``: whether the folder came split."""
+    train_full, val, test = _load(data)
+    given = data.name in ("image-folder", "volume-folder") and given_splits(data.root) is not None
+    if val is None:
+        train, val = split_dataset(train_full, data.val_fraction, data.split_seed)
+        return train, val, test, given
+    return train_full, val, test, given
+
+
+def _load(data) -> tuple[ImageDataset, ImageDataset | None, ImageDataset]:
+    """``(train, val or None, test)``: the validation split only where a pre-split folder gives it."""
+    val = None
     if data.root is not None:  # '~' read as everywhere else, and impossible paths refused, before any search
         data = dataclasses.replace(data, root=str(user_path(data.root, "data.root")))
     check_data_size(data)
@@ -91,11 +111,20 @@ def load_datasets(data) -> tuple[ImageDataset, ImageDataset]:
             raise ConfigError(f"data.image_size = {list(data.image_size)} has {len(data.image_size)} entries but "
                               f"{name} needs {dims}: " + ("[H, W], e.g. [128, 128]" if dims == 2 else
                                                           "[D, H, W], e.g. [64, 128, 128]"))
-        if name == "image-folder":
-            full = load_image_folder(data.root, data.image_size, data.channels or 3)
+        def read(folder):
+            if name == "image-folder":
+                return load_image_folder(folder, data.image_size, data.channels or 3)
+            return load_volume_folder(folder, data.image_size, data.window, data.class_map)
+
+        given = given_splits(data.root)
+        if given:  # train/, test/ (and val/) as the folder gives them
+            root = Path(data.root)
+            train = read(root / "train")
+            parts = {s: with_classes(read(root / s), train.classes, root / s) for s in given if s != "train"}
+            train = with_classes(train, train.classes, root / "train")
+            test, val = parts["test"], parts.get("val")
         else:
-            full = load_volume_folder(data.root, data.image_size, data.window, data.class_map)
-        train, test = split_dataset(full, data.test_fraction, seed=data.split_seed + 1)
+            train, test = split_dataset(read(data.root), data.test_fraction, seed=data.split_seed + 1)
         if len(test) == 0:
             raise ConfigError(f"data.test_fraction = {data.test_fraction} leaves no test images; use e.g. 0.2")
     else:  # generated
@@ -121,7 +150,7 @@ def load_datasets(data) -> tuple[ImageDataset, ImageDataset]:
             raise DataError(f"the {part} set of {name} is empty")
         if ds.images.is_floating_point() and not torch.isfinite(ds.images).all():
             raise DataError(f"the {part} set of {name} holds NaN or infinite pixel values; clean the files")
-    return train, test
+    return train, val, test
 
 
 def _check_against_config(data, train: ImageDataset) -> None:

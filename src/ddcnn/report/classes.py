@@ -30,7 +30,8 @@ def metrics_section(results: Mapping, best: str | None) -> list[str]:
     per_class = (strategies.get(best) or {}).get("per_class") if best else None
     if per_class:
         lines += ["", f"Per class, {md_cell(strategy_label(best))}:", "",
-                  "| class | precision (%) | recall (%) | F1 (%) | ROC AUC (%) | test images |", "|:---|---:|---:|---:|---:|---:|"]
+                  "| class | precision (%) | recall (%) | F1 (%) | ROC AUC (%) | test images |",
+                  "|:---|---:|---:|---:|---:|---:|"]
         for cls, m in per_class.items():
             lines.append(f"| {md_cell(cls)} | {format_percent(m.get('precision'))} | {format_percent(m.get('recall'))} "
                          f"| {format_percent(m.get('f1'))} | {format_percent(m.get('roc_auc'))} | {m.get('support')} |")

@@ -13,9 +13,10 @@ from torch import nn
 
 from ddcnn.build import Models, Shapes, with_backend
 from ddcnn.config import STAGES, Config
-from ddcnn.data.datasets import load_datasets
-from ddcnn.data.loading import Augment, Normalizer, make_batches, split_dataset
+from ddcnn.data.datasets import load_splits
+from ddcnn.data.loading import Augment, Normalizer, make_batches
 from ddcnn.data.readers import ImageDataset
+from ddcnn.data.splits import split_record
 from ddcnn.metrics import metric_value
 from ddcnn.models import LocalEnsemble, forward_flops
 from ddcnn.models.combiners import Combiner
@@ -194,9 +195,8 @@ def build_context(cfg: Config, run_dir: RunDir, runtime: Runtime, env: DistEnv, 
     spatial = cfg.stages.global_.enabled and cfg.stages.global_.parallel == "spatial"
     check_model_settings(cfg.model, cfg.combiner, trusted, source, spatial=spatial)
     cfg = with_backend(cfg)  # config.yaml records the backend that runs (and a resumed run is checked against it)
-    train_full, test = load_datasets(cfg.data)
-    train, val = split_dataset(train_full, cfg.data.val_fraction, cfg.data.split_seed)
-    classes = list(train_full.classes)
+    train, val, test, given = load_splits(cfg.data)
+    classes = list(train.classes)
     shapes = Shapes(train.in_channels, len(classes), train.image_size)
     models = Models(cfg, shapes)
     if env.is_main:
@@ -211,6 +211,7 @@ def build_context(cfg: Config, run_dir: RunDir, runtime: Runtime, env: DistEnv, 
             "classes": classes, "in_channels": shapes.in_channels, "image_size": list(shapes.image_size),
             "normalizer": normalizer.state_dict(), "train": len(train), "val": len(val), "test": len(test),
         })
+        run_dir.write_json("splits.json", split_record(cfg.data.name, train, val, test, given))
     env.barrier()  # the other ranks read the run directory that rank 0 prepared
     log = MetricsLog(run_dir, verbose, print_line) if env.is_main else _no_log
     return Context(cfg, env, runtime, run_dir, train, val, test, classes, normalizer, models, log,

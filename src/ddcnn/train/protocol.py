@@ -17,8 +17,8 @@ from ddcnn.models import LocalEnsemble, count_parameters
 from ddcnn.strategies import STRATEGIES, available
 from ddcnn.train import dist, stages
 from ddcnn.train.admit import check_stages
-from ddcnn.train.context import Context, StageResult, accuracy, build_context
 from ddcnn.train.best import best_strategy, strategy_metrics
+from ddcnn.train.context import Context, StageResult, accuracy, build_context
 from ddcnn.train.cost import strategy_costs, target_accuracy, time_to_target
 from ddcnn.train.dist import DistEnv
 from ddcnn.train.metrics import MetricsLog

@@ -27,7 +27,7 @@ LATER_SECTIONS = ("evaluation",)
 # The marker first: --force removes it before anything else, so a kill in the middle never leaves a marked run
 # without its config.yaml.
 OUTPUTS = (MARKER, "checkpoints", "plots", "tensorboard", "metrics.jsonl", "results.json", "report.md",
-           "config.yaml", "data.json", "local_timing.json", "evaluation.json", ".write-test")
+           "config.yaml", "data.json", "splits.json", "local_timing.json", "evaluation.json", ".write-test")
 
 
 class RunDir:
