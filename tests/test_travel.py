@@ -162,3 +162,36 @@ def test_a_run_on_arrays_records_index_ranges_and_a_checksum(finished_run):
     val = np.array([i for a, b in splits["val"]["ranges"] for i in range(a, b)], dtype="<i8")
     assert splits["val"]["sha256"] == hashlib.sha256(val.tobytes()).hexdigest() and len(val) == 32
     assert splits["test"]["ranges"] == [[0, 64]]
+
+
+def test_an_onnx_client_from_the_readme_and_the_sidecar_matches_predict(moved_run, tmp_path, capsys):
+    """The README's client (numpy, Pillow, ONNX Runtime) on pictures of another size than the run's images."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    base, moved = moved_run
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    client = re.search(r"<!-- onnx-client -->\n```python\n(.*?)```", readme, re.S).group(1)
+    assert len(client.splitlines()) <= 16
+    (tmp_path / "client.py").write_text(client)
+    model = tmp_path / "m.onnx"
+    assert main(["export", str(moved), "--strategy", "mean_probability", "--format", "onnx", "--out", str(model)]) == 0
+    meta = json.loads((tmp_path / "m.onnx.json").read_text())
+    assert meta["schema"] == 2 and meta["preprocessing"]["size"] == [16, 16] and "window" not in meta
+    pictures = sorted((base / "work" / "data" / "photos").rglob("*.png"))[::7]  # 20x24 pixels, run on 16x16
+    done = subprocess.run([sys.executable, str(tmp_path / "client.py"), str(model), *map(str, pictures)],
+                          capture_output=True, text=True, check=True)
+    capsys.readouterr()
+    assert main(["predict", str(moved), *map(str, pictures), "--strategy", "mean_probability", "--format",
+                 "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    lines = done.stdout.splitlines()
+    assert len(lines) == len(rows) == len(pictures)
+    for line, row in zip(lines, rows):
+        path, label, *values = line.split(" ")
+        assert (path, label) == (row["file"], row["class"])
+        assert [float(v) for v in values] == pytest.approx(list(row["probabilities"].values()), abs=1e-5)

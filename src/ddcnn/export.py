@@ -3,7 +3,8 @@
 The exported model is :class:`ddcnn.models.deployed.Deployed`: float images ``(B, C, *image_size)`` in [0, 1], as
 the dataset readers give them, to ``(B, K)`` class probabilities (vote shares for majority vote); the normaliser
 and the decomposition are inside, the batch size is dynamic. Beside ``FILE`` goes ``FILE.json``: the classes, the
-input's size and channels, the strategy, the layout, the run's test accuracy and the versions.
+input's size and channels, the preprocessing recipe from a file on disk (:mod:`ddcnn.data.recipe`, with its
+schema version), the strategy, the layout, the run's test accuracy and the versions.
 
 The file is written to a temporary name, loaded back and run on the run's test images: with
 ``torch.export.load`` (.pt2) or ONNX Runtime (.onnx). Only when its probabilities match the run's own model (eval
@@ -30,11 +31,12 @@ import ddcnn
 from ddcnn.checks import choice
 from ddcnn.data.datasets import load_datasets
 from ddcnn.data.loading import to_float
+from ddcnn.data.recipe import SCHEMA, input_recipe
 from ddcnn.errors import CheckpointError, ConfigError, DataError, ExportError
 from ddcnn.files import Check, Opt, atomic_write, atomic_write_text, read_json
 from ddcnn.models import BACKBONES
 from ddcnn.models.deployed import LAYOUTS, Deployed, scores_to_probabilities
-from ddcnn.train.evaluate import Predictions, read_input
+from ddcnn.train.evaluate import VOTE_SHARES, Predictions, output, read_input
 from ddcnn.train.saved import SavedRun
 
 FORMATS = ("pt2", "onnx")
@@ -45,7 +47,9 @@ ONNX_EXTRA = "pip install 'ddcnn[export]' (onnx, onnxscript, onnxruntime)"
 _POSITIVE = Check(int, lambda v: v > 0, "a positive whole number")
 META = {"format": Check(str, lambda v: v in FORMATS, "pt2 or onnx"), "strategy": str, "layout": Opt(str),
         "classes": [str], "image_size": Check([_POSITIVE], lambda v: len(v) in (2, 3), "2 or 3 sizes"),
-        "in_channels": _POSITIVE, "output": str, "dataset": str, "window": [float]}
+        "in_channels": _POSITIVE, "output": str, "dataset": str, "window?": [float],
+        "schema?": Check(int, lambda v: 1 <= v <= SCHEMA, f"a sidecar schema this ddcnn reads (1 to {SCHEMA}); "
+                                                          f"a newer one needs a newer ddcnn")}
 
 
 @dataclass
@@ -111,9 +115,15 @@ def export_run(run_dir: Path, strategy: str | None = None, fmt: str = "pt2", out
     meta = {"format": fmt, "strategy": name, "layout": layout, "classes": run.classes,
             "image_size": list(run.shapes.image_size), "in_channels": run.shapes.in_channels,
             "input": "float32 images (B, C, *image_size) with values in [0, 1]",
-            "output": "vote shares" if shares else "probabilities", "test_accuracy": test,
-            "dataset": run.cfg.data.name, "window": [float(v) for v in run.cfg.data.window],
+            "output": output(name), "test_accuracy": test, "dataset": run.cfg.data.name,
             "ddcnn_version": ddcnn.__version__, "torch_version": torch.__version__}
+    window = [float(v) for v in run.cfg.data.window] if run.cfg.data.name == "volume-folder" else None
+    meta.update(schema=SCHEMA, preprocessing=input_recipe(run.cfg.data.name, meta["image_size"], meta["in_channels"],
+                                                          window))
+    if window is not None:  # only volumes are windowed
+        meta["window"] = window
+    if shares:
+        meta["output_meaning"] = VOTE_SHARES
     outcome: dict = {}
 
     def check(tmp: Path) -> None:
@@ -264,11 +274,11 @@ def predict_exported(path: Path, files: list[str]) -> Predictions:
     meta = model.meta
     notes: list[str] = []
     images = torch.stack([read_input(Path(f), tuple(meta["image_size"]), meta["in_channels"], meta["dataset"],
-                                     meta["window"], notes) for f in files])
+                                     meta.get("window"), notes) for f in files])
     probabilities = model(images)
     rows = []
     for f, row in zip(files, probabilities):
         k = int(row.argmax())
         rows.append({"file": str(f), "strategy": meta["strategy"], "class": model.classes[k], "class_index": k,
-                     "probabilities": {c: round(float(p), 6) for c, p in zip(model.classes, row.tolist())}})
+                     "output": output(meta["strategy"]), "probabilities": {c: round(float(p), 6) for c, p in zip(model.classes, row.tolist())}})
     return Predictions(meta["strategy"], list(model.classes), rows, notes, origin=f"exported: {path.name}")

@@ -111,7 +111,7 @@ def predict_files(run_dir, files, strategy: str | None = None, device: str | Non
     rows = []
     for i, f in enumerate(files):
         k = int(scores[i].argmax())
-        row = {"file": str(f), "strategy": name, "class": run.classes[k], "class_index": k,
+        row = {"file": str(f), "strategy": name, "class": run.classes[k], "class_index": k, "output": output(name),
                "probabilities": {c: round(float(p), 6) for c, p in zip(run.classes, probs[i].tolist())}}
         if local is not None:
             sub = local[i].softmax(-1)
@@ -126,17 +126,28 @@ def predict_files(run_dir, files, strategy: str | None = None, device: str | Non
 FORMATS = ("text", "json", "csv")
 
 
+def output(strategy: str) -> str:
+    """What a strategy's per-class numbers are, in predict's JSON and the export's sidecar alike."""
+    return "vote shares" if strategy == "majority_vote" else "probabilities"
+
+
+VOTE_SHARES = ("each class's share of the N local CNNs' votes (votes / N: 4 of 4 is 1.000, 2 of 4 is 0.500), plus "
+               "a tie-break below 1e-6 that orders classes with as many votes; the argmax is the vote's decision")
+
+
 def format_predictions(pred: Predictions, fmt: str = "text") -> str:
     """``text``: one line per file (class and its probability) and one per subdomain vote; ``json``: a list of
-    one object per file (``file``, ``strategy``, ``class``, ``class_index``, ``probabilities`` by class name,
-    ``subdomains``); ``csv``: a header row, then one row per file with a ``p(<class>)`` column per class."""
+    one object per file (``file``, ``strategy``, ``class``, ``class_index``, ``output``, ``probabilities`` by class
+    name, ``subdomains``); ``csv``: a header row, then one row per file with a ``p(<class>)`` column per class
+    (``share(<class>)`` for majority vote, whose numbers are vote shares, :func:`output`)."""
     choice("--format", fmt, FORMATS)
     if fmt == "json":
         return json.dumps(pred.rows, indent=1)
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(["file", "strategy", "class", "class_index", *(f"p({c})" for c in pred.classes)])
+        column = "share" if pred.strategy == "majority_vote" else "p"
+        writer.writerow(["file", "strategy", "class", "class_index", *(f"{column}({c})" for c in pred.classes)])
         for row in pred.rows:
             writer.writerow([row["file"], row["strategy"], row["class"], row["class_index"],
                              *(f"{row['probabilities'][c]:.6f}" for c in pred.classes)])
