@@ -58,6 +58,14 @@ def test_config_yaml_records_the_resolved_path_and_the_path_as_written(moved_run
     saved = yaml.safe_load((moved / "config.yaml").read_text())["data"]
     assert saved["root"] == str(base / "work" / "data" / "photos")
     assert saved["root_as_written"].startswith("../data/photos (in configs/c.yaml")
+    assert not {"window", "num_classes", "generated_train", "class_map"} & set(saved)  # not read by image folders
+
+
+def test_a_config_yaml_without_the_keys_its_dataset_ignores_resumes(moved_run):
+    from ddcnn.train.rundir import RunDir
+
+    _, moved = moved_run
+    RunDir(moved).check_same_config(load_config(moved / "config.yaml"))  # no difference: nothing raised
 
 
 def test_a_moved_run_is_evaluated_exported_and_shown_from_the_root_directory(moved_run, monkeypatch, capsys):
@@ -138,13 +146,17 @@ def test_a_run_on_an_image_folder_lists_its_split(moved_run):
         [len(files[s]) for s in ("train", "val", "test")] and len(files["test"]) == 9  # 30 % of 30
 
 
-def test_a_pre_split_folder_is_used_as_given(tmp_path, monkeypatch):
+def test_a_pre_split_folder_is_used_as_given(tmp_path, monkeypatch, capsys):
     root = tmp_path / "photos"
     for split, count in (("train", 6), ("val", 2), ("test", 3)):
         make_photos(root / split, per_class=count)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(photo_config("photos")))
     monkeypatch.chdir("/")
-    assert main(["run", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    assert main(["run", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "run")]) == 0
+    printed = capsys.readouterr().out.splitlines()  # the run's header: where, what data, which device
+    assert printed[0] == f"run directory {tmp_path / 'run'}"
+    assert printed[1].startswith("data image-folder: 18 train, 6 val, 9 test images [16, 16] x 3 channel(s), 3 ")
+    assert printed[3].startswith("device ")
     splits = json.loads((tmp_path / "run" / "splits.json").read_text())
     for split in ("train", "val", "test"):
         assert splits[split]["files"] == sorted((p.relative_to(root).as_posix() for p in (root / split).rglob("*.png")),

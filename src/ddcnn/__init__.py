@@ -6,36 +6,28 @@ independently (:class:`LocalEnsemble`, all of them as one batched network); thei
 compared with a :class:`GlobalCNN` trained on whole images. :func:`load_run` loads a finished run back.
 """
 
-from ddcnn.decomposition import Decomposition
-from ddcnn.errors import DDCNNError
-from ddcnn.models import (
-    CNNDNN,
-    DNN,
-    GlobalCNN,
-    LocalEnsemble,
-    MajorityVote,
-    MeanProbability,
-    WeightedMean,
-    build_combiner,
-    combiners,
-    count_parameters,
-    forward_flops,
-    local_loss,
-    local_width,
-    transfer_cnn_dnn,
-)
-
 __version__ = "0.1.0"
+
+# Every public name is imported on first use (PEP 562), so that `ddcnn --version` and `ddcnn --help` answer
+# without importing torch, and `import ddcnn` in a worker stays light. load_run and Run live in the training layer.
+_HOMES = {"Decomposition": "ddcnn.decomposition", "DDCNNError": "ddcnn.errors", "Run": "ddcnn.train.saved",
+          "load_run": "ddcnn.train.saved",
+          **dict.fromkeys(("CNNDNN", "DNN", "GlobalCNN", "LocalEnsemble", "MajorityVote", "MeanProbability",
+                           "WeightedMean", "build_combiner", "combiners", "count_parameters", "forward_flops",
+                           "local_loss", "local_width", "transfer_cnn_dnn"), "ddcnn.models")}
 
 
 def __getattr__(name: str):
-    # load_run and Run live in the training layer (ddcnn.train.saved), which imports torch.distributed and the whole
-    # trainer: loaded on first use, so that `import ddcnn` (every worker and CLI process) stays light.
-    if name in ("Run", "load_run"):
-        from ddcnn.train import saved
+    if name in _HOMES:
+        import importlib
 
-        return getattr(saved, name)
+        return getattr(importlib.import_module(_HOMES[name]), name)
     raise AttributeError(f"module 'ddcnn' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "CNNDNN", "DNN", "DDCNNError", "Decomposition", "GlobalCNN", "LocalEnsemble", "MajorityVote", "MeanProbability",

@@ -20,6 +20,7 @@ import re
 import sys
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -458,7 +459,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     return from_dict(data, overrides)
 
 
-def anchor_paths(data: dict, named_in: Path | None, overrides: list[str] = ()) -> tuple[dict, list[str], list[str]]:
+def anchor_paths(data: dict, named_in: Path | None, overrides: Sequence[str] = ()) -> tuple[dict, list[str], list[str]]:
     """``data`` (a config as plain data, read from the file ``named_in``) with ``data.root`` absolute, relative to
     ``named_in``'s folder, and ``overrides`` with a ``--set data.root=...`` made absolute from the current directory.
     ``data.root_as_written`` records the path as given and where. Returns both and the notes of
@@ -482,5 +483,18 @@ def anchor_paths(data: dict, named_in: Path | None, overrides: list[str] = ()) -
     return data, sets, notes
 
 
+# data keys that only some datasets read: a run's config.yaml leaves them out for the others (their defaults hold)
+ONLY_FOR = {"num_classes": "generated", "generated_train": "generated", "generated_test": "generated",
+            "noise": "generated", "window": "volume-folder", "class_map": "volume-folder"}
+
+
 def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    """The resolved config as YAML, without the data keys its dataset does not read (``window`` for photos,
+    ``num_classes`` for a folder) and without an unset ``root_as_written``."""
+    data = to_dict(cfg)
+    for key, dataset in ONLY_FOR.items():
+        if cfg.data.name != dataset:
+            data["data"].pop(key)
+    if cfg.data.root_as_written is None:
+        data["data"].pop("root_as_written")
+    return yaml.safe_dump(data, sort_keys=False)

@@ -280,5 +280,6 @@ def predict_exported(path: Path, files: list[str]) -> Predictions:
     for f, row in zip(files, probabilities):
         k = int(row.argmax())
         rows.append({"file": str(f), "strategy": meta["strategy"], "class": model.classes[k], "class_index": k,
-                     "output": output(meta["strategy"]), "probabilities": {c: round(float(p), 6) for c, p in zip(model.classes, row.tolist())}})
+                     "output": output(meta["strategy"]),
+                     "probabilities": {c: round(float(p), 6) for c, p in zip(model.classes, row.tolist())}})
     return Predictions(meta["strategy"], list(model.classes), rows, notes, origin=f"exported: {path.name}")

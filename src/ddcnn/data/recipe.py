@@ -14,6 +14,7 @@ def input_recipe(dataset: str, image_size: list[int], channels: int, window: lis
     """The recipe for a run of ``dataset`` whose models take ``(B, channels, *image_size)``; ``window``: the
     intensity window of a volume folder (the only dataset that uses one)."""
     shape = ["B", channels, *image_size]
+    steps: list[dict]
     if len(image_size) == 3:
         steps = [{"step": "read", "how": ".npy as stored (D, H, W); NIfTI (.nii, .nii.gz) stored (X, Y, Z), "
                                          "transposed to (Z, Y, X)", "dtype": "float32"}]

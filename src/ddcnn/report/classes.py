@@ -15,8 +15,10 @@ COLUMNS = (("balanced_accuracy", "balanced accuracy (%)"), ("macro_precision", "
 
 def metrics_section(results: Mapping, best: str | None) -> list[str]:
     """Markdown lines; none when the run predates these metrics."""
-    strategies = {name: (entry or {}).get("test_metrics") for name, entry in (results.get("strategies") or {}).items()}
-    strategies = {name: m for name, m in strategies.items() if isinstance(m, Mapping)}
+    strategies: dict[str, Mapping] = {}
+    for name, entry in (results.get("strategies") or {}).items():
+        if isinstance((entry or {}).get("test_metrics"), Mapping):
+            strategies[name] = entry["test_metrics"]
     if not strategies:
         return []
     lines = ["", "## Metrics beyond accuracy (test set)", "",
@@ -28,7 +30,7 @@ def metrics_section(results: Mapping, best: str | None) -> list[str]:
         values = [format_percent(strategies[name].get(key)) for key, _ in COLUMNS]
         lines.append(f"| {md_cell(strategy_label(name))} | " + " | ".join(values) + " |")
     per_class = (strategies.get(best) or {}).get("per_class") if best else None
-    if per_class:
+    if best and per_class:
         lines += ["", f"Per class, {md_cell(strategy_label(best))}:", "",
                   "| class | precision (%) | recall (%) | F1 (%) | ROC AUC (%) | test images |",
                   "|:---|---:|---:|---:|---:|---:|"]

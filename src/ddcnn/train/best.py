@@ -4,6 +4,7 @@ by the protocol's test evaluation and ``ddcnn evaluate``."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import cast
 
 import torch
 
@@ -33,4 +34,4 @@ def best_strategy(strategies: Mapping[str, dict], metric: str) -> tuple[str, str
     scored = [name for name in strategies if value(name) is not None]
     if not scored:
         return next(iter(strategies)), f"none: no strategy has a validation {LABELS[metric]}; the first trained"
-    return max(scored, key=lambda name: value(name)), f"validation {LABELS[metric]}"
+    return max(scored, key=lambda name: cast(float, value(name))), f"validation {LABELS[metric]}"

@@ -29,7 +29,7 @@ from ddcnn.train.loop import FitResult, StageSpec, Sync
 from ddcnn.train.metrics import MetricsLog
 from ddcnn.train.model_parallel import ShardedCNNDNN
 from ddcnn.train.rundir import RunDir
-from ddcnn.train.runtime import M, Runtime
+from ddcnn.train.runtime import M, Runtime, device_name
 
 # Training FLOPs of one image: the forward pass, and the backward pass at about twice its cost.
 TRAIN_FLOPS_FACTOR = 3
@@ -214,8 +214,24 @@ def build_context(cfg: Config, run_dir: RunDir, runtime: Runtime, env: DistEnv, 
         run_dir.write_json("splits.json", split_record(cfg.data.name, train, val, test, given))
     env.barrier()  # the other ranks read the run directory that rank 0 prepared
     log = MetricsLog(run_dir, verbose, print_line) if env.is_main else _no_log
-    return Context(cfg, env, runtime, run_dir, train, val, test, classes, normalizer, models, log,
-                   verbose and env.is_main)
+    ctx = Context(cfg, env, runtime, run_dir, train, val, test, classes, normalizer, models, log,
+                  verbose and env.is_main)
+    for line in header(ctx):
+        ctx.echo(line)
+    return ctx
+
+
+def header(ctx: Context) -> list[str]:
+    """The lines a run starts with: where it writes, the data's sizes, the decomposition, the device."""
+    d, shapes = ctx.decomposition, ctx.models.shapes
+    precision = "bf16 autocast" if ctx.runtime.amp_dtype is not None else "fp32"
+    processes = f", {ctx.env.world} processes" if ctx.env.world > 1 else ""
+    return [f"run directory {ctx.run_dir.path.resolve()}",
+            f"data {ctx.cfg.data.name}: {len(ctx.train):,} train, {len(ctx.val):,} val, {len(ctx.test):,} test images "
+            f"{list(shapes.image_size)} x {shapes.in_channels} channel(s), {len(ctx.classes)} classes",
+            f"grid {list(d.grid)}: {d.n_subdomains} subimages of {list(d.subimage_size)}, backbone "
+            f"{ctx.cfg.model.backbone}",
+            f"device {device_name(ctx.runtime.device)} ({ctx.runtime.device}, {precision}){processes}"]
 
 
 def _no_log(record: dict) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -158,7 +157,7 @@ class RunDir:
     def check_same_config(self, cfg: Config) -> dict:
         """Refuse a config that changes a setting the saved weights depend on; returns the saved config."""
         saved = self.read_config()
-        old, new = copy.deepcopy(saved), to_dict(cfg)
+        old, new = to_dict(from_dict(saved)), to_dict(cfg)  # the keys config.yaml leaves out: their defaults
         for key in FREE_DATA_KEYS:  # how the data is fed, not what it is
             for config in (old, new):
                 if isinstance(config.get("data"), dict):
