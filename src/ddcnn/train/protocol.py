@@ -164,7 +164,7 @@ def evaluate_test(ctx: Context, done: dict[str, StageResult], command: str = "")
         "best_strategy": best, "best_strategy_basis": basis, "evaluation_metric": ctx.cfg.evaluation.metric,
         "target": {"val_accuracy": target, "source": target_source}, "curves": curves,
         "transfer_used_dnn": ("combine" in initialised_from) if "transfer" in done else None,
-        "confusion_matrix": {"strategy": best, "matrix": confusion(scores["test"][best].argmax(-1), labels, k)},
+        "confusion_matrix": {"strategy": best, "matrix": strategies[best]["test_metrics"]["confusion_matrix"]},
     }
     if "local" in done:
         history = done["local"].history or [{}]
@@ -182,7 +182,3 @@ def _summed(env: DistEnv, parameters: int, flops: int) -> tuple[int, int]:
     parts = env.all_gather((parameters, flops))
     return sum(p for p, _ in parts), sum(f for _, f in parts)
 
-
-def confusion(predicted: torch.Tensor, labels: torch.Tensor, k: int) -> list[list[int]]:
-    """``k x k`` counts: row = true class, column = predicted class."""
-    return torch.bincount(labels * k + predicted, minlength=k * k).view(k, k).tolist()
