@@ -104,9 +104,9 @@ def _load(data) -> tuple[ImageDataset, ImageDataset | None, ImageDataset]:
                               f"e.g. [128, 128]" + (" or [64, 128, 128]" if name == "volume-folder" else ""))
         dims = 2 if name == "image-folder" else 3
         if not Path(data.root).is_dir():
-            raise DataNotFoundError(f"the {name} folder is not there: {named_root(data)} is not a directory; give "
-                                    f"the folder of class sub-folders (--set data.root=DIR, relative to the current "
-                                    f"directory)")
+            raise DataNotFoundError(f"{named_root(data)} is not a directory; give the folder that holds one "
+                                    f"sub-folder per class, or train/ and test/ sub-folders (--set data.root=DIR, "
+                                    f"relative to the current directory)")
         if len(data.image_size) != dims:
             raise ConfigError(f"data.image_size = {list(data.image_size)} has {len(data.image_size)} entries but "
                               f"{name} needs {dims}: " + ("[H, W], e.g. [128, 128]" if dims == 2 else
