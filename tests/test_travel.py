@@ -207,3 +207,35 @@ def test_an_onnx_client_from_the_readme_and_the_sidecar_matches_predict(moved_ru
         path, label, *values = line.split(" ")
         assert (path, label) == (row["file"], row["class"])
         assert [float(v) for v in values] == pytest.approx(list(row["probabilities"].values()), abs=1e-5)
+
+
+def test_a_run_on_another_machine_says_where_its_data_was_and_takes_data_root(moved_run, tmp_path, monkeypatch,
+                                                                              capsys):
+    base, moved = moved_run
+    other = shutil.copytree(moved, tmp_path / "run")
+    config = yaml.safe_load((other / "config.yaml").read_text())
+    config["data"]["root"] = "/nowhere/photos"  # the path of the machine it was trained on
+    (other / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    monkeypatch.chdir(base / "work")
+    assert main(["evaluate", str(other)]) == 2
+    error = capsys.readouterr().err
+    assert "/nowhere/photos" in error and str(other / "config.yaml") in error and "--data-root" in error
+    assert main(["evaluate", str(other), "--data-root", "data/photos"]) == 0
+
+
+def test_majority_vote_says_vote_shares_in_every_format_and_the_sidecar(moved_run, tmp_path, capsys):
+    _, moved = moved_run
+    picture = next(iter(sorted(moved.parent.parent.rglob("photos/class0/*.png"))))
+    args = ["predict", str(moved), str(picture), "--strategy", "majority_vote"]
+    assert main(args) == 0 and "vote share=" in capsys.readouterr().out
+    assert main([*args, "--format", "json"]) == 0
+    row = json.loads(capsys.readouterr().out)[0]
+    votes = [s["class"] for s in row["subdomains"]]
+    assert row["output"] == "vote shares"
+    assert row["probabilities"] == pytest.approx({c: votes.count(c) / len(votes) for c in row["probabilities"]},
+                                                 abs=1e-6)  # votes / N, up to the tie-break
+    assert main([*args, "--format", "csv"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith("share(class0),share(class1),share(class2)")
+    assert main(["export", str(moved), "--strategy", "majority_vote", "--out", str(tmp_path / "v.pt2")]) == 0
+    meta = json.loads((tmp_path / "v.pt2.json").read_text())
+    assert meta["output"] == "vote shares" and "votes / N" in meta["output_meaning"]

@@ -29,7 +29,6 @@ import torch
 
 import ddcnn
 from ddcnn.checks import choice
-from ddcnn.data.datasets import load_datasets
 from ddcnn.data.loading import to_float
 from ddcnn.data.recipe import SCHEMA, input_recipe
 from ddcnn.errors import CheckpointError, ConfigError, DataError, ExportError
@@ -151,7 +150,7 @@ def export_run(run_dir: Path, strategy: str | None = None, fmt: str = "pt2", out
 
 def _test_images(run: SavedRun) -> torch.Tensor:
     """The first :data:`CHECK_IMAGES` test images of the run's dataset, float in [0, 1]."""
-    _, test = load_datasets(run.cfg.data)
+    _, _, test = run.data()
     return to_float(test.images[:CHECK_IMAGES]).float().contiguous()
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 
 from ddcnn.checks import choice
-from ddcnn.data.datasets import load_splits
 from ddcnn.data.loading import to_float
 from ddcnn.data.readers import read_image_file, read_volume_file
 from ddcnn.errors import DataError
@@ -33,7 +32,7 @@ def evaluate_run(run_dir, device: str | None = None, env: DistEnv | None = None,
     writes the file and returns the results, the others None. ``trust_code``, ``data_root``: see :class:`SavedRun`.
     """
     run = SavedRun(run_dir, device, env, trust_code, data_root)
-    _, val, test, _ = load_splits(run.cfg.data)
+    _, val, test = run.data()
     splits = {"val": val, "test": test} if len(val) else {"test": test}
     scores = {split: score_strategies(run.trained, run.decomposition, run.shapes.num_classes, run.run_batches,
                                       to_float(data.images), run.env)[0] for split, data in splits.items()}

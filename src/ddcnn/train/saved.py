@@ -12,9 +12,10 @@ from torch import nn
 
 from ddcnn.build import Models, Shapes, meta_model, stage_model, weight_shapes
 from ddcnn.config import STAGES, Config, anchor_paths, from_dict
+from ddcnn.data.datasets import load_splits
 from ddcnn.data.loading import Normalizer
 from ddcnn.decomposition import Decomposition
-from ddcnn.errors import CheckpointError, ConfigError, DDCNNError, did_you_mean
+from ddcnn.errors import CheckpointError, ConfigError, DataNotFoundError, DDCNNError, did_you_mean
 from ddcnn.models import CNNDNN, GlobalCNN, LocalEnsemble
 from ddcnn.models.combiners import Combiner
 from ddcnn.models.deployed import Deployed, Standardise, with_layout
@@ -156,6 +157,16 @@ class SavedRun:
             combiner = strategy.combiner(self.trained, self.decomposition.n_subdomains, self.shapes.num_classes)
         assert isinstance(ensemble, LocalEnsemble) and isinstance(combiner, Combiner)  # one process: all of them
         return Deployed.combined(standardise, self.decomposition, with_layout(ensemble, layout), combiner).eval()
+
+    def data(self):
+        """The run's ``(train, val, test)`` splits, read again from ``data.root``; data that is not there any more is
+        one error naming the run's config.yaml and how to point the run at the data."""
+        try:
+            train, val, test, _ = load_splits(self.cfg.data)
+        except DataNotFoundError as err:
+            raise DataNotFoundError(f"{err} (data.root from {str(self.run_dir.path / 'config.yaml')!r}: where the "
+                                    f"data is now, give --data-root DIR)") from None
+        return train, val, test
 
     def run_batches(self, fn, images: torch.Tensor, batch_size: int = 512):
         """``fn`` over float images ``(M, C, *size)`` in [0, 1]: returns (scores (M, K), local logits or None)."""
