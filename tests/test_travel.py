@@ -239,3 +239,26 @@ def test_majority_vote_says_vote_shares_in_every_format_and_the_sidecar(moved_ru
     assert main(["export", str(moved), "--strategy", "majority_vote", "--out", str(tmp_path / "v.pt2")]) == 0
     meta = json.loads((tmp_path / "v.pt2.json").read_text())
     assert meta["output"] == "vote shares" and "votes / N" in meta["output_meaning"]
+
+
+def test_a_pre_split_folder_with_a_class_train_lacks_is_one_error(tmp_path, capsys):
+    root = tmp_path / "photos"
+    make_photos(root / "train", classes=2, per_class=4)
+    make_photos(root / "test", classes=3, per_class=2)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(photo_config("photos")))
+    assert main(["run", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    error = capsys.readouterr().err
+    assert "class folder 'class2'" in error and str(root / "train") in error
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_sidecar_of_a_newer_schema_is_one_error(moved_run, tmp_path, capsys):
+    _, moved = moved_run
+    model = tmp_path / "g.pt2"
+    assert main(["export", str(moved), "--strategy", "global", "--out", str(model)]) == 0
+    meta = json.loads((tmp_path / "g.pt2.json").read_text())
+    (tmp_path / "g.pt2.json").write_text(json.dumps({**meta, "schema": 3}))
+    picture = next(iter(sorted(moved.parent.parent.rglob("photos/class0/*.png"))))
+    capsys.readouterr()
+    assert main(["predict", str(model), str(picture)]) == 2
+    assert "schema" in capsys.readouterr().err
