@@ -150,7 +150,10 @@ def test_a_pre_split_folder_is_used_as_given(tmp_path, monkeypatch, capsys):
     root = tmp_path / "photos"
     for split, count in (("train", 6), ("val", 2), ("test", 3)):
         make_photos(root / split, per_class=count)
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(photo_config("photos")))
+    config = photo_config("photos")
+    config["stages"] = {**{s: {"enabled": False} for s in ("local", "combine", "transfer")},
+                        "global": {"epochs": 1, "batch_size": 8}, "coherent": {"enabled": False}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     monkeypatch.chdir("/")
     assert main(["run", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "run")]) == 0
     printed = capsys.readouterr().out.splitlines()  # the run's header: where, what data, which device
