@@ -62,24 +62,24 @@ def _limit(ds: ImageDataset, limit: int | None, sorted_by_class: bool, seed: int
 def load_datasets(data) -> tuple[ImageDataset, ImageDataset]:
     """``(train, test)`` for a :class:`~ddcnn.config.DataConfig`; image and volume folders are split by
     ``test_fraction`` (stratified, ``split_seed``) unless they come split (:func:`load_splits`)."""
-    train, _, test = _load(data)
+    train, _, test, _ = _load(data)
     return train, test
 
 
 def load_splits(data) -> tuple[ImageDataset, ImageDataset, ImageDataset, bool]:
     """``(train, val, test, given)``: val is a pre-split folder's ``val/`` as given, else drawn from the training
     set (``val_fraction``, stratified, ``split_seed``); ``given``: whether the folder came split."""
-    train_full, val, test = _load(data)
-    given = data.name in ("image-folder", "volume-folder") and given_splits(data.root) is not None
+    train_full, val, test, given = _load(data)
     if val is None:
         train, val = split_dataset(train_full, data.val_fraction, data.split_seed)
         return train, val, test, given
     return train_full, val, test, given
 
 
-def _load(data) -> tuple[ImageDataset, ImageDataset | None, ImageDataset]:
-    """``(train, val or None, test)``: the validation split only where a pre-split folder gives it."""
-    val = None
+def _load(data) -> tuple[ImageDataset, ImageDataset | None, ImageDataset, bool]:
+    """``(train, val or None, test, given)``: the validation split only where a pre-split folder gives it;
+    ``given``: whether the folder came split."""
+    val, given = None, None
     if data.root is not None:  # '~' read as everywhere else, and impossible paths refused, before any search
         data = dataclasses.replace(data, root=str(user_path(data.root, "data.root")))
     check_data_size(data)
@@ -111,6 +111,7 @@ def _load(data) -> tuple[ImageDataset, ImageDataset | None, ImageDataset]:
             raise ConfigError(f"data.image_size = {list(data.image_size)} has {len(data.image_size)} entries but "
                               f"{name} needs {dims}: " + ("[H, W], e.g. [128, 128]" if dims == 2 else
                                                           "[D, H, W], e.g. [64, 128, 128]"))
+
         def read(folder):
             if name == "image-folder":
                 return load_image_folder(folder, data.image_size, data.channels or 3)
@@ -150,7 +151,7 @@ def _load(data) -> tuple[ImageDataset, ImageDataset | None, ImageDataset]:
             raise DataError(f"the {part} set of {name} is empty")
         if ds.images.is_floating_point() and not torch.isfinite(ds.images).all():
             raise DataError(f"the {part} set of {name} holds NaN or infinite pixel values; clean the files")
-    return train, val, test
+    return train, val, test, bool(given)
 
 
 def _check_against_config(data, train: ImageDataset) -> None:
