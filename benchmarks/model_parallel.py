@@ -57,7 +57,7 @@ def worker(case: str, setting: str, batch: int, steps: int, device_name: str) ->
     from ddcnn import CNNDNN, DNN, Decomposition, GlobalCNN, LocalEnsemble, local_width
     from ddcnn.shards import shard_range
     from ddcnn.train.dist import env_from_environment, init
-    from ddcnn.train.model_parallel import ShardedCNNDNN
+    from ddcnn.train.parallel.model import ShardedCNNDNN
 
     c = CASES[case]
     env = env_from_environment()

@@ -8,14 +8,15 @@ P > 1), trains a few steps on random data and prints one markdown row:
 
 * ``global``: the global CNN on one process (the reference);
 * ``global-data``: DistributedDataParallel, the batch split among the processes;
-* ``global-spatial``: :class:`ddcnn.train.spatial.SpatialCNN`, every process the whole batch, a slab of every image;
-* ``cnn-dnn-model``: :class:`ddcnn.train.model_parallel.ShardedCNNDNN` (the coherent and the transfer stage train
+* ``global-spatial``: :class:`ddcnn.train.parallel.spatial.SpatialCNN`, every process the whole batch, a slab of every
+  image;
+* ``cnn-dnn-model``: :class:`ddcnn.train.parallel.model.ShardedCNNDNN` (the coherent and the transfer stage train
   this same model; they differ in the initialisation only);
 * ``local``: each process its shard of the local CNNs on its subimages (no communication in a step).
 
 Bytes sent per step by the busiest process: counted by the exchange code for ``global-spatial``
-(:class:`ddcnn.train.halo.CommMeter`); the formulae of :mod:`ddcnn.train.scaling` (ring all-reduce and all-gather)
-for the others. Peak memory: the peak resident set of each process (``resource.getrusage``'s ``ru_maxrss``)
+(:class:`ddcnn.train.parallel.halo.CommMeter`); the formulae of :mod:`ddcnn.train.traffic` (ring all-reduce and
+all-gather) for the others. Peak memory: the peak resident set of each process (``resource.getrusage``'s ``ru_maxrss``)
 minus its resident set before the model was built, the largest over the processes.
 
     python benchmarks/spatial_scaling.py                     # both cases, P = 2 and 4
@@ -54,10 +55,10 @@ def worker(case: str, setting: str, steps: int) -> dict:
     from ddcnn import DNN, Decomposition, GlobalCNN, LocalEnsemble, local_loss, local_width
     from ddcnn.shards import shard_range
     from ddcnn.train.dist import env_from_environment, init
-    from ddcnn.train.halo import CommMeter
-    from ddcnn.train.model_parallel import ShardedCNNDNN
-    from ddcnn.train.scaling import FLOAT, ring
-    from ddcnn.train.spatial import SpatialCNN
+    from ddcnn.train.parallel.halo import CommMeter
+    from ddcnn.train.parallel.model import ShardedCNNDNN
+    from ddcnn.train.parallel.spatial import SpatialCNN
+    from ddcnn.train.traffic import FLOAT, ring
 
     c = CASES[case]
     env = env_from_environment()
@@ -122,10 +123,10 @@ def worker(case: str, setting: str, steps: int) -> dict:
 
 
 def projection(case: str, worlds=(2, 4, 8, 64)) -> list[str]:
-    """The formulae of :mod:`ddcnn.train.scaling` for the case's models (what ``ddcnn show`` prints)."""
+    """The formulae of :mod:`ddcnn.train.traffic` for the case's models (what ``ddcnn show`` prints)."""
     from ddcnn.build import Models, Shapes
     from ddcnn.config import from_dict
-    from ddcnn.train.scaling import parallelisms
+    from ddcnn.train.traffic import parallelisms
 
     c = CASES[case]
     stages = {s: {"batch_size": c["batch"]} for s in ("global", "local", "coherent", "transfer")}

@@ -7,7 +7,7 @@ import torch
 from ddcnn import files as files_module
 from ddcnn.errors import CheckpointError
 from ddcnn.files import atomic_write
-from ddcnn.train.checkpoint import CheckpointDir
+from ddcnn.train.store.checkpoint import CheckpointDir
 
 
 def _trained(steps=3):

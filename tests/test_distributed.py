@@ -15,9 +15,9 @@ import yaml
 
 from conftest import tiny_dict
 from ddcnn.errors import ConfigError
-from ddcnn.train.checkpoint import CheckpointDir
 from ddcnn.train.dist import DistEnv
 from ddcnn.train.protocol import Experiment
+from ddcnn.train.store.checkpoint import CheckpointDir
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 # Every process of these tests is on this machine: gloo talks over the loopback interface only.
@@ -71,11 +71,11 @@ def test_more_processes_than_local_cnns_is_a_clear_error(tiny_config, tmp_path, 
 
 def test_evaluating_with_more_processes_than_local_cnns_is_the_same_clear_error(finished_run):
     """Every rank refuses alike, before any process group or shard is made (a grid of 2x2: four local CNNs)."""
-    from ddcnn.train.saved import SavedRun
+    from ddcnn.train.saved import ShardedRun
 
     for rank in range(5):
         with pytest.raises(ConfigError, match="5 processes but only 4 local CNNs.*--nproc-per-node"):
-            SavedRun(finished_run[0], env=DistEnv(rank=rank, world=5))
+            ShardedRun(finished_run[0], env=DistEnv(rank=rank, world=5))
 
 
 @pytest.fixture(scope="module")

@@ -222,9 +222,9 @@ def tiny(in_channels, num_classes, width):
 
 @pytest.mark.parametrize("backend", ["vmap", "loop"])
 def test_a_run_with_an_imported_backbone_trains_every_strategy(tmp_path, monkeypatch, one_thread, backend):
+    from ddcnn.finished.run import SavedRun
     from ddcnn.strategies import STRATEGIES
     from ddcnn.train.protocol import Experiment
-    from ddcnn.train.saved import SavedRun
 
     (tmp_path / "user_nets.py").write_text(NETS)
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from ddcnn.config import parse_set
 from ddcnn.errors import CheckpointError, ConfigError
 from ddcnn.files import EXPANSION_FLOOR, Check, MapOf, Opt, _Mismatch, conform, load_yaml, parse_json
-from ddcnn.train.runfiles import DATA_FACTS, LOCAL_TIMING, MARKER, RESULTS
+from ddcnn.train.store.schema import DATA_FACTS, LOCAL_TIMING, MARKER, RESULTS
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=4),
                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),

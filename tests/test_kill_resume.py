@@ -69,12 +69,13 @@ def test_resume_removes_what_a_kill_left_behind(tmp_path, tiny_config):
     manifest and their deletion, are removed by --resume; the files the manifests name stay."""
     import torch
 
-    from ddcnn.train.rundir import RunDir
+    from ddcnn.train.admit import admit_run_dir
+    from ddcnn.train.store.rundir import RunDir
 
     cfg = tiny_config()
     run = RunDir(tmp_path / "run")
     run.prepare(cfg, resume=False, force=False)
-    state = {"epoch": 1, "seconds": 0.5, "done": False, "step": 5,  # the state ddcnn.train.loop.fit saves
+    state = {"epoch": 1, "seconds": 0.5, "done": False, "step": 5,  # the state ddcnn.train.engine.loop.fit saves
              "history": [{"epoch": 1, "train_loss": 1.0, "train_accuracy": 0.5, "lr": 1e-3, "seconds": 0.5}]}
     run.checkpoints.save("global", "e1", {"w": torch.ones(2)}, state, optimizer=None)
     kept = sorted(p.name for p in run.checkpoints.root.iterdir())
@@ -82,7 +83,7 @@ def test_resume_removes_what_a_kill_left_behind(tmp_path, tiny_config):
     (run.checkpoints.root / ".global-e2.weights.safetensors.ab12cd34.tmp").write_bytes(b"half")
     (run.path / ".metrics.jsonl.ab12cd34.tmp").write_text("half")
     (run.path / "notes.txt").write_text("mine")
-    run.prepare(cfg, resume=True, force=False)
+    run.prepare(cfg, resume=True, force=False, events=admit_run_dir(run, cfg, True, False))
     assert sorted(p.name for p in run.checkpoints.root.iterdir()) == kept
     assert not list(run.path.glob(".*.tmp")) and (run.path / "notes.txt").is_file()
     run.checkpoints.load("global")
@@ -92,13 +93,15 @@ def test_a_directory_killed_before_its_marker_is_restarted_with_force(tmp_path, 
     """What the harness relies on: a directory that a run was killed in before the marker was written holds no run
     to resume; --force starts one there, removing the half-written files."""
     from ddcnn.errors import CheckpointError
-    from ddcnn.train.rundir import RunDir
+    from ddcnn.train.admit import admit_run_dir
+    from ddcnn.train.store.rundir import RunDir
 
     out = tmp_path / "early"
     out.mkdir()
     (out / "config.yaml").write_text("name: half-written\n")
     (out / ".ddcnn-run.json.x1y2z3ab.tmp").write_text("{")
     with pytest.raises(CheckpointError, match="holds no ddcnn run.*--force instead of --resume"):
-        RunDir(out).prepare(tiny_config(), resume=True, force=False)
+        admit_run_dir(RunDir(out), tiny_config(), True, False)
+    admit_run_dir(RunDir(out), tiny_config(), False, True)
     RunDir(out).prepare(tiny_config(), resume=False, force=True)
     assert RunDir(out).is_run and not list(out.glob(".*.tmp"))

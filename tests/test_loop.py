@@ -7,9 +7,9 @@ import torch
 
 from ddcnn.config import StageConfig
 from ddcnn.errors import CheckpointError
-from ddcnn.train.checkpoint import CheckpointDir
-from ddcnn.train.loop import StageSpec, fit, lr_at
+from ddcnn.train.engine.loop import StageSpec, fit, lr_at
 from ddcnn.train.runtime import Runtime
+from ddcnn.train.store.checkpoint import CheckpointDir
 
 
 def test_warmup_rises_linearly_to_the_learning_rate():
@@ -195,7 +195,7 @@ def test_a_resumed_stage_says_where_it_goes_on_from(tmp_path):
 
 
 def test_progress_without_a_terminal_prints_a_line_every_so_often():
-    from ddcnn.train.loop import Progress
+    from ddcnn.train.engine.loop import Progress
 
     lines: list[str] = []
     progress = Progress(4, "[   local] epoch 1/2", enabled=True, echo=lines.append, every=0.0)
@@ -246,3 +246,20 @@ def test_a_checkpoint_without_the_early_stopping_keys_resumes(tmp_path):
     resumed, result = run(tmp_path / "old", lambda record: None)
     assert result.epochs_run == 3 and result.stop_reason == "cap"
     assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), whole.state_dict().values()))
+
+
+def test_the_stage_state_is_what_the_checkpoint_schema_reads_and_round_trips():
+    """The stage's state is declared once (StageState); what it writes is a state the checkpoint's schema knows,
+    key by key, and reading it back gives the same state."""
+    from ddcnn.files import conform
+    from ddcnn.train.engine.state import StageState
+    from ddcnn.train.store.schema import TRAINING_STATE
+
+    cfg = StageConfig(epochs=2, batch_size=8)
+    state = StageState.new(cfg, {"feature_seconds": 0.5, "feature_flops": 3})
+    state.epoch, state.history, state.best_epoch, state.stop_reason = 1, [{"epoch": 1, "train_loss": 0.5,
+        "train_accuracy": 0.5, "lr": 0.1, "seconds": 1.0}], 1, None
+    written = state.as_dict()
+    conform(written, TRAINING_STATE)
+    assert set(written) <= {key.rstrip("?") for key in TRAINING_STATE.schema}
+    assert StageState.new(cfg).updated(written) == state

@@ -6,8 +6,8 @@ import torch
 
 from ddcnn.errors import CheckpointError, ConfigError, TrainingError
 from ddcnn.strategies import STRATEGIES
-from ddcnn.train.checkpoint import CheckpointDir
 from ddcnn.train.protocol import Experiment
+from ddcnn.train.store.checkpoint import CheckpointDir
 
 
 def test_a_run_writes_the_whole_run_directory(finished_run):
@@ -301,7 +301,7 @@ def test_a_resumed_stage_takes_the_configs_weight_decay_not_the_checkpoints(tmp_
 
 def test_weights_made_non_finite_by_the_last_step_are_never_checkpointed(tmp_path):
     from ddcnn.config import StageConfig
-    from ddcnn.train.loop import StageSpec, fit
+    from ddcnn.train.engine.loop import StageSpec, fit
     from ddcnn.train.runtime import Runtime
 
     class OneBatch:

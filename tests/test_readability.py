@@ -10,7 +10,7 @@ import yaml
 from conftest import tiny_dict
 from ddcnn.cli import main
 from ddcnn.decomposition import Decomposition
-from ddcnn.train.metrics import end_line
+from ddcnn.train.store.metrics import end_line
 
 
 def test_patience_that_runs_out_at_the_cap_is_no_early_stop():

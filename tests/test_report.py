@@ -287,3 +287,16 @@ def test_the_heat_map_colour_scale_spans_0_to_100_percent():
     assert colour_range(np.array([-5.0, 50.0]), (0.0, 100.0)) == (-5.0, 100.0)  # values outside widen it
     assert colour_range(near_chance, None) == (9.6, 12.4)
     assert colour_range(np.array([np.nan, 3.0]), None) == (2.0, 4.0)
+
+
+def test_the_report_says_how_each_stage_used_the_processes(tmp_path):
+    results = {"dataset": "tiny", "strategies": {"global": strategy(0.5, 1.0, 100, 1000)}, "best_strategy": "global",
+               "stages": {"local": {"parallelism": "shards", "processes": 2},
+                          "global": {"parallelism": "spatial", "processes": 2},
+                          "combine": {"parallelism": "single", "processes": 1}}}
+    text = write_report(tmp_path, results, [], decomposition=None).read_text()
+    line = next(line for line in text.splitlines() if "Processes:" in line)
+    # In stage order, whatever the order in results.json.
+    assert line.index("global CNN spatial (2)") < line.index("local CNNs shards (2)") < line.index("single (1)")
+    no_record = write_report(tmp_path / "old", {**results, "stages": {"global": {}}}, [], decomposition=None)
+    assert "Processes:" not in no_record.read_text()  # a results.json of an earlier ddcnn has no such record

@@ -12,7 +12,7 @@ import yaml
 
 from conftest import tiny_dict
 from ddcnn.errors import ConfigError
-from ddcnn.train.spatial import slab_rows
+from ddcnn.train.parallel.spatial import slab_rows
 from test_distributed import ENV, _finish, _run, _weights
 
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -60,8 +60,8 @@ def _worker(rank, world, store_path, out_dir):
     import torch.distributed as dist
 
     from ddcnn.train.dist import DistEnv
-    from ddcnn.train.halo import CommMeter, halo, sum_gradients
-    from ddcnn.train.spatial import SpatialCNN
+    from ddcnn.train.parallel.halo import CommMeter, halo, sum_gradients
+    from ddcnn.train.parallel.spatial import SpatialCNN
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
@@ -145,7 +145,7 @@ def test_every_process_holds_identical_weights(ranks):
 def test_the_bytes_sent_per_step_are_the_formula_of_ddcnn_show(ranks):
     """What the exchange code counted in each training step, on the busiest process, is
     :func:`spatial_step_bytes` of the model and the batch."""
-    from ddcnn.train.scaling import spatial_step_bytes
+    from ddcnn.train.traffic import spatial_step_bytes
 
     for backbone, dims in CASES:
         counted = torch.stack([r[f"{backbone}{dims}"][2] for r in ranks]).max(0).values

@@ -62,7 +62,7 @@ def test_config_yaml_records_the_resolved_path_and_the_path_as_written(moved_run
 
 
 def test_a_config_yaml_without_the_keys_its_dataset_ignores_resumes(moved_run):
-    from ddcnn.train.rundir import RunDir
+    from ddcnn.train.store.rundir import RunDir
 
     _, moved = moved_run
     RunDir(moved).check_same_config(load_config(moved / "config.yaml"))  # no difference: nothing raised

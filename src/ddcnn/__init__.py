@@ -9,9 +9,10 @@ compared with a :class:`GlobalCNN` trained on whole images. :func:`load_run` loa
 __version__ = "0.1.0"
 
 # Every public name is imported on first use (PEP 562), so that `ddcnn --version` and `ddcnn --help` answer
-# without importing torch, and `import ddcnn` in a worker stays light. load_run and Run live in the training layer.
-_HOMES = {"Decomposition": "ddcnn.decomposition", "DDCNNError": "ddcnn.errors", "Run": "ddcnn.train.saved",
-          "load_run": "ddcnn.train.saved",
+# without importing torch, and `import ddcnn` in a worker stays light. load_run and Run live in the finished-run
+# library (ddcnn.finished.run), which builds every model.
+_HOMES = {"Decomposition": "ddcnn.decomposition", "DDCNNError": "ddcnn.errors", "Run": "ddcnn.finished.run",
+          "load_run": "ddcnn.finished.run",
           **dict.fromkeys(("CNNDNN", "DNN", "GlobalCNN", "LocalEnsemble", "MajorityVote", "MeanProbability",
                            "WeightedMean", "build_combiner", "combiners", "count_parameters", "forward_flops",
                            "local_loss", "local_width", "transfer_cnn_dnn"), "ddcnn.models")}

@@ -110,7 +110,7 @@ def _trusted(config: Path, trust_code: bool) -> tuple[bool, str]:
     inside a run or study directory (its config.yaml or base.yaml) is data that someone may have sent, trusted
     only with --trust-code; any other config file the user gives is their own."""
     from ddcnn.study.runner import SPEC_FILE
-    from ddcnn.train.rundir import MARKER
+    from ddcnn.train.store.rundir import MARKER
 
     try:
         folder = config.resolve().parent
@@ -160,7 +160,7 @@ def default_out(config: Path, name: str) -> Path:
     """The run directory when ``--out`` is not given: the config's own folder when it is a run directory (its
     ``config.yaml`` beside the run marker, so that ``ddcnn run runs/x/config.yaml --resume`` continues runs/x), else
     ``runs/<name>``."""
-    from ddcnn.train.rundir import MARKER
+    from ddcnn.train.store.rundir import MARKER
 
     if (config.parent / MARKER).exists():
         return config.parent
@@ -184,15 +184,25 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from ddcnn.checks import choice
     from ddcnn.export import is_exported
-    from ddcnn.train.evaluate import FORMATS, format_predictions, predict_files
+    from ddcnn.finished.predictions import FORMATS, Predictions, format_predictions
 
     choice("--format", args.format, FORMATS)  # before the models are loaded
     files = [str(user_path(f, "the file")) for f in args.files]
-    if is_exported(user_path(args.run_dir, "the run directory")):
+    run_dir = user_path(args.run_dir, "the run directory")
+    if is_exported(run_dir):
         return _predict_exported(args, files)
-    with _processes() as env:
-        predictions = predict_files(user_path(args.run_dir, "the run directory"), files, strategy=args.strategy,
-                                    device=args.device, env=env, trust_code=args.trust_code)
+    predictions: Predictions | None
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # one process: the finished-run library, no training code
+        from ddcnn.finished.run import predict_files
+
+        predictions = predict_files(run_dir, files, strategy=args.strategy, device=args.device,
+                                    trust_code=args.trust_code)
+    else:
+        from ddcnn.train.evaluate import predict_files as predict_sharded
+
+        with _processes() as env:
+            predictions = predict_sharded(run_dir, files, strategy=args.strategy, device=args.device, env=env,
+                                          trust_code=args.trust_code)
     if predictions is not None:  # rank 0 (or the only process)
         for note in predictions.notes:
             print(f"ddcnn: note: {note}", file=sys.stderr)
@@ -204,7 +214,7 @@ def _predict_exported(args, files: list[str]) -> int:
     """``ddcnn predict FILE.pt2|FILE.onnx``: the exported model's strategy is the one it holds."""
     from ddcnn.errors import ConfigError
     from ddcnn.export import predict_exported
-    from ddcnn.train.evaluate import format_predictions
+    from ddcnn.finished.predictions import format_predictions
 
     for option in ("strategy", "device"):
         if getattr(args, option) is not None:

@@ -327,6 +327,12 @@ def parallelism(cfg: Config, stage: str) -> str:
     return cfg.stages.get(stage).parallel or PARALLEL.get(stage, ("data",))[0]
 
 
+def spatial_global(cfg: Config) -> bool:
+    """Whether the global stage trains spatial-parallel under torchrun (its backbone must then be a built-in one,
+    :func:`ddcnn.models.settings.check_model_settings`)."""
+    return cfg.stages.global_.enabled and parallelism(cfg, "global") == "spatial"
+
+
 def validate(cfg: Config) -> Config:
     """Range checks that the types alone do not express. Nothing is imported or built here: the checks that need
     the models' names (backbone, backend, activation) are :func:`ddcnn.models.settings.check_model_settings`."""

@@ -5,22 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 
 from ddcnn.build import Models, Shapes
-from ddcnn.config import Config
+from ddcnn.config import Config, spatial_global
 from ddcnn.data.datasets import load_datasets
 from ddcnn.data.loading import to_float
 from ddcnn.errors import ConfigError
 from ddcnn.models import count_parameters, forward_flops
 from ddcnn.models.settings import check_model_settings
 from ddcnn.train.budget import check_parameters
-from ddcnn.train.scaling import scaling_lines
+from ddcnn.train.traffic import scaling_lines
 
 
 def describe(cfg: Config, png: Path | None = None, trusted: bool = True, source: str = "the config") -> str:
     """Decomposition, subimage size, parameters and FLOPs of the global CNN, one local CNN, all local CNNs and
     the CNN-DNN; draws the grid over a sample image into ``png`` when it is given. ``trusted``, ``source``: as for
     a run (:func:`ddcnn.models.settings.check_model_settings`)."""
-    spatial = cfg.stages.global_.enabled and cfg.stages.global_.parallel == "spatial"
-    check_model_settings(cfg.model, cfg.combiner, trusted, source, spatial=spatial)
+    check_model_settings(cfg.model, cfg.combiner, trusted, source, spatial=spatial_global(cfg))
     train, _ = load_datasets(cfg.data)
     shapes = Shapes(train.in_channels, train.num_classes, train.image_size)
     models = Models(cfg, shapes)

@@ -33,10 +33,10 @@ from ddcnn.data.loading import to_float
 from ddcnn.data.recipe import SCHEMA, input_recipe
 from ddcnn.errors import CheckpointError, ConfigError, DataError, ExportError
 from ddcnn.files import Check, Opt, atomic_write, atomic_write_text, read_json
+from ddcnn.finished.predictions import VOTE_SHARES, Predictions, output, prediction_rows, read_inputs
+from ddcnn.finished.run import SavedRun
 from ddcnn.models import BACKBONES
 from ddcnn.models.deployed import LAYOUTS, Deployed, scores_to_probabilities
-from ddcnn.train.evaluate import VOTE_SHARES, Predictions, output, read_input
-from ddcnn.train.saved import SavedRun
 
 FORMATS = ("pt2", "onnx")
 TOLERANCE = 1e-4  # largest absolute difference of a probability between the exported file and the run
@@ -267,18 +267,13 @@ def is_exported(path: Path) -> bool:
 
 def predict_exported(path: Path, files: list[str]) -> Predictions:
     """``ddcnn predict`` with an exported file: per file the class it gives and every class's probability (vote
-    share), as :func:`ddcnn.train.evaluate.predict_files` gives them for a run (no subdomain votes: the file gives
+    share), as :func:`ddcnn.finished.run.predict_files` gives them for a run (no subdomain votes: the file gives
     only its decision)."""
     model = ExportedModel(path)
     meta = model.meta
     notes: list[str] = []
-    images = torch.stack([read_input(Path(f), tuple(meta["image_size"]), meta["in_channels"], meta["dataset"],
-                                     meta.get("window"), notes) for f in files])
+    images = read_inputs(files, tuple(meta["image_size"]), meta["in_channels"], meta["dataset"], meta.get("window"),
+                         notes)
     probabilities = model(images)
-    rows = []
-    for f, row in zip(files, probabilities):
-        k = int(row.argmax())
-        rows.append({"file": str(f), "strategy": meta["strategy"], "class": model.classes[k], "class_index": k,
-                     "output": output(meta["strategy"]),
-                     "probabilities": {c: round(float(p), 6) for c, p in zip(model.classes, row.tolist())}})
+    rows = prediction_rows(files, meta["strategy"], model.classes, probabilities, probabilities)
     return Predictions(meta["strategy"], list(model.classes), rows, notes, origin=f"exported: {path.name}")

@@ -26,8 +26,9 @@ class Strategy:
     only stage). ``time_stages``: whose train time counts toward it; ``init_stages``: counted too when the
     strategy's model was initialised from them (the transfer CNN-DNN's DNN from the combine stage).
     ``curve_key``: the key of the epoch records of its own stage (the last it counts) that hold its validation
-    accuracy. ``probabilities``: whether the softmax of its scores is a class probability (ROC AUC is reported for
-    it); a majority vote's scores count votes.
+    accuracy. ``scored_every_epoch``: a rule on the local CNNs alone, scored on validation every local epoch (its
+    learning curve). ``outputs``: what its ``(B, K)`` scores become as one decision, ``"probabilities"`` or
+    ``"votes"`` (each class's share of the subdomains' votes).
     """
 
     name: str
@@ -37,7 +38,8 @@ class Strategy:
     combiner: Callable[[Mapping[str, nn.Module], int, int], nn.Module] | None = None
     init_stages: tuple[str, ...] = ()
     curve_key: str = "val_accuracy"
-    probabilities: bool = True
+    scored_every_epoch: bool = False
+    outputs: str = "probabilities"
 
     def counted_stages(self, initialised_from: tuple[str, ...] = ()) -> tuple[str, ...]:
         """The stages whose train time counts, in stage order, given the stages the model was initialised from."""
@@ -57,13 +59,26 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Strategy("cnn_dnn", "CNN-DNN", ("local", "combine"), ("local", "combine"),
              combiner=lambda trained, n, k: trained["combine"]),
     Strategy("mean_probability", "mean probability", ("local",), ("local",),
-             combiner=lambda trained, n, k: MeanProbability(n, k), curve_key="val_accuracy_mean_probability"),
+             combiner=lambda trained, n, k: MeanProbability(n, k), curve_key="val_accuracy_mean_probability",
+             scored_every_epoch=True),
     Strategy("majority_vote", "majority vote", ("local",), ("local",),
              combiner=lambda trained, n, k: MajorityVote(n, k), curve_key="val_accuracy_majority_vote",
-             probabilities=False),
+             scored_every_epoch=True, outputs="votes"),
     Strategy("coherent", "coherent CNN-DNN", ("coherent",), ("coherent",)),
     Strategy("transfer", "transfer CNN-DNN", ("transfer",), ("local", "transfer"), init_stages=("combine",)),
 )}
+
+
+def scored_every_epoch() -> list[str]:
+    """The rules on the local CNNs alone whose validation accuracy the local stage records every epoch."""
+    return [name for name, s in STRATEGIES.items() if s.scored_every_epoch]
+
+
+def gives_votes(name: str) -> bool:
+    """Whether strategy ``name``'s scores are vote shares rather than probabilities (a name outside the registry,
+    e.g. from an exported file's JSON: no)."""
+    strategy = STRATEGIES.get(name)
+    return strategy is not None and strategy.outputs == "votes"
 
 
 def available(trained: Collection[str]) -> list[str]:

@@ -150,3 +150,12 @@ def split_whole_state(weights: dict) -> tuple[dict, dict]:
     stacked = {k[len(ENSEMBLE):]: v for k, v in weights.items() if k.startswith(ENSEMBLE)}
     combiner = {k[len(COMBINER):]: v for k, v in weights.items() if k.startswith(COMBINER)}
     return stacked, combiner
+
+
+def load_whole_state(model: CNNDNN, weights: dict) -> None:
+    """Load a CNN-DNN checkpoint (the :func:`whole_state` layout, the local CNNs stacked whatever the backend) into
+    a whole model in one process."""
+    stacked, combiner = split_whole_state(weights)
+    device = next(model.combiner.parameters()).device
+    model.ensemble.load_stacked_state_dict({k: v.to(device) for k, v in stacked.items()})
+    model.combiner.load_state_dict({k: v.to(device) for k, v in combiner.items()})

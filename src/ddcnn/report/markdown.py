@@ -93,6 +93,9 @@ def _header_lines(results: Mapping, decomposition: Decomposition | None) -> list
         model.append(f"local width {results['local_width']}")
     if model:
         facts.append("Model: " + ", ".join(model) + ".")
+    ways = _parallelism_text(results.get("stages") or {})
+    if ways:
+        facts.append("Processes: " + ways + ".")
     versions = []
     if results.get("device"):
         device = str(results["device"])
@@ -111,6 +114,17 @@ def _header_lines(results: Mapping, decomposition: Decomposition | None) -> list
         facts.append("Command: " + md_code(results["command"]))
     lines += [f"- {md_cell(f) if not f.startswith('Command: ') else f}" for f in facts]
     return lines
+
+
+def _parallelism_text(stages: Mapping) -> str:
+    """How each stage used the processes, e.g. ``global data (2), local shards (2), combine single (1)``."""
+    parts = []
+    for stage in ordered(stages, STAGES):
+        entry = stages[stage]
+        if isinstance(entry, Mapping) and entry.get("parallelism") is not None:
+            count = finite_number(entry.get("processes"))
+            parts.append(f"{stage_label(stage)} {entry['parallelism']}" + (f" ({int(count)})" if count else ""))
+    return ", ".join(parts)
 
 
 def _train_time_note(results: Mapping) -> list[str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from ddcnn.config import METRICS
 from ddcnn.files import read_json
 from ddcnn.study.stats import METHOD, paired_differences, ratio_summary, summarize, verdict
-from ddcnn.train.runfiles import RESULTS, fix_for
+from ddcnn.train.store.schema import RESULTS, fix_for
 
 # The paper's claims, as (a, b): "a beats b". Everything else is read from each run's results.json.
 CLAIMS = (("cnn_dnn", "mean_probability"), ("cnn_dnn", "majority_vote"), ("transfer", "coherent"),

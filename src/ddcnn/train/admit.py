@@ -5,28 +5,101 @@ touched, so a refused run leaves every file as it was.
 2. The device (:func:`ddcnn.train.runtime.make_runtime`) and the stages' dependencies (:func:`check_stages`); the
    models' names and an imported backbone, imported only when trusted
    (:func:`ddcnn.models.settings.check_model_settings`, first in :func:`ddcnn.train.context.build_context`).
-3. The data: files, shapes, classes, and whether the images fit in memory (:func:`ddcnn.data.datasets.load_datasets`).
+3. The data: files, shapes, classes, and whether the images fit in memory (:func:`ddcnn.data.datasets.load_splits`).
 4. The models: the grid against the backbone's depth, a foreign CNN run once on a sample
    (:class:`ddcnn.build.Models`).
 5. The models against the machine (:func:`admit_models`): the memory each stage needs per process
    (:func:`ddcnn.train.budget.check_budget`), and the number of processes against the local CNNs
    (:func:`check_processes`), and a spatial-parallel global CNN's slabs against the image size
-   (:func:`check_spatial`).
+   (:func:`check_ways`).
 6. The run directory: a new one, ``--force``, or a ``--resume`` read whole against the config and the models
-   (:meth:`ddcnn.train.rundir.RunDir.prepare`).
+   (:func:`admit_run_dir`); the store then only writes (:meth:`ddcnn.train.store.rundir.RunDir.prepare`).
+
+:func:`admit` runs steps 2 (the models' names) to 6 in this order for a run; the first two of step 2 run when the
+run is set up (:class:`ddcnn.train.protocol.Experiment`).
 """
 
 from __future__ import annotations
 
+import sys
+from dataclasses import dataclass
+
 import torch
 
-from ddcnn.build import Models
-from ddcnn.config import STAGES, Config, parallelism
-from ddcnn.errors import ConfigError
-from ddcnn.models.backbones import DEFAULT_DEPTH
+from ddcnn.build import Models, Shapes, meta_model, weight_shapes, with_backend
+from ddcnn.config import STAGES, Config, spatial_global
+from ddcnn.data.datasets import load_splits
+from ddcnn.data.readers import ImageDataset
+from ddcnn.errors import CheckpointError, ConfigError
+from ddcnn.models.settings import check_model_settings
 from ddcnn.train.budget import check_budget
 from ddcnn.train.dist import DistEnv
-from ddcnn.train.spatial import slab_rows
+from ddcnn.train.parallel.choose import choose
+from ddcnn.train.store.rundir import RunDir
+from ddcnn.train.store.schema import check_resumable
+
+
+@dataclass
+class Admitted:
+    """What a run admitted by :func:`admit` trains on: the config as it runs (with the backend that runs), the
+    data splits and their classes, the models' builder, and the settings changed on ``--resume`` (records of
+    ``metrics.jsonl``)."""
+
+    cfg: Config
+    train: ImageDataset
+    val: ImageDataset
+    test: ImageDataset
+    classes: list[str]
+    models: Models
+    events: list[dict]
+    given: bool = False  # whether the folder came split (train/, val/, test/), for splits.json
+
+
+def admit(cfg: Config, run_dir: RunDir, device: torch.device, env: DistEnv, resume: bool, force: bool,
+          trusted: bool = True, source: str = "the config") -> Admitted:
+    """Steps 2 to 6, in order, before anything is written: the models' names (an imported backbone is imported
+    only when ``trusted``; ``source`` names the config's file in the refusal), the data, the models, the models
+    against the machine, and (on rank 0, which writes it) the run directory."""
+    check_model_settings(cfg.model, cfg.combiner, trusted, source, spatial=spatial_global(cfg))
+    cfg = with_backend(cfg)  # config.yaml records the backend that runs (and a resumed run is checked against it)
+    train, val, test, given = load_splits(cfg.data)
+    classes = list(train.classes)
+    models = Models(cfg, Shapes(train.in_channels, len(classes), train.image_size))
+    if env.is_main:
+        for note in models.notes:
+            print(f"ddcnn: note: {note}", file=sys.stderr)
+    admit_models(cfg, models, device, len(train), env)
+    events = admit_run_dir(run_dir, cfg, resume, force, models) if env.is_main else []
+    return Admitted(cfg, train, val, test, classes, models, events, given)
+
+
+def admit_run_dir(run_dir: RunDir, cfg: Config, resume: bool, force: bool, models: Models | None = None
+                  ) -> list[dict]:
+    """Step 6: a new run needs an empty or absent directory (or ``force``); a resumed one is read whole against
+    the config and (with ``models``) the data's shapes and the checkpoints' weights. Returns the accepted changes
+    of started stages' settings, to be recorded."""
+    path = run_dir.path
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output directory {str(path)!r} is a file; choose another --out")
+    if resume:
+        if not run_dir.is_run:
+            how = "without --resume" if not (path.is_dir() and any(path.iterdir())) else \
+                "with --force instead of --resume (ddcnn replaces only the files a run writes)"
+            raise CheckpointError(f"--resume: {str(path)!r} holds no ddcnn run (a run killed before it began "
+                                  f"leaves none); start it {how}")
+        if models is None:
+            return check_resumable(run_dir, cfg)
+        shapes = models.shapes
+        return check_resumable(run_dir, cfg, (shapes.num_classes, shapes.in_channels, list(shapes.image_size)),
+                               lambda stage: weight_shapes(stage, meta_model(models, stage)))
+    if path.exists() and any(path.iterdir()) and not force:
+        if run_dir.is_run:
+            raise ConfigError(f"output directory {str(path)!r} already holds a ddcnn run; use --resume to "
+                              f"continue it, --force to start over there, or choose another --out")
+        raise ConfigError(f"output directory {str(path)!r} already holds files that are not a ddcnn run; use "
+                          f"--force to start a run there anyway (only the files a run writes are replaced), "
+                          f"or choose another --out")
+    return []
 
 
 def check_stages(cfg: Config) -> None:
@@ -41,8 +114,9 @@ def check_processes(cfg: Config, models: Models, env: DistEnv, sharded: list[str
     """A model-parallel stage gives every process at least one local CNN: more processes than local CNNs are
     refused, on every rank alike. ``sharded``: the stages loaded as shards (a finished run under torchrun);
     default the enabled model-parallel stages of ``cfg``."""
-    if sharded is None:
-        sharded = [stage for stage in STAGES if cfg.stages.get(stage).enabled and parallelism(cfg, stage) == "model"]
+    if sharded is None:  # the stages whose way holds a shard of the local CNNs on each process
+        sharded = [stage for stage in STAGES if cfg.stages.get(stage).enabled and
+                   choose(cfg, stage, env, models.shapes.image_size, models.n_local).shard(models.n_local) is not None]
     if env.enabled and sharded and env.world > models.n_local:
         # Model and data parallelism together (a 2-D mesh of processes) is not built: refused, not half-done.
         raise ConfigError(
@@ -58,12 +132,12 @@ def admit_models(cfg: Config, models: Models, device: torch.device, n_train: int
     of processes against the local CNNs."""
     check_budget(cfg, models, device, n_train, env.world)
     check_processes(cfg, models, env)
-    check_spatial(cfg, models, env)
+    check_ways(cfg, models, env)
 
 
-def check_spatial(cfg: Config, models: Models, env: DistEnv) -> None:
-    """A spatial-parallel global CNN splits every image into ``world`` slabs that stay aligned through every
-    downsampling: an image size that does not allow it is refused, naming the sizes that do."""
-    if env.enabled and cfg.stages.global_.enabled and parallelism(cfg, "global") == "spatial":
-        m = cfg.model
-        slab_rows(models.shapes.image_size, env.world, m.depth or DEFAULT_DEPTH[m.backbone], m.backbone)
+def check_ways(cfg: Config, models: Models, env: DistEnv) -> None:
+    """Each enabled stage's way of using the processes refuses what it cannot split (a spatial-parallel global
+    CNN: an image size whose slabs would not stay aligned through every downsampling)."""
+    for stage in STAGES:
+        if cfg.stages.get(stage).enabled:
+            choose(cfg, stage, env, models.shapes.image_size, models.n_local).admit(cfg)

@@ -17,7 +17,7 @@ def strategy_metrics(name: str, scores: Mapping[str, torch.Tensor], splits: Mapp
                      classes: list[str]) -> dict:
     """``{"val_metrics": ..., "test_metrics": ...}`` of strategy ``name`` from its scores ``(M, K)`` per split (see
     :func:`ddcnn.metrics.classification_metrics`; ROC AUC for the strategies whose scores are probabilities)."""
-    probabilities = STRATEGIES[name].probabilities
+    probabilities = STRATEGIES[name].outputs == "probabilities"  # votes have no ROC curve
     out: dict = {"val_metrics": None}
     for split, values in scores.items():
         out[f"{split}_metrics"] = classification_metrics(values, splits[split].labels, classes, probabilities)

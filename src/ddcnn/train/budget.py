@@ -11,15 +11,17 @@ that is free on its device is refused with the figure and the fix.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ddcnn.build import meta_model
-from ddcnn.config import STAGES, Config, parallelism
+from ddcnn.config import STAGES, Config
 from ddcnn.errors import ConfigError, DDCNNError
 from ddcnn.memory import free_memory, gib
+from ddcnn.train.dist import DistEnv
+from ddcnn.train.parallel.choose import choose
 
 
 @dataclass
@@ -122,16 +124,15 @@ def held_per_process(cfg: Config, models, size: StageSize, world: int, mode: str
     local CNNs (and the whole DNN) with their activations, and the whole batch; a data-parallel one the whole model
     and its part of the batch; a spatial-parallel one the whole model and its slab of the batch; the combine stage
     (rank 0) all of it. ``mode``: the stage's parallelism (the config's when None)."""
-    mode = mode or parallelism(cfg, size.stage)
-    if world <= 1 or mode == "single":
+    if world <= 1:
         return size
-    if mode in ("data", "spatial"):
-        return replace(size, activation_bytes=-(-size.activation_bytes // world),
-                       input_bytes=-(-size.input_bytes // world))
-    share = -(-models.n_local // world) / models.n_local
-    dnn = 0 if size.stage == "local" else sum(p.numel() for p in meta_model(models, "combine").parameters())
-    return replace(size, parameters=dnn + math.ceil((size.parameters - dnn) * share),
-                   activation_bytes=math.ceil(size.activation_bytes * share))
+    dnn = lambda: sum(p.numel() for p in meta_model(models, "combine").parameters())  # noqa: E731
+    return _way(cfg, models, size.stage, world, mode).held(size, dnn)
+
+
+def _way(cfg: Config, models, stage: str, world: int, mode: str | None = None):
+    """How ``stage`` would use ``world`` processes (``mode``: a way other than the config's)."""
+    return choose(cfg, stage, DistEnv(0, world), models.shapes.image_size, models.n_local, mode)
 
 
 def check_budget(cfg: Config, models, device: torch.device, n_train: int | None = None, world: int = 1,
@@ -143,7 +144,7 @@ def check_budget(cfg: Config, models, device: torch.device, n_train: int | None 
     if n_train is not None:
         for size in sizes:
             batch = cfg.stages.get(size.stage).batch_size
-            parts = world if parallelism(cfg, size.stage) == "data" else 1
+            parts = _way(cfg, models, size.stage, world).parts()
             # The protocol leaves out a last batch too small to split among the processes (BatchNorm).
             steps = n_train // batch + (1 if n_train % batch >= 2 * parts or size.stage == "combine" else 0)
             if steps == 0 or (size.stage == "combine" and n_train == 0):

@@ -3,33 +3,33 @@ the run directory, this process's rank and the metrics log."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddcnn.build import Models, Shapes, with_backend
+from ddcnn.build import Models
 from ddcnn.config import STAGES, Config
-from ddcnn.data.datasets import load_splits
 from ddcnn.data.loading import Augment, Normalizer, make_batches
 from ddcnn.data.readers import ImageDataset
 from ddcnn.data.splits import split_record
+from ddcnn.finished.predictions import accuracy
 from ddcnn.metrics import metric_value
 from ddcnn.models import LocalEnsemble, forward_flops
 from ddcnn.models.combiners import Combiner
-from ddcnn.models.settings import check_model_settings
 from ddcnn.train import dist
-from ddcnn.train.admit import admit_models
+from ddcnn.train.admit import admit
 from ddcnn.train.dist import DistEnv
-from ddcnn.train.distributed import DataParallelSync
-from ddcnn.train.loop import FitResult, StageSpec, Sync
-from ddcnn.train.metrics import MetricsLog
-from ddcnn.train.model_parallel import ShardedCNNDNN
-from ddcnn.train.rundir import RunDir
+from ddcnn.train.engine.loop import FitResult, StageSpec
+from ddcnn.train.parallel.base import Parallelism
+from ddcnn.train.parallel.choose import choose
+from ddcnn.train.parallel.local import LocalShards
 from ddcnn.train.runtime import M, Runtime, device_name
+from ddcnn.train.store.metrics import MetricsLog
+from ddcnn.train.store.rundir import RunDir
 
 # Training FLOPs of one image: the forward pass, and the backward pass at about twice its cost.
 TRAIN_FLOPS_FACTOR = 3
@@ -130,8 +130,9 @@ class Context:
         if isinstance(model, LocalEnsemble):
             own = forward_flops(model, (model.n_local, shapes.in_channels, *d.subimage_size))
             return sum(self.env.all_gather(own))
-        if isinstance(model, ShardedCNNDNN):
-            return self.forward_flops(model.ensemble) + forward_flops(model.combiner, (n, shapes.num_classes))
+        if getattr(model, "spans_processes", False):  # this process's part of a CNN-DNN: its shard, and the DNN
+            ensemble, combiner = cast(nn.Module, model.ensemble), cast(nn.Module, model.combiner)
+            return self.forward_flops(ensemble) + forward_flops(combiner, (n, shapes.num_classes))
         if isinstance(model, Combiner):
             return forward_flops(model, (n, shapes.num_classes))
         return forward_flops(model, (shapes.in_channels, *shapes.image_size))
@@ -170,20 +171,13 @@ class Context:
 
         return loss_fn
 
-    def data_parallel(self, stage: str, model: nn.Module) -> tuple[nn.Module, object, Sync | None]:
-        """``(module to run, batches, sync)``: DistributedDataParallel over the ranks, or the model itself."""
-        batches = self.batches(stage, parts=self.env.world)
-        if not self.env.enabled:
-            return self.compiled(model), batches, None
-        from torch.nn.parallel import DistributedDataParallel
+    def parallelism(self, stage: str) -> Parallelism:
+        """How ``stage`` uses the processes (:func:`ddcnn.train.parallel.choose.choose`)."""
+        return choose(self.cfg, stage, self.env, self.models.shapes.image_size, self.n_local)
 
-        device_ids = [self.runtime.device.index] if self.runtime.device.type == "cuda" else None
-        ddp = DistributedDataParallel(model, device_ids=device_ids)
-        return self.compiled(ddp), batches.shard(self.env.rank, self.env.world), DataParallelSync(self.env)
-
-
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return (logits.argmax(-1) == labels).float().mean().item()
+    def local_shards(self) -> LocalShards:
+        """The local stage's way: this process's shard of the local CNNs, for the stages that use them."""
+        return cast(LocalShards, self.parallelism("local"))
 
 
 def build_context(cfg: Config, run_dir: RunDir, runtime: Runtime, env: DistEnv, resume: bool, force: bool,
@@ -192,26 +186,18 @@ def build_context(cfg: Config, run_dir: RunDir, runtime: Runtime, env: DistEnv, 
     """Read the data, build the models' builder, join the process group and prepare the run directory (rank 0
     writes ``data.json``); every check that can refuse the run comes before the first file is written. An
     imported backbone is imported only when ``trusted`` (``source``: where the config came from, for the error)."""
-    spatial = cfg.stages.global_.enabled and cfg.stages.global_.parallel == "spatial"
-    check_model_settings(cfg.model, cfg.combiner, trusted, source, spatial=spatial)
-    cfg = with_backend(cfg)  # config.yaml records the backend that runs (and a resumed run is checked against it)
-    train, val, test, given = load_splits(cfg.data)
-    classes = list(train.classes)
-    shapes = Shapes(train.in_channels, len(classes), train.image_size)
-    models = Models(cfg, shapes)
-    if env.is_main:
-        for note in models.notes:
-            print(f"ddcnn: note: {note}", file=sys.stderr)
-    admit_models(cfg, models, runtime.device, len(train), env)
+    admitted = admit(cfg, run_dir, runtime.device, env, resume, force, trusted, source)
+    cfg, train, val, test, classes = admitted.cfg, admitted.train, admitted.val, admitted.test, admitted.classes
+    models, shapes = admitted.models, admitted.models.shapes
     normalizer = Normalizer.fit(train.images)
     dist.init(env, runtime.device.type)
     if env.is_main:
-        run_dir.prepare(cfg, resume, force, launch=dist.launch_id(), models=models)
+        run_dir.prepare(cfg, resume, force, launch=dist.launch_id(), events=admitted.events)
         run_dir.write_json("data.json", {
             "classes": classes, "in_channels": shapes.in_channels, "image_size": list(shapes.image_size),
             "normalizer": normalizer.state_dict(), "train": len(train), "val": len(val), "test": len(test),
         })
-        run_dir.write_json("splits.json", split_record(cfg.data.name, train, val, test, given))
+        run_dir.write_json("splits.json", split_record(cfg.data.name, train, val, test, admitted.given))
     env.barrier()  # the other ranks read the run directory that rank 0 prepared
     log = MetricsLog(run_dir, verbose, print_line) if env.is_main else _no_log
     ctx = Context(cfg, env, runtime, run_dir, train, val, test, classes, normalizer, models, log,

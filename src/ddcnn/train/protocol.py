@@ -13,20 +13,19 @@ import torch
 import ddcnn
 from ddcnn.config import STAGES, Config
 from ddcnn.data.loading import to_float
+from ddcnn.finished.predictions import accuracy
 from ddcnn.models import LocalEnsemble, count_parameters
 from ddcnn.strategies import STRATEGIES, available
 from ddcnn.train import dist, stages
 from ddcnn.train.admit import check_stages
 from ddcnn.train.best import best_strategy, strategy_metrics
-from ddcnn.train.context import Context, StageResult, accuracy, build_context
-from ddcnn.train.cost import strategy_costs, target_accuracy, time_to_target
+from ddcnn.train.context import Context, StageResult, build_context
 from ddcnn.train.dist import DistEnv
-from ddcnn.train.metrics import MetricsLog
-from ddcnn.train.model_parallel import ShardedCNNDNN, ShardedLocalCNNs
-from ddcnn.train.rundir import RunDir
 from ddcnn.train.runtime import device_name, make_runtime
 from ddcnn.train.scoring import score_strategies
-from ddcnn.train.spatial import SpatialCNN
+from ddcnn.train.store.metrics import MetricsLog
+from ddcnn.train.store.rundir import RunDir
+from ddcnn.train.time_to_target import strategy_costs, target_accuracy, time_to_target
 
 
 class Experiment:
@@ -97,14 +96,36 @@ def evaluate_test(ctx: Context, done: dict[str, StageResult], command: str = "")
     Every process calls it: the local CNNs' logits and a model-parallel CNN-DNN are computed by all of them
     together; the results are returned on rank 0 (None elsewhere).
     """
-    labels, k, n = ctx.test.labels, len(ctx.classes), ctx.n_local
-    shapes, d, env = ctx.models.shapes, ctx.decomposition, ctx.env
     trained = {stage: result.model.eval() for stage, result in done.items()}
-    if "local" in trained and env.enabled:
-        trained["local"] = ShardedLocalCNNs(d, cast(LocalEnsemble, trained["local"]), env)
+    if "local" in trained:
+        trained["local"] = ctx.local_shards().scored(ctx.decomposition, cast(LocalEnsemble, trained["local"]))
     splits = {"test": ctx.test} if len(ctx.val) == 0 else {"val": ctx.val, "test": ctx.test}
-    scored = {split: score_strategies(trained, d, k, ctx.predict, data.images, env) for split, data in splits.items()}
+    scored = {split: score_strategies(trained, ctx.decomposition, len(ctx.classes), ctx.predict, data.images,
+                                      ctx.env) for split, data in splits.items()}
     scores = {split: s for split, (s, _) in scored.items()}
+    costs = _model_costs(ctx, done, trained)
+    if not ctx.env.is_main:
+        return None
+    strategies, curves, target = _strategy_records(ctx, done, scores, costs, splits)
+    if "val" in scores:
+        best, basis = best_strategy(strategies, ctx.cfg.evaluation.metric)
+    else:  # the test set never chooses: without a validation split, the first strategy trained is reported
+        best, basis = next(iter(strategies)), "none (no validation split): the first strategy trained"
+    results = {**_run_facts(ctx, command), "strategies": strategies, **_stage_records(ctx, done),
+               "best_strategy": best, "best_strategy_basis": basis, "evaluation_metric": ctx.cfg.evaluation.metric,
+               "target": target, "curves": curves,
+               "transfer_used_dnn": ("combine" in _initialised_from(done)) if "transfer" in done else None,
+               "confusion_matrix": {"strategy": best,
+                                    "matrix": strategies[best]["test_metrics"]["confusion_matrix"]}}
+    if "local" in done:
+        results["local"] = _local_record(done["local"], scored["test"][1], ctx.test.labels)
+    return results
+
+
+def _model_costs(ctx: Context, done: dict[str, StageResult], trained: dict) -> dict[str, tuple[int, int]]:
+    """Parameters and forward FLOPs per image of every available strategy's models (all processes call it: a
+    model the processes share is counted by all of them together; the others on rank 0)."""
+    k, n, env = len(ctx.classes), ctx.n_local, ctx.env
 
     def local_cost(ensemble: LocalEnsemble) -> tuple[int, int]:
         """Parameters and forward FLOPs per image of the local CNNs, summed over the processes' shards (all
@@ -122,59 +143,81 @@ def evaluate_test(ctx: Context, done: dict[str, StageResult], command: str = "")
             combiner = strategy.combiner(trained, n, k)
             costs[name] = with_dnn(ensemble_cost, combiner) if "combine" in strategy.stages else ensemble_cost
             continue
-        model = trained[strategy.stages[0]]
-        if isinstance(model, ShardedCNNDNN):  # every process computes its part
+        stage = strategy.stages[0]
+        model, way = trained[stage], ctx.parallelism(stage)
+        if way.shard(n) is not None:  # a CNN-DNN with its local CNNs sharded: every process counts its part
             costs[name] = with_dnn(local_cost(model.ensemble), model.combiner)
         elif env.is_main:
-            plain = model.cnn if isinstance(model, SpatialCNN) else model  # a spatial-parallel CNN: the whole one
+            plain = way.plain(model)  # e.g. a spatial-parallel CNN: the whole one
             costs[name] = count_parameters(plain), ctx.forward_flops(plain)
-    if not env.is_main:
-        return None
-    seconds = {stage: result.seconds for stage, result in done.items()}
-    initialised_from = tuple(done["transfer"].extras["initialised_from"]) if "transfer" in done else ()
-    critical = {"local": done["local"].extras["local_timing"]["critical_path_seconds"]} if "local" in done else {}
+    return costs
+
+
+def _critical(done: dict[str, StageResult]) -> dict[str, float]:
+    """The local stage's critical path: its time if every local CNN had its own device."""
+    return {"local": done["local"].extras["local_timing"]["critical_path_seconds"]} if "local" in done else {}
+
+
+def _initialised_from(done: dict[str, StageResult]) -> tuple[str, ...]:
+    return tuple(done["transfer"].extras["initialised_from"]) if "transfer" in done else ()
+
+
+def _strategy_records(ctx: Context, done: dict[str, StageResult], scores: dict, costs: dict, splits: dict
+                      ) -> tuple[dict, dict, dict]:
+    """Each strategy's accuracies and metrics beyond accuracy, cost, time to the target and size; its learning
+    curve; the target."""
+    critical = _critical(done)
     stage_data = {stage: (result.summary, result.history, critical.get(stage)) for stage, result in done.items()}
     target, target_source = target_accuracy(ctx.cfg.evaluation, done["global"].history if "global" in done else None)
     strategies, curves = {}, {}
     for name in scores["test"]:
-        cost, curves[name] = strategy_costs(name, stage_data, initialised_from)
+        cost, curves[name] = strategy_costs(name, stage_data, _initialised_from(done))
         val = accuracy(scores["val"][name], ctx.val.labels) if "val" in scores else None
-        strategies[name] = {"val_accuracy": val, "test_accuracy": accuracy(scores["test"][name], labels),
-                            "train_seconds": cost["seconds"],  # every stage it depends on (train/cost.py)
+        strategies[name] = {"val_accuracy": val, "test_accuracy": accuracy(scores["test"][name], ctx.test.labels),
+                            "train_seconds": cost["seconds"],  # every stage it depends on (train/time_to_target.py)
                             "parameters": costs[name][0], "flops_per_image": costs[name][1], "cost": cost,
                             "time_to_target": time_to_target(curves[name], target),
                             **strategy_metrics(name, {s: scores[s][name] for s in scores}, splits, ctx.classes)}
-    if "val" in scores:
-        best, basis = best_strategy(strategies, ctx.cfg.evaluation.metric)
-    else:  # the test set never chooses: without a validation split, the first strategy trained is reported
-        best, basis = next(iter(strategies)), "none (no validation split): the first strategy trained"
-    stages_summary = {stage: {**result.summary, **({"critical_path_seconds": critical[stage]} if stage in critical
-                                                    else {})} for stage, result in done.items()}
-    results = {
+    return strategies, curves, {"val_accuracy": target, "source": target_source}
+
+
+def _run_facts(ctx: Context, command: str) -> dict:
+    """What the run was: its data, decomposition, models, machine, versions and command."""
+    shapes, d = ctx.models.shapes, ctx.decomposition
+    return {
         "dataset": ctx.cfg.data.name, "name": ctx.cfg.name, "image_size": list(shapes.image_size),
         "grid": list(d.grid), "overlap": list(d.overlap), "subimage_size": list(d.subimage_size),
-        "num_classes": k, "classes": ctx.classes, "backbone": ctx.cfg.model.backbone,
-        "global_width": ctx.cfg.model.width, "local_width": ctx.models.local_width, "n_local": n,
+        "num_classes": len(ctx.classes), "classes": ctx.classes, "backbone": ctx.cfg.model.backbone,
+        "global_width": ctx.cfg.model.width, "local_width": ctx.models.local_width, "n_local": ctx.n_local,
         "device": ctx.runtime.device.type, "device_name": device_name(ctx.runtime.device),
         "torch_version": torch.__version__, "ddcnn_version": ddcnn.__version__, "python": platform.python_version(),
-        "command": command, "seed": ctx.cfg.seed, "processes": env.world,
-        "parallel": {stage: stages.parallel_mode(ctx, stage) for stage in ("coherent", "transfer") if stage in done},
+        "command": command, "seed": ctx.cfg.seed, "processes": ctx.env.world,
         "data_sizes": {"train": len(ctx.train), "val": len(ctx.val), "test": len(ctx.test)},
-        "strategies": strategies, "stage_seconds": seconds, "stages": stages_summary,
-        "best_strategy": best, "best_strategy_basis": basis, "evaluation_metric": ctx.cfg.evaluation.metric,
-        "target": {"val_accuracy": target, "source": target_source}, "curves": curves,
-        "transfer_used_dnn": ("combine" in initialised_from) if "transfer" in done else None,
-        "confusion_matrix": {"strategy": best, "matrix": strategies[best]["test_metrics"]["confusion_matrix"]},
     }
-    if "local" in done:
-        history = done["local"].history or [{}]
-        kept = done["local"].summary.get("kept_epoch") or len(history)
-        local = scored["test"][1]
-        assert local is not None  # computed for the rules of the local stage
-        results["local"] = {"test_accuracy": (local.argmax(-1) == labels[:, None]).float().mean(0).tolist(),
-                            "val_accuracy": history[min(kept, len(history)) - 1].get("val_accuracy_per_subdomain"),
-                            **done["local"].extras["local_timing"]}
-    return results
+
+
+def _stage_records(ctx: Context, done: dict[str, StageResult]) -> dict:
+    """Every stage's seconds and end record, with how it used the processes (``parallelism``, ``processes``)."""
+    critical = _critical(done)
+    ways = {stage: ctx.parallelism(stage).record() for stage in done}
+    return {
+        "parallel": {stage: ways[stage]["parallelism"] for stage in ("coherent", "transfer") if stage in done},
+        "stage_seconds": {stage: result.seconds for stage, result in done.items()},
+        "stages": {stage: {**result.summary, **ways[stage],
+                           **({"critical_path_seconds": critical[stage]} if stage in critical else {})}
+                   for stage, result in done.items()},
+    }
+
+
+def _local_record(local: StageResult, logits: torch.Tensor | None, labels: torch.Tensor) -> dict:
+    """Each local CNN's test accuracy (from its logits ``(M, N, K)``) and validation accuracy at the kept epoch,
+    and the local stage's timing."""
+    history = local.history or [{}]
+    kept = local.summary.get("kept_epoch") or len(history)
+    assert logits is not None  # computed for the rules of the local stage
+    return {"test_accuracy": (logits.argmax(-1) == labels[:, None]).float().mean(0).tolist(),
+            "val_accuracy": history[min(kept, len(history)) - 1].get("val_accuracy_per_subdomain"),
+            **local.extras["local_timing"]}
 
 
 def _summed(env: DistEnv, parameters: int, flops: int) -> tuple[int, int]:

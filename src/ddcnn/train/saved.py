@@ -1,215 +1,64 @@
-"""A finished run, loaded back from its directory: the config, the data facts and every trained model."""
+"""A finished run loaded by the processes of a torchrun launch: each holds only its shard of the local CNNs (and the
+whole DNN and global CNN); every function of :meth:`ShardedRun.strategies` is then called by all processes
+together. One process: :class:`ddcnn.finished.run.SavedRun`, which loads no training code."""
 
 from __future__ import annotations
 
-import json
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from ddcnn.build import Models, Shapes, meta_model, stage_model, weight_shapes
-from ddcnn.config import STAGES, Config, anchor_paths, from_dict
-from ddcnn.data.datasets import load_splits
-from ddcnn.data.loading import Normalizer
-from ddcnn.decomposition import Decomposition
-from ddcnn.errors import CheckpointError, ConfigError, DataNotFoundError, DDCNNError, did_you_mean
-from ddcnn.models import CNNDNN, GlobalCNN, LocalEnsemble
-from ddcnn.models.combiners import Combiner
-from ddcnn.models.deployed import Deployed, Standardise, with_layout
-from ddcnn.models.family import is_import_path
-from ddcnn.models.settings import check_model_settings
+from ddcnn.errors import ConfigError
+from ddcnn.finished.run import SavedRun
+from ddcnn.models.deployed import Deployed
 from ddcnn.shards import shard_range
-from ddcnn.strategies import STRATEGIES, predictors
 from ddcnn.train import dist
 from ddcnn.train.admit import check_processes
 from ddcnn.train.budget import check_budget
 from ddcnn.train.dist import DistEnv, slice_state
-from ddcnn.train.model_parallel import CNNDNNState, ShardedCNNDNN, ShardedLocalCNNs
-from ddcnn.train.rundir import RunDir
-from ddcnn.train.runfiles import DATA_FACTS, RESULTS, fix_for
-from ddcnn.train.runtime import make_runtime
+from ddcnn.train.parallel.model import ShardedCNNDNN, ShardedLocalCNNs
+from ddcnn.train.parallel.savers import CNNDNNState
+from ddcnn.train.runtime import Runtime, make_runtime
 
 SHARDED = ("local", "coherent", "transfer")  # loaded as each process's shard of the local CNNs under torchrun
 
 
-class SavedRun:
-    """Models of a run directory, ready to predict. ``strategies()`` maps each available strategy to a function
-    ``normalised images -> (global scores (B, K), local logits (B, N, K) or None)``."""
+class ShardedRun(SavedRun):
+    """:class:`SavedRun` for ``env``'s processes: the process count and the memory are checked before anything is
+    loaded, and under torchrun each process loads its shard of the local CNNs and CNN-DNNs."""
 
     def __init__(self, path: str | Path, device: str | None = None, env: DistEnv | None = None,
                  trust_code: bool = False, data_root: str | None = None):
-        """``env``: under torchrun, each process loads only its shard of the local CNNs (and the whole DNN and
-        global CNN); every function of :meth:`strategies` must then be called by all processes together.
-        ``trust_code``: import a backbone that the run's config.yaml names by import path (refused otherwise,
-        before anything is imported: a run directory is data). ``data_root``: where the data is now (relative to
-        the current directory), for a run moved to another machine; else config.yaml's (a relative one, written by
-        an earlier version, relative to the run directory, or to the current directory with a note)."""
         self.env = env or DistEnv()
-        self.run_dir = RunDir(path)
-        if not self.run_dir.is_run:
-            raise CheckpointError(f"{str(path)!r} is not a ddcnn run directory (no ddcnn-run.json); give the --out "
-                                  f"of a `ddcnn run`")
-        self.run_dir.read_marker()
-        raw = self.run_dir.read_config()  # checked: a valid config
-        raw, sets, notes = anchor_paths(raw, self.run_dir.path / "config.yaml",
-                                        [] if data_root is None else [f"data.root={json.dumps(data_root)}"])
-        for note in notes if self.env.is_main else ():
-            print(f"ddcnn: note: {note}", file=sys.stderr)
-        # --device and --data-root are the user's own values: their errors are the user's
-        self.cfg = from_dict(raw if device is None else {**raw, "device": device}, sets)
-        config = str(self.run_dir.path / "config.yaml")
-        try:
-            check_model_settings(self.cfg.model, self.cfg.combiner, trust_code, repr(config))
-        except ConfigError as err:
-            if not trust_code and is_import_path(self.cfg.model.backbone):
-                raise  # the refusal of untrusted code, as it is
-            raise CheckpointError(f"{config!r} is not a valid config ({err}); {fix_for('config.yaml')}") from None
-        facts = self.run_dir.read_json("data.json", DATA_FACTS)
-        self.classes = list(facts["classes"])
-        self.shapes = Shapes(facts["in_channels"], len(self.classes), tuple(facts["image_size"]))
-        if len(facts["normalizer"]["mean"]) != facts["in_channels"] or \
-                len(facts["normalizer"]["std"]) != facts["in_channels"]:
-            raise CheckpointError(f"{str(self.run_dir.path / 'data.json')!r} is corrupt (its normalizer does not have "
-                                  f"one mean and std per channel); {fix_for('data.json')}")
-        self.normalizer = Normalizer.from_state(facts["normalizer"])
-        self.best = self.run_dir.read_json("results.json", RESULTS, optional=True)
-        self.runtime = make_runtime(self.cfg, self.env)
-        try:
-            self.models = Models(self.cfg, self.shapes)
-        except DDCNNError as err:
-            raise CheckpointError(f"{str(self.run_dir.path / 'config.yaml')!r} does not fit the run's data.json "
-                                  f"({err}); {fix_for('config.yaml')}") from None
-        self.decomposition = self.models.decomposition
-        ckpt = self.run_dir.checkpoints
-        done = [stage for stage in STAGES if ckpt.has(stage) and ckpt.state(stage)["done"]]
+        super().__init__(path, device, trust_code, data_root)
+
+    @property
+    def is_main(self) -> bool:
+        return self.env.is_main
+
+    def _runtime(self) -> Runtime:
+        return make_runtime(self.cfg, self.env)
+
+    def _admit(self, done: list[str]) -> None:
         check_processes(self.cfg, self.models, self.env, [stage for stage in done if stage in SHARDED])
         check_budget(self.cfg, self.models, self.runtime.device, training=False, stages=done, world=self.env.world)
         dist.init(self.env, self.runtime.device.type)
-        self.trained: dict[str, nn.Module] = {}
-        for stage in done:
-            weights, _, _ = ckpt.load(stage)
-            ckpt.check_weights(stage, weights, weight_shapes(stage, meta_model(self.models, stage)))
-            self.trained[stage] = self._load(stage, weights).to(self.runtime.device).eval()
-        if not self.trained:
-            raise CheckpointError(f"{str(path)!r} has no finished stage to evaluate; run (or --resume) it first")
 
     def _load(self, stage: str, weights: dict) -> nn.Module:
-        """``stage``'s model with ``weights`` (checked): the whole model, or under torchrun this process's part of
-        the local CNNs and CNN-DNNs (both saved with the local CNNs stacked, whatever the backend and process count)."""
-        sharded = self.env.enabled and stage in SHARDED
-        if not sharded:
-            model = stage_model(self.models, stage)
-            if isinstance(model, LocalEnsemble):
-                model.load_stacked_state_dict(weights)
-            elif isinstance(model, CNNDNN):
-                CNNDNNState(model).load_weights(weights)
-            else:
-                model.load_state_dict(weights)
-            return model
+        """This process's part of the local CNNs and CNN-DNNs under torchrun (both saved with the local CNNs
+        stacked, whatever the backend and process count); the whole model otherwise."""
+        if not (self.env.enabled and stage in SHARDED):
+            return super()._load(stage, weights)
         shard = shard_range(self.models.n_local, self.env.rank, self.env.world)
         ensemble = self.models.ensemble(shard)
         if stage == "local":
             ensemble.load_stacked_state_dict(slice_state(weights, self.models.n_local, shard))
             return ShardedLocalCNNs(self.decomposition, ensemble, self.env)
         model = ShardedCNNDNN(self.decomposition, ensemble, self.models.dnn(stage), self.env)
-        CNNDNNState(model, self.env).load_weights(weights)
+        CNNDNNState(model, self.env, shard).load_weights(weights)
         return model
 
-    def strategies(self) -> dict:
-        """Every strategy this run trained: name -> ``normalised images -> (scores (B, K), local logits or None)``."""
-        return predictors(self.trained, self.decomposition, self.shapes.num_classes)
-
-    def strategy(self, name: str | None):
-        """The named strategy's function, or the best one of results.json (else the first available)."""
-        available = self.strategies()
-        if name is None:
-            best = (self.best or {}).get("best_strategy")
-            name = best if best in available else next(iter(available))
-        if name not in available:
-            if name not in STRATEGIES:
-                raise ConfigError(f"unknown strategy {name!r}{did_you_mean(str(name), STRATEGIES)}; this run has: "
-                                  f"{', '.join(available)}")
-            raise ConfigError(f"strategy {name!r} was not trained in this run; available: {', '.join(available)}")
-        return name, available[name]
-
     def model(self, name: str, layout: str | None = None) -> Deployed:
-        """Strategy ``name`` as one module, float images ``(B, C, *image_size)`` in [0, 1] -> ``(B, K)`` class
-        probabilities (vote shares for majority vote), see :class:`Deployed`; ``layout`` of the local CNNs as
-        :func:`with_layout` (``None``: the run's own ensemble). A single process's models only (no torchrun)."""
         if self.env.enabled:
             raise ConfigError("a strategy as one module needs the whole run in one process; run without torchrun")
-        self.strategy(name)  # an unknown or untrained strategy is one error naming the available ones
-        standardise = Standardise(self.normalizer.mean, self.normalizer.std, self.decomposition.dims)
-        standardise.to(self.runtime.device)
-        strategy, model = STRATEGIES[name], self.trained.get(name)
-        if isinstance(model, GlobalCNN):
-            return Deployed(standardise, model).eval()
-        ensemble: nn.Module
-        combiner: nn.Module
-        if isinstance(model, CNNDNN):
-            ensemble, combiner = model.ensemble, model.combiner
-        else:
-            assert strategy.combiner is not None  # a strategy is a whole-image model, a CNN-DNN or a combination
-            ensemble = self.trained["local"]
-            combiner = strategy.combiner(self.trained, self.decomposition.n_subdomains, self.shapes.num_classes)
-        assert isinstance(ensemble, LocalEnsemble) and isinstance(combiner, Combiner)  # one process: all of them
-        return Deployed.combined(standardise, self.decomposition, with_layout(ensemble, layout), combiner).eval()
-
-    def data(self):
-        """The run's ``(train, val, test)`` splits, read again from ``data.root``; data that is not there any more is
-        one error naming the run's config.yaml and how to point the run at the data."""
-        try:
-            train, val, test, _ = load_splits(self.cfg.data)
-        except DataNotFoundError as err:
-            raise DataNotFoundError(f"{err} (data.root from {str(self.run_dir.path / 'config.yaml')!r}: where the "
-                                    f"data is now, give --data-root DIR)") from None
-        return train, val, test
-
-    def run_batches(self, fn, images: torch.Tensor, batch_size: int = 512):
-        """``fn`` over float images ``(M, C, *size)`` in [0, 1]: returns (scores (M, K), local logits or None)."""
-        return self.runtime.predict(fn, images, self.normalizer, batch_size)
-
-
-
-@dataclass
-class Run:
-    """A finished run for use from Python (:func:`load_run`).
-
-    ``models``: every trained strategy as one module, float images ``(B, C, *image_size)`` in [0, 1] (as the
-    dataset readers give them) -> ``(B, K)`` class probabilities (vote shares for ``majority_vote``), normalisation
-    and decomposition inside, in eval mode (see :class:`ddcnn.models.deployed.Deployed`). ``stages``: the trained
-    model of every finished stage as the run saved it (they take normalised images). ``results``: results.json
-    (None when the run did not get that far).
-    """
-
-    path: Path
-    config: Config
-    classes: list[str]
-    image_size: tuple[int, ...]
-    in_channels: int
-    normalizer: Normalizer
-    decomposition: Decomposition
-    results: dict | None
-    models: dict[str, Deployed]
-    stages: dict[str, nn.Module]
-
-    @property
-    def best_strategy(self) -> str:
-        """The strategy results.json names as the best, else the first trained one."""
-        best = (self.results or {}).get("best_strategy")
-        return best if best in self.models else next(iter(self.models))
-
-
-def load_run(path: str | Path, device: str | None = None, *, trust_code: bool = False) -> Run:
-    """The finished run in ``path`` (a ``ddcnn run --out`` folder): its models per strategy, the data facts of
-    data.json, the config and results.json. Nothing is unpickled; a config that names its backbone by import
-    path is refused unless ``trust_code=True``, as building its models imports and runs that code. ``device``:
-    cpu, cuda, cuda:N (default: the run's)."""
-    saved = SavedRun(path, device, trust_code=trust_code)
-    return Run(path=saved.run_dir.path, config=saved.cfg, classes=list(saved.classes),
-               image_size=tuple(saved.shapes.image_size), in_channels=saved.shapes.in_channels,
-               normalizer=saved.normalizer, decomposition=saved.decomposition, results=saved.best,
-               models={name: saved.model(name) for name in saved.strategies()}, stages=dict(saved.trained))
+        return super().model(name, layout)

@@ -11,8 +11,6 @@ from torch import nn
 from ddcnn.decomposition import Decomposition
 from ddcnn.strategies import STRATEGIES, available, combine_local
 from ddcnn.train.dist import DistEnv
-from ddcnn.train.model_parallel import ShardedCNNDNN, ShardedLocalCNNs
-from ddcnn.train.spatial import SpatialCNN
 
 
 def score_strategies(trained: Mapping[str, nn.Module], decomposition: Decomposition, num_classes: int, predict,
@@ -24,7 +22,8 @@ def score_strategies(trained: Mapping[str, nn.Module], decomposition: Decomposit
 
     ``predict(fn, images)`` runs ``fn`` over normalised batches of ``images``. ``trained["local"]`` is a
     :class:`LocalEnsemble` (it takes subimages) or, under several processes (``env``), this process's
-    :class:`ShardedLocalCNNs`; the local CNNs' logits are computed once for every strategy that combines them.
+    :class:`~ddcnn.train.parallel.model.ShardedLocalCNNs`; the local CNNs' logits are computed once for every
+    strategy that combines them.
     Models spread over the processes are run by all of them together, the others on rank 0 only: the scores are
     complete on rank 0.
     """
@@ -55,5 +54,6 @@ def score_strategies(trained: Mapping[str, nn.Module], decomposition: Decomposit
 
 def _spans(model: nn.Module) -> bool:
     """Whether ``model`` is this process's part of a model spread over the processes (all must run it): a shard
-    of the local CNNs, a model-parallel CNN-DNN, or a spatial-parallel global CNN."""
-    return isinstance(model, ShardedLocalCNNs | ShardedCNNDNN | SpatialCNN)
+    of the local CNNs, a model-parallel CNN-DNN, or a spatial-parallel global CNN (the wrappers of
+    :mod:`ddcnn.train.parallel` say so)."""
+    return getattr(model, "spans_processes", False)

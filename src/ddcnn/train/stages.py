@@ -1,7 +1,7 @@
 """The paper's five stages, one function each: ``train_X(ctx, done) -> StageResult``.
 
 ``done`` holds the results of the stages that ran before (in :data:`ddcnn.config.STAGES` order); every stage
-checkpoints each epoch through :func:`ddcnn.train.loop.fit`, so a finished stage is loaded, not retrained, on
+checkpoints each epoch through :func:`ddcnn.train.engine.loop.fit`, so a finished stage is loaded, not retrained, on
 ``--resume``.
 """
 
@@ -13,47 +13,45 @@ from typing import cast
 
 import torch
 
-from ddcnn.config import parallelism
-from ddcnn.models import CNNDNN, LocalEnsemble, local_loss
+from ddcnn.finished.predictions import accuracy
+from ddcnn.models import LocalEnsemble, local_loss
 from ddcnn.models.cnn_dnn import transfer_parts
 from ddcnn.models.combiners import Combiner
 from ddcnn.seeds import derive_seed
-from ddcnn.shards import shard_range
-from ddcnn.strategies import STRATEGIES
-from ddcnn.train.batches import TensorBatches
-from ddcnn.train.context import Context, StageResult, accuracy
-from ddcnn.train.distributed import EnsembleSaver, ShardSync
-from ddcnn.train.loop import ModelState, Sync, fit
-from ddcnn.train.model_parallel import CNNDNNState, ModelParallelSync, ShardedCNNDNN, ShardedLocalCNNs
-from ddcnn.train.runfiles import LOCAL_TIMING
-from ddcnn.train.spatial import SpatialCNN
-from ddcnn.train.timing import critical_path
+from ddcnn.strategies import STRATEGIES, scored_every_epoch
+from ddcnn.train.context import Context, StageResult
+from ddcnn.train.engine.batches import TensorBatches
+from ddcnn.train.engine.loop import fit
+from ddcnn.train.engine.timing import critical_path
+from ddcnn.train.parallel.base import Parallelism
+from ddcnn.train.store.schema import LOCAL_TIMING
 
 Done = Mapping[str, StageResult]
-RULES = ("mean_probability", "majority_vote")  # the strategies of the local stage alone, scored every epoch
 
 
 def train_global(ctx: Context, done: Done) -> StageResult:
     """The global CNN on whole images (data-parallel over the processes, or spatial-parallel: each process a
-    slab of every image, :mod:`ddcnn.train.spatial`)."""
-    model = ctx.prepare(ctx.models.global_cnn())
-    if parallel_mode(ctx, "global") == "spatial":
-        spatial = SpatialCNN(model, ctx.env, ctx.models.shapes.image_size)
-        # Every process sees every batch (its slab) and computes the same loss; the checkpoint is the plain CNN.
-        spec = ctx.spec("global", model, sync=ModelParallelSync(ctx.env), saver=ModelState(model))
-        result = fit(spec, spatial, ctx.classifier_loss("global", spatial), ctx.batches("global", slab=spatial.rows),
-                     lambda: ctx.val_metrics(spatial))
-        return StageResult.of(spatial, result, "global")
-    run, batches, sync = ctx.data_parallel("global", model)
-    result = fit(ctx.spec("global", model, sync=sync), model, ctx.classifier_loss("global", run), batches,
-                 lambda: ctx.val_metrics(model))
-    return StageResult.of(model, result, "global")
+    slab of every image, :mod:`ddcnn.train.parallel.spatial`)."""
+    return _train(ctx, "global", ctx.parallelism("global"), ctx.prepare(ctx.models.global_cnn()))
+
+
+def _train(ctx: Context, stage: str, way: Parallelism, model, extras: dict | None = None) -> StageResult:
+    """Train ``model`` (this process's part of the stage's model, on the device) on the classifier loss, the way
+    ``way`` uses the processes: it wraps the model, splits the batches, combines the statistics and saves."""
+    wrapped = way.wrap(model, ctx.runtime.device)
+    run = ctx.compiled(wrapped) if way.compiles else wrapped
+    batches = way.split(ctx.batches(stage, **way.batch_options(wrapped)))
+    spec = ctx.spec(stage, model, sync=way.sync(), saver=way.saver(model), clip=way.clip(model))
+    trained, evaluated = way.trained(model, wrapped), way.evaluated(model, wrapped)
+    result = fit(spec, trained, ctx.classifier_loss(stage, run), batches, lambda: ctx.val_metrics(evaluated))
+    return StageResult.of(trained, result, stage, extras)
 
 
 def train_local(ctx: Context, done: Done) -> StageResult:
     """The N local CNNs, each on its subimages, as one batched ensemble; process ``r`` trains a contiguous shard
     of them on every image, so each local CNN sees the same batches as in a single process."""
-    shard = shard_range(ctx.n_local, ctx.env.rank, ctx.env.world)
+    way = ctx.local_shards()
+    shard = way.shard()
     ensemble = ctx.prepare(ctx.models.ensemble(shard))
     run = ctx.compiled(ensemble)
 
@@ -81,16 +79,15 @@ def train_local(ctx: Context, done: Done) -> StageResult:
         per_cnn = [ctx.monitored(everyone[:, j]) for j in range(everyone.shape[1])]
         record.update({key: sum(m[key] or 0.0 for m in per_cnn) / len(per_cnn) for key in per_cnn[0]})
         if ctx.env.is_main:
-            for name in RULES:
+            for name in scored_every_epoch():
                 rule = STRATEGIES[name].combiner({}, ctx.n_local, len(ctx.classes))
                 record[f"val_accuracy_{name}"] = accuracy(rule(everyone), ctx.val.labels)
         return record
 
-    batches = ctx.batches("local", shard=shard)  # every image, cut to this rank's region
-    saver = EnsembleSaver(ensemble, ctx.env, shard, ctx.n_local)
+    batches = way.split(ctx.batches("local", **way.batch_options(ensemble)))  # every image, this rank's region
     # The loss is the sum over local CNNs; the logged train_loss is their mean, comparable to val_loss.
-    spec = ctx.spec("local", ensemble, clip=ensemble.clip_grad_norm_, loss_scale=1 / ctx.n_local, saver=saver,
-                    sync=ShardSync(ctx.env))
+    spec = ctx.spec("local", ensemble, clip=way.clip(ensemble), loss_scale=1 / ctx.n_local, saver=way.saver(ensemble),
+                    sync=way.sync())
     result = fit(spec, ensemble, loss_fn, batches, evaluate)
     timing = ctx.run_dir.read_json("local_timing.json", LOCAL_TIMING, optional=True)
     if timing is None:
@@ -107,7 +104,7 @@ def full_ensemble(ctx: Context, local: StageResult) -> LocalEnsemble:
     """All N trained local CNNs on every process (gathered from the shards; all processes call it together)."""
     if len(local.extras["shard"]) == ctx.n_local:
         return cast(LocalEnsemble, local.model)
-    weights = EnsembleSaver(local.model, ctx.env, local.extras["shard"], ctx.n_local).weights()
+    weights = ctx.local_shards().saver(local.model).weights()
     full = ctx.prepare(ctx.models.ensemble())
     full.load_stacked_state_dict(weights)
     return full
@@ -117,9 +114,7 @@ def frozen_local_logits(ctx: Context, local: StageResult, images: torch.Tensor) 
     """The trained local CNNs' logits ``(M, N, K)`` of images ``(M, C, *size)`` in eval mode, on every process:
     each computes those of its own shard on its own subimages, then they are gathered (all processes call it)."""
     ensemble = cast(LocalEnsemble, local.model).eval()
-    if ctx.env.enabled:
-        return ctx.predict(ShardedLocalCNNs(ctx.decomposition, ensemble, ctx.env), images)
-    return ctx.predict(lambda x: ensemble(ctx.decomposition.split(x)), images)
+    return ctx.predict(ctx.local_shards().on_images(ctx.decomposition, ensemble), images)
 
 
 def train_combine(ctx: Context, done: Done) -> StageResult:
@@ -174,46 +169,29 @@ def _train_dnn(ctx: Context, dnn, features: torch.Tensor, val_features: torch.Te
     return _combine_result(dnn, result, feature_seconds, feature_flops)
 
 
-def parallel_mode(ctx: Context, stage: str) -> str:
-    """How a stage uses the processes: "single" (one process), "model", "data" or "spatial"."""
-    return parallelism(ctx.cfg, stage) if ctx.env.enabled else "single"
-
-
-def _train_cnn_dnn(ctx: Context, stage: str, ensemble, combiner, extras: dict | None = None) -> StageResult:
-    """Train a CNN-DNN end to end: ``ensemble`` is this process's shard of the local CNNs under model parallelism,
-    else all of them. Either way the checkpoint holds the whole model (:class:`CNNDNNState`)."""
-    model: CNNDNN | ShardedCNNDNN
-    sync: Sync | None
-    if parallel_mode(ctx, stage) == "model":
-        model = ctx.prepare(ShardedCNNDNN(ctx.decomposition, ensemble, combiner, ctx.env))
-        run, batches, sync = ctx.compiled(model), ctx.batches(stage, shard=model.shard), ModelParallelSync(ctx.env)
-        spec = ctx.spec(stage, model, sync=sync, saver=CNNDNNState(model, ctx.env), clip=model.clip_grad_norm_)
-    else:
-        model = ctx.prepare(CNNDNN(ctx.decomposition, ensemble, combiner))
-        run, batches, sync = ctx.data_parallel(stage, model)
-        spec = ctx.spec(stage, model, sync=sync, saver=CNNDNNState(model))
-    result = fit(spec, model, ctx.classifier_loss(stage, run), batches, lambda: ctx.val_metrics(model))
-    return StageResult.of(model, result, stage, extras)
-
-
 def train_coherent(ctx: Context, done: Done) -> StageResult:
-    """A CNN-DNN trained end to end from random initialisation."""
-    sharded = parallel_mode(ctx, "coherent") == "model"
-    ensemble = ctx.models.ensemble(shard_range(ctx.n_local, ctx.env.rank, ctx.env.world) if sharded else None)
-    return _train_cnn_dnn(ctx, "coherent", ensemble, ctx.models.dnn("coherent"))
+    """A CNN-DNN trained end to end from random initialisation (this process's shard of the local CNNs under
+    model parallelism; the checkpoint holds the whole model either way)."""
+    way = ctx.parallelism("coherent")
+    ensemble = ctx.models.ensemble(way.shard(ctx.n_local))
+    model = way.cnn_dnn(ctx.decomposition, ensemble, ctx.models.dnn("coherent"))
+    return _train(ctx, "coherent", way, ctx.prepare(model))
 
 
 def train_transfer(ctx: Context, done: Done) -> StageResult:
     """A CNN-DNN trained end to end, initialised from the trained local CNNs (and the DNN: ``init_dnn``)."""
     use_dnn = ctx.cfg.stages.transfer.init_dnn and "combine" in done
-    local = cast(LocalEnsemble, done["local"].model) if parallel_mode(ctx, "transfer") == "model" else \
+    way = ctx.parallelism("transfer")
+    # A way that holds a shard of the local CNNs holds the local stage's own shard; the others all N.
+    local = cast(LocalEnsemble, done["local"].model) if way.shard(ctx.n_local) is not None else \
         full_ensemble(ctx, done["local"])
     torch.manual_seed(derive_seed(ctx.cfg.seed, "transfer", 0))
     c = ctx.cfg.combiner
     trained_dnn = cast(Combiner, done["combine"].model) if use_dnn else None
     ensemble, combiner = transfer_parts(local, trained_dnn, ctx.n_local,
                                         hidden=c.hidden, activation=c.activation, dropout=c.dropout)
-    return _train_cnn_dnn(ctx, "transfer", ensemble, combiner, {"initialised_from": ("combine",) if use_dnn else ()})
+    model = ctx.prepare(way.cnn_dnn(ctx.decomposition, ensemble, combiner))
+    return _train(ctx, "transfer", way, model, {"initialised_from": ("combine",) if use_dnn else ()})
 
 
 # The trainer of each stage of :data:`ddcnn.config.STAGES` (the one list of stages, in the order they run).

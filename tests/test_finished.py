@@ -1,5 +1,5 @@
-"""ddcnn.load_run: a finished run's models per strategy, its data facts, config and results; code it names is
-imported only with trust_code=True."""
+"""ddcnn.finished: load_run, a finished run's models per strategy, its data facts, config and results; code it
+names is imported only with trust_code=True; no training code is loaded."""
 
 import json
 import shutil
@@ -51,3 +51,19 @@ def test_load_run_imports_a_named_backbone_only_when_trusted(finished_run, tmp_p
     # trusted: the code is imported (here it stops the import, which is one error naming it)
     with pytest.raises(DDCNNError, match="importing 'planted_module' failed with SystemExit: imported"):
         ddcnn.load_run(copy, trust_code=True)
+
+
+@pytest.mark.parametrize("module", ["ddcnn.export", "ddcnn.finished.run"])
+def test_the_finished_run_library_loads_no_training_code(module):
+    """``ddcnn export``, ``load_run`` and one-process ``ddcnn predict`` reach the run directory's store and the
+    runtime, never the loop, the parallel wrappers, admission or the stages (a fresh interpreter: what it loads)."""
+    import subprocess
+    import sys
+
+    code = f"import sys, {module}; print(' '.join(m for m in sys.modules if m.startswith('ddcnn.train')))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = set(done.stdout.split())
+    assert "ddcnn.train.store.rundir" in loaded  # the check sees what is loaded
+    groups = ("engine", "parallel", "admit", "budget", "context", "stages", "protocol", "scoring", "evaluate", "saved")
+    training = {m for m in loaded if m.split(".")[2:3] and m.split(".")[2] in groups}
+    assert training == set()

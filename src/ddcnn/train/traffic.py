@@ -4,8 +4,8 @@ Bytes are those one process sends per step (the largest over the processes), flo
 ``n`` bytes sending ``2 (P-1)/P n`` and a ring all-gather of ``P`` parts of ``n`` bytes sending ``(P-1) n``:
 
 * global CNN, data-parallel (DDP): ``2 (P-1)/P x 4 x parameters``;
-* global CNN, spatial-parallel (:mod:`ddcnn.train.spatial`), batch ``B`` whole on every process: per convolution
-  with input ``(B, C, *, R)`` (``R`` the size of a row: W, or H x W) the halo rows ``lo = p`` and
+* global CNN, spatial-parallel (:mod:`ddcnn.train.parallel.spatial`), batch ``B`` whole on every process: per
+  convolution with input ``(B, C, *, R)`` (``R`` the size of a row: W, or H x W) the halo rows ``lo = p`` and
   ``hi = k - s - p`` forward (``4 B C R`` bytes a row) and the same rows' gradients backward (except for the
   first convolution, whose input is the image); plus ``2 (P-1)/P x 4 x`` (the parameters but the classifier's
   gradients, four sums of ``C`` per BatchNorm, the ``B x F`` pooled features once);
@@ -31,7 +31,7 @@ from ddcnn.errors import ConfigError
 from ddcnn.models import GlobalCNN
 from ddcnn.models.backbones import Head
 from ddcnn.train.budget import count_exactly, held_per_process, stage_sizes
-from ddcnn.train.spatial import slab_rows
+from ddcnn.train.parallel.spatial import slab_rows
 
 FLOAT = 4
 
@@ -41,7 +41,7 @@ def ring(world: int) -> float:
 
 
 def spatial_step_bytes(cnn: nn.Module, input_shape: tuple[int, ...], world: int) -> int:
-    """Bytes the busiest process sends in one training step of :class:`~ddcnn.train.spatial.SpatialCNN` for a
+    """Bytes the busiest process sends in one training step of :class:`~ddcnn.train.parallel.spatial.SpatialCNN` for a
     batch of ``input_shape`` ``(B, C, *image_size)`` (``cnn`` may live on the meta device)."""
     halos: list[tuple[int, int, int]] = []  # (lo, hi, bytes of one row of the whole batch)
     reduced = 0

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ddcnn.config import StageConfig
 from ddcnn.models import LocalEnsemble
 from ddcnn.train.dist import DistEnv
-from ddcnn.train.loop import make_optimizer
+from ddcnn.train.engine.loop import make_optimizer
 from ddcnn.train.runtime import Runtime
 
 

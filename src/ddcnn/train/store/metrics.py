@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ddcnn.train.rundir import RunDir
+from ddcnn.train.store.rundir import RunDir
 
 
 class MetricsLog:

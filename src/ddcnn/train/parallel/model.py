@@ -8,23 +8,26 @@ gradient: the backward pass keeps the slice of its own subdomains and needs no c
 the whole batch, so its BatchNorm statistics are those of a single process.
 
 Checkpoints hold the whole CNN-DNN with the ensemble in the stacked layout, whatever the backend and the number
-of processes (:class:`CNNDNNState`), so a run can be resumed with another ``P`` or another parallelism.
+of processes (:class:`~ddcnn.train.parallel.savers.CNNDNNState`), so a run can be resumed with another ``P`` or
+another parallelism. :class:`ModelParallel` is the way of the coherent and transfer stages that uses them.
 """
 
 from __future__ import annotations
+
+from typing import cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ddcnn.decomposition import Decomposition
-from ddcnn.models import CNNDNN, LocalEnsemble
-from ddcnn.models.cnn_dnn import split_whole_state, whole_state
+from ddcnn.models import LocalEnsemble
 from ddcnn.models.combiners import Combiner
 from ddcnn.shards import shard_range
-from ddcnn.train.dist import DistEnv, cat_optimizer, cat_states, slice_optimizer, slice_state
-from ddcnn.train.distributed import RankSync
-from ddcnn.train.loop import ModelState
+from ddcnn.train.dist import DistEnv
+from ddcnn.train.parallel.base import Parallelism, local_share
+from ddcnn.train.parallel.savers import CNNDNNState
+from ddcnn.train.parallel.sync import ReplicatedSync
 
 
 class _GatherSubdomains(torch.autograd.Function):
@@ -55,6 +58,8 @@ class ShardedLocalCNNs(nn.Module):
     """This process's local CNNs (``ensemble``, of its shard) on their own subimages, gathered over the processes:
     ``(B, C, *image_size) -> (B, N, K)``, the same on every process. All processes must call it together."""
 
+    spans_processes = True  # scored by all processes together
+
     def __init__(self, decomposition: Decomposition, ensemble: LocalEnsemble, env: DistEnv):
         super().__init__()
         self.decomposition, self.ensemble, self.env = decomposition, ensemble, env
@@ -73,6 +78,8 @@ class ShardedCNNDNN(nn.Module):
     ``ensemble`` holds the local CNNs of ``shard`` (:func:`ddcnn.shards.shard_range` of the N subdomains for this
     rank), ``combiner`` is the whole DNN. All processes must call it together (it gathers).
     """
+
+    spans_processes = True  # scored by all processes together
 
     def __init__(self, decomposition: Decomposition, ensemble: LocalEnsemble, combiner: Combiner, env: DistEnv):
         super().__init__()
@@ -108,63 +115,38 @@ class ShardedCNNDNN(nn.Module):
         return total
 
 
-class ModelParallelSync(RankSync):
-    """Every rank saw the whole batch and computed the same loss: the statistics are already complete."""
+class ModelParallel(Parallelism):
+    """The coherent and transfer stages' default under torchrun: each process holds a contiguous shard of the local
+    CNNs and the whole DNN, sees every whole batch and computes the same loss; the gradient norm is one over the
+    whole CNN-DNN; the checkpoint is the whole CNN-DNN gathered from the shards."""
 
-    def reduce(self, loss_sum, correct, seen):
-        return loss_sum, correct, seen
+    name = "model"
+    @property
+    def processes(self) -> int:
+        return self.env.world
 
+    @property
+    def shares_model(self) -> bool:
+        return True
 
-class CNNDNNState(ModelState):
-    """Saves a CNN-DNN (whole, or this rank's :class:`ShardedCNNDNN`) as the whole model: the ensemble's stacked
-    state under ``ensemble.net.`` and the DNN's under ``combiner.``; the optimizer's state per parameter position
-    the same way. The checkpoint is the same for any number of processes, parallelism and backend."""
+    def shard(self, n_local: int) -> range:
+        return shard_range(n_local, self.env.rank, self.env.world)
 
-    def __init__(self, model: CNNDNN | ShardedCNNDNN, env: DistEnv | None = None):
-        super().__init__(model)
-        self.ensemble, self.combiner = model.ensemble, model.combiner
-        self.sharded = isinstance(model, ShardedCNNDNN)
-        self.env = env if self.sharded and env is not None else DistEnv()
-        self.n_total = model.decomposition.n_subdomains
-        self.shard = model.shard if isinstance(model, ShardedCNNDNN) else range(self.n_total)
+    def cnn_dnn(self, decomposition: Decomposition, ensemble: LocalEnsemble, combiner: Combiner) -> ShardedCNNDNN:
+        return ShardedCNNDNN(decomposition, ensemble, combiner, self.env)
 
-    def weights(self) -> dict:
-        stacked = {k: v.cpu() for k, v in self.ensemble.stacked_state_dict().items()}
-        if self.sharded:
-            stacked = cat_states(self.env.all_gather(stacked))
-        return whole_state(stacked, {k: v.detach().cpu().clone() for k, v in self.combiner.state_dict().items()})
+    def batch_options(self, wrapped: nn.Module) -> dict:
+        return {"shard": cast(ShardedCNNDNN, wrapped).shard}
 
-    def load_weights(self, weights: dict) -> None:
-        stacked, combiner = split_whole_state(weights)
-        device = next(self.combiner.parameters()).device
-        self.ensemble.load_stacked_state_dict(
-            {k: v.to(device) for k, v in slice_state(stacked, self.n_total, self.shard).items()})
-        self.combiner.load_state_dict({k: v.to(device) for k, v in combiner.items()})
+    def held(self, size, dnn_parameters):
+        """The largest shard of the local CNNs with their activations, the whole DNN and the whole batch."""
+        return local_share(size, self.env.world, self.n_local, dnn_parameters)
 
-    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
-        """``{"state": {j: ...}, "param_groups": [...]}``: positions ``0..E-1`` the ensemble's parameters
-        (stacked over all local CNNs), then the DNN's."""
-        stacked = self.ensemble.stacked_optimizer_state(optimizer)
-        if self.sharded:
-            stacked = cat_optimizer(self.env.all_gather(stacked))
-        first = len(self.ensemble.parameters_by_position())
-        state = dict(stacked["state"])
-        for j, p in enumerate(self.combiner.parameters()):
-            if optimizer.state.get(p):
-                state[first + j] = {k: v.detach().cpu().clone() if torch.is_tensor(v) else v
-                                    for k, v in optimizer.state[p].items()}
-        return {"state": state, "param_groups": stacked["param_groups"]}
+    def sync(self) -> ReplicatedSync:
+        return ReplicatedSync(self.env)
 
-    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
-        first = len(self.ensemble.parameters_by_position())
-        entries = {int(j): v for j, v in state["state"].items()}
-        ensemble_part = {"state": {j: v for j, v in entries.items() if j < first},
-                         "param_groups": state["param_groups"]}
-        self.ensemble.load_stacked_optimizer_state(
-            optimizer, slice_optimizer(ensemble_part, self.n_total, self.shard))
-        for j, p in enumerate(self.combiner.parameters()):
-            entry = entries.get(first + j)
-            if entry is not None:
-                optimizer.state[p] = {k: v.to(p.device).clone() if torch.is_tensor(v) and v.dim() > 0
-                                      else (v.clone() if torch.is_tensor(v) else v) for k, v in entry.items()}
+    def saver(self, model: nn.Module) -> CNNDNNState:
+        return CNNDNNState(model, self.env, cast(ShardedCNNDNN, model).shard)
 
+    def clip(self, model: nn.Module):
+        return cast(ShardedCNNDNN, model).clip_grad_norm_

@@ -341,7 +341,7 @@ def test_a_received_run_naming_code_as_its_backbone_runs_nothing(space, own_run,
 def test_a_resumed_stage_may_change_its_parallelism_but_not_how_it_trains():
     from ddcnn.config import StageConfig
     from ddcnn.errors import CheckpointError
-    from ddcnn.train.runfiles import stage_changes
+    from ddcnn.train.store.schema import stage_changes
 
     state = {"epoch": 1, "done": False, "epochs": 3, "batch_size": 8, "optimizer": "adam"}
     saved = {"epochs": 3, "batch_size": 8, "optimizer": "adam", "parallel": "model"}

@@ -9,9 +9,9 @@ directory is touched: a refused ``--resume`` leaves every file as it was.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
-from ddcnn.build import meta_model, weight_shapes
 from ddcnn.config import STAGES, Config
 from ddcnn.errors import CheckpointError
 from ddcnn.files import Check, MapOf, Opt
@@ -54,7 +54,7 @@ RESULTS = {
 _RECORD = {"epoch": POSITIVE, "train_loss": float, "train_accuracy": FRACTION, "lr": float, "seconds": SECONDS,
            "train_flops?": COUNT,
            "val_loss?": Opt(float), "val_accuracy?": Opt(FRACTION), "val_accuracy_per_subdomain?": Opt([FRACTION])}
-# The state of a stage in its checkpoint manifest (what ddcnn.train.loop.fit saves).
+# The state of a stage in its checkpoint manifest (what ddcnn.train.engine.loop.fit saves).
 TRAINING_STATE = Check(
     {"epoch": COUNT, "seconds": SECONDS, "history": [_RECORD], "done": bool, "step": COUNT, "epochs?": POSITIVE,
      "batch_size?": POSITIVE, "optimizer?": str, "feature_seconds?": SECONDS, "feature_flops?": COUNT,
@@ -91,7 +91,7 @@ def check_stage_settings(stage: str, state: dict, settings) -> None:
     """A checkpointed stage keeps the batch size and optimizer (its data order and optimizer state depend on
     them), and what its best-so-far means and whether a best epoch's weights are kept (monitor, keep); its epochs
     may only grow, and only while it is unfinished. Checked for the whole run before ``--resume`` touches a file,
-    and by ``ddcnn.train.loop.fit`` when it loads the stage, which then takes the new number of epochs."""
+    and by ``ddcnn.train.engine.loop.fit`` when it loads the stage, which then takes the new number of epochs."""
     for key in ("epochs", "batch_size", "optimizer", "monitor", "keep"):
         new = settings.kept() if key == "keep" else getattr(settings, key)
         old = state.get(key, new)
@@ -128,22 +128,27 @@ def stage_changes(stage: str, state: dict, saved: dict, settings) -> list[dict]:
     return events
 
 
-def check_checkpoints(run_dir, cfg: Config, models=None, stages=STAGES) -> dict[str, Any]:
-    """Read every checkpoint of ``stages`` as loading will (manifest, SHA-256, safetensors) and, with ``models``,
-    check its weights' names and shapes against the models the config describes. Returns ``{stage: state}``."""
+def check_checkpoints(run_dir, cfg: Config, expected: Callable[[str], dict] | None = None, stages=STAGES
+                      ) -> dict[str, Any]:
+    """Read every checkpoint of ``stages`` as loading will (manifest, SHA-256, safetensors) and, with ``expected``
+    (a stage's weights' names and shapes, as the config's models have them), check its weights against them.
+    Returns ``{stage: state}``."""
     ckpt, states = run_dir.checkpoints, {}
     for stage in stages:
         if not ckpt.has(stage):
             continue
         weights, states[stage], _ = ckpt.load(stage)
-        if models is not None:
-            ckpt.check_weights(stage, weights, weight_shapes(stage, meta_model(models, stage)))
+        if expected is not None:
+            ckpt.check_weights(stage, weights, expected(stage))
     return states
 
 
-def check_resumable(run_dir, cfg: Config, models=None) -> list[dict]:
-    """Everything a resumed run reads, read now: nothing has been written, moved or deleted yet. Returns the
-    accepted changes of started stages' settings (:func:`stage_changes`), to be recorded."""
+def check_resumable(run_dir, cfg: Config, data_shape: tuple | None = None,
+                    expected: Callable[[str], dict] | None = None) -> list[dict]:
+    """Everything a resumed run reads, read now: nothing has been written, moved or deleted yet. ``data_shape``:
+    ``(classes, channels, [image size])`` of the data now, checked against data.json; ``expected``: see
+    :func:`check_checkpoints`. Returns the accepted changes of started stages' settings (:func:`stage_changes`),
+    to be recorded."""
     path = run_dir.path
     run_dir.read_marker()
     if run_dir.checkpoints.root.exists() and not run_dir.checkpoints.root.is_dir():
@@ -152,10 +157,9 @@ def check_resumable(run_dir, cfg: Config, models=None) -> list[dict]:
     saved = run_dir.check_same_config(cfg)
     if (path / "data.json").exists():
         facts = run_dir.read_json("data.json", DATA_FACTS)
-        if models is not None:
-            shapes = models.shapes
+        if data_shape is not None:
             now = (len(facts["classes"]), facts["in_channels"], list(facts["image_size"]))
-            data = (shapes.num_classes, shapes.in_channels, list(shapes.image_size))
+            data = tuple(data_shape)
             if now != data:
                 raise CheckpointError(
                     f"--resume: the run was trained on {now[0]} classes of {now[1]}-channel images of {now[2]} "
@@ -163,7 +167,7 @@ def check_resumable(run_dir, cfg: Config, models=None) -> list[dict]:
                     f"images of {data[2]}; resume with the run's own data, or start a new run")
     if (path / "local_timing.json").exists():
         run_dir.read_json("local_timing.json", LOCAL_TIMING)
-    states = check_checkpoints(run_dir, cfg, models)
+    states = check_checkpoints(run_dir, cfg, expected)
     events = []
     for stage, state in states.items():
         if not cfg.stages.get(stage).enabled:

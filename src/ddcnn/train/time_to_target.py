@@ -4,7 +4,7 @@ A stage's cost curve has one point per epoch: its cumulative measured seconds, c
 FLOPs (forward and backward, 3x the forward pass, over the images the stage saw), starting from the work it did
 before its first epoch (the combine stage's pass of the local CNNs over the data). The critical path differs from
 the measured time in the local stage only: the time if every local CNN had its own device
-(:mod:`ddcnn.train.timing`), spread over its epochs in proportion (every epoch has the same steps).
+(:mod:`ddcnn.train.engine.timing`), spread over its epochs in proportion (every epoch has the same steps).
 
 A strategy's curve is the validation accuracy of its own model after each epoch of the stage that trains it (the
 global CNN, the coherent and the transfer CNN-DNN: their stage; the CNN-DNN: the combine stage's DNN on the frozen

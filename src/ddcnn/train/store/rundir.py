@@ -13,9 +13,9 @@ import yaml
 from ddcnn.config import STAGES, Config, dump_config, from_dict, to_dict
 from ddcnn.errors import CheckpointError, ConfigError
 from ddcnn.files import atomic_write_text, load_yaml, naming, read_json, read_text
-from ddcnn.train.checkpoint import CheckpointDir
-from ddcnn.train.runfiles import MARKER as MARKER_SCHEMA
-from ddcnn.train.runfiles import TRAINING_STATE, check_resumable, fix_for
+from ddcnn.train.store.checkpoint import CheckpointDir
+from ddcnn.train.store.schema import MARKER as MARKER_SCHEMA
+from ddcnn.train.store.schema import TRAINING_STATE, fix_for
 
 MARKER = "ddcnn-run.json"
 # Settings that the saved weights depend on: a resumed run must not change them.
@@ -52,31 +52,16 @@ class RunDir:
         except CheckpointError:
             return False
 
-    def prepare(self, cfg: Config, resume: bool, force: bool, launch: str | None = None, models=None) -> None:
-        """Create, resume or (with ``force``) restart the run in this directory; refuse anything surprising.
-        ``launch`` (torchrun's run id) is recorded so that only a restart of the same launch resumes by itself.
-        A resumed run is checked whole first (with ``models``, the checkpoints' shapes too): a refused
-        ``--resume`` leaves every file as it was."""
+    def prepare(self, cfg: Config, resume: bool, force: bool, launch: str | None = None,
+                events: list[dict] | None = None) -> None:
+        """Create, resume or (with ``force``) restart the run in this directory, once admitted
+        (:func:`ddcnn.train.admit.admit_run_dir` refuses what is surprising, before anything is written).
+        ``launch`` (torchrun's run id) is recorded so that only a restart of the same launch resumes by itself;
+        ``events``: the settings changed on ``--resume``, recorded in metrics.jsonl."""
         path = self.path
-        events: list[dict] = []
-        if path.exists() and not path.is_dir():
-            raise ConfigError(f"output directory {str(path)!r} is a file; choose another --out")
         if resume:
-            if not self.is_run:
-                how = "without --resume" if not (path.is_dir() and any(path.iterdir())) else \
-                    "with --force instead of --resume (ddcnn replaces only the files a run writes)"
-                raise CheckpointError(f"--resume: {str(path)!r} holds no ddcnn run (a run killed before it began "
-                                      f"leaves none); start it {how}")
-            events = check_resumable(self, cfg, models)
             self._remove_leftovers()
-        elif path.exists() and any(path.iterdir()):
-            if not force:
-                if self.is_run:
-                    raise ConfigError(f"output directory {str(path)!r} already holds a ddcnn run; use --resume to "
-                                      f"continue it, --force to start over there, or choose another --out")
-                raise ConfigError(f"output directory {str(path)!r} already holds files that are not a ddcnn run; use "
-                                  f"--force to start a run there anyway (only the files a run writes are replaced), "
-                                  f"or choose another --out")
+        elif force and path.exists() and any(path.iterdir()):
             try:
                 for name in OUTPUTS:  # only what a run writes; other files stay
                     target = path / name
@@ -100,14 +85,15 @@ class RunDir:
         atomic_write_text(path / "config.yaml", dump_config(cfg))
         if not resume:
             atomic_write_text(path / MARKER, json.dumps({"format": 1, "launch": launch}))
-        for event in events:  # what config.yaml now says differently, and from when
+        for event in events or ():  # what config.yaml now says differently, and from when
             self.append_metrics(event)
 
     def _remove_leftovers(self) -> None:
         """After a kill: delete temporary files of interrupted writes, and checkpoint files that no manifest names
         (a kill between writing a manifest and deleting the previous version's files). Nothing else is touched:
         a stage's files are read through the one manifest reader loading uses (already checked by
-        :func:`check_resumable`), and only files of that stage's own name that its manifest does not keep go."""
+        :func:`ddcnn.train.store.schema.check_resumable`), and only files of that stage's own name that its
+        manifest does not keep go."""
         self._remove_temporary_files()
         (self.path / ".write-test").unlink(missing_ok=True)
         root = self.checkpoints.root

@@ -13,7 +13,7 @@ rank ``r`` holds the rows after those of rank ``r - 1``.
 * :func:`replicated_sum`: all-reduce (sum) forward; backward the identity. For a value that every process then
   uses identically (the pooled features of the head): each process's gradient of it is already the whole one.
 * BatchNorm's statistics use ``torch.distributed.nn.functional.all_reduce`` (forward and backward sum), whose
-  users are the slabs (see :mod:`ddcnn.train.spatial`).
+  users are the slabs (see :mod:`ddcnn.train.parallel.spatial`).
 
 Bytes are counted per process as sent: a halo as its size, an all-reduce of ``n`` bytes as ``2 (P-1)/P n`` (a
 ring all-reduce sends that much from every process).

@@ -5,7 +5,7 @@ The images are split along tensor dim 2 (H of 2D images, D of volumes) into ``P`
 rows ``[r L, (r + 1) L)``. :class:`SpatialCNN` runs the layers of a built-in VGG or ResNet global CNN on a slab:
 
 * a convolution with kernel ``k``, stride ``s`` and padding ``p`` first takes ``p`` rows from the rank above and
-  ``k - s - p`` from the rank below (:func:`ddcnn.train.halo.halo`), then convolves without padding along the
+  ``k - s - p`` from the rank below (:func:`ddcnn.train.parallel.halo.halo`), then convolves without padding along the
   split axis (the halo at the true image border is the zero padding); the other axes keep their padding;
 * strides and max pooling keep the slabs aligned when ``L`` is a multiple of the network's downsampling
   (:func:`slab_rows` refuses other sizes);
@@ -17,7 +17,7 @@ rows ``[r L, (r + 1) L)``. :class:`SpatialCNN` runs the layers of a built-in VGG
   the backward pass; the classifier's is already whole on every process.
 
 The parameters are replicated: the checkpoint is the plain global CNN's, the same for any ``P`` and for data
-parallelism.
+parallelism. :class:`SpatialParallel` is the global stage's way that uses it.
 """
 
 from __future__ import annotations
@@ -31,10 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddcnn.errors import ConfigError
-from ddcnn.models.backbones import Backbone, BasicBlock, Head
+from ddcnn.models.backbones import DEFAULT_DEPTH, Backbone, BasicBlock, Head
 from ddcnn.models.settings import spatial_backbone_error
 from ddcnn.train.dist import DistEnv
-from ddcnn.train.halo import CommMeter, halo, replicated_sum, slab_sum, sum_gradients
+from ddcnn.train.engine.loop import ModelState
+from ddcnn.train.parallel.base import Parallelism, batch_part
+from ddcnn.train.parallel.halo import CommMeter, halo, replicated_sum, slab_sum, sum_gradients
+from ddcnn.train.parallel.sync import ReplicatedSync
 
 AXIS = {2: "H", 3: "D"}
 
@@ -71,6 +74,8 @@ class SpatialCNN(nn.Module):
     ``cnn`` is a :class:`~ddcnn.models.GlobalCNN` of a built-in family (its parameters are this module's);
     ``meter`` counts the bytes sent.
     """
+
+    spans_processes = True  # scored by all processes together
 
     def __init__(self, cnn: nn.Module, env: DistEnv, image_size: Sequence[int], meter: CommMeter | None = None):
         super().__init__()
@@ -152,3 +157,47 @@ class SpatialCNN(nn.Module):
         total = replicated_sum(x.float().sum(spatial), self.world, self.meter)
         pooled = total / (math.prod(x.shape[2:]) * self.world)
         return head.fc(pooled.to(x.dtype))
+
+
+class SpatialParallel(Parallelism):
+    """The global stage with ``parallel: spatial`` under torchrun: every process trains the whole global CNN on its
+    slab of every image (:class:`SpatialCNN`) and computes the same loss; the checkpoint is the plain CNN's."""
+
+    name = "spatial"
+    compiles = False  # the halo exchange's autograd Functions run eagerly
+    shares_model = True
+
+    @property
+    def processes(self) -> int:
+        return self.env.world
+
+    def wrap(self, model: nn.Module, device) -> SpatialCNN:
+        return SpatialCNN(model, self.env, self.image_size)
+
+    def trained(self, model: nn.Module, wrapped: nn.Module) -> nn.Module:
+        return wrapped
+
+    def evaluated(self, model: nn.Module, wrapped: nn.Module) -> nn.Module:
+        return wrapped
+
+    def batch_options(self, wrapped: nn.Module) -> dict:
+        return {"slab": cast(SpatialCNN, wrapped).rows}
+
+    def held(self, size, dnn_parameters):
+        """The whole model, and this process's slab of the batch."""
+        return batch_part(size, self.env.world)
+
+    def sync(self) -> ReplicatedSync:
+        return ReplicatedSync(self.env)
+
+    def saver(self, model: nn.Module) -> ModelState:
+        return ModelState(model)  # the plain CNN's state dict, not the wrapper's
+
+    def admit(self, cfg) -> None:
+        """Every image splits into ``P`` slabs that stay aligned through every downsampling: other image sizes
+        are refused, naming the sizes that work."""
+        m = cfg.model
+        slab_rows(self.image_size, self.env.world, m.depth or DEFAULT_DEPTH[m.backbone], m.backbone)
+
+    def plain(self, model: nn.Module) -> nn.Module:
+        return cast(SpatialCNN, model).cnn  # the stage's model is the wrapper: the whole CNN is inside

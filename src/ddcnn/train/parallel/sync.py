@@ -1,48 +1,31 @@
-"""Several processes (``torchrun``): local CNNs sharded over ranks, the global CNN data-parallel.
+"""Several processes (``torchrun``): how the processes combine a stage's epoch statistics, one rule per split.
 
 * ``local``: rank ``r`` of ``P`` trains a contiguous shard of the N local CNNs (:func:`shard_range`) as one batched
   ensemble, on every training image, in the same order as a single process would, with no communication until
   the end of each epoch; then the shards are gathered (for the checkpoint and the metrics). Each rank keeps its
   shard after the stage. Every rank holds at least one local CNN: ``P > N`` is refused.
 * ``combine``: the features are computed shard by shard and gathered; the DNN is trained on rank 0 and broadcast.
-* ``coherent``, ``transfer``: model-parallel by default (:mod:`ddcnn.train.model_parallel`), or
+* ``coherent``, ``transfer``: model-parallel by default (:mod:`ddcnn.train.parallel.model`), or
   DistributedDataParallel with ``parallel: data``.
-* ``global``: DistributedDataParallel; each global batch is split into ``P`` parts.
+* ``global``: DistributedDataParallel (each global batch split into ``P`` parts), or spatial-parallel.
 * Only rank 0 prints, writes metrics, checkpoints, plots and the report.
 
 Every gathered state is concatenated along dim 0 in rank order: because the shards are contiguous and every
 ensemble tensor is stacked slot-major along dim 0, the result is exactly the state of one N-slot ensemble, so
 checkpoints do not depend on the number of processes (a run can be resumed with another ``P``).
+
+The rules: each rank saw every image with its own local CNNs (:class:`ShardSync`), its part of every batch
+(:class:`DataParallelSync`), or every batch whole with the same loss (:class:`ReplicatedSync`: model and spatial
+parallelism). The ways that use them are :mod:`ddcnn.train.parallel` (one class each); the savers that gather the
+states are :mod:`ddcnn.train.parallel.savers`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ddcnn.train.dist import DistEnv, cat_optimizer, cat_states, slice_optimizer, slice_state
-from ddcnn.train.loop import ModelState, Sync
-
-
-class EnsembleSaver(ModelState):
-    """Saves a (shard of a) local ensemble as the full N-slot stacked state, gathered from every rank, so that the
-    checkpoint is the same for any number of processes and either backend."""
-
-    def __init__(self, ensemble, env: DistEnv, shard: range, n_total: int):
-        super().__init__(ensemble)
-        self.ensemble, self.env, self.shard, self.n_total = ensemble, env, shard, n_total
-
-    def weights(self) -> dict:
-        local = {k: v.cpu() for k, v in self.ensemble.stacked_state_dict().items()}
-        return cat_states(self.env.all_gather(local))
-
-    def load_weights(self, weights: dict) -> None:
-        self.ensemble.load_stacked_state_dict(slice_state(weights, self.n_total, self.shard))
-
-    def optimizer_state(self, optimizer) -> dict:
-        return cat_optimizer(self.env.all_gather(self.ensemble.stacked_optimizer_state(optimizer)))
-
-    def load_optimizer_state(self, optimizer, state: dict) -> None:
-        self.ensemble.load_stacked_optimizer_state(optimizer, slice_optimizer(state, self.n_total, self.shard))
+from ddcnn.train.dist import DistEnv
+from ddcnn.train.engine.loop import Sync
 
 
 class RankSync(Sync):
@@ -80,3 +63,11 @@ class DataParallelSync(RankSync):
     def reduce(self, loss_sum, correct, seen):
         seen = int(self.env.sum(torch.tensor(float(seen), device=loss_sum.device)).item())
         return self.env.sum(loss_sum), self.env.sum(correct), seen
+
+
+class ReplicatedSync(RankSync):
+    """Every rank saw the whole batch (model parallelism) or its slab of every image (spatial parallelism) and
+    computed the same loss: the statistics are already complete."""
+
+    def reduce(self, loss_sum, correct, seen):
+        return loss_sum, correct, seen

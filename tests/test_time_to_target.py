@@ -1,9 +1,9 @@
-"""Cost per strategy and time to a target accuracy (ddcnn.train.cost), on hand-made stage records."""
+"""Cost per strategy and time to a target accuracy (ddcnn.train.time_to_target), on hand-made stage records."""
 
 import pytest
 
 from ddcnn.config import EvaluationConfig
-from ddcnn.train.cost import strategy_costs, target_accuracy, time_to_target
+from ddcnn.train.time_to_target import strategy_costs, target_accuracy, time_to_target
 
 
 def _stage(name, seconds, flops, accuracies, setup=(0.0, 0), key="val_accuracy"):
