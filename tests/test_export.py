@@ -79,7 +79,7 @@ def test_every_strategy_exports_and_reaches_the_runs_test_accuracy(runs, tmp_pat
             continue
         done = export_run(run_dir, name, fmt, tmp_path / f"{name}.{fmt}", layout)
         assert done.agree == done.checked == len(images) and done.max_abs_diff <= export.TOLERANCE
-        model = ExportedModel(done.path)  # loaded back from what was written, the JSON beside it
+        model = ExportedModel(done.path, trust_code=True)  # loaded back from what was written, the JSON beside it
         probabilities = model(images)
         assert probabilities.shape == (len(images), 3)
         assert torch.allclose(probabilities.sum(-1), torch.ones(len(images)), atol=1e-5)
@@ -172,11 +172,12 @@ def test_predict_takes_an_exported_file(runs, tmp_path, one_thread, capsys, fmt)
         np.save(files[-1], images[i, 0].numpy())
     assert main(["predict", str(run_dir), *map(str, files), "--strategy", "majority_vote"]) == 0
     from_run = [line.split(" (")[0] for line in capsys.readouterr().out.splitlines()[1:] if line.startswith("/")]
-    assert main(["predict", str(done.path), *map(str, files)]) == 0
+    trust = ["--trust-code"] if fmt == "pt2" else []  # a .pt2 is a program: loaded only when trusted
+    assert main(["predict", str(done.path), *map(str, files), *trust]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"strategy: majority_vote (exported: vote.{fmt})"
     assert [line.split(" (")[0] for line in lines[1:]] == from_run and all("vote share" in x for x in lines[1:])
-    assert main(["predict", str(done.path), *map(str, files), "--format", "json"]) == 0
+    assert main(["predict", str(done.path), *map(str, files), "--format", "json", *trust]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [(r["file"], r["strategy"]) for r in rows] == [(str(f), "majority_vote") for f in files]
     assert all(sum(r["probabilities"].values()) == pytest.approx(1, abs=1e-5) for r in rows)
@@ -204,18 +205,19 @@ def test_a_pt2_archive_that_would_be_unpickled_is_refused(runs, tmp_path):
     config = "archive/data/weights/model_weights_config.json"
     pickled_weight = {"config": {"w": {"path_name": "weight_0", "use_pickle": True}}}
     with pytest.raises(CheckpointError, match="holds pickled objects"):
-        ExportedModel(_archive(tmp_path, {config: json.dumps(pickled_weight)}))
+        ExportedModel(_archive(tmp_path, {config: json.dumps(pickled_weight)}), trust_code=True)
     sample = io.BytesIO()
     sample.write(pickle.dumps(_Boom()))
     clean = {"config": {"w": {"path_name": "weight_0", "use_pickle": False}}}
     with pytest.raises(CheckpointError, match="holds pickled objects"):
         ExportedModel(_archive(tmp_path, {config: json.dumps(clean),
-                                          "archive/data/sample_inputs/model.pt": sample.getvalue()}))
+                                          "archive/data/sample_inputs/model.pt": sample.getvalue()}),
+                      trust_code=True)
     with pytest.raises(CheckpointError, match="holds pickled objects"):
-        ExportedModel(_archive(tmp_path, {"archive/data/weights/model.pt": b"legacy"}))
+        ExportedModel(_archive(tmp_path, {"archive/data/weights/model.pt": b"legacy"}), trust_code=True)
     (tmp_path / "crafted.pt2").write_bytes(b"not a zip")
     with pytest.raises(CheckpointError, match="not a .pt2 archive"):
-        ExportedModel(tmp_path / "crafted.pt2")
+        ExportedModel(tmp_path / "crafted.pt2", trust_code=True)
     # what ddcnn export writes passes
     run_dir, _, _ = runs(2, "grouped")
     export.check_pt2(export_run(run_dir, "global", "pt2", tmp_path / "g.pt2").path)

@@ -263,5 +263,5 @@ def test_a_sidecar_of_a_newer_schema_is_one_error(moved_run, tmp_path, capsys):
     (tmp_path / "g.pt2.json").write_text(json.dumps({**meta, "schema": 3}))
     picture = next(iter(sorted(moved.parent.parent.rglob("photos/class0/*.png"))))
     capsys.readouterr()
-    assert main(["predict", str(model), str(picture)]) == 2
+    assert main(["predict", str(model), str(picture), "--trust-code"]) == 2  # a .pt2 file is code: trusted here
     assert "schema" in capsys.readouterr().err

@@ -101,23 +101,31 @@ def _data_root_option(parser: argparse.ArgumentParser) -> None:
 
 def _trust_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-code", action="store_true",
-                        help="import and run the backbone that a run's or study's own files name by import path "
-                             "(a config given here on the command line is trusted already)")
+                        help="import and run the backbone that a run's or study's own files name by import path, "
+                             "and load a .pt2 program (a config of your own outside the run directory is trusted "
+                             "already; share and predict with the .onnx file instead)")
 
 
-def _trusted(config: Path, trust_code: bool) -> tuple[bool, str]:
-    """Whether an imported backbone that ``config`` names may be imported, and how errors name the file: a config
-    inside a run or study directory (its config.yaml or base.yaml) is data that someone may have sent, trusted
-    only with --trust-code; any other config file the user gives is their own."""
+def _trusted(config: Path, trust_code: bool, out: Path | None = None) -> tuple[bool, str]:
+    """Whether an imported backbone that ``config`` names may be imported, and how errors name the file: decided
+    from what the user typed, before anything is imported. A config that lies inside the directory the command
+    writes (``out``: the run or study directory, as --out or --resume name it) is that directory's data, which
+    someone may have sent, marker or not; so is one beside a run's or study's marker. Either is trusted only with
+    --trust-code; any other config file the user gives is their own."""
     from ddcnn.study.runner import SPEC_FILE
     from ddcnn.train.store.rundir import MARKER
 
+    if trust_code:
+        return True, repr(str(config))
     try:
-        folder = config.resolve().parent
+        file = config.resolve()
+        folder = file.parent
         saved = (folder / MARKER).exists() or (folder / SPEC_FILE).exists()
-    except (OSError, RuntimeError):  # a path that does not resolve: load_config says what is wrong with it
-        saved = False
-    return trust_code or not saved, repr(str(config))
+        if out is not None:
+            saved = saved or file.is_relative_to(out.resolve())
+    except (OSError, RuntimeError):  # a path that does not resolve: not trusted (load_config says what is wrong)
+        saved = True
+    return not saved, repr(str(config))
 
 
 def cmd_run(args) -> int:
@@ -131,8 +139,8 @@ def cmd_run(args) -> int:
 
     config = user_path(args.config, "the config file")
     cfg = load_config(config, args.overrides)
-    trusted, source = _trusted(config, args.trust_code)
     out = user_path(args.out, "--out") if args.out else default_out(config, cfg.name)
+    trusted, source = _trusted(config, args.trust_code, out)
     results = Experiment(cfg, out, resume=args.resume, force=args.force, command=command_line(args.argv),
                          verbose=not args.quiet, trusted=trusted, source=source).run()
     if results is not None:  # None on the ranks > 0 of a torchrun launch: rank 0 reports
@@ -220,7 +228,7 @@ def _predict_exported(args, files: list[str]) -> int:
         if getattr(args, option) is not None:
             raise ConfigError(f"--{option} applies to a run directory; an exported file holds one strategy and "
                               f"runs on the CPU (export another --strategy for another)")
-    predictions = predict_exported(user_path(args.run_dir, "the exported file"), files)
+    predictions = predict_exported(user_path(args.run_dir, "the exported file"), files, trust_code=args.trust_code)
     for note in predictions.notes:
         print(f"ddcnn: note: {note}", file=sys.stderr)
     print(format_predictions(predictions, args.format))
@@ -267,8 +275,9 @@ def cmd_study(args) -> int:
     from ddcnn.study import run_study
 
     path = user_path(args.study, "the study file")
-    trusted, _ = _trusted(path, args.trust_code)
-    return run_study(path, user_path(args.out, "--out") if args.out is not None else None, jobs=args.jobs,
+    out = user_path(args.out, "--out") if args.out is not None else None
+    trusted, _ = _trusted(path, args.trust_code, out)
+    return run_study(path, out, jobs=args.jobs,
                      resume=args.resume, print_commands=args.print_commands, aggregate_only=args.aggregate,
                      command=command_line(args.argv), trusted=trusted)
 

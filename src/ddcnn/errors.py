@@ -38,6 +38,10 @@ class ExportError(DDCNNError, RuntimeError):
     """An exported model does not compute what the run's model computes; nothing is written."""
 
 
+class LinkError(DDCNNError, ValueError):
+    """A file or folder ddcnn would write in a run or study directory is a symbolic link (it writes through none)."""
+
+
 class TrainingError(DDCNNError, RuntimeError):
     """Training cannot go on (for example the loss became NaN); the last good checkpoint is kept."""
 

@@ -18,6 +18,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import logging
 import re
 import shutil
 import warnings
@@ -32,7 +33,17 @@ from ddcnn.checks import choice
 from ddcnn.data.loading import to_float
 from ddcnn.data.recipe import SCHEMA, input_recipe
 from ddcnn.errors import CheckpointError, ConfigError, DataError, ExportError
-from ddcnn.files import Check, Opt, atomic_write, atomic_write_text, read_json
+from ddcnn.files import (
+    CLASS_NAMES,
+    MEMBER_LIMIT,
+    Check,
+    Opt,
+    atomic_write,
+    atomic_write_text,
+    read_json,
+    read_member,
+    refuse_linked_folders,
+)
 from ddcnn.finished.predictions import VOTE_SHARES, Predictions, output, prediction_rows, read_inputs
 from ddcnn.finished.run import SavedRun
 from ddcnn.models import BACKBONES
@@ -45,7 +56,7 @@ ONNX_EXTRA = "pip install 'ddcnn[export]' (onnx, onnxscript, onnxruntime)"
 
 _POSITIVE = Check(int, lambda v: v > 0, "a positive whole number")
 META = {"format": Check(str, lambda v: v in FORMATS, "pt2 or onnx"), "strategy": str, "layout": Opt(str),
-        "classes": [str], "image_size": Check([_POSITIVE], lambda v: len(v) in (2, 3), "2 or 3 sizes"),
+        "classes": CLASS_NAMES, "image_size": Check([_POSITIVE], lambda v: len(v) in (2, 3), "2 or 3 sizes"),
         "in_channels": _POSITIVE, "output": str, "dataset": str, "window?": [float],
         "schema?": Check(int, lambda v: 1 <= v <= SCHEMA, f"a sidecar schema this ddcnn reads (1 to {SCHEMA}); "
                                                           f"a newer one needs a newer ddcnn")}
@@ -77,6 +88,8 @@ def _require_onnx() -> None:
 
 def _out_path(out: Path | None, run_dir: Path, strategy: str, fmt: str) -> Path:
     path = out if out is not None else run_dir / "export" / f"{strategy}.{fmt}"
+    if out is None:  # the run's own export/ folder: a link there (a received run's) is refused, not written through
+        refuse_linked_folders(run_dir, ["export"])
     if path.suffix != f".{fmt}":
         raise ConfigError(f"--out {str(path)!r} must end in .{fmt} for --format {fmt}, e.g. {path.stem}.{fmt}")
     for target in (path, meta_path(path)):
@@ -126,7 +139,7 @@ def export_run(run_dir: Path, strategy: str | None = None, fmt: str = "pt2", out
     outcome: dict = {}
 
     def check(tmp: Path) -> None:
-        got = ExportedModel(tmp, meta)(images)
+        got = ExportedModel(tmp, meta, trust_code=True)(images)  # a file this process has just made
         diff = float((got - reference).abs().max()) if len(images) else 0.0
         agree = int((got.argmax(-1) == reference.argmax(-1)).sum())
         outcome.update(max_abs_diff=diff, agree=agree)
@@ -138,28 +151,34 @@ def export_run(run_dir: Path, strategy: str | None = None, fmt: str = "pt2", out
 
     created = next((p for p in reversed([path.parent, *path.parent.parents]) if not p.exists()), None)
     try:
-        atomic_write(path, data, check)
+        atomic_write(path, data, check, under=run_dir if out is None else None)
     except BaseException:  # a disagreeing file, one that does not load back, an interrupt
         if created is not None:  # the folders this export made for the file go with it
             shutil.rmtree(created, ignore_errors=True)
         raise
     meta["check"] = {"images": len(images), **outcome}
-    atomic_write_text(meta_path(path), json.dumps(meta, indent=2))
+    atomic_write_text(meta_path(path), json.dumps(meta, indent=2), under=run_dir if out is None else None)
     return Exported(path, meta_path(path), name, layout, len(images), outcome["max_abs_diff"], outcome["agree"])
 
 
 def _test_images(run: SavedRun) -> torch.Tensor:
     """The first :data:`CHECK_IMAGES` test images of the run's dataset, float in [0, 1]."""
-    _, _, test = run.data()
+    _, _, test = run.datasets()
     return to_float(test.images[:CHECK_IMAGES]).float().contiguous()
 
 
 @contextlib.contextmanager
 def _quiet():
-    """The exporters print progress and warn about their own internals: none of it is the user's concern."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        yield
+    """The exporters and loaders print progress, warn about their own internals and log the tracebacks of errors
+    that ddcnn reports itself as one line: none of it is the user's concern."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
 
 
 def serialise(model: Deployed, fmt: str, example: torch.Tensor) -> bytes:
@@ -178,55 +197,114 @@ def serialise(model: Deployed, fmt: str, example: torch.Tensor) -> bytes:
 
 
 # ------------------------------------------------------------------------------------------ running a file --
-_PT2_PAYLOAD_CONFIG = re.compile(r"(.*/)?data/(weights|constants)/[^/]*_config\.json")
-_PT2_PICKLES = re.compile(r"(.*/)?data/(weights|constants)/[^/]*\.pt")  # the legacy layout: pickled state dicts
-_PT2_SAMPLE_INPUTS = re.compile(r"(.*/)?data/sample_inputs/[^/]*\.pt")
+# Members at any depth: a second program under models/sub/ keeps its payload in sub-folders too.
+_PT2_PAYLOAD_CONFIG = re.compile(r"(.*/)?data/(weights|constants)/(.*/)?[^/]*_config\.json")
+_PT2_PICKLES = re.compile(r"(.*/)?data/(weights|constants)/(.*/)?[^/]*\.pt")  # the legacy layout: pickled dicts
+_PT2_SAMPLE_INPUTS = re.compile(r"(.*/)?data/sample_inputs/(.*/)?[^/]*\.pt")
+_PT2_NATIVE = re.compile(r"(.*/)?aotinductor/.*|.*\.(so|dll|dylib|cpp)")  # compiled code a loader would open
+ARCHIVE_LIMIT = 4 * 2**30  # all members of a .pt2 together, as torch reads them (far above any ddcnn model)
+ONNX_LIMIT = 2**31 - 1  # protobuf's own limit of one ONNX file without external data
+
+
+def _untrusted_program(path: Path) -> ConfigError:
+    return ConfigError(f"{str(path)!r} is a torch.export program (.pt2): loading it makes torch evaluate the "
+                       f"expressions and run the code the archive carries, so it is not loaded from a file this "
+                       f"command did not make; nothing of it was loaded. Use the ONNX file instead (`ddcnn export "
+                       f"--format onnx`: ONNX Runtime interprets it without running Python), or pass --trust-code "
+                       f"(trust_code=True in Python) if you trust whoever made {path.name}")
+
+
+def _member_sizes(archive: zipfile.ZipFile) -> None:
+    """Every member's size as its header claims it (torch allocates what the header says, and the streams are cut
+    at it): a text member above :data:`MEMBER_LIMIT`, a compressed member above it (torch.export.save stores
+    tensors uncompressed: a large compressed member is an inflation bomb) or more than :data:`ARCHIVE_LIMIT` in
+    all is refused before anything is inflated."""
+    total = 0
+    for info in archive.infolist():
+        total += info.file_size
+        big = info.file_size > MEMBER_LIMIT
+        if big and (info.compress_type != zipfile.ZIP_STORED or info.filename.endswith((".json", ".txt", ".py"))):
+            raise ValueError(f"member {info.filename!r} inflates to {info.file_size:,} bytes, more than the "
+                             f"{MEMBER_LIMIT:,} accepted")
+        if total > ARCHIVE_LIMIT:
+            raise ValueError(f"its members inflate to more than the {ARCHIVE_LIMIT:,} bytes accepted")
 
 
 def check_pt2(path: Path) -> None:
-    """Refuse a .pt2 archive that ``torch.export.load`` would fully unpickle (which can run any code): pickled
-    weights or constants, custom objects, or sample inputs that the restricted ``weights_only`` loader refuses
-    (torch then retries without the restriction). The files ``ddcnn export`` writes hold raw tensors only."""
+    """A sanity check of a .pt2 archive before ``torch.export.load`` (not a security boundary: a .pt2 is a program,
+    loaded only when trusted): members of bounded size (:func:`_member_sizes`), no compiled code (AOTInductor
+    libraries), and none that torch would fully unpickle -- pickled weights or constants, custom objects, or sample
+    inputs that the restricted ``weights_only`` loader refuses (torch then retries without the restriction), at any
+    depth of the archive. The files ``ddcnn export`` writes hold raw tensors only."""
     try:
         with zipfile.ZipFile(path) as archive:
+            _member_sizes(archive)
             names = archive.namelist()
             configs = [n for n in names if _PT2_PAYLOAD_CONFIG.fullmatch(n)]
-            entries = [e for n in configs for e in json.loads(archive.read(n)).get("config", {}).values()]
-            pickled = [n for n in names if _PT2_PICKLES.fullmatch(n)] + [
+            entries = [e for n in configs for e in json.loads(read_member(archive, n)).get("config", {}).values()]
+            pickled = [n for n in names if _PT2_PICKLES.fullmatch(n) or _PT2_NATIVE.fullmatch(n)] + [
                 e for e in entries if not isinstance(e, dict) or e.get("use_pickle", True)
                 or not str(e.get("path_name", "")).startswith(("weight_", "tensor_"))]
             for name in (n for n in names if _PT2_SAMPLE_INPUTS.fullmatch(n)):
                 try:
-                    torch.load(io.BytesIO(archive.read(name)), weights_only=True)
+                    torch.load(io.BytesIO(read_member(archive, name)), weights_only=True)
                 except Exception:  # noqa: BLE001 - whatever the restricted loader refuses
                     pickled.append(name)
-    except (zipfile.BadZipFile, OSError, ValueError, AttributeError) as err:
+    except (zipfile.BadZipFile, OSError, ValueError, AttributeError, RecursionError) as err:
         raise CheckpointError(f"{str(path)!r} is not a .pt2 archive torch.export wrote ({err}); export it again "
                               f"with `ddcnn export`") from None
     if not configs or pickled:
-        raise CheckpointError(f"{str(path)!r} holds pickled objects (or is not an archive torch.export.save "
-                              f"wrote); loading it could run code, so it is refused; export the run again with "
-                              f"`ddcnn export`")
+        raise CheckpointError(f"{str(path)!r} holds pickled objects or compiled code (or is not an archive "
+                              f"torch.export.save wrote); loading it could run code, so it is refused; export the run "
+                              f"again with `ddcnn export`")
+
+
+def _check_onnx(path: Path) -> None:
+    """An ONNX file of bounded size whose tensors are all inside it: a tensor stored as external data would make
+    ONNX Runtime read another file of any size (ddcnn exports with none)."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    try:
+        size = path.stat().st_size
+        if size > ONNX_LIMIT:
+            raise ValueError(f"{size:,} bytes, more than the {ONNX_LIMIT:,} one ONNX file can hold")
+        model = onnx.load(str(path), load_external_data=False)
+        external = [t.name for t in _get_all_tensors(model) if uses_external_data(t)]
+    except Exception as err:  # noqa: BLE001 - protobuf and onnx raise many kinds for a damaged file
+        why = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        raise CheckpointError(f"{str(path)!r} is not an ONNX model ddcnn can run ({why}); export it again") from None
+    if external:
+        raise CheckpointError(f"{str(path)!r} keeps the tensor {external[0]!r} in another file (external data), "
+                              f"which ddcnn does not read; export it again with `ddcnn export --format onnx`")
 
 
 class ExportedModel:
     """An exported file and the JSON beside it: ``images (B, C, *image_size) in [0, 1] -> (B, K)`` on the CPU.
 
-    A .pt2 file runs with ``torch.export.load`` (after :func:`check_pt2`), a .onnx file with ONNX Runtime.
+    A .onnx file runs with ONNX Runtime, which interprets its graph without running Python: the format to share.
+    A .pt2 file is a program (torch evaluates the expressions and runs the code it carries): it is loaded with
+    ``torch.export.load`` only with ``trust_code=True``, after the sanity checks of :func:`check_pt2`. Either way
+    the sidecar's classes and image size are checked against the model's output and input before any answer.
     """
 
-    def __init__(self, path: Path, meta: dict | None = None, threads: int | None = None):
+    def __init__(self, path: Path, meta: dict | None = None, threads: int | None = None, trust_code: bool = False):
         """``meta``: the JSON's content (default: read from beside the file); ``threads``: ONNX Runtime's threads
-        within an operator (default: its own choice)."""
+        within an operator (default: its own choice); ``trust_code``: load a .pt2 (refused otherwise, before
+        anything of it is read)."""
         self.path = Path(path)
+        if self.path.suffix == ".pt2" and not trust_code:
+            raise _untrusted_program(self.path)
         self.meta = meta if meta is not None else read_json(
             meta_path(self.path), META, "export the run again with `ddcnn export`")
         fmt = self.meta["format"]
         if fmt == "onnx":
             _require_onnx()
+            _check_onnx(self.path)
             import onnxruntime
 
             options = onnxruntime.SessionOptions()
+            options.log_severity_level = 4  # ONNX Runtime's own log lines: ddcnn reports its errors as one line
             if threads is not None:
                 options.intra_op_num_threads = threads
             try:
@@ -235,14 +313,39 @@ class ExportedModel:
             except Exception as err:  # ONNX Runtime's own errors have no common base class
                 raise CheckpointError(f"{str(self.path)!r} is not an ONNX model ONNX Runtime can run "
                                       f"({str(err).splitlines()[0][:200]}); export it again") from None
-            return
-        check_pt2(self.path)
+        else:
+            if not trust_code:
+                raise _untrusted_program(self.path)
+            check_pt2(self.path)
+            try:
+                with _quiet():
+                    self._module = torch.export.load(io.BytesIO(self.path.read_bytes())).module()
+            except Exception as err:  # torch.export's deserialiser raises many kinds
+                raise CheckpointError(f"{str(self.path)!r} is not a .pt2 file this torch {torch.__version__} can "
+                                      f"load ({type(err).__name__}); export it again with this version") from None
+        self._check_shapes()
+
+    def _check_shapes(self) -> None:
+        """Two blank images through the model: it must take the sidecar's input and give one value per class."""
+        expected = (self.meta["in_channels"], *self.meta["image_size"])
         try:
-            with _quiet():
-                self._module = torch.export.load(io.BytesIO(self.path.read_bytes())).module()
-        except Exception as err:  # torch.export's deserialiser raises many kinds
-            raise CheckpointError(f"{str(self.path)!r} is not a .pt2 file this torch {torch.__version__} can "
-                                  f"load ({type(err).__name__}); export it again with this version") from None
+            out = self._run(torch.zeros(2, *expected))
+        except Exception:  # noqa: BLE001 - whatever the runtime raises for an input the model does not take
+            out = None
+        if out is None:
+            raise CheckpointError(f"{str(meta_path(self.path))!r} says the model takes images "
+                                  f"{list(expected)}, but {self.path.name} does not; the two files do not belong "
+                                  f"together: export the run again")
+        if tuple(out.shape) != (2, len(self.meta["classes"])):
+            raise CheckpointError(f"{str(meta_path(self.path))!r} names {len(self.meta['classes'])} classes but "
+                                  f"{self.path.name} gives {list(out.shape[1:])} values per image; the two files do "
+                                  f"not belong together: export the run again")
+
+    def _run(self, images: torch.Tensor) -> torch.Tensor:
+        if self.meta["format"] == "onnx":
+            return torch.from_numpy(self._session.run(None, {"images": images.numpy()})[0])
+        with torch.no_grad(), _quiet():
+            return self._module(images)
 
     @property
     def classes(self) -> list[str]:
@@ -253,11 +356,7 @@ class ExportedModel:
         if images.dim() != len(expected) + 1 or tuple(images.shape[1:]) != expected:
             raise DataError(f"{self.path.name} takes images (B, {', '.join(map(str, expected))}), got "
                             f"{list(images.shape)}")
-        images = images.float().contiguous()
-        if self.meta["format"] == "onnx":
-            return torch.from_numpy(self._session.run(None, {"images": images.numpy()})[0])
-        with torch.no_grad():
-            return self._module(images)
+        return self._run(images.float().contiguous())
 
 
 def is_exported(path: Path) -> bool:
@@ -265,11 +364,11 @@ def is_exported(path: Path) -> bool:
     return path.suffix in (".pt2", ".onnx") and not path.is_dir()
 
 
-def predict_exported(path: Path, files: list[str]) -> Predictions:
+def predict_exported(path: Path, files: list[str], trust_code: bool = False) -> Predictions:
     """``ddcnn predict`` with an exported file: per file the class it gives and every class's probability (vote
     share), as :func:`ddcnn.finished.run.predict_files` gives them for a run (no subdomain votes: the file gives
-    only its decision)."""
-    model = ExportedModel(path)
+    only its decision). ``trust_code``: a .pt2 file is loaded only with it (see :class:`ExportedModel`)."""
+    model = ExportedModel(path, trust_code=trust_code)
     meta = model.meta
     notes: list[str] = []
     images = read_inputs(files, tuple(meta["image_size"]), meta["in_channels"], meta["dataset"], meta.get("window"),

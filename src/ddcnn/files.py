@@ -11,10 +11,12 @@ error that names the file, the place in it and what is wrong; truncated, non-UTF
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
 import tempfile
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from ddcnn.errors import CheckpointError, ConfigError, DDCNNError
+from ddcnn.errors import CheckpointError, ConfigError, DDCNNError, LinkError
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,19 @@ def conform(value, schema, where: str = "") -> Any:
     if not ok:
         raise _Mismatch(at, f"is {_kind(value)} but must be {_expected(schema)}")
     return value
+
+
+_BIDI_CONTROLS = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def plain_name(name: str) -> bool:
+    """Whether ``name`` holds no control character (a newline, a terminal escape, a bidirectional override): a
+    name read from a file reaches terminals, CSV and JSON consumers, where those would forge or hide output."""
+    return not any(unicodedata.category(c) == "Cc" or c in _BIDI_CONTROLS for c in name)
+
+
+CLASS_NAMES = Check([Check(str, plain_name, "a name without control characters (newlines, terminal escapes)")],
+                    lambda v: len(v) >= 2 and len(set(v)) == len(v), "a list of two or more distinct names")
 
 
 def read_bytes(path: Path, fix: str, error: type[DDCNNError] = CheckpointError) -> bytes:
@@ -250,18 +265,72 @@ def naming(path: Path):
         raise
 
 
-def atomic_write(path: Path, data: bytes, check: Callable[[Path], None] | None = None) -> None:
+def atomic_write(path: Path, data: bytes, check: Callable[[Path], None] | None = None,
+                 under: Path | None = None) -> None:
     """Write ``data`` to ``path`` so that ``path`` holds either the old or the new content, never a part.
 
+    A symbolic link at ``path`` is replaced, never written through: the file it points to stays as it was.
+    ``under``: the folder the user named (a run or study directory, itself possibly a link they made); the
+    folders between it and ``path`` are made by :func:`own_folder`, which refuses one that is a link.
     ``check``: called with the complete temporary file before it takes ``path``'s place; what it raises is raised
     with the temporary file removed and ``path`` untouched.
     """
     with naming(path):
-        _atomic_write(path, data, check)
+        _atomic_write(path, data, check, under)
 
 
-def _atomic_write(path: Path, data: bytes, check: Callable[[Path], None] | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def own_folder(folder: Path, under: Path) -> Path:
+    """Create ``folder`` (inside ``under``) and its parents up to ``under``; a folder on the way that is a symbolic
+    link (``plots/``, ``checkpoints/`` of a received run pointing elsewhere) is one :class:`LinkError`, because
+    writing into it would write outside the directory. ``under`` itself may be a link: the user named it."""
+    folder, under = Path(folder), Path(under)
+    under.mkdir(parents=True, exist_ok=True)
+    try:
+        parts = folder.relative_to(under).parts
+    except ValueError:
+        raise ValueError(f"{folder} is not inside {under}") from None
+    current = under
+    for part in parts:
+        current = current / part
+        if current.is_symlink():
+            raise LinkError(f"{str(current)!r} is a symbolic link inside {str(under)!r}; ddcnn writes only into "
+                            f"folders of its own there, never through a link: remove the link (or choose another "
+                            f"output folder)")
+        try:
+            current.mkdir()
+        except FileExistsError:
+            if not current.is_dir():
+                raise
+    return folder
+
+
+def refuse_linked_folders(root: Path, names) -> None:
+    """Refuse, before anything is written, sub-folders ``names`` of ``root`` that are symbolic links."""
+    for name in names:
+        if (Path(root) / name).is_symlink():
+            own_folder(Path(root) / name, root)  # raises the one LinkError
+
+
+def open_append(path: Path, mode: str = "a"):
+    """``open(path, mode)`` (``a`` or ``w``, text) for a file that grows while a run writes it (metrics.jsonl, a
+    log): a symbolic link at ``path`` is refused (``O_NOFOLLOW``), so nothing is appended through one."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_APPEND if mode == "a" else os.O_TRUNC)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise LinkError(f"{str(path)!r} is a symbolic link; ddcnn never writes through one: remove the link "
+                            f"(or choose another output folder)") from None
+        raise
+    return os.fdopen(fd, mode)
+
+
+def _atomic_write(path: Path, data: bytes, check: Callable[[Path], None] | None = None,
+                  under: Path | None = None) -> None:
+    if under is not None:
+        own_folder(path.parent, under)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the run's files get the mode any new file gets
@@ -271,7 +340,7 @@ def _atomic_write(path: Path, data: bytes, check: Callable[[Path], None] | None 
             os.fsync(f.fileno())
         if check is not None:
             check(Path(tmp))
-        os.replace(tmp, path)
+        os.replace(tmp, path)  # rename(2) replaces a link at ``path`` itself, it does not follow it
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -282,5 +351,23 @@ def _atomic_write(path: Path, data: bytes, check: Callable[[Path], None] | None 
         os.close(dir_fd)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, text.encode())
+def atomic_write_text(path: Path, text: str, under: Path | None = None) -> None:
+    atomic_write(path, text.encode(), under=under)
+
+
+# Received archives: members read with absolute caps (a zip member's header, written by the sender, may claim any
+# size; the stream is cut at the cap whatever it claims).
+MEMBER_LIMIT = 64 * 2**20  # a JSON or text member (a manifest, a config): far above what ddcnn writes
+
+
+def read_member(archive, name: str, limit: int = MEMBER_LIMIT) -> bytes:
+    """The bytes of ``archive``'s (a :class:`zipfile.ZipFile`) member ``name``, at most ``limit`` of them: a
+    member that claims or inflates to more is :class:`ValueError`, after reading at most ``limit + 1`` bytes."""
+    info = archive.getinfo(name)
+    if info.file_size > limit:
+        raise ValueError(f"member {name!r} inflates to {info.file_size:,} bytes, more than the {limit:,} accepted")
+    with archive.open(info) as member:
+        data = member.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"member {name!r} inflates to more than the {limit:,} bytes accepted")
+    return data

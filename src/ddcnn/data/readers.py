@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ddcnn.errors import ConfigError, DataError, DataNotFoundError, ShapeError, did_you_mean
+from ddcnn.files import plain_name
 
 MNIST_CLASSES = [str(i) for i in range(10)]
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -33,6 +34,8 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 VOLUME_EXTENSIONS = (".npy", ".nii", ".nii.gz")
+_PIXEL_LIMIT = 89_478_485  # Pillow's default Image.MAX_IMAGE_PIXELS, when a program has set it to None
+_ROWS = 256  # rows converted at a time from 16 to 8 bits
 
 
 @dataclass
@@ -223,6 +226,8 @@ def load_cifar10(root, split: str = "train") -> ImageDataset:
     meta = folder / "batches.meta.txt"
     if meta.is_file():
         classes = [line.strip() for line in meta.read_text(errors="replace").splitlines() if line.strip()]
+        for name in classes:
+            check_class_name(name, str(meta))
         if len(classes) != 10:
             raise DataError(f"{meta} names {len(classes)} classes instead of 10; restore the file or delete it.")
     labels = data[:, 0].astype(np.int64)
@@ -234,6 +239,14 @@ def load_cifar10(root, split: str = "train") -> ImageDataset:
 
 
 # ------------------------------------------------------------------------------------------ class folders ----
+def check_class_name(name: str, where: str) -> None:
+    """A class name holding a control character (a newline, a terminal escape) is refused where the data is read:
+    it would reach terminals, CSV and JSON consumers of the predictions (:func:`ddcnn.files.plain_name`)."""
+    if not plain_name(name):
+        raise DataError(f"{where} names the class {name!r}, which holds control characters (newlines, terminal "
+                        f"escapes); rename it to plain text")
+
+
 def natural_key(name: str):
     """Sort key that orders embedded numbers by value, so ``CT-2`` comes before ``CT-10``."""
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
@@ -268,6 +281,7 @@ def _class_files(root, extensions, what: str, class_map: dict[str, str] | None =
     items: list[tuple[Path, int]] = []
     for folder in folders:
         name = class_map[folder.name] if class_map is not None else folder.name
+        check_class_name(name, f"the class folder {str(folder)!r}" if class_map is None else "class_map")
         if name not in classes:
             classes.append(name)
         files = sorted((p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
@@ -289,6 +303,30 @@ def _check_size(size, n: int, what: str) -> tuple[int, ...]:
     return size
 
 
+def _check_pixels(im, path: Path) -> None:
+    """Refuse a picture of more pixels than Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, about
+    89 million; Pillow itself only warns up to twice that): a few hundred kilobytes of PNG can claim gigabytes."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS or _PIXEL_LIMIT
+    if im.width * im.height > limit:
+        raise DataError(f"{path} is {im.width}x{im.height} pixels, more than the {limit:,} accepted (Pillow's "
+                        f"decompression-bomb limit); give a smaller image")
+
+
+def _to_8_bits(wide: np.ndarray, sixteen: bool) -> np.ndarray:
+    """16-bit (or 32-bit integer) grey values ``(H, W)`` to uint8: divided by 257 when 16-bit or above 255, rounded
+    and clipped; a band of rows at a time in float32, so that no float64 copy of the whole picture is made."""
+    scale = sixteen or wide.max(initial=0) > 255
+    out = np.empty(wide.shape, dtype=np.uint8)
+    for start in range(0, wide.shape[0], _ROWS):
+        band = wide[start:start + _ROWS].astype(np.float32)
+        if scale:
+            band /= 257.0
+        out[start:start + _ROWS] = np.clip(np.rint(band), 0, 255)
+    return out
+
+
 def _read_picture(path: Path, size: tuple[int, int] | None, channels: int | None, fix: str,
                   notes: list[str] | None = None) -> torch.Tensor:
     """One photo as ``(C, H, W)`` uint8: converted to grey (1) or RGB (3) when ``channels`` is given (else grey and
@@ -299,12 +337,12 @@ def _read_picture(path: Path, size: tuple[int, int] | None, channels: int | None
 
     try:
         with Image.open(path) as im:
+            _check_pixels(im, path)  # from the header, before the pixels are decoded
             colour = im.mode in ("RGB", "RGBA", "RGBX", "P", "CMYK", "YCbCr", "LAB", "HSV")
+            if im.mode == "F" and not np.isfinite(np.asarray(im)).all():
+                raise DataError(f"{path} contains NaN or infinite values; give a file with finite pixel values")
             if im.mode.startswith("I"):  # 16-bit (or 32-bit integer) grey: to 8 bits, not clipped at 255
-                wide = np.asarray(im, dtype=np.float64)
-                if im.mode.startswith("I;16") or wide.max(initial=0) > 255:
-                    wide = wide / 257.0
-                im = Image.fromarray(wide.round().clip(0, 255).astype(np.uint8), "L")
+                im = Image.fromarray(_to_8_bits(np.asarray(im), im.mode.startswith("I;16")), "L")
             if channels is not None:
                 if notes is not None and colour != (channels == 3):
                     notes.append(f"{path}: {'a colour' if colour else 'a grey'} image converted to "
@@ -318,6 +356,8 @@ def _read_picture(path: Path, size: tuple[int, int] | None, channels: int | None
                                  f"side scaled, the rest cropped about the centre, as image-folder data is)")
                 im = ImageOps.fit(im, (size[1], size[0]), method=Image.Resampling.BILINEAR)
             arr = np.asarray(im, dtype=np.uint8)
+    except DataError:
+        raise
     except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, ValueError...) for a bad file
         raise DataError(f"{path} cannot be read as an image ({e}); {fix}.") from e
     arr = arr[:, :, None] if arr.ndim == 2 else arr

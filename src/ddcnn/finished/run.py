@@ -44,6 +44,10 @@ class SavedRun:
         before anything is imported: a run directory is data). ``data_root``: where the data is now (relative to
         the current directory), for a run moved to another machine; else config.yaml's (a relative one, written by
         an earlier version, relative to the run directory, or to the current directory with a note)."""
+        if Path(path).suffix in (".pt2", ".onnx") and Path(path).is_file():
+            raise CheckpointError(f"{str(path)!r} is a file of `ddcnn export`, not a run directory; run it with "
+                                  f"`ddcnn predict` or ddcnn.export.ExportedModel (a .pt2 program only with "
+                                  f"--trust-code / trust_code=True; the .onnx file needs none)")
         self.run_dir = RunDir(path)
         if not self.run_dir.is_run:
             raise CheckpointError(f"{str(path)!r} is not a ddcnn run directory (no ddcnn-run.json); give the --out "
@@ -114,6 +118,26 @@ class SavedRun:
             model.load_state_dict(weights)
         return model
 
+    def datasets(self):
+        """``(train, val, test)`` as config.yaml's data section reads and splits them, checked against data.json:
+        data of other classes, channels or image size would measure another test set than the run's. Data that is
+        not there any more is one error naming the run's config.yaml and how to point the run at the data."""
+        try:
+            train, val, test, _ = load_splits(self.cfg.data)
+        except DataNotFoundError as err:
+            raise DataNotFoundError(f"{err} (data.root from {str(self.run_dir.path / 'config.yaml')!r}: where the "
+                                    f"data is now, give --data-root DIR)") from None
+        facts = {"classes": self.classes, "channels": self.shapes.in_channels,
+                 "image size": list(self.shapes.image_size)}
+        found = {"classes": list(test.classes), "channels": test.in_channels, "image size": list(test.image_size)}
+        for what in facts:
+            if facts[what] != found[what] or (what == "classes" and list(train.classes) != found[what]):
+                raise CheckpointError(
+                    f"the data {str(self.run_dir.path / 'config.yaml')!r} names has {what} {found[what]} but the "
+                    f"run's data.json records {facts[what]}: the models would be measured on another test set; "
+                    f"point data.root at the run's own data, or restore config.yaml and data.json")
+        return train, val, test
+
     def strategies(self) -> dict:
         """Every strategy this run trained: name -> ``normalised images -> (scores (B, K), local logits or None)``."""
         return predictors(self.trained, self.decomposition, self.shapes.num_classes)
@@ -156,16 +180,6 @@ class SavedRun:
     def is_main(self) -> bool:
         """Whether this process speaks for the run (one process: always)."""
         return True
-
-    def data(self):
-        """The run's ``(train, val, test)`` splits, read again from ``data.root``; data that is not there any more is
-        one error naming the run's config.yaml and how to point the run at the data."""
-        try:
-            train, val, test, _ = load_splits(self.cfg.data)
-        except DataNotFoundError as err:
-            raise DataNotFoundError(f"{err} (data.root from {str(self.run_dir.path / 'config.yaml')!r}: where the "
-                                    f"data is now, give --data-root DIR)") from None
-        return train, val, test
 
     def run_batches(self, fn, images: torch.Tensor, batch_size: int = 512):
         """``fn`` over float images ``(M, C, *size)`` in [0, 1]: returns (scores (M, K), local logits or None)."""

@@ -10,6 +10,7 @@ from pathlib import Path
 from ddcnn.config import STAGES
 from ddcnn.decomposition import Decomposition
 from ddcnn.errors import DDCNNError
+from ddcnn.files import atomic_write_text, own_folder
 from ddcnn.report.classes import metrics_section
 from ddcnn.report.plots import (
     _grid_index,
@@ -165,8 +166,7 @@ def write_report(
     overlap).
     """
     run_dir = Path(run_dir)
-    plots = run_dir / "plots"
-    plots.mkdir(parents=True, exist_ok=True)
+    plots = own_folder(run_dir / "plots", run_dir)  # a received run's plots/ that is a link is refused
     results = results or {}
     metrics = list(metrics or [])
     if decomposition is None:
@@ -226,7 +226,7 @@ def write_report(
         )]
 
     report = run_dir / "report.md"
-    report.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    atomic_write_text(report, "\n".join(lines) + "\n")
     return report
 
 

@@ -4,6 +4,7 @@ they are safe from threads, notebooks and headless machines. Every function writ
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,6 +22,7 @@ from matplotlib.ticker import MaxNLocator
 from ddcnn.config import STAGES
 from ddcnn.decomposition import Decomposition
 from ddcnn.errors import ShapeError
+from ddcnn.files import atomic_write
 from ddcnn.report.tables import dims_text, finite_number, ordered, stage_label
 
 _DPI = 100
@@ -29,9 +31,11 @@ _DPI = 100
 
 
 def save_figure(fig: Figure, path) -> Path:
+    """``fig`` as a PNG at ``path``, replaced whole (a link there is replaced, not written through)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=_DPI, format="png")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=_DPI, format="png")
+    atomic_write(path, buffer.getvalue())
     return path
 
 

@@ -12,6 +12,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
+from ddcnn.files import atomic_write_text, own_folder
 from ddcnn.metrics import LABELS
 from ddcnn.report.plots import save_figure
 from ddcnn.report.tables import md_code, ordered, strategy_label
@@ -328,7 +329,7 @@ def curves_figure(data: Mapping) -> Figure:
 
 def write_report(data: Mapping, folder: Path) -> Path:
     """``study.md`` with its plots under ``folder/plots``; returns the path of study.md."""
-    plots = folder / "plots"
+    plots = own_folder(folder / "plots", folder)  # a plots/ that is a link is refused, not written through
     plot_accuracy(data, plots / "accuracy.png")
     plot_accuracy_vs_time(data, plots / "accuracy_vs_time.png")
     plot_curves(data, plots / "learning_curves.png")
@@ -390,5 +391,5 @@ def write_report(data: Mapping, folder: Path) -> Path:
         "",
     ]
     path = folder / "study.md"
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
     return path

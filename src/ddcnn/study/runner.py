@@ -33,7 +33,7 @@ from pathlib import Path
 import yaml
 
 from ddcnn.errors import ConfigError
-from ddcnn.files import load_yaml
+from ddcnn.files import load_yaml, open_append, own_folder, refuse_linked_folders
 from ddcnn.models.backbones import BACKBONES
 from ddcnn.study.spec import Cell, Study
 
@@ -134,6 +134,7 @@ class StudyDir:
         path = self.path
         if path.exists() and not path.is_dir():
             raise ConfigError(f"study directory {str(path)!r} is a file; choose another --out")
+        refuse_linked_folders(path, ("runs", "logs", "plots"))  # the study writes into them: never through a link
         for name in ("runs", "logs", "plots"):
             if (path / name).exists() and not (path / name).is_dir():
                 raise ConfigError(f"study directory {str(path)!r}: {name!r} is a file where the study's folder "
@@ -245,7 +246,8 @@ def extends(recorded, study: Study) -> bool:
     if recorded.get("name") != study.name or recorded.get("base") != study.base or not isinstance(old_axes, dict) \
             or list(old_axes) != list(study.axes) or not isinstance(old_seeds, list):
         return False
-    if not set(old_seeds) <= set(study.seeds):
+    if not all(isinstance(s, int) and not isinstance(s, bool) for s in old_seeds) or \
+            not set(old_seeds) <= set(study.seeds):
         return False
     if any(not isinstance(values, list) or any(v not in study.axes[key] for v in values)
            for key, values in old_axes.items()):
@@ -254,7 +256,7 @@ def extends(recorded, study: Study) -> bool:
     try:  # the finished cells keep their folders
         return {(c.id, json.dumps(c.values, sort_keys=True)) for c in old.cells()} <= \
             {(c.id, json.dumps(c.values, sort_keys=True)) for c in study.cells()}
-    except ConfigError:
+    except (ConfigError, TypeError, ValueError, AttributeError):  # a tampered spec: not this study's extension
         return False
 
 
@@ -309,10 +311,11 @@ def execute(study_dir: StudyDir, runs: list[Run], jobs: int, echo=print) -> list
         with lock:
             slot = slots.pop(0)
         try:
-            run.log.parent.mkdir(parents=True, exist_ok=True)
+            own_folder(run.log.parent, study_dir.path)  # logs/ and logs/CELL: never a link out of the study
+            own_folder(run.out.parent, study_dir.path)
             args = run.args(study_dir.base, study_dir.trusted)
             start = time.monotonic()
-            with open(run.log, "w") as log:
+            with open_append(run.log, "w") as log:
                 log.write("ddcnn " + " ".join(shlex.quote(a) for a in args) + "\n")
                 log.flush()
                 with lock:

@@ -1,7 +1,10 @@
 """Every check that can refuse a run, in the order a run makes them; all of them come before the run directory is
 touched, so a refused run leaves every file as it was.
 
-1. The config: keys, types and ranges (:func:`ddcnn.config.load_config`, when it is read).
+1. The config: keys, types and ranges (:func:`ddcnn.config.load_config`, when it is read); whether its imported
+   backbone is trusted is decided then, from the command line (:func:`ddcnn.cli._trusted`), before any import.
+   The run directory's refusals that need no import: a file in its place, a linked folder of the run, a --resume
+   with no run or with a changed frozen setting (:func:`admit_run_dir_early`, first in :func:`admit`).
 2. The device (:func:`ddcnn.train.runtime.make_runtime`) and the stages' dependencies (:func:`check_stages`); the
    models' names and an imported backbone, imported only when trusted
    (:func:`ddcnn.models.settings.check_model_settings`, first in :func:`ddcnn.train.context.build_context`).
@@ -15,7 +18,8 @@ touched, so a refused run leaves every file as it was.
 6. The run directory: a new one, ``--force``, or a ``--resume`` read whole against the config and the models
    (:func:`admit_run_dir`); the store then only writes (:meth:`ddcnn.train.store.rundir.RunDir.prepare`).
 
-:func:`admit` runs steps 2 (the models' names) to 6 in this order for a run; the first two of step 2 run when the
+:func:`admit` runs the run directory's early refusals of step 1, then steps 2 (the models' names) to 6 in this
+order for a run; the first two of step 2 run when the
 run is set up (:class:`ddcnn.train.protocol.Experiment`).
 """
 
@@ -31,11 +35,12 @@ from ddcnn.config import STAGES, Config, spatial_global
 from ddcnn.data.datasets import load_splits
 from ddcnn.data.readers import ImageDataset
 from ddcnn.errors import CheckpointError, ConfigError
+from ddcnn.files import refuse_linked_folders
 from ddcnn.models.settings import check_model_settings
 from ddcnn.train.budget import check_budget
 from ddcnn.train.dist import DistEnv
 from ddcnn.train.parallel.choose import choose
-from ddcnn.train.store.rundir import RunDir
+from ddcnn.train.store.rundir import FOLDERS, RunDir
 from ddcnn.train.store.schema import check_resumable
 
 
@@ -60,8 +65,10 @@ def admit(cfg: Config, run_dir: RunDir, device: torch.device, env: DistEnv, resu
     """Steps 2 to 6, in order, before anything is written: the models' names (an imported backbone is imported
     only when ``trusted``; ``source`` names the config's file in the refusal), the data, the models, the models
     against the machine, and (on rank 0, which writes it) the run directory."""
-    check_model_settings(cfg.model, cfg.combiner, trusted, source, spatial=spatial_global(cfg))
     cfg = with_backend(cfg)  # config.yaml records the backend that runs (and a resumed run is checked against it)
+    if env.is_main:
+        admit_run_dir_early(run_dir, cfg, resume, force)  # the refusals that need no import, before any import
+    check_model_settings(cfg.model, cfg.combiner, trusted, source, spatial=spatial_global(cfg))
     train, val, test, given = load_splits(cfg.data)
     classes = list(train.classes)
     models = Models(cfg, Shapes(train.in_channels, len(classes), train.image_size))
@@ -79,14 +86,8 @@ def admit_run_dir(run_dir: RunDir, cfg: Config, resume: bool, force: bool, model
     the config and (with ``models``) the data's shapes and the checkpoints' weights. Returns the accepted changes
     of started stages' settings, to be recorded."""
     path = run_dir.path
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"output directory {str(path)!r} is a file; choose another --out")
+    admit_run_dir_early(run_dir, cfg, resume, force)
     if resume:
-        if not run_dir.is_run:
-            how = "without --resume" if not (path.is_dir() and any(path.iterdir())) else \
-                "with --force instead of --resume (ddcnn replaces only the files a run writes)"
-            raise CheckpointError(f"--resume: {str(path)!r} holds no ddcnn run (a run killed before it began "
-                                  f"leaves none); start it {how}")
         if models is None:
             return check_resumable(run_dir, cfg)
         shapes = models.shapes
@@ -100,6 +101,24 @@ def admit_run_dir(run_dir: RunDir, cfg: Config, resume: bool, force: bool, model
                           f"--force to start a run there anyway (only the files a run writes are replaced), "
                           f"or choose another --out")
     return []
+
+
+def admit_run_dir_early(run_dir: RunDir, cfg: Config, resume: bool, force: bool = False) -> None:
+    """The refusals of the run directory that need neither the data nor the models, made before anything is
+    imported or written: a file in its place, a folder of the run that is a symbolic link (without --force, which
+    replaces it), a --resume with no run here or with a changed frozen setting."""
+    path = run_dir.path
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output directory {str(path)!r} is a file; choose another --out")
+    if not force:
+        refuse_linked_folders(path, FOLDERS)
+    if resume:
+        if not run_dir.is_run:
+            how = "without --resume" if not (path.is_dir() and any(path.iterdir())) else \
+                "with --force instead of --resume (ddcnn replaces only the files a run writes)"
+            raise CheckpointError(f"--resume: {str(path)!r} holds no ddcnn run (a run killed before it began "
+                                  f"leaves none); start it {how}")
+        run_dir.check_same_config(cfg)
 
 
 def check_stages(cfg: Config) -> None:

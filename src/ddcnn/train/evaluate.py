@@ -24,7 +24,7 @@ def evaluate_run(run_dir, device: str | None = None, env: DistEnv | None = None,
     :class:`ddcnn.finished.run.SavedRun`.
     """
     run = ShardedRun(run_dir, device, env, trust_code, data_root)
-    _, val, test = run.data()
+    _, val, test = run.datasets()
     splits = {"val": val, "test": test} if len(val) else {"test": test}
     scores = {split: score_strategies(run.trained, run.decomposition, run.shapes.num_classes, run.run_batches,
                                       to_float(data.images), run.env)[0] for split, data in splits.items()}

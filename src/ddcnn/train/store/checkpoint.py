@@ -91,7 +91,7 @@ class CheckpointDir:
         for kind, tensors in payloads.items():
             name = f"{stage}-{tag}.{kind}.safetensors"
             data = save_safetensors(tensors)
-            atomic_write(self.root / name, data)
+            atomic_write(self.root / name, data, under=self.root.parent)  # checkpoints/ a link: refused
             files[kind] = {"file": name, "sha256": _sha256(data)}
         try:
             old = self._read_manifest(stage) if self.has(stage) else None
@@ -102,7 +102,7 @@ class CheckpointDir:
                 raise CheckpointError(f"stage {stage!r} has no earlier checkpoint whose weights could be the best")
             files["best"] = old["files"].get("best", old["files"]["weights"])
         manifest = {"stage": stage, "tag": tag, "files": files, "state": state, "optimizer_meta": optimizer_meta}
-        atomic_write_text(self.manifest_path(stage), json.dumps(manifest, indent=1))
+        atomic_write_text(self.manifest_path(stage), json.dumps(manifest, indent=1), under=self.root.parent)
         if old:  # the previous version's files are no longer named by any manifest
             for entry in old["files"].values():
                 if entry["file"] not in {e["file"] for e in files.values()}:

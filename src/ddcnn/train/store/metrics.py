@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ddcnn.files import own_folder
 from ddcnn.train.store.rundir import RunDir
 
 
@@ -25,7 +26,10 @@ class MetricsLog:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # tensorboard is an optional extra
                 return None
-            self._writer = SummaryWriter(str(self.run_dir.path / "tensorboard"))
+            # Its event file gets a new name of time, host and process: no file a sender placed is opened. The
+            # folder is the run's own (a link is refused), so nothing is written outside the run.
+            folder = own_folder(self.run_dir.path / "tensorboard", self.run_dir.path)
+            self._writer = SummaryWriter(str(folder))
         return self._writer
 
     def __call__(self, record: dict) -> None:

@@ -12,7 +12,7 @@ import yaml
 
 from ddcnn.config import STAGES, Config, dump_config, from_dict, to_dict
 from ddcnn.errors import CheckpointError, ConfigError
-from ddcnn.files import atomic_write_text, load_yaml, naming, read_json, read_text
+from ddcnn.files import atomic_write_text, load_yaml, naming, open_append, read_json, read_text
 from ddcnn.train.store.checkpoint import CheckpointDir
 from ddcnn.train.store.schema import MARKER as MARKER_SCHEMA
 from ddcnn.train.store.schema import TRAINING_STATE, fix_for
@@ -27,6 +27,9 @@ LATER_SECTIONS = ("evaluation",)
 # without its config.yaml.
 OUTPUTS = (MARKER, "checkpoints", "plots", "tensorboard", "metrics.jsonl", "results.json", "report.md",
            "config.yaml", "data.json", "splits.json", "local_timing.json", "evaluation.json", ".write-test")
+# The folders a run writes into: one that is a symbolic link (a received run's plots/ pointing elsewhere) is refused
+# before anything is written (ddcnn.train.admit.admit_run_dir_early), so nothing is written through it.
+FOLDERS = ("checkpoints", "plots", "tensorboard")
 
 
 class RunDir:
@@ -76,7 +79,7 @@ class RunDir:
         try:
             path.mkdir(parents=True, exist_ok=True)
             probe = path / ".write-test"
-            probe.write_text("")
+            open_append(probe, "w").close()  # O_NOFOLLOW: a link of that name is refused, not written through
             probe.unlink()
         except OSError as err:
             raise ConfigError(f"output directory {str(path)!r} is not writable ({err.strerror}); choose another "
@@ -159,7 +162,7 @@ class RunDir:
         return saved
 
     def append_metrics(self, record: dict) -> None:
-        with naming(self.path / "metrics.jsonl"), open(self.path / "metrics.jsonl", "a") as f:
+        with naming(self.path / "metrics.jsonl"), open_append(self.path / "metrics.jsonl") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())

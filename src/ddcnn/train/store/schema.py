@@ -14,7 +14,7 @@ from typing import Any
 
 from ddcnn.config import STAGES, Config
 from ddcnn.errors import CheckpointError
-from ddcnn.files import Check, MapOf, Opt
+from ddcnn.files import CLASS_NAMES, Check, MapOf, Opt
 
 POSITIVE = Check(int, lambda v: v > 0, "a positive whole number")
 COUNT = Check(int, lambda v: v >= 0, "a whole number >= 0")
@@ -25,7 +25,7 @@ SIZE = Check([POSITIVE], lambda v: len(v) in (2, 3), "[H, W] or [D, H, W]")
 MARKER = {"format": Check(int, lambda v: v == 1, "1 (the format this ddcnn writes)"), "launch?": Opt(str)}
 
 DATA_FACTS = {
-    "classes": Check([str], lambda v: len(v) >= 2 and len(set(v)) == len(v), "a list of two or more distinct names"),
+    "classes": CLASS_NAMES,
     "in_channels": POSITIVE, "image_size": SIZE,
     "normalizer": {"mean": [float], "std": [Check(float, lambda v: v > 0, "a positive number")]},
     "train?": COUNT, "val?": COUNT, "test?": COUNT,
@@ -49,6 +49,10 @@ RESULTS = {
     "best_strategy_basis?": str, "target?": {"val_accuracy": Opt(FRACTION), "source": str},
     "confusion_matrix?": {"strategy": str, "matrix": [[COUNT]]},
     "local?": {"test_accuracy": [FRACTION], "val_accuracy?": Opt([FRACTION]), **LOCAL_TIMING},
+    # the end-of-stage records (ddcnn.train.loop.FitResult.summary): the report and a study's regime read them
+    "stages?": MapOf({"epochs_run?": COUNT, "cap?": COUNT, "kept_epoch?": Opt(COUNT), "best_epoch?": Opt(COUNT),
+                      "monitor?": Opt(str), "best_value?": Opt(float), "stop_reason?": Opt(str),
+                      "patience?": Opt(COUNT), "seconds?": SECONDS, "train_flops?": COUNT}),
 }
 
 _RECORD = {"epoch": POSITIVE, "train_loss": float, "train_accuracy": FRACTION, "lr": float, "seconds": SECONDS,
