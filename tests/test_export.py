@@ -20,7 +20,7 @@ from ddcnn.data.datasets import load_datasets
 from ddcnn.data.loading import to_float
 from ddcnn.errors import CheckpointError, ConfigError, ExportError
 from ddcnn.export import ExportedModel, export_run, meta_path
-from ddcnn.strategies import STRATEGIES
+from ddcnn.strategies import strategy_names
 
 # ONNX is the optional extra ddcnn[export]: without it the ONNX parts are skipped, the .pt2 ones still run.
 HAS_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxscript", "onnxruntime"))
@@ -61,7 +61,7 @@ def runs(tmp_path_factory, finished_run):
 # Strategies differ in their combiner and in where their local CNNs come from (the local stage, a CNN-DNN, or none
 # for the global CNN); backends differ only in those local CNNs. So every strategy goes to both formats on the 2D
 # grouped run, in both layouts; the other backends and 3D export one of each kind (ONNX export takes seconds).
-EVERY = [(name, fmt, ("grouped", "separate")[(i + j) % 2]) for i, name in enumerate(STRATEGIES)
+EVERY = [(name, fmt, ("grouped", "separate")[(i + j) % 2]) for i, name in enumerate(strategy_names())
          for j, fmt in enumerate(("pt2", "onnx"))]
 CASES = [(2, "grouped", EVERY),
          (2, "vmap", [("transfer", "onnx", "separate"), ("cnn_dnn", "pt2", "grouped")]),

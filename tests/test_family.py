@@ -223,7 +223,7 @@ def tiny(in_channels, num_classes, width):
 @pytest.mark.parametrize("backend", ["vmap", "loop"])
 def test_a_run_with_an_imported_backbone_trains_every_strategy(tmp_path, monkeypatch, one_thread, backend):
     from ddcnn.finished.run import SavedRun
-    from ddcnn.strategies import STRATEGIES
+    from ddcnn.strategies import strategy_names
     from ddcnn.train.protocol import Experiment
 
     (tmp_path / "user_nets.py").write_text(NETS)
@@ -232,12 +232,12 @@ def test_a_run_with_an_imported_backbone_trains_every_strategy(tmp_path, monkeyp
     data["model"] = {"backbone": "user_nets.tiny", "width": 4, "backend": backend}
     data["stages"] = {s: {"epochs": 1, "batch_size": 32} for s in data["stages"]}
     results = Experiment(from_dict(data), tmp_path / "run", verbose=False).run()
-    assert set(results["strategies"]) == set(STRATEGIES)
+    assert set(results["strategies"]) == set(strategy_names())
     assert results["local_width"] == 2  # round(4 / sqrt(4)): the built-ins' width rule
     with pytest.raises(ConfigError, match="names the backbone 'user_nets.tiny'.*--trust-code"):
         SavedRun(tmp_path / "run")  # the run directory is data: its import path needs the user's word
     saved = SavedRun(tmp_path / "run", trust_code=True)
-    assert saved.trained["local"].backend == backend and set(saved.strategies()) == set(STRATEGIES)
+    assert saved.trained["local"].backend == backend and set(saved.strategies()) == set(strategy_names())
 
 
 def test_a_torchvision_config_is_refused_when_its_subimages_are_too_small(tmp_path):

@@ -14,7 +14,7 @@ from ddcnn.config import from_dict
 from ddcnn.data.datasets import load_datasets
 from ddcnn.data.loading import to_float
 from ddcnn.errors import ConfigError, DDCNNError
-from ddcnn.strategies import STRATEGIES
+from ddcnn.strategies import strategy_names
 
 
 def test_load_run_gives_every_strategy_at_the_runs_test_accuracy(finished_run, one_thread):
@@ -25,7 +25,7 @@ def test_load_run_gives_every_strategy_at_the_runs_test_accuracy(finished_run, o
     assert list(run.image_size) == facts["image_size"] and run.normalizer.state_dict() == facts["normalizer"]
     assert run.results == results and run.best_strategy == results["best_strategy"]
     assert run.config.decomposition.grid == [2, 2] and run.decomposition.n_subdomains == 4
-    assert set(run.models) == set(STRATEGIES)
+    assert set(run.models) == set(strategy_names())
     assert set(run.stages) == {"global", "local", "combine", "coherent", "transfer"}
     _, test = load_datasets(from_dict(tiny_dict(2)).data)
     images = to_float(test.images)  # in [0, 1], not normalised: the models normalise

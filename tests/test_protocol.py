@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ddcnn.errors import CheckpointError, ConfigError, TrainingError
-from ddcnn.strategies import STRATEGIES
+from ddcnn.strategies import strategy_names
 from ddcnn.train.protocol import Experiment
 from ddcnn.train.store.checkpoint import CheckpointDir
 
@@ -18,7 +18,7 @@ def test_a_run_writes_the_whole_run_directory(finished_run):
                  "accuracy_vs_cost.png"):
         assert (out / "plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((out / "results.json").read_text())
-    assert set(saved["strategies"]) == set(STRATEGIES)
+    assert set(saved["strategies"]) == set(strategy_names())
     for entry in saved["strategies"].values():
         assert 0.0 <= entry["test_accuracy"] <= 1.0
         assert entry["train_seconds"] > 0 and entry["parameters"] > 0 and entry["flops_per_image"] > 0
@@ -73,7 +73,7 @@ def test_the_generated_task_is_learnt(tmp_path, tiny_config):
 
 def test_a_3d_run_goes_through_every_stage(tmp_path, tiny_config):
     results = Experiment(tiny_config(3), tmp_path / "run3d", verbose=False).run()
-    assert set(results["strategies"]) == set(STRATEGIES)
+    assert set(results["strategies"]) == set(strategy_names())
     assert results["subimage_size"] == [4, 8, 4]
     assert (tmp_path / "run3d" / "plots" / "local_accuracy.png").is_file()
 
@@ -109,7 +109,7 @@ def test_an_interrupted_run_resumes_to_identical_results(tmp_path, tiny_config, 
     with pytest.raises(Crash):
         run.run()
     resumed = Experiment(cfg, tmp_path / "cut", resume=True, verbose=False).run()
-    for name in STRATEGIES:
+    for name in strategy_names():
         assert resumed["strategies"][name]["test_accuracy"] == reference["strategies"][name]["test_accuracy"], name
     assert resumed["local"]["test_accuracy"] == reference["local"]["test_accuracy"]
     for stage in ("global", "local", "transfer"):

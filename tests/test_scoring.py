@@ -20,7 +20,11 @@ def test_every_strategy_is_scored_once_from_the_local_logits_and_without_a_graph
 
     images = torch.rand(5, 1, 8, 8)
     scores, local = score_strategies(trained, decomposition, 3, predict, images)
-    assert set(scores) == {name for name, s in STRATEGIES.items() if set(s.stages) <= set(trained)}
+    assert set(scores) == {name for name, s in STRATEGIES.items() if set(s.stages) <= set(trained)
+                           and "spatial" in s.kinds}
+    width, _ = score_strategies(trained, decomposition, 3, predict, images, kind="width")
+    assert set(width) == set(scores) | {"sub_networks"}  # the sub-networks' ensemble of a width decomposition
+    calls.pop()
     assert len(calls) == 1 and local.shape == (5, 4, 3)  # the local CNNs run once for every combining strategy
     with torch.no_grad():
         expected = trained["combine"](ensemble(decomposition.split(images)))

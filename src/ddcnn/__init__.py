@@ -3,7 +3,8 @@
 Images are cut into a grid of subimages (:class:`Decomposition`); one small CNN per subimage is trained
 independently (:class:`LocalEnsemble`, all of them as one batched network); their probabilities are combined
 (``ddcnn.combiners``) into one decision, by a dense network (:class:`CNNDNN`) or by cheaper rules; everything is
-compared with a :class:`GlobalCNN` trained on whole images. :func:`load_run` loads a finished run back.
+compared with a :class:`GlobalCNN` trained on whole images. :func:`fit` runs the whole protocol on your own
+``torch.utils.data.Dataset``s (:mod:`ddcnn.api`); :func:`load_run` loads a finished run back.
 """
 
 __version__ = "0.1.0"
@@ -13,6 +14,9 @@ __version__ = "0.1.0"
 # library (ddcnn.finished.run), which builds every model.
 _HOMES = {"Decomposition": "ddcnn.decomposition", "DDCNNError": "ddcnn.errors", "Run": "ddcnn.finished.run",
           "load_run": "ddcnn.finished.run",
+          # the protocol on your own Datasets (ddcnn.api); by name: the trainer's modules read ddcnn.__version__
+          # from this package, and must not count as importing the layer above them
+          **dict.fromkeys(("fit", "evaluate", "predict"), "ddcnn.api"),
           **dict.fromkeys(("CNNDNN", "DNN", "GlobalCNN", "LocalEnsemble", "MajorityVote", "MeanProbability",
                            "WeightedMean", "build_combiner", "combiners", "count_parameters", "forward_flops",
                            "local_loss", "local_width", "transfer_cnn_dnn"), "ddcnn.models")}
@@ -32,6 +36,6 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "CNNDNN", "DNN", "DDCNNError", "Decomposition", "GlobalCNN", "LocalEnsemble", "MajorityVote", "MeanProbability",
-    "Run", "WeightedMean", "build_combiner", "combiners", "count_parameters", "forward_flops", "load_run", "local_loss",
-    "local_width", "transfer_cnn_dnn", "__version__",
+    "Run", "WeightedMean", "build_combiner", "combiners", "count_parameters", "evaluate", "fit", "forward_flops",
+    "load_run", "local_loss", "local_width", "predict", "transfer_cnn_dnn", "__version__",
 ]

@@ -5,26 +5,26 @@ memory)."""
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ddcnn.config import Config
+from ddcnn.config import Config, n_parts
 from ddcnn.decomposition import Decomposition
 from ddcnn.errors import ConfigError, DDCNNError
 from ddcnn.models import BACKBONES, CNNDNN, DNN, GlobalCNN, LocalEnsemble, check_fits, local_width
 from ddcnn.models.cnn_dnn import whole_state
 from ddcnn.models.ensemble import resolve_backend
 from ddcnn.models.family import probe
+from ddcnn.models.width import WholeImages, sub_width
 from ddcnn.seeds import derive_seed
 
 
 def with_backend(cfg: Config) -> Config:
     """A copy of ``cfg`` with ``model.backend: auto`` made concrete for its backbone and grid: what a run records in
     its config.yaml, so that the file says which backend ran and a resumed run compares against it."""
-    n_local = math.prod(cfg.decomposition.grid)
+    n_local = n_parts(cfg)
     backend = resolve_backend(cfg.model.backend, cfg.model.backbone in BACKBONES, n_local)
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backend=backend))
 
@@ -43,10 +43,21 @@ class Models:
 
     def __init__(self, cfg: Config, shapes: Shapes):
         self.cfg, self.shapes = cfg, shapes
-        self.decomposition = Decomposition(shapes.image_size, cfg.decomposition.grid, cfg.decomposition.overlap)
-        self.n_local = self.decomposition.n_subdomains
-        self.local_width = cfg.model.local_width or local_width(cfg.model.width, self.n_local)
+        d = cfg.decomposition
         builtin = self.family_builtin = cfg.model.backbone in BACKBONES
+        self.width_kind = d.kind == "width"
+        if self.width_kind and not builtin:
+            raise ConfigError(f"decomposition.kind = 'width' recomposes the built-in backbones (vgg, resnet) only, "
+                              f"whose every layer splits into groups of channels; {cfg.model.backbone!r} has no such "
+                              f"rule: use model.backbone: vgg or resnet, or decomposition.kind: spatial")
+        self.decomposition: Decomposition
+        if self.width_kind and d.input == "whole":  # every sub-network sees the whole image
+            self.decomposition = WholeImages(shapes.image_size, n_parts(cfg))
+        else:
+            self.decomposition = Decomposition(shapes.image_size, d.grid, d.overlap)
+        self.n_local = self.decomposition.n_subdomains
+        self.local_width = sub_width(cfg.model.width, self.n_local) if self.width_kind else \
+            cfg.model.local_width or local_width(cfg.model.width, self.n_local)
         # model.depth describes vgg and resnet: a shipped config sets it, and naming another backbone with --set
         # model.backbone=... must not need a second --set to clear it.
         self.depth = cfg.model.depth if builtin else None
@@ -75,8 +86,9 @@ class Models:
     def _seeded(self, stage: str):
         torch.manual_seed(derive_seed(self.cfg.seed, stage, 0))
 
-    def global_cnn(self) -> GlobalCNN:
-        self._seeded("global")
+    def global_cnn(self, stage: str = "global") -> GlobalCNN:
+        """The global CNN as ``stage`` starts it (global_transfer then overwrites it with the sub-networks)."""
+        self._seeded(stage)
         m = self.cfg.model
         return GlobalCNN(self.shapes.in_channels, self.shapes.num_classes, m.backbone, m.width, self.depth, self.dims,
                          m.backbone_kwargs)
@@ -100,8 +112,8 @@ class Models:
 
 def stage_model(models, stage: str) -> nn.Module:
     """The model ``stage`` trains, built as training, evaluation and prediction build it."""
-    if stage == "global":
-        return models.global_cnn()
+    if stage in ("global", "global_transfer"):
+        return models.global_cnn(stage)
     if stage == "local":
         return models.ensemble()
     if stage == "combine":

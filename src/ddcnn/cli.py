@@ -242,8 +242,8 @@ def cmd_export(args) -> int:
     done = export_run(user_path(args.run_dir, "the run directory"), args.strategy, args.format, out, args.layout,
                       trust_code=args.trust_code, data_root=args.data_root)
     layout = f", layout {done.layout}" if done.layout else ""
-    print(f"checked on {done.checked} test images: largest absolute difference {done.max_abs_diff:.2g}, "
-          f"{done.agree} of {done.checked} predicted classes agree")
+    print(f"checked on {done.checked} images ({done.checked_on}): largest absolute difference "
+          f"{done.max_abs_diff:.2g}, {done.agree} of {done.checked} predicted classes agree")
     print(f"written: {done.path} ({done.strategy}{layout}) and {done.meta_path.name}")
     return 0
 

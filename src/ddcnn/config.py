@@ -32,8 +32,12 @@ from ddcnn.errors import ConfigError, did_you_mean
 from ddcnn.files import load_yaml
 from ddcnn.paths import anchored
 
-STAGES = ("global", "local", "combine", "coherent", "transfer")
-DATASETS = ("fashion-mnist", "mnist", "cifar10", "image-folder", "volume-folder", "generated")
+# global_transfer, last, runs only with decomposition.kind: width (the global CNN recomposed from sub-networks).
+STAGES = ("global", "local", "combine", "coherent", "transfer", "global_transfer")
+KINDS = ("spatial", "width")  # decomposition.kind: subimages of the image, or sub-networks of the width
+WIDTH_INPUTS = ("whole", "subimage")  # what each sub-network of a width decomposition sees
+# "python": the datasets were given from Python (ddcnn.fit); no reader can read them back
+DATASETS = ("fashion-mnist", "mnist", "cifar10", "image-folder", "volume-folder", "generated", "python")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "step")
 # The metrics a run reports per strategy (ddcnn.metrics): evaluation.metric chooses the best strategy and the
@@ -43,7 +47,9 @@ METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc")
 MONITORS = ("val_accuracy", "val_loss", "val_balanced_accuracy", "val_macro_f1", "val_roc_auc")
 KEEPS = ("best", "last")
 # The ways a stage can use several processes, the default first (docs/scaling.md).
-PARALLEL = {"global": ("data", "spatial"), "coherent": ("model", "data"), "transfer": ("model", "data")}
+PARALLEL = {"global": ("data", "spatial"), "coherent": ("model", "data"), "transfer": ("model", "data"),
+            "global_transfer": ("data", "spatial")}
+CNN_DNN_STAGES = ("combine", "coherent", "transfer")  # they combine subimages: not with width on whole images
 
 
 @dataclass
@@ -81,6 +87,12 @@ class DataConfig:
 class DecompositionConfig:
     grid: list[int] = field(default_factory=lambda: [2, 2])
     overlap: int | list[int] = 0
+    # spatial: one local CNN per subimage of the grid. width: the global CNN's channels split into ``parts``
+    # sub-networks of width w / parts (default prod(grid)), recomposed into the global CNN (global_transfer).
+    kind: str = "spatial"
+    parts: int | None = None
+    input: str = "whole"  # width: every sub-network sees the whole image, or its own subimage of the grid
+    cross_scale: float = 0.0  # width: cross-group weights start at this times the global CNN's initialisation
 
 
 @dataclass
@@ -155,6 +167,7 @@ class StagesConfig:
     combine: StageConfig = field(default_factory=lambda: StageConfig(epochs=20, batch_size=256, lr=1e-2))
     coherent: StageConfig = field(default_factory=StageConfig)
     transfer: StageConfig = field(default_factory=lambda: StageConfig(epochs=5, lr=1e-4))
+    global_transfer: StageConfig = field(default_factory=lambda: StageConfig(epochs=5, lr=1e-4))  # as transfer
 
     def get(self, stage: str) -> StageConfig:
         return getattr(self, "global_" if stage == "global" else stage)
@@ -327,6 +340,17 @@ def parallelism(cfg: Config, stage: str) -> str:
     return cfg.stages.get(stage).parallel or PARALLEL.get(stage, ("data",))[0]
 
 
+def active(cfg: Config, stage: str) -> bool:
+    """Whether ``stage`` runs: enabled, and meaningful for the decomposition's kind (global_transfer only with
+    ``width``; the CNN-DNN stages not with ``width`` on whole images, where there are no subimages to combine)."""
+    d = cfg.decomposition
+    if stage == "global_transfer" and d.kind != "width":
+        return False
+    if stage in CNN_DNN_STAGES and d.kind == "width" and d.input == "whole":
+        return False
+    return cfg.stages.get(stage).enabled
+
+
 def spatial_global(cfg: Config) -> bool:
     """Whether the global stage trains spatial-parallel under torchrun (its backbone must then be a built-in one,
     :func:`ddcnn.models.settings.check_model_settings`)."""
@@ -378,7 +402,7 @@ def validate(cfg: Config) -> Config:
             positive[f"stages.{stage}.patience"] = s.patience
         if s.min_delta < 0:
             raise ConfigError(f"stages.{stage}.min_delta = {s.min_delta} must not be negative, e.g. 0.001")
-        if s.enabled and cfg.data.val_fraction == 0 and (s.patience is not None or s.kept() == "best"):
+        if active(cfg, stage) and cfg.data.val_fraction == 0 and (s.patience is not None or s.kept() == "best"):
             raise ConfigError(f"stages.{stage}.patience / keep: best watch the validation split but "
                               f"data.val_fraction = 0 leaves none; set data.val_fraction (e.g. 0.1) or remove "
                               f"stages.{stage}.patience and keep")
@@ -427,9 +451,42 @@ def validate(cfg: Config) -> Config:
     choice("evaluation.metric", cfg.evaluation.metric, METRICS)
     if not 0 <= margin < 1:
         raise ConfigError(f"evaluation.target_margin = {margin} must be a fraction in [0, 1), e.g. 0.005 (0.5 pp)")
-    if not any(cfg.stages.get(s).enabled for s in STAGES):
-        raise ConfigError("every stage is disabled; enable at least one of " + ", ".join(STAGES))
+    _validate_kind(cfg)
+    if not any(active(cfg, s) for s in STAGES):
+        raise ConfigError("every stage is disabled; enable at least one of " +
+                          ", ".join(s for s in STAGES if s != "global_transfer" or cfg.decomposition.kind == "width"))
     return cfg
+
+
+def _validate_kind(cfg: Config) -> None:
+    """The width decomposition's own keys (the widths themselves are checked with the data's shapes, in
+    :mod:`ddcnn.build`)."""
+    d = cfg.decomposition
+    choice("decomposition.kind", d.kind, KINDS)
+    choice("decomposition.input", d.input, WIDTH_INPUTS)
+    if d.kind == "spatial":
+        if d.parts is not None:
+            raise ConfigError(f"decomposition.parts = {d.parts} applies to decomposition.kind: width; the spatial "
+                              f"decomposition has one local CNN per subimage of decomposition.grid: remove it")
+        return
+    if d.parts is not None and d.parts < 2:
+        raise ConfigError(f"decomposition.parts = {d.parts} must be at least 2 sub-networks, e.g. 4")
+    if d.input == "subimage" and d.parts is not None and d.parts != math.prod(d.grid):
+        raise ConfigError(f"decomposition.parts = {d.parts} but decomposition.input: subimage gives one sub-network "
+                          f"per subimage of grid {d.grid} ({math.prod(d.grid)}); set decomposition.parts="
+                          f"{math.prod(d.grid)} or remove it")
+    if d.cross_scale < 0:
+        raise ConfigError(f"decomposition.cross_scale = {d.cross_scale} must not be negative; 0 starts the "
+                          f"cross-group weights at zero, e.g. 0.1 at a tenth of the global CNN's initialisation")
+    if cfg.model.local_width is not None:
+        raise ConfigError(f"model.local_width = {cfg.model.local_width} does not apply to decomposition.kind: width, "
+                          f"whose sub-networks have width model.width / decomposition.parts; remove it")
+
+
+def n_parts(cfg: Config) -> int:
+    """The number of local CNNs: the subimages of the grid, or the width decomposition's sub-networks."""
+    d = cfg.decomposition
+    return d.parts if d.kind == "width" and d.parts is not None else math.prod(d.grid)
 
 
 def from_dict(data: dict, overrides: list[str] | None = None) -> Config:

@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from ddcnn.build import Models, Shapes
-from ddcnn.config import Config, spatial_global
+from ddcnn.config import Config, active, spatial_global
 from ddcnn.data.datasets import load_datasets
 from ddcnn.data.loading import to_float
 from ddcnn.errors import ConfigError
 from ddcnn.models import count_parameters, forward_flops
 from ddcnn.models.settings import check_model_settings
+from ddcnn.models.width import WholeImages
 from ddcnn.train.budget import check_parameters
 from ddcnn.train.traffic import scaling_lines
 
@@ -30,19 +31,27 @@ def describe(cfg: Config, png: Path | None = None, trusted: bool = True, source:
     shape = (shapes.in_channels, *shapes.image_size)
     global_cnn, ensemble, cnn_dnn = models.global_cnn(), models.ensemble(), models.cnn_dnn()
     local = ensemble.local_model(0)
+    one, many = ("one sub-network", f"{d.n_subdomains} sub-networks") if models.width_kind else \
+        ("one local CNN", f"{d.n_subdomains} local CNNs")
     rows: list[tuple[str, int | str, int, int]] = [
         ("global CNN", cfg.model.width, count_parameters(global_cnn), forward_flops(global_cnn, shape)),
-        ("one local CNN", models.local_width, count_parameters(local),
+        (one, models.local_width, count_parameters(local),
          forward_flops(local, (shapes.in_channels, *d.subimage_size))),
-        (f"{d.n_subdomains} local CNNs", models.local_width, count_parameters(ensemble),
+        (many, models.local_width, count_parameters(ensemble),
          forward_flops(ensemble, (d.n_subdomains, shapes.in_channels, *d.subimage_size))),
-        ("CNN-DNN", models.local_width, count_parameters(cnn_dnn), forward_flops(cnn_dnn, shape)),
     ]
+    if active(cfg, "coherent") or active(cfg, "transfer") or not models.width_kind:
+        rows.append(("CNN-DNN", models.local_width, count_parameters(cnn_dnn), forward_flops(cnn_dnn, shape)))
     lines = [
         f"dataset        {cfg.data.name}: {len(train)} training images {list(shapes.image_size)} x "
         f"{shapes.in_channels} channel(s), {shapes.num_classes} classes",
         f"decomposition  grid {list(d.grid)}, overlap {list(d.overlap)} -> {d.n_subdomains} subimages of "
-        f"{list(d.subimage_size)}",
+        f"{list(d.subimage_size)}" if not isinstance(d, WholeImages) else
+        f"decomposition  width: {d.n_subdomains} sub-networks of width {models.local_width}, each on the whole "
+        f"{list(d.image_size)} image",
+        *([f"recomposed     global_transfer: the {d.n_subdomains} sub-networks' weights as the diagonal blocks of "
+           f"the global CNN of width {cfg.model.width} (cross-group blocks at {cfg.decomposition.cross_scale:g} x "
+           f"its initialisation), trained further"] if models.width_kind else []),
         f"backbone       {cfg.model.backbone}, depth {list(ensemble.depth or []) or 'its own'}, "
         + (f"global width {cfg.model.width}, local width {models.local_width}, " if ensemble.family.takes_width()
            else "")

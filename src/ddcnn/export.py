@@ -48,6 +48,8 @@ from ddcnn.finished.predictions import VOTE_SHARES, Predictions, output, predict
 from ddcnn.finished.run import SavedRun
 from ddcnn.models import BACKBONES
 from ddcnn.models.deployed import LAYOUTS, Deployed, scores_to_probabilities
+from ddcnn.strategies import STRATEGIES
+from ddcnn.train.store.schema import DATA_FACTS
 
 FORMATS = ("pt2", "onnx")
 TOLERANCE = 1e-4  # largest absolute difference of a probability between the exported file and the run
@@ -73,6 +75,7 @@ class Exported:
     checked: int
     max_abs_diff: float
     agree: int
+    checked_on: str = "the run's first test images"
 
 
 def meta_path(path: Path) -> Path:
@@ -99,11 +102,14 @@ def _out_path(out: Path | None, run_dir: Path, strategy: str, fmt: str) -> Path:
 
 
 def export_run(run_dir: Path, strategy: str | None = None, fmt: str = "pt2", out: Path | None = None,
-               layout: str | None = None, trust_code: bool = False, data_root: str | None = None) -> Exported:
+               layout: str | None = None, trust_code: bool = False, images: torch.Tensor | None = None,
+               data_root: str | None = None) -> Exported:
     """Export ``strategy`` of the run in ``run_dir`` (default its best) to ``out`` (default
     ``RUN/export/STRATEGY.FMT``) with the local CNNs in ``layout`` (default ``grouped`` for the built-in backbones,
     ``separate`` for foreign ones), checked against the run before it is kept. Every argument is checked before
-    anything is written."""
+    anything is written. ``images``: float images ``(M, C, *image_size)`` to check the file on (default: the run's
+    first test images; for a run on data given from Python, which no reader can read back, random images with the
+    training data's per-channel mean and std)."""
     choice("--format", fmt, FORMATS)
     if layout is not None:
         choice("--layout", layout, LAYOUTS)
@@ -112,13 +118,13 @@ def export_run(run_dir: Path, strategy: str | None = None, fmt: str = "pt2", out
     run = SavedRun(run_dir, "cpu", trust_code=trust_code, data_root=data_root)
     name, predictor = run.strategy(strategy)
     path = _out_path(out, Path(run_dir), name, fmt)
-    if name == "global":
+    if STRATEGIES[name].whole_image:
         layout = None  # one whole-image CNN: no local CNNs to lay out
     elif layout is None:
         layout = "grouped" if run.cfg.model.backbone in BACKBONES else "separate"
     model = run.model(name, layout)
     shares = model.shares
-    images = _test_images(run)
+    images, checked_on = _check_images(run, images)
     with torch.no_grad():  # the run's own model: its predictor, float32, eval mode
         scores, _ = predictor(run.normalizer(images))
         reference = scores_to_probabilities(scores.float(), shares)
@@ -126,12 +132,14 @@ def export_run(run_dir: Path, strategy: str | None = None, fmt: str = "pt2", out
     test = ((run.best or {}).get("strategies") or {}).get(name, {}).get("test_accuracy")
     meta = {"format": fmt, "strategy": name, "layout": layout, "classes": run.classes,
             "image_size": list(run.shapes.image_size), "in_channels": run.shapes.in_channels,
-            "input": "float32 images (B, C, *image_size) with values in [0, 1]",
+            "input": "float32 images (B, C, *image_size) with values in [0, 1]" if run.cfg.data.name != "python" else
+            "float32 images (B, C, *image_size) as the Dataset gave them (uint8 ones divided by 255)",
             "output": output(name), "test_accuracy": test, "dataset": run.cfg.data.name,
             "ddcnn_version": ddcnn.__version__, "torch_version": torch.__version__}
     window = [float(v) for v in run.cfg.data.window] if run.cfg.data.name == "volume-folder" else None
-    meta.update(schema=SCHEMA, preprocessing=input_recipe(run.cfg.data.name, meta["image_size"], meta["in_channels"],
-                                                          window))
+    # the recipe from a file on disk; for data given from Python, what its user declared of their own preprocessing
+    meta.update(schema=SCHEMA, preprocessing=_preprocessing(run).get("preprocessing") or input_recipe(
+        run.cfg.data.name, meta["image_size"], meta["in_channels"], window))
     if window is not None:  # only volumes are windowed
         meta["window"] = window
     if shares:
@@ -156,15 +164,38 @@ def export_run(run_dir: Path, strategy: str | None = None, fmt: str = "pt2", out
         if created is not None:  # the folders this export made for the file go with it
             shutil.rmtree(created, ignore_errors=True)
         raise
-    meta["check"] = {"images": len(images), **outcome}
+    meta["check"] = {"images": len(images), "on": checked_on, **outcome}
     atomic_write_text(meta_path(path), json.dumps(meta, indent=2), under=run_dir if out is None else None)
-    return Exported(path, meta_path(path), name, layout, len(images), outcome["max_abs_diff"], outcome["agree"])
+    return Exported(path, meta_path(path), name, layout, len(images), outcome["max_abs_diff"], outcome["agree"],
+                    checked_on)
 
 
-def _test_images(run: SavedRun) -> torch.Tensor:
-    """The first :data:`CHECK_IMAGES` test images of the run's dataset, float in [0, 1]."""
-    _, _, test = run.datasets()
-    return to_float(test.images[:CHECK_IMAGES]).float().contiguous()
+def _check_images(run: SavedRun, given: torch.Tensor | None) -> tuple[torch.Tensor, str]:
+    """At most :data:`CHECK_IMAGES` float images to check the exported file on, and what they are."""
+    shape = (run.shapes.in_channels, *run.shapes.image_size)
+    if given is not None:
+        if given.dim() != len(shape) + 1 or tuple(given.shape[1:]) != shape:
+            raise DataError(f"images to check the export on must be (M, {', '.join(map(str, shape))}), got "
+                            f"{list(given.shape)}")
+        return to_float(given[:CHECK_IMAGES]).float().contiguous(), "the images given"
+    if run.cfg.data.name != "python":
+        _, _, test = run.datasets()
+        return to_float(test.images[:CHECK_IMAGES]).float().contiguous(), "the run's first test images"
+    g = torch.Generator().manual_seed(0)
+    view = (1, -1) + (1,) * len(run.shapes.image_size)
+    mean, std = (torch.tensor(v).view(view) for v in (run.normalizer.mean, run.normalizer.std))
+    return (torch.randn((CHECK_IMAGES, *shape), generator=g) * std + mean).contiguous(), \
+        "random images with the training data's per-channel mean and std (the run's data came from Python)"
+
+
+def _preprocessing(run: SavedRun) -> dict:
+    """For a run on data given from Python: that preprocessing is the user's own, and what they declared of it."""
+    if run.cfg.data.name != "python":
+        return {}
+    facts = run.run_dir.read_json("data.json", DATA_FACTS).get("python") or {}
+    return {"preprocessing": {"by": "the user's own: the images came from a Python Dataset, prepared by its code",
+                              "declared": facts.get("preprocessing"),
+                              "training_transform": facts.get("transform")}}
 
 
 @contextlib.contextmanager

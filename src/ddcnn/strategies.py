@@ -15,6 +15,7 @@ from torch import nn
 from ddcnn.config import STAGES
 from ddcnn.decomposition import Decomposition
 from ddcnn.models import LocalEnsemble, MajorityVote, MeanProbability
+from ddcnn.models.width import MeanLogits
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,8 @@ class Strategy:
     curve_key: str = "val_accuracy"
     scored_every_epoch: bool = False
     outputs: str = "probabilities"
+    whole_image: bool = False  # its model is one CNN of whole images (scores only, no local logits)
+    kinds: tuple[str, ...] = ("spatial", "width")  # the decomposition.kind of the runs that score it
 
     def counted_stages(self, initialised_from: tuple[str, ...] = ()) -> tuple[str, ...]:
         """The stages whose train time counts, in stage order, given the stages the model was initialised from."""
@@ -55,7 +58,7 @@ class Strategy:
 
 
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
-    Strategy("global", "global CNN", ("global",), ("global",)),
+    Strategy("global", "global CNN", ("global",), ("global",), whole_image=True),
     Strategy("cnn_dnn", "CNN-DNN", ("local", "combine"), ("local", "combine"),
              combiner=lambda trained, n, k: trained["combine"]),
     Strategy("mean_probability", "mean probability", ("local",), ("local",),
@@ -66,12 +69,25 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
              scored_every_epoch=True, outputs="votes"),
     Strategy("coherent", "coherent CNN-DNN", ("coherent",), ("coherent",)),
     Strategy("transfer", "transfer CNN-DNN", ("transfer",), ("local", "transfer"), init_stages=("combine",)),
+    # Width decomposition: the sub-networks' mean logits (without transfer), and the global CNN recomposed from
+    # them and trained further.
+    Strategy("sub_networks", "sub-network ensemble", ("local",), ("local",),
+             combiner=lambda trained, n, k: MeanLogits(n, k), curve_key="val_accuracy_sub_networks",
+             scored_every_epoch=True, kinds=("width",)),
+    Strategy("global_transfer", "global CNN from sub-networks", ("global_transfer",), ("local", "global_transfer"),
+             whole_image=True, kinds=("width",)),
 )}
 
 
-def scored_every_epoch() -> list[str]:
-    """The rules on the local CNNs alone whose validation accuracy the local stage records every epoch."""
-    return [name for name, s in STRATEGIES.items() if s.scored_every_epoch]
+def strategy_names(kind: str = "spatial") -> list[str]:
+    """The strategies a run of decomposition.kind ``kind`` can score, in registry order."""
+    return [name for name, s in STRATEGIES.items() if kind in s.kinds]
+
+
+def scored_every_epoch(kind: str = "spatial") -> list[str]:
+    """The rules on the local CNNs alone whose validation accuracy the local stage records every epoch (in a run of
+    decomposition.kind ``kind``)."""
+    return [name for name, s in STRATEGIES.items() if s.scored_every_epoch and kind in s.kinds]
 
 
 def gives_votes(name: str) -> bool:
@@ -81,22 +97,23 @@ def gives_votes(name: str) -> bool:
     return strategy is not None and strategy.outputs == "votes"
 
 
-def available(trained: Collection[str]) -> list[str]:
-    """The strategies whose stages were all trained, in registry order."""
-    return [name for name, s in STRATEGIES.items() if all(stage in trained for stage in s.stages)]
+def available(trained: Collection[str], kind: str = "spatial") -> list[str]:
+    """The strategies whose stages were all trained, in registry order; ``kind``: the run's decomposition.kind."""
+    return [name for name, s in STRATEGIES.items() if all(stage in trained for stage in s.stages) and kind in s.kinds]
 
 
-def predictors(trained: Mapping[str, nn.Module], decomposition: Decomposition, num_classes: int) -> dict:
+def predictors(trained: Mapping[str, nn.Module], decomposition: Decomposition, num_classes: int,
+               kind: str = "spatial") -> dict:
     """Every available strategy as ``normalised images (B, C, *size) -> (scores (B, K), local logits (B, N, K) or
     None)``. The combiners run in float32 outside autocast, on local logits computed under it."""
     n = decomposition.n_subdomains
     out = {}
-    for name in available(trained):
+    for name in available(trained, kind):
         strategy = STRATEGIES[name]
         if strategy.combiner is not None:
             out[name] = _combined(trained["local"], strategy.combiner(trained, n, num_classes), decomposition)
-        elif name == "global":
-            out[name] = lambda x, m=trained[name]: (m(x), None)
+        elif strategy.whole_image:
+            out[name] = lambda x, m=trained[strategy.stages[0]]: (m(x), None)
         else:  # a CNN-DNN: its own local logits come with its decision
             out[name] = lambda x, m=trained[name]: m(x, return_local=True)
     return out

@@ -48,6 +48,12 @@ def named_root(data) -> str:
     return f"data.root = {data.root}{written}"
 
 
+# The one line every command that would read a Python-given dataset back from files says.
+PYTHON_DATA = ("this run's data came from Python (data.name = 'python': Datasets given to ddcnn.fit), which no ddcnn "
+               "reader can read back; give the datasets again from Python: ddcnn.evaluate(run, test), "
+               "ddcnn.fit(..., resume=True)")
+
+
 def _limit(ds: ImageDataset, limit: int | None, sorted_by_class: bool, seed: int) -> ImageDataset:
     """``limit`` images of ``ds``: the first ones of a file that mixes the classes (IDX, CIFAR, generated), a
     stratified sample (``seed``, original order kept) of a folder dataset, whose images come class by class."""
@@ -82,8 +88,10 @@ def _load(data) -> tuple[ImageDataset, ImageDataset | None, ImageDataset, bool]:
     val, given = None, None
     if data.root is not None:  # '~' read as everywhere else, and impossible paths refused, before any search
         data = dataclasses.replace(data, root=str(user_path(data.root, "data.root")))
-    check_data_size(data)
     name = data.name
+    if name == "python":
+        raise DataError(PYTHON_DATA)
+    check_data_size(data)
     if data.class_map and name != "volume-folder":
         raise ConfigError(f"data.class_map merges class folders of a volume-folder dataset; data.name = {name!r} "
                           f"does not use it: remove data.class_map")
@@ -140,7 +148,7 @@ def _load(data) -> tuple[ImageDataset, ImageDataset | None, ImageDataset, bool]:
     folder = name in ("image-folder", "volume-folder")
     train = _limit(train, data.limit_train, folder, data.split_seed + 2)
     test = _limit(test, data.limit_test, folder, data.split_seed + 3)
-    _check_against_config(data, train)
+    check_against_config(data, train)
     if len(train.classes) < 2:
         raise DataError(f"the {name} data has {len(train.classes)} class ({', '.join(map(str, train.classes))}); a "
                         f"classifier needs at least 2: add class folders" + (" or map the folders to two or more "
@@ -154,7 +162,8 @@ def _load(data) -> tuple[ImageDataset, ImageDataset | None, ImageDataset, bool]:
     return train, val, test, bool(given)
 
 
-def _check_against_config(data, train: ImageDataset) -> None:
+def check_against_config(data, train: ImageDataset) -> None:
+    """``data.image_size`` and ``data.channels``, where set, against the images of ``train``."""
     if data.image_size is not None and tuple(data.image_size) != train.image_size:
         raise ShapeError(
             f"data.image_size = {list(data.image_size)} but the {data.name} images are {list(train.image_size)}; "

@@ -46,27 +46,36 @@ def _subset(ds: ImageDataset, index: torch.Tensor) -> ImageDataset:
 
 def split_dataset(ds: ImageDataset, fraction: float, seed: int = 0,
                   stratified: bool = True) -> tuple[ImageDataset, ImageDataset]:
-    """Split ``ds`` into (train, val) with ``round(fraction * len(ds))`` samples in val.
+    """Split ``ds`` into (train, val) with ``round(fraction * len(ds))`` samples in val (:func:`val_mask`); both
+    parts keep the original order. ``fraction=0`` gives an empty val set.
+    """
+    mask = val_mask(ds.labels, ds.num_classes, fraction, seed, stratified)
+    return _subset(ds, ~mask), _subset(ds, mask)
+
+
+def val_mask(labels: torch.Tensor, num_classes: int, fraction: float, seed: int = 0,
+             stratified: bool = True) -> torch.Tensor:
+    """Which of the samples with ``labels`` (M,) go to the validation split: a bool mask (M,) with
+    ``round(fraction * M)`` entries set.
 
     With ``stratified`` each class gives its share ``fraction * its count`` rounded down, and the samples left
     over go one each to the classes with the largest remainders (lower class index first on ties), so val keeps
-    the class balance. Which samples go depends only on ``seed``; both parts keep the original order.
-    ``fraction=0`` gives an empty val set.
+    the class balance. Which samples go depends only on ``seed``.
     """
     if not (isinstance(fraction, (int, float)) and 0 <= fraction < 1):
         raise ConfigError(f"the validation fraction must be in [0, 1), got {fraction!r}.")
     g = torch.Generator().manual_seed(int(seed))
-    groups = [torch.nonzero(ds.labels == c).flatten() for c in range(ds.num_classes)] if stratified \
-        else [torch.arange(len(ds))]
+    groups = [torch.nonzero(labels == c).flatten() for c in range(num_classes)] if stratified \
+        else [torch.arange(len(labels))]
     shares = [fraction * len(members) for members in groups]
     counts = [int(share) for share in shares]
-    left = int(fraction * len(ds) + 0.5) - sum(counts)
+    left = int(fraction * len(labels) + 0.5) - sum(counts)
     for c in sorted(range(len(groups)), key=lambda c: (counts[c] - shares[c], c))[:max(left, 0)]:
         counts[c] += 1
-    val_mask = torch.zeros(len(ds), dtype=torch.bool)
+    mask = torch.zeros(len(labels), dtype=torch.bool)
     for members, count in zip(groups, counts):
-        val_mask[members[torch.randperm(len(members), generator=g)[:count]]] = True
-    return _subset(ds, ~val_mask), _subset(ds, val_mask)
+        mask[members[torch.randperm(len(members), generator=g)[:count]]] = True
+    return mask
 
 
 class Normalizer:
@@ -99,7 +108,12 @@ class Normalizer:
             x = to_float(images[lo:lo + chunk]).to(torch.float64).transpose(0, 1).reshape(channels, -1)
             total += x.sum(1).cpu()
             square += (x * x).sum(1).cpu()
-        count = images.numel() // channels
+        return cls.from_sums(total, square, images.numel() // channels)
+
+    @classmethod
+    def from_sums(cls, total: torch.Tensor, square: torch.Tensor, count: int) -> Normalizer:
+        """From per-channel sums ``(C,)`` of the values and of their squares over ``count`` values per channel
+        (float64): population mean and std; a constant channel gets std 1."""
         mean = total / count
         std = (square / count - mean * mean).clamp_min(0).sqrt()
         std = torch.where(std > 1e-6, std, torch.ones_like(std))
@@ -292,7 +306,8 @@ class LoaderBatches(_Batches):
         if not isinstance(workers, int) or workers < 0:
             raise ConfigError(f"workers must be a non-negative integer, got {workers!r}.")
         self.pin_memory = bool(pin_memory) and self.device.type == "cuda"
-        self._view, self._workers = _IndexView(ds.images, ds.labels), workers
+        self._view: torch.utils.data.Dataset = _IndexView(ds.images, ds.labels)
+        self._workers = workers
         self._params: collections.deque[dict | None] = collections.deque()
         self.loader = self._make_loader()
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ddcnn.checks import choice
+from ddcnn.data.datasets import PYTHON_DATA
 from ddcnn.data.loading import to_float
 from ddcnn.data.readers import read_image_file, read_volume_file
 from ddcnn.errors import DataError
@@ -37,6 +38,8 @@ def read_input(path: Path, size: tuple[int, ...], channels: int, dataset: str, w
     """One file as a float image ``(C, *size)`` in [0, 1], prepared as the training data of ``dataset`` (a data
     config's name; ``window``: its intensity window for volumes) was. A picture of other channels or another size
     is converted and fitted as image-folder data is, with a line in ``notes``."""
+    if dataset == "python":  # preprocessing of the user's own: no file reader knows it
+        raise DataError(PYTHON_DATA.replace("ddcnn.evaluate(run, test)", "ddcnn.predict(run, images)"))
     if len(size) == 3:
         if dataset == "volume-folder":
             return read_volume_file(path, size, window)

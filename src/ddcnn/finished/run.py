@@ -140,7 +140,7 @@ class SavedRun:
 
     def strategies(self) -> dict:
         """Every strategy this run trained: name -> ``normalised images -> (scores (B, K), local logits or None)``."""
-        return predictors(self.trained, self.decomposition, self.shapes.num_classes)
+        return predictors(self.trained, self.decomposition, self.shapes.num_classes, self.cfg.decomposition.kind)
 
     def strategy(self, name: str | None):
         """The named strategy's function, or the best one of results.json (else the first available)."""

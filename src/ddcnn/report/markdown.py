@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -74,6 +75,11 @@ def _header_lines(results: Mapping, decomposition: Decomposition | None) -> list
     sizes = results.get("data_sizes") or {}
     if sizes:
         facts.append("Data: " + ", ".join(f"{format_count(v)} {k}" for k, v in sizes.items()) + " images.")
+    source = results.get("data_source") or {}
+    if source.get("source") == "python":  # ddcnn.fit: which path the data took, and which data it was
+        how = "held in memory" if source.get("load") == "memory" else "streamed from the Datasets"
+        prints = ", ".join(f"{k} {str(v)[:19]}..." for k, v in (source.get("fingerprints") or {}).items())
+        facts.append(f"Data given from Python (ddcnn.fit), {how}: {source.get('why')}; fingerprints {prints}.")
     image_size = results.get("image_size") or (decomposition.image_size if decomposition else None)
     if image_size:
         shape = f"Images {dims_text(image_size)}"
@@ -210,7 +216,7 @@ def write_report(
         lines += ["", "## Learning curves", "",
                   _figure("learning curves", run_dir, plot_learning_curves, metrics, plots / "learning_curves.png")]
 
-    if sample_image is not None and decomposition is not None:
+    if sample_image is not None and decomposition is not None and _on_grid(decomposition):
         lines += ["", "## Decomposition", "",
                   _figure("decomposition of a sample image", run_dir, plot_decomposition, sample_image, decomposition,
                           plots / "decomposition.png")]
@@ -275,6 +281,11 @@ def _class_names(results: Mapping, k: int) -> list[str]:
     return [str(i) for i in range(k)]
 
 
+def _on_grid(decomposition: Decomposition | None) -> bool:
+    """Whether every local CNN has its own cell of the grid (not so for sub-networks of whole images)."""
+    return decomposition is None or math.prod(decomposition.grid) == decomposition.n_subdomains
+
+
 def _local_section(local: Mapping, decomposition: Decomposition | None, plots: Path, run_dir: Path) -> list[str]:
     lines = ["", "## Local stage", ""]
     test = [finite_number(v) for v in (local.get("test_accuracy") or [])]
@@ -306,14 +317,15 @@ def _local_section(local: Mapping, decomposition: Decomposition | None, plots: P
             "",
             "### Per-subdomain accuracy",
             "",
-            f"Test accuracy of the {len(test)} local CNNs, each on its own subimage: "
+            f"Test accuracy of the {len(test)} local CNNs, each on "
+            f"{'its own subimage' if _on_grid(decomposition) else 'the whole image (width decomposition)'}: "
             f"min {format_percent(min(known))} %, mean {format_percent(sum(known) / len(known))} %, "
             f"max {format_percent(max(known))} %.",
             "",
         ]
         header = ["subdomain"]
         locations = None
-        if decomposition is not None and decomposition.n_subdomains == len(test):
+        if _on_grid(decomposition) and decomposition is not None and decomposition.n_subdomains == len(test):
             header += ["grid position", "pixels (start:stop per axis)"]
             locations = decomposition.locations.tolist()
         header += ["test accuracy (%)"] + (["val accuracy (%)"] if val else [])
@@ -328,13 +340,15 @@ def _local_section(local: Mapping, decomposition: Decomposition | None, plots: P
             if val:
                 row.append(format_percent(val[i]) if i < len(val) else MISSING)
             lines.append("| " + " | ".join(row) + " |")
-        if decomposition is not None and decomposition.n_subdomains == len(test) and all(
+        if _on_grid(decomposition) and decomposition is not None and decomposition.n_subdomains == len(test) and all(
             v is not None for v in test
         ):
             lines += ["", "The heat map's colour scale spans 0 to 100 %, so that a few points of spread do not look "
                           "like structure.", "",
                       _figure("test accuracy per subdomain", run_dir, plot_subdomain_heatmap, test,
                               decomposition, plots / "local_accuracy.png")]
+        elif decomposition is not None and not _on_grid(decomposition):
+            lines += ["", f"(No heat map: the {len(test)} sub-networks all see the whole image.)"]
         elif decomposition is not None and decomposition.n_subdomains != len(test):
             lines += ["", f"(No heat map: {len(test)} accuracies for {decomposition.n_subdomains} subdomains.)"]
     return lines

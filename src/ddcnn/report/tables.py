@@ -13,6 +13,7 @@ STAGE_LABELS = {
     "combine": "DNN (combine)",
     "coherent": "coherent CNN-DNN",
     "transfer": "transfer CNN-DNN",
+    "global_transfer": "global CNN from sub-networks",
 }
 
 _COLUMNS = ("strategy", "val accuracy (%)", "test accuracy (%)", "train time (s)", "parameters",

@@ -19,10 +19,20 @@ from ddcnn.train.store.schema import RESULTS, fix_for
 # The paper's claims, as (a, b): "a beats b". Everything else is read from each run's results.json.
 CLAIMS = (("cnn_dnn", "mean_probability"), ("cnn_dnn", "majority_vote"), ("transfer", "coherent"),
           ("transfer", "cnn_dnn"), ("transfer", "global"))
+# A width decomposition's claims (Gu et al.; Klawonn, Lanser, Weber 2410.23359), in cells that trained
+# global_transfer: the recomposed global CNN against the global CNN and against the sub-networks without transfer.
+WIDTH_CLAIMS = (("global_transfer", "global"), ("global_transfer", "sub_networks"), ("sub_networks", "global"))
+# "a is not worse than b by more than the margin": the paired interval's lower end above -margin (0.5 pp, the
+# default evaluation.target_margin).
+NONINFERIORITY = {("global_transfer", "global"): 0.005}
 # The paper's time claim: "a reaches the target validation accuracy in less time than b", as a paired ratio.
 TIME_CLAIMS = (("transfer", "global"), ("cnn_dnn", "global"))
+WIDTH_TIME_CLAIMS = (("global_transfer", "global"), ("sub_networks", "global"))
+WIDTH_EQUAL_COST = (("global_transfer", "global"),)  # validation accuracy at the same training cost
+EQUAL_COST_KEYS = ("seconds", "critical_path_seconds", "train_flops")
 TIME_KEYS = ("seconds", "critical_path_seconds")
-CNN_STAGES = ("global", "local", "coherent", "transfer")  # the stages that train CNNs (not the combine DNN)
+# the stages that train CNNs (not the combine DNN)
+CNN_STAGES = ("global", "local", "coherent", "transfer", "global_transfer")
 TIME_METHOD = ("time claims are paired ratios a/b of the time to reach the target validation accuracy, per seed; "
                "geometric mean over the seeds where both reached it, 95% interval exp(mean ± t · s / sqrt(n)) of "
                "the log ratios; a claim holds when the interval lies below 1, fails when it lies above 1, else (or "
@@ -105,6 +115,13 @@ def claim(a: Mapping[int, float], b: Mapping[int, float]) -> dict:
             "per_seed": {str(s): d for s, d in differences.items()}}
 
 
+def noninferiority(summary: Mapping, margin: float) -> dict:
+    """``non-inferior`` when the paired interval's lower end lies above ``-margin``, else ``not shown``."""
+    low = summary.get("ci_low")
+    shown = summary.get("n", 0) >= 2 and low is not None and low > -margin
+    return {"margin": margin, "verdict": "non-inferior" if shown else "not shown"}
+
+
 def learning_curve(runs: Sequence[RunData], stage: str) -> list[dict]:
     """Validation accuracy per epoch of ``stage``, averaged over the runs, with its t interval per epoch."""
     by_epoch: dict[int, list[float]] = {}
@@ -141,6 +158,38 @@ def time_claim(runs: Sequence[RunData], a: str, b: str) -> dict:
     return out
 
 
+def best_within(curve: Sequence[Mapping], budget: float, key: str) -> float | None:
+    """The best validation accuracy a strategy's curve reached at a cumulative cost ``key`` of at most ``budget``."""
+    values = [p["val_accuracy"] for p in curve if isinstance(p.get("val_accuracy"), int | float)
+              and isinstance(p.get(key), int | float) and p[key] <= budget * (1 + 1e-9)]
+    return max(values) if values else None
+
+
+def equal_cost_claim(runs: Sequence[RunData], a: str, b: str) -> dict:
+    """The paired claim "at equal cost, a is more accurate than b", read off the accuracy-against-cost frontier:
+    per seed and cost measure, the budget is the smaller of the two strategies' whole costs, and each strategy
+    counts the best validation accuracy its curve reached within it (a strategy with no epoch inside the budget
+    is counted as not reached)."""
+    out: dict = {"a": a, "b": b}
+    for key in EQUAL_COST_KEYS:
+        differences, short = {}, []
+        for run in runs:
+            curves = run.results.get("curves") or {}
+            if not curves.get(a) or not curves.get(b):
+                continue
+            budget = min(curves[a][-1].get(key, 0.0), curves[b][-1].get(key, 0.0))
+            best_a, best_b = (best_within(curves[name], budget, key) for name in (a, b))
+            if best_a is None or best_b is None:
+                short.append(run.seed)
+            else:
+                differences[run.seed] = best_a - best_b
+        summary = summarize(list(differences.values()))
+        out[key] = {**summary.as_dict(), "verdict": verdict(summary), "not_reached": short,
+                    "holds_in": sum(d > 0 for d in differences.values()),
+                    "per_seed": {str(s): d for s, d in sorted(differences.items())}}
+    return out
+
+
 def regime(runs: Sequence[RunData]) -> dict:
     """How the cell's runs were trained: ``converged`` (every stage under early stopping) or ``fixed budget``,
     with the stages' stop reasons counted, and the runs whose global CNN stopped at its cap while another
@@ -174,19 +223,29 @@ def aggregate_cell(runs: Sequence[RunData]) -> dict:
     accuracies = _accuracies(runs)
     others = {metric: _accuracies(runs, metric) for metric in METRICS if metric != "accuracy"}
     metric = claims_metric(runs)
-    compared = accuracies if metric == "accuracy" else others.get(metric, {})
+    compared = accuracies if metric == "accuracy" else others.get(metric, {})  # what the claims compare
+    width = "global_transfer" in accuracies
     claims = {}
-    for a, b in CLAIMS:
+    # A width cell on whole images has no CNN-DNN: the paper's first claims are left out of it, not "not measured".
+    for a, b in [c for c in CLAIMS if not width or {*c} <= set(accuracies)] + list(WIDTH_CLAIMS if width else ()):
         if a in compared and b in compared:
             claims[f"{a} - {b}"] = {"a": a, "b": b, **claim(compared[a], compared[b])}
+            if (a, b) in NONINFERIORITY:
+                claims[f"{a} - {b}"]["noninferiority"] = noninferiority(claims[f"{a} - {b}"], NONINFERIORITY[a, b])
         else:
-            claims[f"{a} - {b}"] = {"a": a, "b": b, "n": 0, "verdict": "not measured",
-                                    "missing": [s for s in (a, b) if s not in compared]}
+            claims[f"{a} - {b}"] = not_measured(a, b, compared)
+    times = [c for c in TIME_CLAIMS if not width or {*c} <= set(accuracies)] + list(WIDTH_TIME_CLAIMS if width else ())
     return {"strategies": {name: _strategy_stats(runs, name, acc, others) for name, acc in accuracies.items()},
             "claims_metric": metric, "claims": claims,
-            "time_claims": {f"{a} / {b}": time_claim(runs, a, b) for a, b in TIME_CLAIMS},
+            "time_claims": {f"{a} / {b}": time_claim(runs, a, b) for a, b in times},
+            **({"equal_cost_claims": {f"{a} - {b}": equal_cost_claim(runs, a, b) for a, b in WIDTH_EQUAL_COST}}
+               if width else {}),
             **regime(runs),
             "curves": {stage: learning_curve(runs, stage) for stage in CURVE_STAGES}}
+
+
+def not_measured(a: str, b: str, accuracies: Mapping) -> dict:
+    return {"a": a, "b": b, "n": 0, "verdict": "not measured", "missing": [s for s in (a, b) if s not in accuracies]}
 
 
 def aggregate(cells: Sequence[Mapping], runs: Sequence[RunData], status: Mapping[str, Mapping[int, str]]) -> dict:
@@ -203,6 +262,16 @@ def aggregate(cells: Sequence[Mapping], runs: Sequence[RunData], status: Mapping
     for run in runs:
         for key in ENVIRONMENT_KEYS:
             environment.setdefault(key, run.results.get(key))
-    return {"method": METHOD, "time_method": TIME_METHOD, "claims": [f"{a} - {b}" for a, b in CLAIMS],
-            "time_claims": [f"{a} / {b}" for a, b in TIME_CLAIMS], "environment": environment,
+    # Every cell answers every claim of the study: one a cell left out (a width cell's CNN-DNN) is "not measured".
+    claims = list(dict.fromkeys([f"{a} - {b}" for a, b in CLAIMS] if not out_cells else
+                                [key for cell in out_cells for key in cell["claims"]]))
+    for cell in out_cells:
+        for key in claims:
+            if key not in cell["claims"]:
+                a, b = key.split(" - ")
+                cell["claims"][key] = not_measured(a, b, cell["strategies"])
+    time_claims = list(dict.fromkeys([f"{a} / {b}" for a, b in TIME_CLAIMS] if not out_cells else
+                                     [key for cell in out_cells for key in cell["time_claims"]]))
+    return {"method": METHOD, "time_method": TIME_METHOD, "claims": claims,
+            "time_claims": time_claims, "environment": environment,
             "cells": out_cells}

@@ -54,8 +54,18 @@ def _claim_rows(data: Mapping, short: bool = False) -> list[tuple[str, ...]]:
             n = claim.get("n", 0)
             rows.append((cell["id" if short else "label"], _claim_label(claim), _pp(claim.get("mean"), True),
                          _interval(claim, True), f"{claim.get('holds_in', 0)}/{n}" if n else MISSING,
-                         claim["verdict"]))
+                         claim["verdict"] + _noninferiority(claim)))
     return rows
+
+
+def _noninferiority(claim: Mapping) -> str:
+    """``; non-inferior at 0.5 pp`` (or ``; non-inferiority at 0.5 pp not shown``) for a claim that tests it."""
+    test = claim.get("noninferiority")
+    if not test:
+        return ""
+    margin = _pp(test["margin"], False)
+    return f"; non-inferior at {margin} pp" if test["verdict"] == "non-inferior" else \
+        f"; non-inferiority at {margin} pp not shown"
 
 
 def claims_table(data: Mapping) -> str:
@@ -98,6 +108,29 @@ def time_claims_table(data: Mapping) -> str:
     return "\n".join(lines)
 
 
+def equal_cost_lines(data: Mapping) -> list[str]:
+    """The equal-cost claims of width cells (none elsewhere): per cell, claim and cost measure the paired
+    difference of the best validation accuracies within the smaller of the two costs."""
+    rows = []
+    for cell in data["cells"]:
+        for claim in (cell.get("equal_cost_claims") or {}).values():
+            for key, what in (("seconds", "measured"), ("critical_path_seconds", "critical path"),
+                              ("train_flops", "training FLOPs")):
+                entry = claim.get(key) or {}
+                n = entry.get("n", 0)
+                rows.append((cell["label"], _claim_label(claim), what, _pp(entry.get("mean"), True),
+                             _interval(entry, True), f"{entry.get('holds_in', 0)}/{n}" if n else MISSING,
+                             str(len(entry.get("not_reached") or [])), entry.get("verdict", "not measured")))
+    if not rows:
+        return []
+    return ["## At equal cost (paired over seeds)", "",
+            "Per seed, the budget is the smaller of the two strategies' whole training costs; each counts the best "
+            "validation accuracy its curve reached within it (the accuracy-against-cost frontier at that budget).",
+            "", "| cell | claim | cost | mean difference (pp) | 95% CI (pp) | seeds where it holds | not reached | "
+            "verdict |", "|:---|:---|:---|---:|:---:|---:|---:|:---|",
+            *["| " + " | ".join(_md(c) for c in row) + " |" for row in rows], ""]
+
+
 def _md(text: str) -> str:
     return str(text).replace("|", "\\|")
 
@@ -135,6 +168,7 @@ def claims_matrix(data: Mapping) -> str:
                 entries.append(claim["verdict"])
                 continue
             word = claim["verdict"] if claim["verdict"] == "inconclusive" else f"**{claim['verdict']}**"
+            word += _noninferiority(claim)
             entries.append(f"{_pp(claim['mean'], True)} {_interval(claim, True)} {claim['holds_in']}/{claim['n']} "
                            f"{word}")
         lines.append(f"| {_claim_label(cells[0]['claims'][key])} | " + " | ".join(entries) + " |")
@@ -363,6 +397,7 @@ def write_report(data: Mapping, folder: Path) -> Path:
         "",
         time_claims_table(data),
         "",
+        *equal_cost_lines(data),
         "## Regime of the claims",
         "",
         *regime_lines(data),

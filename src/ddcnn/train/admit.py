@@ -8,7 +8,8 @@ touched, so a refused run leaves every file as it was.
 2. The device (:func:`ddcnn.train.runtime.make_runtime`) and the stages' dependencies (:func:`check_stages`); the
    models' names and an imported backbone, imported only when trusted
    (:func:`ddcnn.models.settings.check_model_settings`, first in :func:`ddcnn.train.context.build_context`).
-3. The data: files, shapes, classes, and whether the images fit in memory (:func:`ddcnn.data.datasets.load_splits`).
+3. The data: files, shapes, classes, and whether the images fit in memory (:func:`ddcnn.data.datasets.load_splits`;
+   Datasets given from Python: :func:`ddcnn.data.python.prepare`, before the run is set up).
 4. The models: the grid against the backbone's depth, a foreign CNN run once on a sample
    (:class:`ddcnn.build.Models`).
 5. The models against the machine (:func:`admit_models`): the memory each stage needs per process
@@ -31,8 +32,9 @@ from dataclasses import dataclass
 import torch
 
 from ddcnn.build import Models, Shapes, meta_model, weight_shapes, with_backend
-from ddcnn.config import STAGES, Config, spatial_global
+from ddcnn.config import STAGES, Config, active, spatial_global
 from ddcnn.data.datasets import load_splits
+from ddcnn.data.python import PythonData
 from ddcnn.data.readers import ImageDataset
 from ddcnn.errors import CheckpointError, ConfigError
 from ddcnn.files import refuse_linked_folders
@@ -61,16 +63,21 @@ class Admitted:
 
 
 def admit(cfg: Config, run_dir: RunDir, device: torch.device, env: DistEnv, resume: bool, force: bool,
-          trusted: bool = True, source: str = "the config") -> Admitted:
+          trusted: bool = True, source: str = "the config", python: PythonData | None = None) -> Admitted:
     """Steps 2 to 6, in order, before anything is written: the models' names (an imported backbone is imported
-    only when ``trusted``; ``source`` names the config's file in the refusal), the data, the models, the models
-    against the machine, and (on rank 0, which writes it) the run directory."""
+    only when ``trusted``; ``source`` names the config's file in the refusal), the data (``python``: the datasets
+    given from Python, read and checked already), the models, the models against the machine, and (on rank 0,
+    which writes it) the run directory."""
     cfg = with_backend(cfg)  # config.yaml records the backend that runs (and a resumed run is checked against it)
     if env.is_main:
         admit_run_dir_early(run_dir, cfg, resume, force)  # the refusals that need no import, before any import
     check_model_settings(cfg.model, cfg.combiner, trusted, source, spatial=spatial_global(cfg))
-    train, val, test, given = load_splits(cfg.data)
-    classes = list(train.classes)
+    given = False
+    if python is None:
+        train, val, test, given = load_splits(cfg.data)
+        classes = list(train.classes)
+    else:
+        train, val, test, classes = python.train, python.val, python.test, python.classes
     models = Models(cfg, Shapes(train.in_channels, len(classes), train.image_size))
     if env.is_main:
         for note in models.notes:
@@ -123,9 +130,10 @@ def admit_run_dir_early(run_dir: RunDir, cfg: Config, resume: bool, force: bool 
 
 def check_stages(cfg: Config) -> None:
     """Stages that need another stage's models: refused before anything is read or written."""
-    for stage in ("combine", "transfer"):
-        if cfg.stages.get(stage).enabled and not cfg.stages.local.enabled:
-            raise ConfigError(f"stage {stage!r} needs the trained local CNNs: enable stages.local or disable "
+    for stage in ("combine", "transfer", "global_transfer"):
+        if active(cfg, stage) and not cfg.stages.local.enabled:
+            what = "sub-networks" if stage == "global_transfer" else "local CNNs"
+            raise ConfigError(f"stage {stage!r} needs the trained {what}: enable stages.local or disable "
                               f"stages.{stage}")
 
 
@@ -134,7 +142,7 @@ def check_processes(cfg: Config, models: Models, env: DistEnv, sharded: list[str
     refused, on every rank alike. ``sharded``: the stages loaded as shards (a finished run under torchrun);
     default the enabled model-parallel stages of ``cfg``."""
     if sharded is None:  # the stages whose way holds a shard of the local CNNs on each process
-        sharded = [stage for stage in STAGES if cfg.stages.get(stage).enabled and
+        sharded = [stage for stage in STAGES if active(cfg, stage) and
                    choose(cfg, stage, env, models.shapes.image_size, models.n_local).shard(models.n_local) is not None]
     if env.enabled and sharded and env.world > models.n_local:
         # Model and data parallelism together (a 2-D mesh of processes) is not built: refused, not half-done.
@@ -158,5 +166,5 @@ def check_ways(cfg: Config, models: Models, env: DistEnv) -> None:
     """Each enabled stage's way of using the processes refuses what it cannot split (a spatial-parallel global
     CNN: an image size whose slabs would not stay aligned through every downsampling)."""
     for stage in STAGES:
-        if cfg.stages.get(stage).enabled:
+        if active(cfg, stage):
             choose(cfg, stage, env, models.shapes.image_size, models.n_local).admit(cfg)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ddcnn.build import meta_model
-from ddcnn.config import STAGES, Config
+from ddcnn.config import STAGES, Config, active
 from ddcnn.errors import ConfigError, DDCNNError
 from ddcnn.memory import free_memory, gib
 from ddcnn.train.dist import DistEnv
@@ -92,7 +92,7 @@ def stage_sizes(cfg: Config, models, stages=None) -> list[StageSize]:
     activation bytes for one batch."""
     pad = cfg.data.augment.crop_padding
     sizes = []
-    for stage in [s for s in STAGES if cfg.stages.get(s).enabled] if stages is None else stages:
+    for stage in [s for s in STAGES if active(cfg, s)] if stages is None else stages:
         batch = cfg.stages.get(stage).batch_size
         model = meta_model(models, stage)
         _, channels, spatial = _meta_input(models, stage, batch)

@@ -14,6 +14,7 @@ from torch import nn
 from ddcnn.build import Models
 from ddcnn.config import STAGES, Config
 from ddcnn.data.loading import Augment, Normalizer, make_batches
+from ddcnn.data.python import PythonData
 from ddcnn.data.readers import ImageDataset
 from ddcnn.data.splits import split_record
 from ddcnn.finished.predictions import accuracy
@@ -68,6 +69,7 @@ class Context:
     models: Models
     log: Callable[[dict], None]
     verbose: bool
+    python: PythonData | None = None  # the datasets given from Python (ddcnn.fit), else None: read by the config
 
     @property
     def decomposition(self):
@@ -104,6 +106,10 @@ class Context:
         # BatchNorm cannot train on one image (one value per channel): a last batch that would leave some part
         # with fewer than two images is left out.
         remainder = len(self.train) % batch_size
+        drop_last = 0 < remainder < 2 * parts
+        if self.python is not None and self.python.feed is not None:  # read (and transformed) per sample
+            return self.python.feed(self.train, batch_size, self.runtime.device, True, drop_last, augment,
+                                    self.normalizer, self.cfg.seed)
         train = self.train
         if shard is not None and augment.identity and len(shard) < self.n_local:
             start, stop = self.decomposition.region(shard)
@@ -113,7 +119,7 @@ class Context:
             rows = self.train.images[:, :, slab.start:slab.stop].contiguous()
             train = ImageDataset(rows, self.train.labels, self.train.classes)
         return make_batches(
-            train, batch_size, self.runtime.device, shuffle=True, drop_last=0 < remainder < 2 * parts,
+            train, batch_size, self.runtime.device, shuffle=True, drop_last=drop_last,
             augment=augment, normalizer=self.normalizer,
             seed=self.cfg.seed, workers=self.cfg.data.workers,
             limit_bytes=int(self.cfg.data.device_resident_limit_gb * 2**30),
@@ -182,26 +188,28 @@ class Context:
 
 def build_context(cfg: Config, run_dir: RunDir, runtime: Runtime, env: DistEnv, resume: bool, force: bool,
                   verbose: bool = True, print_line: Callable[[str], None] | None = None, trusted: bool = True,
-                  source: str = "the config") -> Context:
-    """Read the data, build the models' builder, join the process group and prepare the run directory (rank 0
-    writes ``data.json``); every check that can refuse the run comes before the first file is written. An
-    imported backbone is imported only when ``trusted`` (``source``: where the config came from, for the error)."""
-    admitted = admit(cfg, run_dir, runtime.device, env, resume, force, trusted, source)
+                  source: str = "the config", python: PythonData | None = None) -> Context:
+    """Read the data (``python``: the datasets given from Python, checked already), build the models' builder,
+    join the process group and prepare the run directory (rank 0 writes ``data.json``); every check that can
+    refuse the run comes before the first file is written. An imported backbone is imported only when ``trusted``
+    (``source``: where the config came from, for the error)."""
+    admitted = admit(cfg, run_dir, runtime.device, env, resume, force, trusted, source, python)
     cfg, train, val, test, classes = admitted.cfg, admitted.train, admitted.val, admitted.test, admitted.classes
     models, shapes = admitted.models, admitted.models.shapes
-    normalizer = Normalizer.fit(train.images)
+    normalizer = Normalizer.fit(train.images) if python is None else python.normalizer
     dist.init(env, runtime.device.type)
     if env.is_main:
         run_dir.prepare(cfg, resume, force, launch=dist.launch_id(), events=admitted.events)
         run_dir.write_json("data.json", {
             "classes": classes, "in_channels": shapes.in_channels, "image_size": list(shapes.image_size),
             "normalizer": normalizer.state_dict(), "train": len(train), "val": len(val), "test": len(test),
+            **({"python": python.facts} if python is not None else {}),
         })
         run_dir.write_json("splits.json", split_record(cfg.data.name, train, val, test, admitted.given))
     env.barrier()  # the other ranks read the run directory that rank 0 prepared
     log = MetricsLog(run_dir, verbose, print_line) if env.is_main else _no_log
     ctx = Context(cfg, env, runtime, run_dir, train, val, test, classes, normalizer, models, log,
-                  verbose and env.is_main)
+                  verbose and env.is_main, python)
     for line in header(ctx):
         ctx.echo(line)
     return ctx

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ddcnn.data.loading import to_float
+from ddcnn.data.readers import ImageDataset
 from ddcnn.finished.predictions import Predictions, accuracy
 from ddcnn.finished.run import predict
 from ddcnn.train.best import best_strategy, strategy_metrics
@@ -15,19 +16,23 @@ from ddcnn.train.scoring import score_strategies
 
 
 def evaluate_run(run_dir, device: str | None = None, env: DistEnv | None = None,
-                 trust_code: bool = False, data_root: str | None = None) -> dict | None:
+                 trust_code: bool = False, splits: dict[str, ImageDataset] | None = None,
+                 data_root: str | None = None) -> dict | None:
     """Validation and test accuracy of every saved strategy, recomputed from the checkpoints through the
     protocol's scoring path; written to ``evaluation.json``.
 
     Under torchrun (``env``) each process holds its shard of the local CNNs and all compute together; rank 0
     writes the file and returns the results, the others None. ``trust_code``, ``data_root``: see
-    :class:`ddcnn.finished.run.SavedRun`.
+    :class:`ddcnn.finished.run.SavedRun`. ``splits``: ``{"test": ..., "val": ...}`` to score (datasets given from
+    Python), else the config's data are read.
     """
     run = ShardedRun(run_dir, device, env, trust_code, data_root)
-    _, val, test = run.datasets()
-    splits = {"val": val, "test": test} if len(val) else {"test": test}
+    if splits is None:
+        _, val, test = run.datasets()
+        splits = {"val": val, "test": test} if len(val) else {"test": test}
     scores = {split: score_strategies(run.trained, run.decomposition, run.shapes.num_classes, run.run_batches,
-                                      to_float(data.images), run.env)[0] for split, data in splits.items()}
+                                      to_float(data.images), run.env, run.cfg.decomposition.kind)[0]
+              for split, data in splits.items()}
     if not run.env.is_main:
         return None
     previous = run.best or {}  # the evaluation stands on its own without results.json
@@ -35,9 +40,10 @@ def evaluate_run(run_dir, device: str | None = None, env: DistEnv | None = None,
     for name in scores["test"]:
         old = previous.get("strategies", {}).get(name, {})
         strategies[name] = {
-            "val_accuracy": accuracy(scores["val"][name], val.labels) if "val" in scores else None,
-            "test_accuracy": accuracy(scores["test"][name], test.labels), "train_seconds": old.get("train_seconds"),
-            "parameters": old.get("parameters"), "flops_per_image": old.get("flops_per_image"),
+            "val_accuracy": accuracy(scores["val"][name], splits["val"].labels) if "val" in scores else None,
+            "test_accuracy": accuracy(scores["test"][name], splits["test"].labels),
+            "train_seconds": old.get("train_seconds"), "parameters": old.get("parameters"),
+            "flops_per_image": old.get("flops_per_image"),
             **strategy_metrics(name, {s: scores[s][name] for s in scores}, splits, run.classes)}
     best, basis = best_strategy(strategies, run.cfg.evaluation.metric) if "val" in scores else (None, None)
     results = {"dataset": run.cfg.data.name, "grid": list(run.decomposition.grid), "best_strategy": best,

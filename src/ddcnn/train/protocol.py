@@ -11,8 +11,9 @@ from typing import cast
 import torch
 
 import ddcnn
-from ddcnn.config import STAGES, Config
+from ddcnn.config import STAGES, Config, active
 from ddcnn.data.loading import to_float
+from ddcnn.data.python import PythonData
 from ddcnn.finished.predictions import accuracy
 from ddcnn.models import LocalEnsemble, count_parameters
 from ddcnn.strategies import STRATEGIES, available
@@ -37,11 +38,12 @@ class Experiment:
 
     def __init__(self, cfg: Config, out: str | Path, resume: bool = False, force: bool = False, command: str = "",
                  verbose: bool = True, log=None, env: DistEnv | None = None, trusted: bool = True,
-                 source: str = "the config"):
+                 source: str = "the config", python: PythonData | None = None):
         """``trusted``: whether an import path as backbone may be imported (False for a config read from a run or
-        study directory without --trust-code; ``source`` names that file in the refusal)."""
+        study directory without --trust-code; ``source`` names that file in the refusal). ``python``: the
+        datasets given from Python (:func:`ddcnn.api.fit`), else the config's data section is read."""
         self.cfg, self.command, self.force, self.verbose, self.print_line = cfg, command, force, verbose, log
-        self.trusted, self.source = trusted, source
+        self.trusted, self.source, self.python = trusted, source, python
         self.env = env or dist.env_from_environment()
         self.run_dir = RunDir(out)
         self.runtime = make_runtime(cfg, self.env)
@@ -51,7 +53,7 @@ class Experiment:
 
     def setup(self) -> Context:
         return build_context(self.cfg, self.run_dir, self.runtime, self.env, self.resume, self.force,
-                             self.verbose, self.print_line, self.trusted, self.source)
+                             self.verbose, self.print_line, self.trusted, self.source, self.python)
 
     def run(self) -> dict | None:
         """All enabled stages, then the test evaluation and the report; returns the results (None on ranks > 0)."""
@@ -60,7 +62,7 @@ class Experiment:
             ctx = self.setup()
             done: dict[str, StageResult] = {}
             for stage in STAGES:
-                if self.cfg.stages.get(stage).enabled:
+                if active(self.cfg, stage):
                     done[stage] = stages.TRAINERS[stage](ctx, done)
             return finish(ctx, done, self.command)
         finally:
@@ -73,7 +75,7 @@ class Experiment:
 def finish(ctx: Context, done: dict[str, StageResult], command: str = "") -> dict | None:
     """The test evaluation (every process takes part), then on rank 0 the epoch records in stage order,
     ``results.json`` and the report with its plots. Returns the results on rank 0, None elsewhere."""
-    ctx.echo(f"evaluating {', '.join(available(done))} on {len(ctx.test):,} test images")
+    ctx.echo(f"evaluating {', '.join(available(done, ctx.cfg.decomposition.kind))} on {len(ctx.test):,} test images")
     results = evaluate_test(ctx, done, command)
     if results is None:
         return None
@@ -81,6 +83,8 @@ def finish(ctx: Context, done: dict[str, StageResult], command: str = "") -> dic
     events = [r for r in ctx.run_dir.metrics() if r.get("event") not in (None, "end")]
     ctx.run_dir.rewrite_metrics(events + [r for stage in STAGES if stage in done
                                           for r in [*done[stage].history, done[stage].summary]])
+    if ctx.python is not None:  # where the data came from, and the path it took
+        results["data_source"] = ctx.python.facts
     ctx.run_dir.write_json("results.json", results)
     from ddcnn.report import write_report
 
@@ -101,7 +105,7 @@ def evaluate_test(ctx: Context, done: dict[str, StageResult], command: str = "")
         trained["local"] = ctx.local_shards().scored(ctx.decomposition, cast(LocalEnsemble, trained["local"]))
     splits = {"test": ctx.test} if len(ctx.val) == 0 else {"val": ctx.val, "test": ctx.test}
     scored = {split: score_strategies(trained, ctx.decomposition, len(ctx.classes), ctx.predict, data.images,
-                                      ctx.env) for split, data in splits.items()}
+                                      ctx.env, ctx.cfg.decomposition.kind) for split, data in splits.items()}
     scores = {split: s for split, (s, _) in scored.items()}
     costs = _model_costs(ctx, done, trained)
     if not ctx.env.is_main:
@@ -137,7 +141,7 @@ def _model_costs(ctx: Context, done: dict[str, StageResult], trained: dict) -> d
 
     ensemble_cost = local_cost(cast(LocalEnsemble, done["local"].model)) if "local" in done else (0, 0)
     costs = {}
-    for name in available(done):
+    for name in available(done, ctx.cfg.decomposition.kind):
         strategy = STRATEGIES[name]
         if strategy.combiner is not None:
             combiner = strategy.combiner(trained, n, k)
@@ -184,7 +188,9 @@ def _strategy_records(ctx: Context, done: dict[str, StageResult], scores: dict, 
 def _run_facts(ctx: Context, command: str) -> dict:
     """What the run was: its data, decomposition, models, machine, versions and command."""
     shapes, d = ctx.models.shapes, ctx.decomposition
-    return {
+    width = {"decomposition": {"kind": "width", "parts": ctx.n_local, "input": ctx.cfg.decomposition.input,
+                               "cross_scale": ctx.cfg.decomposition.cross_scale}} if ctx.models.width_kind else {}
+    return {  # a spatial run's results.json keeps its keys
         "dataset": ctx.cfg.data.name, "name": ctx.cfg.name, "image_size": list(shapes.image_size),
         "grid": list(d.grid), "overlap": list(d.overlap), "subimage_size": list(d.subimage_size),
         "num_classes": len(ctx.classes), "classes": ctx.classes, "backbone": ctx.cfg.model.backbone,
@@ -192,7 +198,7 @@ def _run_facts(ctx: Context, command: str) -> dict:
         "device": ctx.runtime.device.type, "device_name": device_name(ctx.runtime.device),
         "torch_version": torch.__version__, "ddcnn_version": ddcnn.__version__, "python": platform.python_version(),
         "command": command, "seed": ctx.cfg.seed, "processes": ctx.env.world,
-        "data_sizes": {"train": len(ctx.train), "val": len(ctx.val), "test": len(ctx.test)},
+        "data_sizes": {"train": len(ctx.train), "val": len(ctx.val), "test": len(ctx.test)}, **width,
     }
 
 
@@ -201,7 +207,8 @@ def _stage_records(ctx: Context, done: dict[str, StageResult]) -> dict:
     critical = _critical(done)
     ways = {stage: ctx.parallelism(stage).record() for stage in done}
     return {
-        "parallel": {stage: ways[stage]["parallelism"] for stage in ("coherent", "transfer") if stage in done},
+        "parallel": {stage: ways[stage]["parallelism"] for stage in ("coherent", "transfer", "global_transfer")
+                     if stage in done},
         "stage_seconds": {stage: result.seconds for stage, result in done.items()},
         "stages": {stage: {**result.summary, **ways[stage],
                            **({"critical_path_seconds": critical[stage]} if stage in critical else {})}

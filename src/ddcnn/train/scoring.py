@@ -14,7 +14,7 @@ from ddcnn.train.dist import DistEnv
 
 
 def score_strategies(trained: Mapping[str, nn.Module], decomposition: Decomposition, num_classes: int, predict,
-                     images: torch.Tensor, env: DistEnv | None = None
+                     images: torch.Tensor, env: DistEnv | None = None, kind: str = "spatial"
                      ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """Scores ``(M, K)`` (float32, CPU) of every available strategy on ``images`` ``(M, C, *size)``, and the local
     CNNs' logits ``(M, N, K)`` (None without the local stage): the one scoring path of the protocol's evaluation
@@ -25,11 +25,11 @@ def score_strategies(trained: Mapping[str, nn.Module], decomposition: Decomposit
     :class:`~ddcnn.train.parallel.model.ShardedLocalCNNs`; the local CNNs' logits are computed once for every
     strategy that combines them.
     Models spread over the processes are run by all of them together, the others on rank 0 only: the scores are
-    complete on rank 0.
+    complete on rank 0. ``kind``: the run's decomposition.kind (which strategies it scores).
     """
     env = env or DistEnv()
     n = decomposition.n_subdomains
-    names = available(trained)
+    names = available(trained, kind)
     local = None
     if "local" in trained:
         ensemble = trained["local"]

@@ -17,6 +17,7 @@ from ddcnn.finished.predictions import accuracy
 from ddcnn.models import LocalEnsemble, local_loss
 from ddcnn.models.cnn_dnn import transfer_parts
 from ddcnn.models.combiners import Combiner
+from ddcnn.models.width import recompose
 from ddcnn.seeds import derive_seed
 from ddcnn.strategies import STRATEGIES, scored_every_epoch
 from ddcnn.train.context import Context, StageResult
@@ -33,6 +34,16 @@ def train_global(ctx: Context, done: Done) -> StageResult:
     """The global CNN on whole images (data-parallel over the processes, or spatial-parallel: each process a
     slab of every image, :mod:`ddcnn.train.parallel.spatial`)."""
     return _train(ctx, "global", ctx.parallelism("global"), ctx.prepare(ctx.models.global_cnn()))
+
+
+def train_global_transfer(ctx: Context, done: Done) -> StageResult:
+    """The global CNN initialised from the trained sub-networks of a width decomposition
+    (:func:`ddcnn.models.width.recompose`), then trained as the global stage is."""
+    model = ctx.models.global_cnn("global_transfer")
+    stacked = full_ensemble(ctx, done["local"]).stacked_state_dict()
+    recompose(model.net, {k: v.to(next(model.parameters()).device) for k, v in stacked.items()}, ctx.n_local,
+              ctx.cfg.decomposition.cross_scale)
+    return _train(ctx, "global_transfer", ctx.parallelism("global_transfer"), ctx.prepare(model))
 
 
 def _train(ctx: Context, stage: str, way: Parallelism, model, extras: dict | None = None) -> StageResult:
@@ -79,7 +90,7 @@ def train_local(ctx: Context, done: Done) -> StageResult:
         per_cnn = [ctx.monitored(everyone[:, j]) for j in range(everyone.shape[1])]
         record.update({key: sum(m[key] or 0.0 for m in per_cnn) / len(per_cnn) for key in per_cnn[0]})
         if ctx.env.is_main:
-            for name in scored_every_epoch():
+            for name in scored_every_epoch(ctx.cfg.decomposition.kind):
                 rule = STRATEGIES[name].combiner({}, ctx.n_local, len(ctx.classes))
                 record[f"val_accuracy_{name}"] = accuracy(rule(everyone), ctx.val.labels)
         return record
@@ -201,4 +212,5 @@ TRAINERS: dict[str, Callable[[Context, Done], StageResult]] = {
     "combine": train_combine,
     "coherent": train_coherent,
     "transfer": train_transfer,
+    "global_transfer": train_global_transfer,
 }

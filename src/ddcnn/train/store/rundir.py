@@ -23,6 +23,7 @@ FROZEN_SECTIONS = ("seed", "data", "decomposition", "model", "combiner")
 FREE_DATA_KEYS = ("workers", "device_resident_limit_gb", "root", "root_as_written")  # how and where, not what
 # Sections added after runs were first written: a run's config.yaml from before lacks them (their defaults hold).
 LATER_SECTIONS = ("evaluation",)
+LATER_STAGES = ("global_transfer",)  # likewise a stage added later
 # The marker first: --force removes it before anything else, so a kill in the middle never leaves a marked run
 # without its config.yaml.
 OUTPUTS = (MARKER, "checkpoints", "plots", "tensorboard", "metrics.jsonl", "results.json", "report.md",
@@ -133,7 +134,7 @@ class RunDir:
                                   f"{fix_for('config.yaml')}")
         # A run writes every section of the resolved config: one that is missing means a file cut short.
         lacking = [key for key in to_dict(Config()) if key not in saved and key not in LATER_SECTIONS] or \
-            [f"stages.{s}" for s in STAGES if s not in (saved.get("stages") or {})]
+            [f"stages.{s}" for s in STAGES if s not in (saved.get("stages") or {}) and s not in LATER_STAGES]
         if lacking:
             raise CheckpointError(f"{str(path)!r} is corrupt (it lacks {lacking[0]}, which a run always writes: cut "
                                   f"short?); {fix_for('config.yaml')}")
@@ -146,7 +147,7 @@ class RunDir:
     def check_same_config(self, cfg: Config) -> dict:
         """Refuse a config that changes a setting the saved weights depend on; returns the saved config."""
         saved = self.read_config()
-        old, new = to_dict(from_dict(saved)), to_dict(cfg)  # the keys config.yaml leaves out: their defaults
+        old, new = to_dict(from_dict(saved)), to_dict(cfg)  # keys added later or left out: their defaults held
         for key in FREE_DATA_KEYS:  # how the data is fed, not what it is
             for config in (old, new):
                 if isinstance(config.get("data"), dict):

@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from ddcnn.config import STAGES, Config
+from ddcnn.config import STAGES, Config, active
 from ddcnn.errors import CheckpointError
 from ddcnn.files import CLASS_NAMES, Check, MapOf, Opt
 
@@ -174,7 +174,7 @@ def check_resumable(run_dir, cfg: Config, data_shape: tuple | None = None,
     states = check_checkpoints(run_dir, cfg, expected)
     events = []
     for stage, state in states.items():
-        if not cfg.stages.get(stage).enabled:
+        if not active(cfg, stage):
             continue  # a stage switched off is not trained on: its settings do not matter
         events += stage_changes(stage, state, saved["stages"].get(stage) or {}, cfg.stages.get(stage))
     return events
