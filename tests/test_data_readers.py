@@ -16,9 +16,9 @@ from ddcnn.data.readers import (
     load_cifar10,
     load_idx_dataset,
     load_image_folder,
-    load_volume_folder,
     read_idx,
 )
+from ddcnn.data.volume_folder import load_volume_folder
 from ddcnn.errors import ConfigError, DataError, DataNotFoundError
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")

@@ -208,7 +208,7 @@ def test_empty_and_complex_arrays_to_predict(finished_run, tmp_path, capsys, arr
 
 
 def test_a_volume_with_an_empty_axis(tmp_path):
-    from ddcnn.data.readers import load_volume_folder
+    from ddcnn.data.volume_folder import load_volume_folder
 
     for c in ("a", "b"):
         (tmp_path / c).mkdir()

@@ -46,6 +46,8 @@ METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc")
 # what early stopping watches (lower loss, higher everything else is better); the bare names are accepted too
 MONITORS = ("val_accuracy", "val_loss", "val_balanced_accuracy", "val_macro_f1", "val_roc_auc")
 KEEPS = ("best", "last")
+INTENSITIES = ("window", "percentile", "zscore", "stored")
+BALANCES = ("weights", "sampler")
 # The ways a stage can use several processes, the default first (docs/scaling.md).
 PARALLEL = {"global": ("data", "spatial"), "coherent": ("model", "data"), "transfer": ("model", "data"),
             "global_transfer": ("data", "spatial")}
@@ -56,6 +58,13 @@ CNN_DNN_STAGES = ("combine", "coherent", "transfer")  # they combine subimages: 
 class AugmentConfig:
     crop_padding: int = 0  # random crop after zero padding by this many pixels (0: off)
     hflip: bool = False  # random horizontal flip
+    # Volumes (and images): flips, a small random affine and intensity jitter, drawn per image (data/augment.py).
+    flip_axes: list[int] = field(default_factory=list)  # spatial axes each flipped with p = 1/2: 0 = D (or H), ...
+    rotate_degrees: float = 0.0  # largest rotation about each axis
+    scale: float = 0.0  # largest relative zoom in or out (0.1: 0.9 to 1.1)
+    translate: float = 0.0  # largest shift, a fraction of the size along each axis
+    intensity_scale: float = 0.0  # values times 1 + u, |u| <= this
+    intensity_shift: float = 0.0  # values plus v, |v| <= this (in the [0, 1] scale of windowed volumes)
 
 
 @dataclass
@@ -73,7 +82,15 @@ class DataConfig:
     #                                  of image and volume folders, which list the classes one after the other
     limit_test: int | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    window: list[float] = field(default_factory=lambda: [-1000.0, 400.0])  # intensity window for volumes (CT: HU)
+    # Volumes (data/volumes.py): read in a canonical frame, intensity mapped, resampled, fitted to image_size.
+    intensity: str = "window"  # window (CT: HU clipped to data.window) | percentile | zscore | stored
+    window: list[float] | None = field(default_factory=lambda: [-1000.0, 400.0])  # [low, high] of intensity: window
+    percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])  # intensity: percentile -> [0, 1]
+    orientation: str = "RAS"  # the canonical frame NIfTI and DICOM volumes are turned to (nibabel axis codes)
+    spacing: list[float] | None = None  # target voxel spacing [D, H, W] in mm (then cropped/padded to image_size);
+    #                                     None: each volume stretched to image_size as stored
+    cache: str | None = None  # folder of preprocessed volumes, keyed by file checksums and these settings
+    balance: str | None = None  # class imbalance: weights (in every stage's loss) | sampler (balanced batches)
     class_map: dict[str, str] | None = None  # merge folders into classes, e.g. {"CT-1": "abnormal"}
     num_classes: int = 4  # generated data only
     generated_train: int = 2000  # generated data only
@@ -442,8 +459,7 @@ def validate(cfg: Config) -> Config:
                           f"classes)")
     if not 0 <= cfg.combiner.dropout < 1:
         raise ConfigError(f"combiner.dropout = {cfg.combiner.dropout} must be in [0, 1), e.g. 0.1")
-    if len(cfg.data.window) != 2 or cfg.data.window[0] >= cfg.data.window[1]:
-        raise ConfigError(f"data.window = {cfg.data.window} must be [low, high] with low < high, e.g. [-1000, 400]")
+    _validate_volumes(cfg.data)
     target, margin = cfg.evaluation.target_accuracy, cfg.evaluation.target_margin
     if target is not None and not 0 < target <= 1:
         raise ConfigError(f"evaluation.target_accuracy = {target} must be a fraction in (0, 1], e.g. 0.9, or null "
@@ -456,6 +472,44 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("every stage is disabled; enable at least one of " +
                           ", ".join(s for s in STAGES if s != "global_transfer" or cfg.decomposition.kind == "width"))
     return cfg
+
+
+def _validate_volumes(data: DataConfig) -> None:
+    """The volume settings (data.intensity, window, percentiles, orientation, spacing, balance, augment)."""
+    choice("data.intensity", data.intensity, INTENSITIES)
+    if data.balance is not None:
+        choice("data.balance", data.balance, BALANCES)
+    window = data.window
+    if window is not None and (len(window) != 2 or window[0] >= window[1]):
+        raise ConfigError(f"data.window = {window} must be [low, high] with low < high, e.g. [-1000, 400], or null")
+    if window is None and data.intensity == "window":
+        raise ConfigError("data.window = null but data.intensity = window needs one; set data.intensity to stored "
+                          "(values as they are), percentile or zscore (MRI and other non-CT volumes), or give "
+                          "data.window, e.g. [-1000, 400]")
+    p = data.percentiles
+    if len(p) != 2 or not 0 <= p[0] < p[1] <= 100:
+        raise ConfigError(f"data.percentiles = {p} must be [low, high] with 0 <= low < high <= 100, e.g. [0.5, 99.5]")
+    axes = ("LR", "PA", "IS")
+    o = data.orientation
+    if len(o) != 3 or sorted(next((i for i, a in enumerate(axes) if c in a), 9) for c in o.upper()) != [0, 1, 2]:
+        raise ConfigError(f"data.orientation = {o!r} must be three axis codes, one of L/R, one of P/A and one of "
+                          f"I/S, e.g. RAS (the nibabel canonical frame) or LPS (DICOM's)")
+    if data.spacing is not None and (len(data.spacing) != 3 or min(data.spacing) <= 0):
+        raise ConfigError(f"data.spacing = {data.spacing} must be three positive voxel sizes [D, H, W] in mm, e.g. "
+                          f"[2.0, 1.5, 1.5], or null to keep each volume's own")
+    a = data.augment
+    for key in ("rotate_degrees", "scale", "translate", "intensity_scale", "intensity_shift"):
+        if getattr(a, key) < 0:
+            raise ConfigError(f"data.augment.{key} = {getattr(a, key)} must not be negative, e.g. 0.1")
+    if a.rotate_degrees > 180 or a.scale >= 1 or a.translate >= 1:
+        raise ConfigError(f"data.augment rotate_degrees = {a.rotate_degrees}, scale = {a.scale}, translate = "
+                          f"{a.translate} must be at most 180 degrees, below 1 and below 1; use small values, "
+                          f"e.g. 10, 0.1, 0.05")
+    size = data.image_size
+    dims = len(size) if size is not None else 3
+    if any(not 0 <= axis < dims for axis in a.flip_axes) or len(set(a.flip_axes)) != len(a.flip_axes):
+        raise ConfigError(f"data.augment.flip_axes = {a.flip_axes} must list distinct spatial axes from 0 to "
+                          f"{dims - 1} (0 = depth of a volume, {dims - 1} = width), e.g. [0, 1, 2]")
 
 
 def _validate_kind(cfg: Config) -> None:

@@ -25,6 +25,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,6 +33,7 @@ import ddcnn
 from ddcnn.checks import choice
 from ddcnn.data.loading import to_float
 from ddcnn.data.recipe import SCHEMA, input_recipe
+from ddcnn.data.volumes import VolumeRecipe, volume_recipe
 from ddcnn.errors import CheckpointError, ConfigError, DataError, ExportError
 from ddcnn.files import (
     CLASS_NAMES,
@@ -59,7 +61,7 @@ ONNX_EXTRA = "pip install 'ddcnn[export]' (onnx, onnxscript, onnxruntime)"
 _POSITIVE = Check(int, lambda v: v > 0, "a positive whole number")
 META = {"format": Check(str, lambda v: v in FORMATS, "pt2 or onnx"), "strategy": str, "layout": Opt(str),
         "classes": CLASS_NAMES, "image_size": Check([_POSITIVE], lambda v: len(v) in (2, 3), "2 or 3 sizes"),
-        "in_channels": _POSITIVE, "output": str, "dataset": str, "window?": [float],
+        "in_channels": _POSITIVE, "output": str, "dataset": str, "window?": Opt([float]), "volumes?": Opt(Any),
         "schema?": Check(int, lambda v: 1 <= v <= SCHEMA, f"a sidecar schema this ddcnn reads (1 to {SCHEMA}); "
                                                           f"a newer one needs a newer ddcnn")}
 
@@ -135,8 +137,10 @@ def export_run(run_dir: Path, strategy: str | None = None, fmt: str = "pt2", out
             "input": "float32 images (B, C, *image_size) with values in [0, 1]" if run.cfg.data.name != "python" else
             "float32 images (B, C, *image_size) as the Dataset gave them (uint8 ones divided by 255)",
             "output": output(name), "test_accuracy": test, "dataset": run.cfg.data.name,
+            "volumes": recipe.to_json() if (recipe := volume_recipe(run.cfg.data)) is not None else None,
             "ddcnn_version": ddcnn.__version__, "torch_version": torch.__version__}
-    window = [float(v) for v in run.cfg.data.window] if run.cfg.data.name == "volume-folder" else None
+    window = [float(v) for v in run.cfg.data.window] \
+        if run.cfg.data.name == "volume-folder" and run.cfg.data.window is not None else None
     # the recipe from a file on disk; for data given from Python, what its user declared of their own preprocessing
     meta.update(schema=SCHEMA, preprocessing=_preprocessing(run).get("preprocessing") or input_recipe(
         run.cfg.data.name, meta["image_size"], meta["in_channels"], window))
@@ -402,8 +406,21 @@ def predict_exported(path: Path, files: list[str], trust_code: bool = False) -> 
     model = ExportedModel(path, trust_code=trust_code)
     meta = model.meta
     notes: list[str] = []
-    images = read_inputs(files, tuple(meta["image_size"]), meta["in_channels"], meta["dataset"], meta.get("window"),
-                         notes)
+    images = read_inputs(files, tuple(meta["image_size"]), meta["in_channels"], meta["dataset"],
+                         _sidecar_recipe(meta), notes)
     probabilities = model(images)
     rows = prediction_rows(files, meta["strategy"], model.classes, probabilities, probabilities)
     return Predictions(meta["strategy"], list(model.classes), rows, notes, origin=f"exported: {path.name}")
+
+
+def _sidecar_recipe(meta: dict) -> VolumeRecipe | None:
+    """How the sidecar says volumes are prepared: its ``volumes`` recipe, or (a file exported before the recipe was
+    written) its window over volumes stretched to the image size."""
+    if meta.get("volumes"):
+        try:
+            return VolumeRecipe.from_json(meta["volumes"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"the sidecar's volumes recipe is damaged ({err!r}); export the run again") from None
+    if meta["dataset"] == "volume-folder" and meta.get("window") and len(meta["image_size"]) == 3:
+        return VolumeRecipe(tuple(meta["image_size"]), window=tuple(meta["window"]))
+    return None

@@ -25,9 +25,9 @@ from ddcnn.data.readers import (
     load_cifar10,
     load_idx_dataset,
     load_image_folder,
-    load_volume_folder,
     read_idx,
 )
+from ddcnn.data.volume_folder import load_volume_folder
 
 __all__ = [
     "Augment", "CIFAR10_CLASSES", "DATASETS", "DeviceBatches", "FASHION_MNIST_CLASSES", "ImageDataset",

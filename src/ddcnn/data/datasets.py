@@ -20,9 +20,9 @@ from ddcnn.data.readers import (
     load_cifar10,
     load_idx_dataset,
     load_image_folder,
-    load_volume_folder,
 )
 from ddcnn.data.splits import given_splits, with_classes
+from ddcnn.data.volume_folder import load_volume_folder
 from ddcnn.errors import ConfigError, DataError, DataNotFoundError, ShapeError
 from ddcnn.memory import free_memory, gib
 from ddcnn.paths import user_path
@@ -123,7 +123,10 @@ def _load(data) -> tuple[ImageDataset, ImageDataset | None, ImageDataset, bool]:
         def read(folder):
             if name == "image-folder":
                 return load_image_folder(folder, data.image_size, data.channels or 3)
-            return load_volume_folder(folder, data.image_size, data.window, data.class_map)
+            cache = str(user_path(data.cache, "data.cache")) if data.cache is not None else None
+            return load_volume_folder(folder, data.image_size, data.window, data.class_map,
+                                      intensity=data.intensity, percentiles=data.percentiles,
+                                      orientation=data.orientation, spacing=data.spacing, cache=cache)
 
         given = given_splits(data.root)
         if given:  # train/, test/ (and val/) as the folder gives them
@@ -169,6 +172,10 @@ def check_against_config(data, train: ImageDataset) -> None:
             f"data.image_size = {list(data.image_size)} but the {data.name} images are {list(train.image_size)}; "
             f"set data.image_size to {list(train.image_size)} (or remove it)"
         )
+    dims = len(train.image_size)
+    if any(axis >= dims for axis in data.augment.flip_axes):
+        raise ConfigError(f"data.augment.flip_axes = {data.augment.flip_axes} names an axis the {data.name} images "
+                          f"do not have: they have {dims} spatial axes, 0 to {dims - 1}")
     if data.channels is not None and data.channels != train.in_channels:
         raise ShapeError(
             f"data.channels = {data.channels} but the {data.name} images have {train.in_channels} channels; set "

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import collections
 import copy
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
+from ddcnn.data.balance import balanced_order
 from ddcnn.data.readers import ImageDataset
 from ddcnn.errors import ConfigError, DataError, ShapeError
 from ddcnn.seeds import derive_seed
@@ -199,11 +201,23 @@ class Augment:
         return self.apply(x, self.draw(x.shape[0], x.dim() - 2, generator))
 
 
+class Augmentation(Protocol):
+    """What a batch source needs of an augmentation: :class:`Augment`, or a chain of augmentations
+    (:mod:`ddcnn.data.augment`)."""
+
+    @property
+    def identity(self) -> bool: ...
+
+    def draw(self, n: int, ndim: int, generator: torch.Generator) -> dict: ...
+
+    def apply(self, x: torch.Tensor, params: dict) -> torch.Tensor: ...
+
+
 class _Batches:
     """The batch plan shared by both sources: order, global batches, the rank's slice, augmentation choices."""
 
-    def __init__(self, ds: ImageDataset, batch_size: int, shuffle: bool, drop_last: bool, augment: Augment | None,
-                 normalizer: Normalizer | None, seed: int, device):
+    def __init__(self, ds: ImageDataset, batch_size: int, shuffle: bool, drop_last: bool, augment: Augmentation | None,
+                 normalizer: Normalizer | None, seed: int, device, balanced: bool = False):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}.")
         self.num_samples = len(ds)
@@ -212,6 +226,8 @@ class _Batches:
         self.augment = None if augment is None or augment.identity else augment
         self.normalizer, self.seed, self.device = normalizer, int(seed), torch.device(device)
         self.epoch, self.rank, self.world = 0, 0, 1
+        # data.balance = sampler: each epoch's order drawn class-balanced, with replacement (data/balance.py)
+        self.balanced = (ds.labels.cpu(), ds.num_classes) if balanced else None
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order and augmentation the next iteration uses."""
@@ -240,7 +256,8 @@ class _Batches:
         """Per step: (indices of this rank's part, augmentation choices for them or None)."""
         if self.shuffle:
             generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, 0))
-            order = torch.randperm(self.num_samples, generator=generator)
+            order = balanced_order(*self.balanced, generator) if self.balanced else \
+                torch.randperm(self.num_samples, generator=generator)
         else:
             order = torch.arange(self.num_samples)
         aug_gen = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, 1))
@@ -267,8 +284,9 @@ class DeviceBatches(_Batches):
     """
 
     def __init__(self, ds: ImageDataset, batch_size: int, shuffle: bool = True, drop_last: bool = False,
-                 augment: Augment | None = None, normalizer: Normalizer | None = None, device="cpu", seed: int = 0):
-        super().__init__(ds, batch_size, shuffle, drop_last, augment, normalizer, seed, device)
+                 augment: Augmentation | None = None, normalizer: Normalizer | None = None, device="cpu", seed: int = 0,
+                 balanced: bool = False):
+        super().__init__(ds, batch_size, shuffle, drop_last, augment, normalizer, seed, device, balanced)
         self.images = ds.images.to(self.device)
         self.labels = ds.labels.to(self.device)
 
@@ -300,9 +318,9 @@ class LoaderBatches(_Batches):
     """
 
     def __init__(self, ds: ImageDataset, batch_size: int, shuffle: bool = True, drop_last: bool = False,
-                 augment: Augment | None = None, normalizer: Normalizer | None = None, device="cpu", seed: int = 0,
-                 workers: int = 0, pin_memory: bool = False):
-        super().__init__(ds, batch_size, shuffle, drop_last, augment, normalizer, seed, device)
+                 augment: Augmentation | None = None, normalizer: Normalizer | None = None, device="cpu", seed: int = 0,
+                 workers: int = 0, pin_memory: bool = False, balanced: bool = False):
+        super().__init__(ds, batch_size, shuffle, drop_last, augment, normalizer, seed, device, balanced)
         if not isinstance(workers, int) or workers < 0:
             raise ConfigError(f"workers must be a non-negative integer, got {workers!r}.")
         self.pin_memory = bool(pin_memory) and self.device.type == "cuda"
@@ -347,10 +365,12 @@ class _PlanSampler(torch.utils.data.Sampler):
 
 
 def make_dataloader(ds: ImageDataset, batch_size: int, shuffle: bool = True, workers: int = 0,
-                    pin_memory: bool = False, augment: Augment | None = None, seed: int = 0, *,
-                    drop_last: bool = False, normalizer: Normalizer | None = None, device="cpu") -> LoaderBatches:
+                    pin_memory: bool = False, augment: Augmentation | None = None, seed: int = 0, *,
+                    drop_last: bool = False, normalizer: Normalizer | None = None, device="cpu",
+                    balanced: bool = False) -> LoaderBatches:
     """Batches of a large set through a ``torch.utils.data.DataLoader``; see :class:`LoaderBatches`."""
-    return LoaderBatches(ds, batch_size, shuffle, drop_last, augment, normalizer, device, seed, workers, pin_memory)
+    return LoaderBatches(ds, batch_size, shuffle, drop_last, augment, normalizer, device, seed, workers, pin_memory,
+                         balanced)
 
 
 def use_device_resident(ds: ImageDataset, device, limit_bytes: int = 2 << 30) -> bool:
@@ -372,10 +392,11 @@ def use_device_resident(ds: ImageDataset, device, limit_bytes: int = 2 << 30) ->
 
 
 def make_batches(ds: ImageDataset, batch_size: int, device="cpu", shuffle: bool = True, drop_last: bool = False,
-                 augment: Augment | None = None, normalizer: Normalizer | None = None, seed: int = 0,
-                 workers: int = 0, pin_memory: bool = True, limit_bytes: int = 2 << 30):
-    """:class:`DeviceBatches` or :func:`make_dataloader`, as :func:`use_device_resident` decides."""
+                 augment: Augmentation | None = None, normalizer: Normalizer | None = None, seed: int = 0,
+                 workers: int = 0, pin_memory: bool = True, limit_bytes: int = 2 << 30, balanced: bool = False):
+    """:class:`DeviceBatches` or :func:`make_dataloader`, as :func:`use_device_resident` decides; ``balanced``:
+    each epoch drawn class-balanced (:func:`ddcnn.data.balance.balanced_order`)."""
     if use_device_resident(ds, device, limit_bytes):
-        return DeviceBatches(ds, batch_size, shuffle, drop_last, augment, normalizer, device, seed)
+        return DeviceBatches(ds, batch_size, shuffle, drop_last, augment, normalizer, device, seed, balanced)
     return make_dataloader(ds, batch_size, shuffle, workers, pin_memory, augment, seed, drop_last=drop_last,
-                           normalizer=normalizer, device=device)
+                           normalizer=normalizer, device=device, balanced=balanced)

@@ -3,14 +3,13 @@
 * IDX (MNIST, Fashion-MNIST): :func:`read_idx`, :func:`load_idx_dataset`.
 * CIFAR-10 binary version (``cifar-10-batches-bin``): :func:`load_cifar10`.
 * A folder of photos, one sub-folder per class (TF-Flowers ``flower_photos``): :func:`load_image_folder`.
-* A folder of 3D volumes, one sub-folder per class (MosMedData ``CT-0`` ...): :func:`load_volume_folder`.
+* A folder of 3D volumes, one sub-folder per class (MosMedData ``CT-0`` ...): :mod:`ddcnn.data.volume_folder`.
 
 Nothing here unpickles: the pickled CIFAR "python version" is refused and ``.npy`` files are read with
 ``allow_pickle=False``. Every problem with a file is raised as :class:`~ddcnn.errors.DataError` (or
 :class:`~ddcnn.errors.DataNotFoundError`) with the file's path in the message.
 
-Past 400 lines on purpose: the four formats are short independent sections that share the folder listing, the
-class map and the damaged-file checks; split into four files they would each import most of the others.
+The folder listing and the class map are shared with :mod:`ddcnn.data.volume_folder`.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ddcnn.errors import ConfigError, DataError, DataNotFoundError, ShapeError, did_you_mean
 from ddcnn.files import plain_name
@@ -33,7 +31,6 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-VOLUME_EXTENSIONS = (".npy", ".nii", ".nii.gz")
 _PIXEL_LIMIT = 89_478_485  # Pillow's default Image.MAX_IMAGE_PIXELS, when a program has set it to None
 _ROWS = 256  # rows converted at a time from 16 to 8 bits
 
@@ -256,13 +253,14 @@ def _has_ext(path: Path, extensions) -> bool:
     return path.name.lower().endswith(extensions)
 
 
-def _class_files(root, extensions, what: str, class_map: dict[str, str] | None = None):
+def _class_files(root, extensions, what: str, class_map: dict[str, str] | None = None, items_of=None):
     """(classes, [(file, label), ...]) for a folder with one sub-folder per class.
 
     Files beside the class folders (``LICENSE.txt``) and hidden entries are ignored; inside a class folder only
     files with one of ``extensions`` count. Sub-folders and files are sorted naturally, so the result is
     deterministic. ``class_map`` maps folder names to class names (several folders may share one class, folders
-    it does not name are skipped); classes then come in the order they first appear.
+    it does not name are skipped); classes then come in the order they first appear. ``items_of(folder)``, when
+    given, lists a class folder's items instead (volumes in patient sub-folders, DICOM series folders).
     """
     root = Path(root)
     if not root.is_dir():
@@ -284,8 +282,9 @@ def _class_files(root, extensions, what: str, class_map: dict[str, str] | None =
         check_class_name(name, f"the class folder {str(folder)!r}" if class_map is None else "class_map")
         if name not in classes:
             classes.append(name)
-        files = sorted((p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-                        and _has_ext(p, extensions)), key=lambda p: natural_key(p.name))
+        files = items_of(folder) if items_of is not None else sorted(
+            (p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and _has_ext(p, extensions)),
+            key=lambda p: natural_key(p.name))
         if not files:
             raise DataError(f"class folder {folder} has no {what} ({', '.join(extensions)}); "
                             "add some or remove the folder.")
@@ -387,80 +386,6 @@ def _names(root, items) -> list[str]:
     return [path.relative_to(Path(root)).as_posix() for path, _ in items]
 
 
-def _read_volume(path: Path) -> np.ndarray:
-    """A 3D float32 array (D, H, W): ``.npy`` as stored, NIfTI (X, Y, Z) transposed to (Z, Y, X)."""
-    if path.name.lower().endswith(".npy"):
-        try:
-            vol = np.load(path, allow_pickle=False)
-        except Exception as e:  # ValueError for pickled/object arrays, OSError/EOFError for bad files
-            raise DataError(f"{path} cannot be read as a .npy array ({e}); save it with numpy.save "
-                            "as a plain numeric array.") from e
-        if not isinstance(vol, np.ndarray):   # a .npz archive renamed .npy loads as a dict-like NpzFile
-            vol.close()
-            raise DataError(f"{path} is an .npz archive, not a .npy array; save each volume with numpy.save.")
-    else:
-        try:
-            import nibabel
-        except ImportError as e:
-            raise DataError(f"{path} is a NIfTI file and reading it needs nibabel; run `pip install nibabel` "
-                            "(or install the extra `ddcnn[nifti]`).") from e
-        try:
-            vol = np.asarray(nibabel.load(str(path)).dataobj)  # type: ignore[attr-defined]
-        except Exception as e:  # nibabel raises ImageFileError, EOFError, zlib/gzip errors...
-            raise DataError(f"{path} cannot be read as a NIfTI volume ({e}); the file is corrupt, "
-                            "replace it.") from e
-        if vol.ndim == 3:
-            # NIfTI stores (X, Y, Z) with X varying fastest across a slice: slices along Z become depth D,
-            # Y rows become H and X columns become W.
-            vol = vol.transpose(2, 1, 0)
-    if vol.ndim != 3:
-        raise DataError(f"{path} holds a {vol.ndim}-D array of shape {vol.shape}; a volume must be 3-D.")
-    if 0 in vol.shape:
-        raise DataError(f"{path} holds an empty volume of shape {vol.shape} (an axis of length 0); replace or "
-                        f"remove the file.")
-    if not (np.issubdtype(vol.dtype, np.number) or vol.dtype == np.bool_) or np.iscomplexobj(vol):
-        raise DataError(f"{path} holds {vol.dtype} values; a volume must hold real numbers.")
-    return np.ascontiguousarray(vol, dtype=np.float32)
-
-
-def _window_and_resample(vol: torch.Tensor, window, size) -> torch.Tensor:
-    """``(D, H, W)``: clipped to ``window`` = (low, high) and mapped to [0, 1], then resampled to ``size`` with
-    trilinear interpolation; each step only when its argument is given."""
-    if window is not None:
-        low, high = (float(v) for v in window)
-        vol = (vol.clamp(low, high) - low) / (high - low)
-    if size is not None and tuple(vol.shape) != tuple(size):
-        vol = F.interpolate(vol[None, None], size=tuple(size), mode="trilinear", align_corners=False)[0, 0]
-    return vol
-
-
-def load_volume_folder(root, size=(64, 128, 128), window=(-1000.0, 400.0),
-                       class_map: dict[str, str] | None = None) -> ImageDataset:
-    """Load 3D volumes from ``root/<class>/<file>``: images (M, 1, D, H, W) float32 in [0, 1], labels (M,).
-
-    Files are ``.npy`` (taken as (D, H, W)) or ``.nii``/``.nii.gz`` (stored (X, Y, Z), returned as (Z, Y, X)).
-    Values are clipped to ``window`` = (low, high) (Hounsfield units for CT), mapped linearly to [0, 1] and resampled
-    to ``size`` = (D, H, W) with trilinear interpolation. Class folders are sorted naturally (``CT-2`` before
-    ``CT-10``); ``class_map`` merges folders into classes, e.g. ``{"CT-0": "normal", "CT-1": "abnormal"}``.
-    """
-    size = _check_size(size, 3, "size")
-    try:
-        low, high = (float(v) for v in window)
-    except (TypeError, ValueError):
-        low = high = float("nan")
-    if not low < high:
-        raise ConfigError(f"window must be (low, high) with low < high, got {window!r}.")
-    classes, items = _class_files(root, VOLUME_EXTENSIONS, "volumes", class_map)
-    images = torch.empty((len(items), 1, *size), dtype=torch.float32)
-    for i, (path, _) in enumerate(items):
-        vol = torch.from_numpy(_read_volume(path))
-        if not torch.isfinite(vol).all():
-            raise DataError(f"{path} contains NaN or infinite values; fix or remove the file.")
-        images[i, 0] = _window_and_resample(vol, (low, high), size)
-    labels = torch.tensor([label for _, label in items], dtype=torch.int64)
-    return ImageDataset(images, labels, classes, names=_names(root, items))
-
-
 # ----------------------------------------------------------------------------------------- single files ----
 def _input_file(path, what: str, pattern: str) -> Path:
     path = Path(path)
@@ -505,10 +430,3 @@ def read_image_file(path, size=None, channels: int | None = None, notes: list[st
     if size is not None:
         size = _check_size(size, 2, "size")
     return _read_picture(path, size, channels, fix="give a PNG, JPEG or similar file", notes=notes)
-
-
-def read_volume_file(path, size=None, window=None) -> torch.Tensor:
-    """One ``.npy`` or NIfTI volume as ``(1, D, H, W)`` float32; with ``window`` and ``size`` prepared as
-    :func:`load_volume_folder` does (clipped, scaled to [0, 1], resampled)."""
-    path = _input_file(path, "a .npy or .nii(.gz) volume", "*.nii.gz")
-    return _window_and_resample(torch.from_numpy(_read_volume(path)), window, size)[None]

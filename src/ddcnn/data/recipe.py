@@ -15,6 +15,10 @@ def input_recipe(dataset: str, image_size: list[int], channels: int, window: lis
     intensity window of a volume folder (the only dataset that uses one)."""
     shape = ["B", channels, *image_size]
     steps: list[dict]
+    if dataset == "volume-folder":  # reading, frame, intensity and spacing: the sidecar's own volumes recipe
+        return {"schema": SCHEMA, "from": "a 3D volume file (.npy, NIfTI) or a DICOM series folder",
+                "steps": "the sidecar's `volumes` entry (ddcnn.data.volumes.VolumeRecipe), as ddcnn predict applies "
+                         "it", "layout": "(B, 1, D, H, W)", "shape": shape, "normalisation": "inside the model"}
     if len(image_size) == 3:
         steps = [{"step": "read", "how": ".npy as stored (D, H, W); NIfTI (.nii, .nii.gz) stored (X, Y, Z), "
                                          "transposed to (Z, Y, X)", "dtype": "float32"}]

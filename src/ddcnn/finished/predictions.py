@@ -14,7 +14,9 @@ import torch
 from ddcnn.checks import choice
 from ddcnn.data.datasets import PYTHON_DATA
 from ddcnn.data.loading import to_float
-from ddcnn.data.readers import read_image_file, read_volume_file
+from ddcnn.data.readers import read_image_file
+from ddcnn.data.volume_folder import read_volume_file
+from ddcnn.data.volumes import VolumeRecipe
 from ddcnn.errors import DataError
 from ddcnn.strategies import gives_votes
 
@@ -33,17 +35,18 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(-1) == labels).float().mean().item()
 
 
-def read_input(path: Path, size: tuple[int, ...], channels: int, dataset: str, window,
+def read_input(path: Path, size: tuple[int, ...], channels: int, dataset: str, recipe: VolumeRecipe | None,
                notes: list[str] | None = None) -> torch.Tensor:
-    """One file as a float image ``(C, *size)`` in [0, 1], prepared as the training data of ``dataset`` (a data
-    config's name; ``window``: its intensity window for volumes) was. A picture of other channels or another size
-    is converted and fitted as image-folder data is, with a line in ``notes``."""
+    """One file as a float image ``(C, *size)``, prepared as the training data of ``dataset`` (a data config's
+    name; ``recipe``: how its volumes were prepared, :func:`ddcnn.data.volumes.volume_recipe`) was. A picture of
+    other channels or another size is converted and fitted as image-folder data is, and a volume's orientation
+    and spacing are changed as its recipe says, each with a line in ``notes``."""
     if dataset == "python":  # preprocessing of the user's own: no file reader knows it
         raise DataError(PYTHON_DATA.replace("ddcnn.evaluate(run, test)", "ddcnn.predict(run, images)"))
     if len(size) == 3:
-        if dataset == "volume-folder":
-            return read_volume_file(path, size, window)
-        x = read_volume_file(path, None, None)
+        if dataset == "volume-folder" and recipe is not None:
+            return read_volume_file(path, recipe, notes)
+        x = read_volume_file(path)
     else:
         x = read_image_file(path, size, channels, [] if notes is None else notes)
     x = to_float(x)
@@ -59,10 +62,10 @@ def read_input(path: Path, size: tuple[int, ...], channels: int, dataset: str, w
     return x
 
 
-def read_inputs(files, size: tuple[int, ...], channels: int, dataset: str, window,
+def read_inputs(files, size: tuple[int, ...], channels: int, dataset: str, recipe: VolumeRecipe | None,
                 notes: list[str]) -> torch.Tensor:
     """The files as one batch ``(M, C, *size)`` (see :func:`read_input`)."""
-    return torch.stack([read_input(Path(f), size, channels, dataset, window, notes) for f in files])
+    return torch.stack([read_input(Path(f), size, channels, dataset, recipe, notes) for f in files])
 
 
 @dataclass

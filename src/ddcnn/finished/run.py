@@ -16,6 +16,7 @@ from ddcnn.build import Models, Shapes, meta_model, stage_model, weight_shapes
 from ddcnn.config import STAGES, Config, anchor_paths, from_dict
 from ddcnn.data.datasets import load_splits
 from ddcnn.data.loading import Normalizer
+from ddcnn.data.volumes import volume_recipe
 from ddcnn.decomposition import Decomposition
 from ddcnn.errors import CheckpointError, ConfigError, DataNotFoundError, DDCNNError, did_you_mean
 from ddcnn.finished.predictions import Predictions, prediction_rows, read_inputs, subdomain_votes
@@ -192,7 +193,7 @@ def predict(run: SavedRun, files, strategy: str | None = None) -> tuple[Predicti
     name, fn = run.strategy(strategy)
     notes: list[str] = []
     images = read_inputs(files, run.shapes.image_size, run.shapes.in_channels, run.cfg.data.name,
-                         run.cfg.data.window, notes)
+                         volume_recipe(run.cfg.data), notes)
     scores, local = run.run_batches(fn, images)
     probs = scores_to_probabilities(scores.float(), shares=gives_votes(name))  # as an exported model gives
     rows = prediction_rows(files, name, run.classes, scores, probs)

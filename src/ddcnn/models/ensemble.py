@@ -339,8 +339,10 @@ class LocalEnsemble(nn.Module):
         return norms
 
 
-def local_loss(local_logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training loss of the local CNNs: ``(B, N, K), (B,) -> (scalar, (N,))``.
+def local_loss(local_logits: torch.Tensor, targets: torch.Tensor,
+               weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training loss of the local CNNs: ``(B, N, K), (B,) -> (scalar, (N,))``; ``weight`` ``(K,)``: class weights,
+    each local CNN's loss then the weighted mean over the batch, as ``F.cross_entropy(weight=...)`` takes it.
 
     Each local CNN is trained on its own mean cross-entropy against the image's label. The total is the SUM of the
     N losses, not their mean, so that the gradient reaching slot ``i`` is exactly the gradient of its own loss and
@@ -348,6 +350,6 @@ def local_loss(local_logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch
     """
     b, n, k = local_logits.shape
     per_sample = F.cross_entropy(local_logits.reshape(b * n, k).float(), targets.repeat_interleave(n),
-                                 reduction="none").view(b, n)
-    per_slot = per_sample.mean(0)
+                                 weight=weight, reduction="none").view(b, n)
+    per_slot = per_sample.mean(0) if weight is None else per_sample.sum(0) / weight[targets].sum()
     return per_slot.sum(), per_slot.detach()

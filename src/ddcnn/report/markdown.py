@@ -13,6 +13,7 @@ from ddcnn.decomposition import Decomposition
 from ddcnn.errors import DDCNNError
 from ddcnn.files import atomic_write_text, own_folder
 from ddcnn.report.classes import metrics_section
+from ddcnn.report.collapse import collapse_warnings
 from ddcnn.report.plots import (
     _grid_index,
     plot_accuracy_vs_cost,
@@ -36,6 +37,7 @@ from ddcnn.report.tables import (
     strategy_label,
     time_to_accuracy_table,
 )
+from ddcnn.report.volume_plots import plot_decomposition_3d, plot_subdomain_heatmap_3d
 from ddcnn.strategies import STRATEGIES
 
 # ------------------------------------------------------------------------------------------------------- report
@@ -199,6 +201,12 @@ def write_report(
 
     lines += metrics_section(results, best)
 
+    collapses = collapse_warnings(results)
+    if collapses:
+        lines += ["", *[f"**Warning:** {md_cell(line)}." for line in collapses]]
+        for line in collapses:
+            print(f"ddcnn: warning: {line}", file=sys.stderr)
+
     if any((entry or {}).get("cost") for entry in strategies.values()):
         lines += _time_to_accuracy_section(results, plots, run_dir)
 
@@ -210,16 +218,18 @@ def write_report(
 
     local = results.get("local")
     if local:
-        lines += _local_section(local, decomposition, plots, run_dir)
+        lines += _local_section(local, decomposition, plots, run_dir, sample_image, results.get("orientation"))
 
     if metrics:
         lines += ["", "## Learning curves", "",
                   _figure("learning curves", run_dir, plot_learning_curves, metrics, plots / "learning_curves.png")]
 
     if sample_image is not None and decomposition is not None and _on_grid(decomposition):
-        lines += ["", "## Decomposition", "",
-                  _figure("decomposition of a sample image", run_dir, plot_decomposition, sample_image, decomposition,
-                          plots / "decomposition.png")]
+        figure = _figure("decomposition of a sample image", run_dir, plot_decomposition, sample_image, decomposition,
+                         plots / "decomposition.png") if decomposition.dims == 2 else _figure(
+            "decomposition of a test volume on three orthogonal slices", run_dir, plot_decomposition_3d,
+            sample_image, decomposition, plots / "decomposition.png", results.get("orientation"))
+        lines += ["", "## Decomposition", "", figure]
 
     confusion = results.get("confusion_matrix")
     if confusion and confusion.get("matrix"):
@@ -286,7 +296,8 @@ def _on_grid(decomposition: Decomposition | None) -> bool:
     return decomposition is None or math.prod(decomposition.grid) == decomposition.n_subdomains
 
 
-def _local_section(local: Mapping, decomposition: Decomposition | None, plots: Path, run_dir: Path) -> list[str]:
+def _local_section(local: Mapping, decomposition: Decomposition | None, plots: Path, run_dir: Path,
+                   sample_image=None, orientation: str | None = None) -> list[str]:
     lines = ["", "## Local stage", ""]
     test = [finite_number(v) for v in (local.get("test_accuracy") or [])]
     val = [finite_number(v) for v in (local.get("val_accuracy") or [])]
@@ -343,10 +354,12 @@ def _local_section(local: Mapping, decomposition: Decomposition | None, plots: P
         if _on_grid(decomposition) and decomposition is not None and decomposition.n_subdomains == len(test) and all(
             v is not None for v in test
         ):
+            heatmap = _figure("test accuracy per subdomain", run_dir, plot_subdomain_heatmap, test, decomposition,
+                              plots / "local_accuracy.png") if decomposition.dims == 2 else _figure(
+                "test accuracy per subdomain on three orthogonal slices", run_dir, plot_subdomain_heatmap_3d, test,
+                decomposition, plots / "local_accuracy.png", sample_image, orientation)
             lines += ["", "The heat map's colour scale spans 0 to 100 %, so that a few points of spread do not look "
-                          "like structure.", "",
-                      _figure("test accuracy per subdomain", run_dir, plot_subdomain_heatmap, test,
-                              decomposition, plots / "local_accuracy.png")]
+                          "like structure.", "", heatmap]
         elif decomposition is not None and not _on_grid(decomposition):
             lines += ["", f"(No heat map: the {len(test)} sub-networks all see the whole image.)"]
         elif decomposition is not None and decomposition.n_subdomains != len(test):

@@ -33,6 +33,7 @@ import torch
 
 from ddcnn.build import Models, Shapes, meta_model, weight_shapes, with_backend
 from ddcnn.config import STAGES, Config, active, spatial_global
+from ddcnn.data.balance import class_weights
 from ddcnn.data.datasets import load_splits
 from ddcnn.data.python import PythonData
 from ddcnn.data.readers import ImageDataset
@@ -78,6 +79,11 @@ def admit(cfg: Config, run_dir: RunDir, device: torch.device, env: DistEnv, resu
         classes = list(train.classes)
     else:
         train, val, test, classes = python.train, python.val, python.test, python.classes
+    if cfg.data.balance is not None:  # a class with no training image cannot be weighted or drawn
+        class_weights(train.labels, len(classes))
+    if cfg.data.balance == "sampler" and python is not None and python.feed is not None:
+        raise ConfigError("data.balance = sampler draws each epoch from images held in memory, but this Dataset "
+                          "is read sample by sample; use data.balance: weights")
     models = Models(cfg, Shapes(train.in_channels, len(classes), train.image_size))
     if env.is_main:
         for note in models.notes:

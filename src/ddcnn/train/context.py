@@ -13,10 +13,13 @@ from torch import nn
 
 from ddcnn.build import Models
 from ddcnn.config import STAGES, Config
-from ddcnn.data.loading import Augment, Normalizer, make_batches
+from ddcnn.data.augment import make_augment
+from ddcnn.data.balance import class_weights
+from ddcnn.data.loading import Normalizer, make_batches
 from ddcnn.data.python import PythonData
 from ddcnn.data.readers import ImageDataset
 from ddcnn.data.splits import split_record
+from ddcnn.data.volumes import volume_recipe
 from ddcnn.finished.predictions import accuracy
 from ddcnn.metrics import metric_value
 from ddcnn.models import LocalEnsemble, forward_flops
@@ -100,8 +103,7 @@ class Context:
         the device, so a process never holds the other subdomains' pixels there; with ``slab`` (rows of dim 2,
         spatial parallelism) to those rows. (A random crop or flip moves pixels across subdomains: with
         augmentation the batches keep whole images.)"""
-        a = self.cfg.data.augment
-        augment = Augment(a.crop_padding, a.hflip)
+        augment = make_augment(self.cfg.data.augment)
         batch_size = self.cfg.stages.get(stage).batch_size
         # BatchNorm cannot train on one image (one value per channel): a last batch that would leave some part
         # with fewer than two images is left out.
@@ -123,6 +125,7 @@ class Context:
             augment=augment, normalizer=self.normalizer,
             seed=self.cfg.seed, workers=self.cfg.data.workers,
             limit_bytes=int(self.cfg.data.device_resident_limit_gb * 2**30),
+            balanced=self.cfg.data.balance == "sampler",
         )
 
     def predict(self, fn, images: torch.Tensor):
@@ -169,13 +172,20 @@ class Context:
 
     def classifier_loss(self, stage: str, forward):
         """Cross-entropy (with the stage's label smoothing) of ``forward(x)``, and the number it got right."""
-        smoothing = self.cfg.stages.get(stage).label_smoothing
+        smoothing, weight = self.cfg.stages.get(stage).label_smoothing, self.class_weights()
 
         def loss_fn(x, y):
             out = forward(x)
-            return F.cross_entropy(out.float(), y, label_smoothing=smoothing), (out.argmax(-1) == y).sum()
+            loss = F.cross_entropy(out.float(), y, weight=weight, label_smoothing=smoothing)
+            return loss, (out.argmax(-1) == y).sum()
 
         return loss_fn
+
+    def class_weights(self) -> torch.Tensor | None:
+        """``(K,)`` on the device with ``data.balance: weights`` (data/balance.py), else None."""
+        if self.cfg.data.balance != "weights":
+            return None
+        return class_weights(self.train.labels, len(self.classes)).to(self.runtime.device)
 
     def parallelism(self, stage: str) -> Parallelism:
         """How ``stage`` uses the processes (:func:`ddcnn.train.parallel.choose.choose`)."""
@@ -203,6 +213,7 @@ def build_context(cfg: Config, run_dir: RunDir, runtime: Runtime, env: DistEnv, 
         run_dir.write_json("data.json", {
             "classes": classes, "in_channels": shapes.in_channels, "image_size": list(shapes.image_size),
             "normalizer": normalizer.state_dict(), "train": len(train), "val": len(val), "test": len(test),
+            **({"volumes": recipe.to_json()} if (recipe := volume_recipe(cfg.data)) is not None else {}),
             **({"python": python.facts} if python is not None else {}),
         })
         run_dir.write_json("splits.json", split_record(cfg.data.name, train, val, test, admitted.given))

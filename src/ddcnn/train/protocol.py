@@ -181,6 +181,9 @@ def _strategy_records(ctx: Context, done: dict[str, StageResult], scores: dict, 
                             "train_seconds": cost["seconds"],  # every stage it depends on (train/time_to_target.py)
                             "parameters": costs[name][0], "flops_per_image": costs[name][1], "cost": cost,
                             "time_to_target": time_to_target(curves[name], target),
+                            # how often it gives each class on the test set: the report warns of a collapse
+                            "test_predicted": torch.bincount(scores["test"][name].argmax(-1),
+                                                             minlength=len(ctx.classes)).tolist(),
                             **strategy_metrics(name, {s: scores[s][name] for s in scores}, splits, ctx.classes)}
     return strategies, curves, {"val_accuracy": target, "source": target_source}
 
@@ -199,6 +202,8 @@ def _run_facts(ctx: Context, command: str) -> dict:
         "torch_version": torch.__version__, "ddcnn_version": ddcnn.__version__, "python": platform.python_version(),
         "command": command, "seed": ctx.cfg.seed, "processes": ctx.env.world,
         "data_sizes": {"train": len(ctx.train), "val": len(ctx.val), "test": len(ctx.test)}, **width,
+        # the frame of volume-folder volumes (data/volumes.py), for the orientation labels of the 3D figures
+        "orientation": ctx.cfg.data.orientation.upper() if ctx.cfg.data.name == "volume-folder" else None,
     }
 
 

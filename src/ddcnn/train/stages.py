@@ -69,9 +69,11 @@ def train_local(ctx: Context, done: Done) -> StageResult:
     def split(x):  # the subimages of this rank's local CNNs, from whole images or the shard's region
         return ctx.decomposition.split(x, shard)
 
+    weight = ctx.class_weights()
+
     def loss_fn(x, y):
         logits = run(split(x))
-        loss, _ = local_loss(logits, y)
+        loss, _ = local_loss(logits, y, weight)
         return loss, (logits.argmax(-1) == y[:, None]).sum(0)  # correct per local CNN, (N,)
 
     def evaluate():
@@ -174,7 +176,8 @@ def _train_dnn(ctx: Context, dnn, features: torch.Tensor, val_features: torch.Te
         with torch.no_grad():
             return ctx.val_scores(dnn(val_features).float().cpu())
 
-    batches = TensorBatches(features, ctx.train.labels.to(device), ctx.cfg.stages.combine.batch_size, ctx.cfg.seed)
+    batches = TensorBatches(features, ctx.train.labels.to(device), ctx.cfg.stages.combine.batch_size, ctx.cfg.seed,
+                            len(ctx.classes) if ctx.cfg.data.balance == "sampler" else 0)
     spec = ctx.spec("combine", dnn, extra_state={"feature_seconds": feature_seconds, "feature_flops": feature_flops})
     result = fit(spec, dnn, ctx.classifier_loss("combine", dnn), batches, evaluate)
     return _combine_result(dnn, result, feature_seconds, feature_flops)

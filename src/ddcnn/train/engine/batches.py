@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ddcnn.data.balance import balanced_order
 from ddcnn.seeds import derive_seed
 
 
@@ -13,8 +14,11 @@ class TensorBatches:
     ``x``: ``(M, ...)`` on the device, ``y``: ``(M,)``; the last batch may be smaller.
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, balanced: int = 0):
+        """``balanced``: the number of classes when each epoch is drawn class-balanced (``data.balance:
+        sampler``), else 0."""
         self.x, self.y, self.batch_size, self.seed, self.epoch = x, y, batch_size, seed, 0
+        self.balanced = balanced
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -24,7 +28,8 @@ class TensorBatches:
 
     def __iter__(self):
         g = torch.Generator().manual_seed(derive_seed(self.seed, "batches", self.epoch))
-        order = torch.randperm(len(self.y), generator=g).to(self.x.device)
+        order = balanced_order(self.y, self.balanced, g) if self.balanced else torch.randperm(len(self.y), generator=g)
+        order = order.to(self.x.device)
         for i in range(len(self)):
             index = order[i * self.batch_size:(i + 1) * self.batch_size]
             yield self.x[index], self.y[index]

@@ -38,7 +38,7 @@ _COST = {"seconds": SECONDS, "critical_path_seconds": SECONDS, "train_flops": CO
 _STRATEGY = {"test_accuracy": FRACTION, "val_accuracy?": Opt(FRACTION), "train_seconds?": Opt(SECONDS),
              "parameters?": Opt(COUNT), "flops_per_image?": Opt(SECONDS),
              "cost?": {**_COST, "epochs": MapOf(COUNT)},
-             "time_to_target?": Opt({**_COST, "stage": str, "epoch": POSITIVE})}
+             "time_to_target?": Opt({**_COST, "stage": str, "epoch": POSITIVE}), "test_predicted?": [COUNT]}
 RESULTS = {
     "strategies": MapOf(_STRATEGY), "best_strategy": str,
     "dataset?": str, "name?": str, "image_size?": SIZE, "grid?": [POSITIVE], "overlap?": [COUNT],
