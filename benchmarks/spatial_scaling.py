@@ -55,10 +55,10 @@ def worker(case: str, setting: str, steps: int) -> dict:
     from ddcnn import DNN, Decomposition, GlobalCNN, LocalEnsemble, local_loss, local_width
     from ddcnn.shards import shard_range
     from ddcnn.train.dist import env_from_environment, init
+    from ddcnn.train.parallel.base import FLOAT, ring
     from ddcnn.train.parallel.halo import CommMeter
     from ddcnn.train.parallel.model import ShardedCNNDNN
     from ddcnn.train.parallel.spatial import SpatialCNN
-    from ddcnn.train.traffic import FLOAT, ring
 
     c = CASES[case]
     env = env_from_environment()

@@ -7,7 +7,7 @@ older checkout's to compare):
   ``"single"``, ``"data"``, ``"model"``, ``"spatial"``, and ``isinstance`` tests of a parallel wrapper class; one
   per source line;
 * **spatial modules**: the modules outside ``config.py`` that know spatial parallelism (the name ``"spatial"`` as a
-  value, an import of a ``spatial`` module, or a name of its API);
+  value, but not as a decomposition's ``kind``; an import of a ``spatial`` module, or a name of its API);
 * **modules loaded by** ``import ddcnn.export``, and those of them under ``ddcnn.train.engine`` (the training loop,
   or ``ddcnn.train.loop`` in the flat layout);
 * **the longest functions** under ``ddcnn/train/``;
@@ -35,7 +35,9 @@ from pathlib import Path
 MODES = {"single", "data", "model", "spatial"}
 DECIDERS = {"parallelism", "parallel_mode", "choose"}
 WRAPPERS = {"ShardedCNNDNN", "ShardedLocalCNNs", "SpatialCNN", "DistributedDataParallel"}
-SPATIAL_NAMES = {"SpatialCNN", "slab_rows", "spatial_step_bytes", "spatial_backbone_error", "Spatial"}
+# The spatial API's names, of this checkout and of older ones (spatial_global: whether the global stage is spatial).
+SPATIAL_NAMES = {"SpatialCNN", "SpatialParallel", "slab_rows", "spatial_step_bytes", "spatial_backbone_error",
+                 "spatial_global", "Spatial", "HaloConv", "WholeImageBatchNorm", "WholeImageMean", "SPLITS_LAYERS"}
 
 
 def _modules(src: Path) -> dict[str, Path]:
@@ -86,13 +88,49 @@ def parallelism_deciders(src: Path) -> list[str]:
     return sorted(sites)
 
 
+def _kinds(tree: ast.AST) -> set[int]:
+    """The ids of the constants that stand for a decomposition's ``kind`` (``"spatial"`` or ``"width"``), not a
+    parallelism: defaults and values of a parameter, keyword, variable or field named ``kind``/``kinds``, and
+    comparisons with one."""
+    found: set[int] = set()
+
+    def mark(node: ast.AST | None) -> None:
+        if node is not None:
+            found.update(id(n) for n in ast.walk(node) if isinstance(n, ast.Constant))
+
+    def kind(node: ast.AST | None) -> bool:
+        name = node.arg if isinstance(node, ast.arg | ast.keyword) else _name(node) if node is not None else None
+        return name is not None and name.rstrip("s").endswith("kind")
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.arguments):
+            positional = node.posonlyargs + node.args
+            for arg, default in zip(positional[len(positional) - len(node.defaults):], node.defaults):
+                if kind(arg):
+                    mark(default)
+            for arg, default in zip(node.kwonlyargs, node.kw_defaults):
+                if kind(arg):
+                    mark(default)
+        elif isinstance(node, ast.keyword) and kind(node):
+            mark(node.value)
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(kind(t) for t in targets):
+                mark(node.value)
+        elif isinstance(node, ast.Compare) and any(kind(v) for v in [node.left, *node.comparators]):
+            mark(node)
+    return found
+
+
 def spatial_modules(src: Path) -> list[str]:
     found = []
     for module, path in _modules(src).items():
         if module == "ddcnn.config":
             continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            if (isinstance(node, ast.Constant) and node.value == "spatial") or \
+        tree = ast.parse(path.read_text())
+        kinds = _kinds(tree)
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Constant) and node.value == "spatial" and id(node) not in kinds) or \
                     (isinstance(node, ast.ImportFrom) and (node.module or "").endswith("spatial")) or \
                     (isinstance(node, ast.alias) and node.name in SPATIAL_NAMES) or \
                     _name(node) in SPATIAL_NAMES:

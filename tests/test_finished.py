@@ -4,6 +4,7 @@ names is imported only with trust_code=True; no training code is loaded."""
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -67,3 +68,34 @@ def test_the_finished_run_library_loads_no_training_code(module):
     groups = ("engine", "parallel", "admit", "budget", "context", "stages", "protocol", "scoring", "evaluate", "saved")
     training = {m for m in loaded if m.split(".")[2:3] and m.split(".")[2] in groups}
     assert training == set()
+
+
+def test_one_process_sizes_the_runs_models_before_it_loads_them(finished_run, tmp_path, monkeypatch, capsys):
+    """load_run, ``ddcnn predict`` and ``ddcnn export`` hold every model of the run in one process: models that do
+    not fit into the memory free on the device are refused with the figure and the fix before any checkpoint is
+    read, and nothing is written."""
+    import os
+
+    import ddcnn.sizing
+    from ddcnn.cli import main
+    from ddcnn.train.store.checkpoint import CheckpointDir
+
+    out, _ = finished_run
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    loaded = []
+    real_load = CheckpointDir.load
+    monkeypatch.setattr(CheckpointDir, "load", lambda self, stage: loaded.append(stage) or real_load(self, stage))
+    monkeypatch.setattr(ddcnn.sizing, "free_memory", lambda device: 1000)
+    with pytest.raises(ConfigError, match=r"the 'global' stage needs about .* but only .* are free; lower"):
+        ddcnn.load_run(out, device="cpu")
+    image = tmp_path / "image.npy"
+    np.save(image, np.zeros((1, 16, 16), dtype=np.float32))
+    for args in (["predict", str(out), str(image)], ["export", str(out), "--out", str(tmp_path / "e.pt2")]):
+        capsys.readouterr()
+        assert main(args) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and "needs about" in err[0] and "but only" in err[0], err
+    assert loaded == [] and not os.path.exists(tmp_path / "e.pt2")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    monkeypatch.setattr(ddcnn.sizing, "free_memory", lambda device: 2**40)
+    assert set(ddcnn.load_run(out, device="cpu").stages) == set(loaded)  # the same run fits: every stage loads

@@ -1,5 +1,6 @@
-"""What the machine cannot give: absurd sizes (ddcnn.train.budget), paths the OS refuses (ddcnn.paths), a full disk,
-and inputs no model can take (empty or complex arrays). Each is one `ddcnn: error:` line with exit status 2."""
+"""What the machine cannot give: absurd sizes (ddcnn.sizing, ddcnn.train.budget), paths the OS refuses
+(ddcnn.paths), a full disk, and inputs no model can take (empty or complex arrays). Each is one `ddcnn: error:`
+line with exit status 2."""
 
 from __future__ import annotations
 
@@ -20,14 +21,8 @@ from ddcnn.cli import main
 from ddcnn.config import from_dict
 from ddcnn.errors import ConfigError, DataError
 from ddcnn.paths import user_path
-from ddcnn.train.budget import (
-    _activation_bound,
-    _activation_bytes,
-    check_budget,
-    count_exactly,
-    held_per_process,
-    stage_sizes,
-)
+from ddcnn.sizing import _activation_bound, _activation_bytes, _meta_input, count_exactly, stage_sizes
+from ddcnn.train.budget import check_budget, held_per_process
 
 PREFIX = "ddcnn: error: "
 
@@ -56,8 +51,6 @@ def test_the_cheap_bound_is_never_below_the_counted_activations(width, depth, ba
                                       f"stages.*.batch_size={batch}"])
     models = Models(cfg, Shapes(1, 3, (16, 16) if dims == 2 else (8, 8, 8)))
     for size in stage_sizes(cfg, models):
-        from ddcnn.train.budget import _meta_input
-
         shape = _meta_input(models, size.stage, batch)[0]
         exact = _activation_bytes(meta_model(models, size.stage), torch.empty(shape, device="meta"))
         assert 0 < exact <= size.activation_bytes

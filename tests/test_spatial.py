@@ -144,13 +144,13 @@ def test_every_process_holds_identical_weights(ranks):
 
 def test_the_bytes_sent_per_step_are_the_formula_of_ddcnn_show(ranks):
     """What the exchange code counted in each training step, on the busiest process, is
-    :func:`spatial_step_bytes` of the model and the batch."""
-    from ddcnn.train.traffic import spatial_step_bytes
+    :func:`ddcnn.train.parallel.spatial.step_bytes` of the model (what `ddcnn show` prints) and the batch."""
+    from ddcnn.train.parallel.spatial import step_bytes
 
     for backbone, dims in CASES:
         counted = torch.stack([r[f"{backbone}{dims}"][2] for r in ranks]).max(0).values
         steps = torch.diff(counted, prepend=torch.zeros(1, dtype=counted.dtype))
-        expected = spatial_step_bytes(_model(backbone, dims), tuple(_data(dims)[0].shape), len(ranks))
+        expected = step_bytes(_model(backbone, dims), tuple(_data(dims)[0].shape), len(ranks))
         assert steps.tolist() == [expected] * STEPS, (backbone, dims)
 
 

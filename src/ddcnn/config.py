@@ -368,10 +368,15 @@ def active(cfg: Config, stage: str) -> bool:
     return cfg.stages.get(stage).enabled
 
 
-def spatial_global(cfg: Config) -> bool:
-    """Whether the global stage trains spatial-parallel under torchrun (its backbone must then be a built-in one,
-    :func:`ddcnn.models.settings.check_model_settings`)."""
-    return cfg.stages.global_.enabled and parallelism(cfg, "global") == "spatial"
+# What a way that splits the built-in backbones' layers says when it is given another backbone, and its fix.
+SPLITS_LAYERS = ("stages.global.parallel = spatial splits", "use stages.global.parallel: data")
+
+
+def builtin_backbone_only(cfg: Config) -> tuple[str, str] | None:
+    """``(the setting that splits the layers, its fix)`` when ``cfg`` trains a stage that only the built-in
+    backbones can (the global stage spatial-parallel under torchrun), else None
+    (:func:`ddcnn.models.settings.check_model_settings`)."""
+    return SPLITS_LAYERS if cfg.stages.global_.enabled and parallelism(cfg, "global") == "spatial" else None
 
 
 def validate(cfg: Config) -> Config:

@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from ddcnn.build import Models, Shapes
-from ddcnn.config import Config, active, spatial_global
+from ddcnn.config import Config, active, builtin_backbone_only
 from ddcnn.data.datasets import load_datasets
 from ddcnn.data.loading import to_float
 from ddcnn.errors import ConfigError
 from ddcnn.models import count_parameters, forward_flops
 from ddcnn.models.settings import check_model_settings
 from ddcnn.models.width import WholeImages
-from ddcnn.train.budget import check_parameters
+from ddcnn.sizing import check_parameters
 from ddcnn.train.traffic import scaling_lines
 
 
@@ -20,7 +20,7 @@ def describe(cfg: Config, png: Path | None = None, trusted: bool = True, source:
     """Decomposition, subimage size, parameters and FLOPs of the global CNN, one local CNN, all local CNNs and
     the CNN-DNN; draws the grid over a sample image into ``png`` when it is given. ``trusted``, ``source``: as for
     a run (:func:`ddcnn.models.settings.check_model_settings`)."""
-    check_model_settings(cfg.model, cfg.combiner, trusted, source, spatial=spatial_global(cfg))
+    check_model_settings(cfg.model, cfg.combiner, trusted, source, builtin_only=builtin_backbone_only(cfg))
     train, _ = load_datasets(cfg.data)
     shapes = Shapes(train.in_channels, train.num_classes, train.image_size)
     models = Models(cfg, shapes)

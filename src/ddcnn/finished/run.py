@@ -26,6 +26,7 @@ from ddcnn.models.combiners import Combiner
 from ddcnn.models.deployed import Deployed, Standardise, scores_to_probabilities, with_layout
 from ddcnn.models.family import is_import_path
 from ddcnn.models.settings import check_model_settings
+from ddcnn.sizing import check_memory, stage_sizes
 from ddcnn.strategies import STRATEGIES, gives_votes, predictors
 from ddcnn.train.runtime import Runtime, make_runtime
 from ddcnn.train.store.rundir import RunDir
@@ -106,7 +107,10 @@ class SavedRun:
         return make_runtime(self.cfg)
 
     def _admit(self, done: list[str]) -> None:
-        """The checks before the finished stages ``done`` are loaded (one process: none)."""
+        """The checks before the finished stages ``done`` are loaded: one process holds every model, for
+        evaluation, in the memory free on the device."""
+        check_memory(self.cfg, self.models, self.runtime.device, stage_sizes(self.cfg, self.models, done),
+                     training=False)
 
     def _load(self, stage: str, weights: dict) -> nn.Module:
         """``stage``'s whole model with ``weights`` (checked; the local CNNs stacked, whatever the backend)."""

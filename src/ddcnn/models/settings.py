@@ -34,17 +34,20 @@ def untrusted_backbone(backbone: str, source: str) -> ConfigError:
                        f"imported. Pass --trust-code (trust_code=True in Python) if you trust whoever wrote {source}")
 
 
-def spatial_backbone_error(backbone: str) -> ConfigError:
-    return ConfigError(f"stages.global.parallel = spatial splits the layers of the built-in backbones (vgg, resnet) "
-                       f"only, not {backbone!r}; use stages.global.parallel: data")
+def builtin_only_error(backbone: str, splits: tuple[str, str]) -> ConfigError:
+    """The refusal of ``backbone`` by a setting that splits the built-in backbones' layers: ``splits`` is
+    ``(the setting, its fix)``."""
+    return ConfigError(f"{splits[0]} the layers of the built-in backbones (vgg, resnet) only, not {backbone!r}; "
+                       f"{splits[1]}")
 
 
 def check_model_settings(model: Any, combiner: Any, trusted: bool = True, source: str = "the config",
-                         spatial: bool = False) -> None:
+                         builtin_only: tuple[str, str] | None = None) -> None:
     """Check ``model`` (a :class:`~ddcnn.config.ModelConfig`) and ``combiner`` (a ``CombinerConfig``) against the
     models' names; an import path as backbone is imported (and so checked) only when ``trusted``, else refused
-    with :func:`untrusted_backbone` before anything is imported. ``spatial``: the global CNN is split over slabs
-    of the images, which only the built-in families can be."""
+    with :func:`untrusted_backbone` before anything is imported. ``builtin_only``: ``(a setting, its fix)`` that
+    splits the layers of the backbone, which only the built-in families can be
+    (:func:`ddcnn.config.builtin_backbone_only`)."""
     choice("model.backend", model.backend, BACKENDS)
     choice("combiner.activation", combiner.activation, tuple(ACTIVATIONS))
     if model.backbone in BACKBONES:
@@ -54,8 +57,8 @@ def check_model_settings(model: Any, combiner: Any, trusted: bool = True, source
         return
     if not is_import_path(model.backbone):
         choice("model.backbone", model.backbone, BACKBONES + ("an import path such as torchvision.models.resnet18",))
-    if spatial:
-        raise spatial_backbone_error(model.backbone)
+    if builtin_only:
+        raise builtin_only_error(model.backbone, builtin_only)
     if not trusted:
         raise untrusted_backbone(model.backbone, source)
     import_backbone(model.backbone, "model.backbone")

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from ddcnn.config import anchor_paths, apply_overrides, from_dict, spatial_global
+from ddcnn.config import anchor_paths, apply_overrides, builtin_backbone_only, from_dict
 from ddcnn.errors import ConfigError, did_you_mean
 from ddcnn.files import load_yaml
 from ddcnn.models.settings import check_model_settings
@@ -229,6 +229,6 @@ def _check(base: dict, overrides: list[str], where: str, trusted: bool, source: 
     """A valid config, with the models' names (an imported backbone is imported, and so checked, when trusted)."""
     try:
         cfg = from_dict(base, overrides)
-        check_model_settings(cfg.model, cfg.combiner, trusted, source, spatial=spatial_global(cfg))
+        check_model_settings(cfg.model, cfg.combiner, trusted, source, builtin_only=builtin_backbone_only(cfg))
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from ddcnn.build import Models, Shapes, meta_model, weight_shapes, with_backend
-from ddcnn.config import STAGES, Config, active, spatial_global
+from ddcnn.config import STAGES, Config, active, builtin_backbone_only
 from ddcnn.data.balance import class_weights
 from ddcnn.data.datasets import load_splits
 from ddcnn.data.python import PythonData
@@ -72,7 +72,7 @@ def admit(cfg: Config, run_dir: RunDir, device: torch.device, env: DistEnv, resu
     cfg = with_backend(cfg)  # config.yaml records the backend that runs (and a resumed run is checked against it)
     if env.is_main:
         admit_run_dir_early(run_dir, cfg, resume, force)  # the refusals that need no import, before any import
-    check_model_settings(cfg.model, cfg.combiner, trusted, source, spatial=spatial_global(cfg))
+    check_model_settings(cfg.model, cfg.combiner, trusted, source, builtin_only=builtin_backbone_only(cfg))
     given = False
     if python is None:
         train, val, test, given = load_splits(cfg.data)

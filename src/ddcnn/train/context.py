@@ -72,6 +72,7 @@ class Context:
     models: Models
     log: Callable[[dict], None]
     verbose: bool
+    ways: dict[str, Parallelism]  # how each stage uses the processes, chosen once (parallel.choose.choose)
     python: PythonData | None = None  # the datasets given from Python (ddcnn.fit), else None: read by the config
 
     @property
@@ -188,12 +189,13 @@ class Context:
         return class_weights(self.train.labels, len(self.classes)).to(self.runtime.device)
 
     def parallelism(self, stage: str) -> Parallelism:
-        """How ``stage`` uses the processes (:func:`ddcnn.train.parallel.choose.choose`)."""
-        return choose(self.cfg, stage, self.env, self.models.shapes.image_size, self.n_local)
+        """How ``stage`` uses the processes (:func:`ddcnn.train.parallel.choose.choose`, chosen when the context
+        was built)."""
+        return self.ways[stage]
 
     def local_shards(self) -> LocalShards:
         """The local stage's way: this process's shard of the local CNNs, for the stages that use them."""
-        return cast(LocalShards, self.parallelism("local"))
+        return cast(LocalShards, self.ways["local"])
 
 
 def build_context(cfg: Config, run_dir: RunDir, runtime: Runtime, env: DistEnv, resume: bool, force: bool,
@@ -219,8 +221,9 @@ def build_context(cfg: Config, run_dir: RunDir, runtime: Runtime, env: DistEnv, 
         run_dir.write_json("splits.json", split_record(cfg.data.name, train, val, test, admitted.given))
     env.barrier()  # the other ranks read the run directory that rank 0 prepared
     log = MetricsLog(run_dir, verbose, print_line) if env.is_main else _no_log
+    ways = {stage: choose(cfg, stage, env, shapes.image_size, models.n_local) for stage in STAGES}
     ctx = Context(cfg, env, runtime, run_dir, train, val, test, classes, normalizer, models, log,
-                  verbose and env.is_main, python)
+                  verbose and env.is_main, ways, python)
     for line in header(ctx):
         ctx.echo(line)
     return ctx

@@ -22,6 +22,13 @@ from ddcnn.train.dist import DistEnv
 from ddcnn.train.engine.loop import ModelState, Sync
 from ddcnn.train.parallel.savers import CNNDNNState
 
+FLOAT = 4  # bytes of a float32: what ``ddcnn show`` assumes every exchanged number is
+
+
+def ring(world: int) -> float:
+    """Bytes each process sends in a ring all-reduce of one byte among ``world`` processes."""
+    return 2 * (world - 1) / world
+
 
 class Parallelism:
     """One process trains the whole model on whole batches: the base of every way, and the way of a run without
@@ -78,8 +85,14 @@ class Parallelism:
         process's subdomains (``shard``) or rows (``slab``)."""
         return {"parts": self.parts()}
 
+    def step_bytes(self, cfg, models, stage: str) -> int | None:
+        """Bytes the busiest process sends in one training step of ``stage`` (float32; a ring all-reduce of ``n``
+        bytes sends :func:`ring` ``x n``), from the config (:class:`ddcnn.config.Config`) and its
+        :class:`ddcnn.build.Models` alone; None where this way cannot use its processes. One process: none."""
+        return 0
+
     def held(self, size, dnn_parameters: Callable[[], int]):
-        """The part of a stage's size (a :class:`ddcnn.train.budget.StageSize`: parameters, activation and input
+        """The part of a stage's size (a :class:`ddcnn.sizing.StageSize`: parameters, activation and input
         bytes) that one process holds; ``dnn_parameters()``: the DNN's parameters (whole on every process)."""
         return size
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ddcnn.train.parallel.base import Parallelism, batch_part
+from ddcnn.build import meta_model
+from ddcnn.train.parallel.base import FLOAT, Parallelism, batch_part, ring
 from ddcnn.train.parallel.sync import DataParallelSync
 
 
@@ -30,6 +31,10 @@ class DataParallel(Parallelism):
 
     def parts(self) -> int:
         return self.env.world
+
+    def step_bytes(self, cfg, models, stage: str) -> int:
+        """The all-reduce of every gradient: ``2 (P-1)/P x 4 x parameters``."""
+        return round(ring(self.env.world) * FLOAT * sum(p.numel() for p in meta_model(models, stage).parameters()))
 
     def held(self, size, dnn_parameters):
         """The whole model, and this process's part of the batch."""

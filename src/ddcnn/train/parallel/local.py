@@ -35,6 +35,10 @@ class LocalShards(Parallelism):
     def batch_options(self, wrapped: nn.Module) -> dict:
         return {"shard": self.shard()}
 
+    def step_bytes(self, cfg, models, stage: str) -> int | None:
+        """Nothing between the epochs' ends (None: more processes than local CNNs)."""
+        return 0 if self.env.world <= self.n_local else None
+
     def held(self, size, dnn_parameters):
         """The largest shard of the local CNNs with their activations, and the whole batch."""
         return local_share(size, self.env.world, self.n_local, lambda: 0)

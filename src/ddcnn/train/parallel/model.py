@@ -25,7 +25,7 @@ from ddcnn.models import LocalEnsemble
 from ddcnn.models.combiners import Combiner
 from ddcnn.shards import shard_range
 from ddcnn.train.dist import DistEnv
-from ddcnn.train.parallel.base import Parallelism, local_share
+from ddcnn.train.parallel.base import FLOAT, Parallelism, local_share
 from ddcnn.train.parallel.savers import CNNDNNState
 from ddcnn.train.parallel.sync import ReplicatedSync
 
@@ -121,6 +121,7 @@ class ModelParallel(Parallelism):
     whole CNN-DNN; the checkpoint is the whole CNN-DNN gathered from the shards."""
 
     name = "model"
+
     @property
     def processes(self) -> int:
         return self.env.world
@@ -137,6 +138,14 @@ class ModelParallel(Parallelism):
 
     def batch_options(self, wrapped: nn.Module) -> dict:
         return {"shard": cast(ShardedCNNDNN, wrapped).shard}
+
+    def step_bytes(self, cfg, models, stage: str) -> int | None:
+        """The gather of the local logits, forward only: ``(P-1) x 4 B ceil(N/P) K`` (None: more processes than
+        local CNNs)."""
+        world, n = self.env.world, self.n_local
+        if world > n:
+            return None
+        return (world - 1) * FLOAT * cfg.stages.get(stage).batch_size * -(-n // world) * models.shapes.num_classes
 
     def held(self, size, dnn_parameters):
         """The largest shard of the local CNNs with their activations, the whole DNN and the whole batch."""

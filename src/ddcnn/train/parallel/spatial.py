@@ -2,40 +2,49 @@
 image and every process trains the same, whole network; together they compute what one process computes.
 
 The images are split along tensor dim 2 (H of 2D images, D of volumes) into ``P`` equal slabs, rank ``r`` holding
-rows ``[r L, (r + 1) L)``. :class:`SpatialCNN` runs the layers of a built-in VGG or ResNet global CNN on a slab:
+rows ``[r L, (r + 1) L)``. :class:`SpatialCNN` runs a built-in VGG or ResNet global CNN on a slab through its own
+forward (the backbone knows nothing of the processes): :func:`on_slabs` gives a view of the CNN's module tree in
+which the layers that look across rows are swapped for slab-aware ones sharing their parameters and buffers:
 
-* a convolution with kernel ``k``, stride ``s`` and padding ``p`` first takes ``p`` rows from the rank above and
-  ``k - s - p`` from the rank below (:func:`ddcnn.train.parallel.halo.halo`), then convolves without padding along the
-  split axis (the halo at the true image border is the zero padding); the other axes keep their padding;
+* a convolution (:class:`HaloConv`) with kernel ``k``, stride ``s`` and padding ``p`` first takes ``p`` rows from
+  the rank above and ``k - s - p`` from the rank below (:func:`ddcnn.train.parallel.halo.halo`), then convolves
+  without padding along the split axis (the halo at the true image border is the zero padding); the other axes
+  keep their padding;
 * strides and max pooling keep the slabs aligned when ``L`` is a multiple of the network's downsampling
   (:func:`slab_rows` refuses other sizes);
-* BatchNorm normalises with the mean and variance over the whole batch and image (two all-reduces; the variance
-  from the centred values, as one process computes it); ``torch.nn.SyncBatchNorm`` refuses CPU tensors;
-* the head sums its slab's features, all-reduces the sums (every process then holds the same pooled features,
-  logits and loss) and applies the classifier;
+* BatchNorm (:class:`WholeImageBatchNorm`) normalises with the mean and variance over the whole batch and image
+  (two all-reduces; the variance from the centred values, as one process computes it); ``torch.nn.SyncBatchNorm``
+  refuses CPU tensors;
+* the head's global average pooling (:class:`WholeImageMean`) sums its slab's features and all-reduces the sums
+  (every process then holds the same pooled features, logits and loss); the classifier runs as it is;
 * the gradients of the parameters used on every slab (convolutions, BatchNorm) are summed over the processes in
   the backward pass; the classifier's is already whole on every process.
 
-The parameters are replicated: the checkpoint is the plain global CNN's, the same for any ``P`` and for data
-parallelism. :class:`SpatialParallel` is the global stage's way that uses it.
+Every other layer runs as it is (ReLU, max pooling, the classifier, the blocks' own forward); a layer of another
+kind is refused when the view is built. The CNN itself is never changed: its parameter and FLOP counts, and its
+checkpoint, are the plain CNN's, the same for any ``P`` and for data parallelism. :class:`SpatialParallel` is the
+global stage's way that uses it.
 """
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddcnn.build import meta_model
+from ddcnn.config import SPLITS_LAYERS
 from ddcnn.errors import ConfigError
-from ddcnn.models.backbones import DEFAULT_DEPTH, Backbone, BasicBlock, Head
-from ddcnn.models.settings import spatial_backbone_error
+from ddcnn.models.backbones import BACKBONES, DEFAULT_DEPTH, Backbone
+from ddcnn.models.settings import builtin_only_error
 from ddcnn.train.dist import DistEnv
 from ddcnn.train.engine.loop import ModelState
-from ddcnn.train.parallel.base import Parallelism, batch_part
+from ddcnn.train.parallel.base import FLOAT, Parallelism, batch_part, ring
 from ddcnn.train.parallel.halo import CommMeter, halo, replicated_sum, slab_sum, sum_gradients
 from ddcnn.train.parallel.sync import ReplicatedSync
 
@@ -67,53 +76,16 @@ def slab_rows(image_size: Sequence[int], world: int, depth: Sequence[int], backb
     return [range(r * step, (r + 1) * step) for r in range(world)]
 
 
-class SpatialCNN(nn.Module):
-    """This process's part of a built-in global CNN: ``(B, C, *image_size)`` whole images, or this process's slab
-    ``(B, C, L, ...)`` of them, -> ``(B, K)`` logits, the same on every process. All processes call it together.
+class HaloConv(nn.Module):
+    """``conv`` on this process's slab: ``(B, C, L, ...) -> (B, C', L / s, ...)``, the rows of the convolution of
+    the whole image that the slab's rows give; ``conv``'s weight gets the gradient summed over the processes."""
 
-    ``cnn`` is a :class:`~ddcnn.models.GlobalCNN` of a built-in family (its parameters are this module's);
-    ``meter`` counts the bytes sent.
-    """
-
-    spans_processes = True  # scored by all processes together
-
-    def __init__(self, cnn: nn.Module, env: DistEnv, image_size: Sequence[int], meter: CommMeter | None = None):
+    def __init__(self, conv: nn.Conv2d | nn.Conv3d, rank: int, world: int, meter: CommMeter | None):
         super().__init__()
-        net = getattr(cnn, "net", None)
-        if not isinstance(net, Backbone) or net.groups != 1:
-            raise spatial_backbone_error(getattr(cnn, "backbone", type(cnn).__name__))
-        self.cnn = cnn
-        self.rank, self.world, self.meter = env.rank, env.world, meter
-        self.image_length = image_size[0]
-        self.slabs = slab_rows(image_size, env.world, net.depth, net.name)
-        self.rows = self.slabs[env.rank]
+        self.conv, self.rank, self.world, self.meter = conv, rank, world, meter
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.shape[2] == self.image_length and len(self.rows) != self.image_length:
-            images = images.narrow(2, self.rows.start, len(self.rows))
-        return self._run(cast(nn.Module, self.cnn.net), images)
-
-    def _run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(module, Head):
-            return self._head(module, x)
-        if isinstance(module, BasicBlock):
-            return F.relu(self._run(module.body, x) + self._run(module.shortcut, x))
-        if isinstance(module, nn.Sequential):  # the backbone, its stages, ConvBNReLU
-            for child in module:
-                x = self._run(child, x)
-            return x
-        if isinstance(module, nn.Conv2d | nn.Conv3d):
-            return self._conv(module, x)
-        if isinstance(module, nn.BatchNorm2d | nn.BatchNorm3d):
-            return self._batch_norm(module, x)
-        if isinstance(module, nn.ReLU):
-            return F.relu(x)
-        if isinstance(module, nn.MaxPool2d | nn.MaxPool3d | nn.Identity):  # pooling windows never cross slabs
-            return module(x)
-        raise ConfigError(f"stages.global.parallel = spatial cannot split a {type(module).__name__} layer; use "
-                          f"stages.global.parallel: data")
-
-    def _conv(self, conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.conv
         # The built-ins pad with numbers, never "same" (a string): slab_rows relies on it.
         k, s, p = conv.kernel_size[0], conv.stride[0], int(conv.padding[0])
         length = x.shape[2]
@@ -125,9 +97,19 @@ class SpatialCNN(nn.Module):
         assert out.shape[2] * s == length, "slab_rows keeps every slab a multiple of the strides"
         return out
 
-    def _batch_norm(self, bn: nn.BatchNorm2d | nn.BatchNorm3d, x: torch.Tensor) -> torch.Tensor:
+
+class WholeImageBatchNorm(nn.Module):
+    """``bn`` on this process's slab ``(B, C, L, ...)``, normalised in training with the statistics of the whole
+    batch and image (all processes together), which also update ``bn``'s running statistics."""
+
+    def __init__(self, bn: nn.BatchNorm2d | nn.BatchNorm3d, world: int, meter: CommMeter | None):
+        super().__init__()
+        self.bn, self.world, self.meter = bn, world, meter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bn = self.bn
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        if not bn.training:  # running statistics: the same on every process, nothing to exchange
+        if not self.training:  # running statistics: the same on every process, nothing to exchange
             return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
         dims = (0, *range(2, x.dim()))
         xf = x.float()
@@ -136,27 +118,145 @@ class SpatialCNN(nn.Module):
         centred = xf - mean.view(shape)
         var = slab_sum(centred.square().sum(dims), self.world, self.meter) / n
         if bn.track_running_stats:
-            self._update_running(bn, mean.detach(), var.detach(), n)
+            self._update_running(mean.detach(), var.detach(), n)
         y = centred * torch.rsqrt(var + bn.eps).view(shape)
         if bn.affine:
             y = y * sum_gradients(bn.weight, self.world, self.meter).view(shape) \
                 + sum_gradients(bn.bias, self.world, self.meter).view(shape)
         return y.to(x.dtype)
 
-    @staticmethod
     @torch.no_grad()
-    def _update_running(bn, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
-        bn.num_batches_tracked.add_(1)
-        factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-        bn.running_mean.mul_(1 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
+    def _update_running(self, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
+        bn = self.bn
+        running_mean, running_var, tracked = bn.running_mean, bn.running_var, bn.num_batches_tracked
+        assert running_mean is not None and running_var is not None and tracked is not None  # track_running_stats
+        tracked.add_(1)
+        factor = bn.momentum if bn.momentum is not None else 1.0 / float(tracked)
+        running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
         unbiased = var * (n / max(n - 1, 1))  # as nn.BatchNorm keeps it
-        bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
+        running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
 
-    def _head(self, head: Head, x: torch.Tensor) -> torch.Tensor:
+
+class WholeImageMean(nn.Module):
+    """Global average pooling of the slabs: ``(B, C, L, ...) -> (B, C, 1, ...)``, the mean over the whole image,
+    the same on every process."""
+
+    def __init__(self, world: int, meter: CommMeter | None):
+        super().__init__()
+        self.world, self.meter = world, meter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         spatial = tuple(range(2, x.dim()))
         total = replicated_sum(x.float().sum(spatial), self.world, self.meter)
         pooled = total / (math.prod(x.shape[2:]) * self.world)
-        return head.fc(pooled.to(x.dtype))
+        return pooled.to(x.dtype).view(*pooled.shape, *(1,) * len(spatial))
+
+
+def _all(value, number) -> bool:
+    """Whether ``value`` (an int, or one per axis) is ``number`` on every axis."""
+    return all(v == number for v in (value if isinstance(value, tuple) else (value,)))
+
+
+def _runs_as_is(module: nn.Module) -> bool:
+    """Layers that never look across rows, or (max pooling without overlap or padding) only within a slab that
+    slab_rows keeps aligned."""
+    if isinstance(module, nn.MaxPool2d | nn.MaxPool3d):
+        return module.kernel_size == module.stride and _all(module.padding, 0) and _all(module.dilation, 1)
+    return isinstance(module, nn.ReLU | nn.Identity | nn.Linear)
+
+
+def slab_layer(module: nn.Module, env: DistEnv, meter: CommMeter | None) -> nn.Module | None:
+    """The layer that runs ``module`` on a slab (``module`` itself where it runs as is), or None for a container
+    (its own forward runs, over its children's slab layers); a ConfigError for a layer it cannot split."""
+    if isinstance(module, nn.Conv2d | nn.Conv3d) and not isinstance(module.padding, str):
+        return HaloConv(module, env.rank, env.world, meter)
+    if isinstance(module, nn.BatchNorm2d | nn.BatchNorm3d):
+        return WholeImageBatchNorm(module, env.world, meter)
+    if isinstance(module, nn.AdaptiveAvgPool2d | nn.AdaptiveAvgPool3d) and _all(module.output_size, 1):
+        return WholeImageMean(env.world, meter)
+    if _runs_as_is(module):
+        return module
+    if next(module.children(), None) is None:
+        raise ConfigError(f"stages.global.parallel = spatial cannot split a {type(module).__name__} layer; use "
+                          f"stages.global.parallel: data")
+    return None
+
+
+def on_slabs(module: nn.Module, swap: Callable[[nn.Module], nn.Module | None]) -> nn.Module:
+    """A view of ``module``'s tree in which ``swap`` replaces the layers it returns a module for; every other
+    module is a shallow copy running its own forward over the new children, sharing ``module``'s parameters and
+    buffers. ``module`` itself is left as it was."""
+    layer = swap(module)
+    if layer is not None:
+        return layer
+    view = copy.copy(module)
+    view._modules = {name: None if child is None else on_slabs(child, swap)
+                     for name, child in module._modules.items()}
+    return view
+
+
+class SpatialCNN(nn.Module):
+    """This process's part of a built-in global CNN: ``(B, C, *image_size)`` whole images, or this process's slab
+    ``(B, C, L, ...)`` of them, -> ``(B, K)`` logits, the same on every process. All processes call it together.
+
+    ``cnn`` is a :class:`~ddcnn.models.GlobalCNN` of a built-in family (its parameters are this module's, in its
+    order); ``on_slabs`` is its view with the slab layers swapped in; ``meter`` counts the bytes sent.
+    """
+
+    spans_processes = True  # scored by all processes together
+
+    def __init__(self, cnn: nn.Module, env: DistEnv, image_size: Sequence[int], meter: CommMeter | None = None):
+        super().__init__()
+        net = getattr(cnn, "net", None)
+        if not isinstance(net, Backbone) or net.groups != 1:
+            raise builtin_only_error(getattr(cnn, "backbone", type(cnn).__name__), SPLITS_LAYERS)
+        self.cnn = cnn
+        self.image_length = image_size[0]
+        self.slabs = slab_rows(image_size, env.world, net.depth, net.name)
+        self.rows = self.slabs[env.rank]
+        self.on_slabs = on_slabs(cnn, lambda module: slab_layer(module, env, meter))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[2] == self.image_length and len(self.rows) != self.image_length:
+            images = images.narrow(2, self.rows.start, len(self.rows))
+        return self.on_slabs(images)
+
+
+def step_bytes(cnn: nn.Module, input_shape: tuple[int, ...], world: int) -> int:
+    """Bytes the busiest process sends in one training step of :class:`SpatialCNN` for a batch of ``input_shape``
+    ``(B, C, *image_size)`` whole on every process (``cnn`` may live on the meta device): per convolution with
+    input ``(B, C, *, R)`` (``R`` the size of a row: W, or H x W) the halo rows ``lo = p`` and ``hi = k - s - p``
+    forward (``4 B C R`` bytes a row) and the same rows' gradients backward (except for the first convolution,
+    whose input is the image); plus ``2 (P-1)/P x 4 x`` (the gradients of the convolutions and BatchNorm, four sums
+    of ``C`` per BatchNorm, the ``B x F`` pooled features once)."""
+    halos: list[tuple[int, int, int]] = []  # (lo, hi, bytes of one row of the whole batch)
+    reduced = [0]  # numbers all-reduced
+
+    def on_layer(module, inputs):
+        x = inputs[0]
+        if isinstance(module, nn.Conv2d | nn.Conv3d):
+            k, s, p = module.kernel_size[0], module.stride[0], int(module.padding[0])
+            halos.append((p, max(0, k - s - p), x.shape[0] * x.shape[1] * math.prod(x.shape[3:]) * FLOAT))
+        if isinstance(module, nn.BatchNorm2d | nn.BatchNorm3d):
+            reduced[0] += 4 * module.num_features  # sum and centred square sum, forward and backward
+        if isinstance(module, nn.AdaptiveAvgPool2d | nn.AdaptiveAvgPool3d):
+            reduced[0] += x.shape[0] * x.shape[1]
+        if isinstance(module, nn.Conv2d | nn.Conv3d | nn.BatchNorm2d | nn.BatchNorm3d):
+            reduced[0] += sum(p.numel() for p in module.parameters())  # the gradients summed over the slabs
+
+    hooks = [module.register_forward_pre_hook(on_layer) for module in cnn.modules()]
+    try:
+        with torch.no_grad():
+            cnn.eval()(torch.zeros(input_shape, device=next(cnn.parameters()).device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    backward = [0] + [1] * (len(halos) - 1)  # the image needs no gradient
+    # To rank + 1: my last lo rows forward, the gradient of my bottom halo backward; to rank - 1 the other way.
+    down = sum(row * (lo + hi * b) for (lo, hi, row), b in zip(halos, backward))
+    up = sum(row * (hi + lo * b) for (lo, hi, row), b in zip(halos, backward))
+    busiest = max((down if rank < world - 1 else 0) + (up if rank > 0 else 0) for rank in range(world))
+    return busiest + round(ring(world) * FLOAT * reduced[0])
 
 
 class SpatialParallel(Parallelism):
@@ -182,6 +282,17 @@ class SpatialParallel(Parallelism):
 
     def batch_options(self, wrapped: nn.Module) -> dict:
         return {"slab": cast(SpatialCNN, wrapped).rows}
+
+    def step_bytes(self, cfg, models, stage: str) -> int | None:
+        """:func:`step_bytes` of the global CNN and batch (None: a backbone or an image size it cannot split)."""
+        if cfg.model.backbone not in BACKBONES:
+            return None
+        try:
+            self.admit(cfg)
+        except ConfigError:
+            return None
+        shape = (cfg.stages.get(stage).batch_size, models.shapes.in_channels, *models.shapes.image_size)
+        return step_bytes(meta_model(models, stage), shape, self.env.world)
 
     def held(self, size, dnn_parameters):
         """The whole model, and this process's slab of the batch."""
