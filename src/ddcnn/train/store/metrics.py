@@ -63,8 +63,9 @@ def epoch_line(record: dict) -> str:
 
 
 def end_line(record: dict) -> str:
-    """``[   local] stopped after 7 of 20 epochs (patience); kept epoch 4 (val_accuracy 0.8512)``"""
-    how = "stopped early" if record["stop_reason"] == "patience" else "reached its cap"
+    """``[   local] stopped early after 7 of 20 epochs; kept epoch 4 (val_accuracy 0.8512)``, or ``ran 20 of 20``."""
+    early = record["stop_reason"] == "patience" and record["epochs_run"] < record["cap"]
+    how = "stopped early after" if early else "ran"  # patience that runs out at the cap is no early stop
     best = "" if record.get("best_value") is None else f" ({record['monitor']} {record['best_value']:.4f})"
-    return (f"[{record['stage']:>8}] {how} after {record['epochs_run']} of {record['cap']} epochs; kept epoch "
+    return (f"[{record['stage']:>8}] {how} {record['epochs_run']} of {record['cap']} epochs; kept epoch "
             f"{record['kept_epoch']}{best if record['kept_epoch'] == record.get('best_epoch') else ''}")
