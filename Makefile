@@ -4,14 +4,17 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # torch and torchvision as a matched pair (see README, "Set-up"); pyproject.toml keeps loose ranges.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+# The index torch comes from. Empty: PyPI, whose Linux torch is the CUDA build (several GB of NVIDIA libraries). On a
+# machine without a GPU: make install TORCH_INDEX=https://download.pytorch.org/whl/cpu (PyTorch's CPU wheels).
+TORCH_INDEX ?=
 OPTIONAL_EXTRAS := 'nibabel>=5' 'pydicom>=2.4' 'tensorboard>=2.12' 'onnx>=1.23' 'onnxscript>=0.7' 'onnxruntime>=1.32'
 
 .PHONY: install test test-heavy lint demo demo-3d bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q $(TORCH_PINS)
-	$(PY) -m pip install -q -e ".[dev]" $(OPTIONAL_EXTRAS)
+	$(PY) -m pip install --progress-bar on $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH_PINS)
+	$(PY) -m pip install --progress-bar on -e ".[dev]" $(OPTIONAL_EXTRAS)
 	touch $@
 
 install: $(VENV)/.installed

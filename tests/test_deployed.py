@@ -54,7 +54,21 @@ def test_probabilities_and_vote_shares_keep_the_decision():
     torch.testing.assert_close(mean, logits.softmax(-1).mean(1))  # exactly the mean of the local probabilities
     votes = scores_to_probabilities(MajorityVote(4, 3)(logits), shares=True)
     counts = torch.nn.functional.one_hot(logits.argmax(-1), 3).sum(1).float()
-    assert ((votes * (4 + 4 / 5) - counts).abs() < 1).all()  # the share of the 4 votes, up to the tie-break
+    assert ((votes - counts / 4).abs() < 1e-6).all()  # the share of the 4 votes, up to the tie-break
+
+
+def test_a_vote_share_reads_what_it_means_and_ties_keep_the_vote_decision():
+    unanimous = torch.tensor([[[3.0, 0.0, 0.0]] * 4])  # 4 of 4 votes for class 0
+    split = torch.tensor([[[0.0, 2.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0], [0.0, 0.0, 1.0]]])  # 2 and 2
+    for logits, text in ((unanimous, ["1.000", "0.000", "0.000"]), (split, ["0.000", "0.500", "0.500"])):
+        shares = scores_to_probabilities(MajorityVote(4, 3)(logits), shares=True)
+        assert [f"{v:.3f}" for v in shares[0].tolist()] == text
+    # the tied classes 1 and 2: class 2 has the higher summed probability, and wins in the scores and the shares
+    scores = MajorityVote(4, 3)(split)
+    assert scores.argmax(-1).item() == 2 == scores_to_probabilities(scores, shares=True).argmax(-1).item()
+    many = torch.randn(2000, 4, 5).round()  # rounded logits: many exact ties of votes and of summed probability
+    scores = MajorityVote(4, 5)(many)
+    assert torch.equal(scores_to_probabilities(scores, shares=True).argmax(-1), scores.argmax(-1))
 
 
 def test_a_split_that_needs_a_gather_exports_with_a_dynamic_batch(one_thread):

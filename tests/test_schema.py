@@ -28,7 +28,7 @@ READERS = {"ddcnn-run.json": ALL, "config.yaml": ALL, "data.json": ALL, "results
            "local_timing.json": ("resume",), **{f"manifest:{s}": ALL for s in STAGES},
            **{f"weights:{s}": ALL for s in STAGES}}
 # Written for people, never read back (metrics.jsonl is rebuilt from the checkpoints).
-UNREAD = re.compile(r"(metrics\.jsonl|report\.md|plots/.*\.png|tensorboard/.*)$")
+UNREAD = re.compile(r"(metrics\.jsonl|report\.md|splits\.json|plots/.*\.png|tensorboard/.*)$")
 
 
 @pytest.fixture(scope="module", autouse=True)

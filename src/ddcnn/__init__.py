@@ -7,42 +7,32 @@ compared with a :class:`GlobalCNN` trained on whole images. :func:`fit` runs the
 ``torch.utils.data.Dataset``s (:mod:`ddcnn.api`); :func:`load_run` loads a finished run back.
 """
 
-import importlib
-
-from ddcnn.decomposition import Decomposition
-from ddcnn.errors import DDCNNError
-from ddcnn.models import (
-    CNNDNN,
-    DNN,
-    GlobalCNN,
-    LocalEnsemble,
-    MajorityVote,
-    MeanProbability,
-    WeightedMean,
-    build_combiner,
-    combiners,
-    count_parameters,
-    forward_flops,
-    local_loss,
-    local_width,
-    transfer_cnn_dnn,
-)
-
 __version__ = "0.1.0"
+
+# Every public name is imported on first use (PEP 562), so that `ddcnn --version` and `ddcnn --help` answer
+# without importing torch, and `import ddcnn` in a worker stays light. load_run and Run live in the finished-run
+# library (ddcnn.finished.run), which builds every model.
+_HOMES = {"Decomposition": "ddcnn.decomposition", "DDCNNError": "ddcnn.errors", "Run": "ddcnn.finished.run",
+          "load_run": "ddcnn.finished.run",
+          # the protocol on your own Datasets (ddcnn.api); by name: the trainer's modules read ddcnn.__version__
+          # from this package, and must not count as importing the layer above them
+          **dict.fromkeys(("fit", "evaluate", "predict"), "ddcnn.api"),
+          **dict.fromkeys(("CNNDNN", "DNN", "GlobalCNN", "LocalEnsemble", "MajorityVote", "MeanProbability",
+                           "WeightedMean", "build_combiner", "combiners", "count_parameters", "forward_flops",
+                           "local_loss", "local_width", "transfer_cnn_dnn"), "ddcnn.models")}
 
 
 def __getattr__(name: str):
-    # load_run and Run live in the finished-run library (ddcnn.finished.run), which builds every model: loaded on
-    # first use, so that `import ddcnn` (every worker and CLI process) stays light.
-    if name in ("Run", "load_run"):
-        from ddcnn.finished import run
+    if name in _HOMES:
+        import importlib
 
-        return getattr(run, name)
-    if name in ("fit", "evaluate", "predict"):
-        # The protocol on your own Datasets (ddcnn.api), loaded likewise. By name: the trainer's modules read
-        # ddcnn.__version__ from this package, and must not count as importing the layer above them.
-        return getattr(importlib.import_module("ddcnn.api"), name)
+        return getattr(importlib.import_module(_HOMES[name]), name)
     raise AttributeError(f"module 'ddcnn' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "CNNDNN", "DNN", "DDCNNError", "Decomposition", "GlobalCNN", "LocalEnsemble", "MajorityVote", "MeanProbability",

@@ -43,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="re-evaluate a run's saved models on the test set")
     ev.add_argument("run_dir")
     ev.add_argument("--device", help="cpu, cuda, cuda:N (default: the run's)")
+    _data_root_option(ev)
     _trust_option(ev)
 
     pr = sub.add_parser("predict", help="classify image files with a run's models (or a file of `ddcnn export`)")
@@ -69,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--layout", choices=("grouped", "separate"),
                     help="the local CNNs as one grouped network, or as N ordinary branches for runtimes that run "
                          "grouped convolutions badly (default grouped; separate for foreign backbones)")
+    _data_root_option(ex)
     _trust_option(ex)
 
     show = sub.add_parser("show", help="decomposition, sizes, parameters and FLOPs of a config; PNG of the grid")
@@ -95,6 +97,11 @@ def _parser() -> argparse.ArgumentParser:
     fetch.add_argument("name")
     fetch.add_argument("--dir", help="folder to look in / download into")
     return p
+
+
+def _data_root_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-root", metavar="DIR", help="where the run's data is now (a run moved to another "
+                                                           "machine; default: the folder its config.yaml records)")
 
 
 def _trust_option(parser: argparse.ArgumentParser) -> None:
@@ -180,7 +187,8 @@ def cmd_evaluate(args) -> int:
 
     run_dir = user_path(args.run_dir, "the run directory")
     with _processes() as env:
-        results = evaluate_run(run_dir, device=args.device, env=env, trust_code=args.trust_code)
+        results = evaluate_run(run_dir, device=args.device, env=env, trust_code=args.trust_code,
+                               data_root=args.data_root)
     if results is not None:  # rank 0 (or the only process)
         print(format_table(results))
         print(f"written: {run_dir / 'evaluation.json'}")
@@ -238,7 +246,7 @@ def cmd_export(args) -> int:
 
     out = user_path(args.out, "--out") if args.out is not None else None
     done = export_run(user_path(args.run_dir, "the run directory"), args.strategy, args.format, out, args.layout,
-                      trust_code=args.trust_code)
+                      trust_code=args.trust_code, data_root=args.data_root)
     layout = f", layout {done.layout}" if done.layout else ""
     print(f"checked on {done.checked} images ({done.checked_on}): largest absolute difference "
           f"{done.max_abs_diff:.2g}, {done.agree} of {done.checked} predicted classes agree")

@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
+import os
 import re
+import sys
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -26,6 +30,7 @@ import yaml
 from ddcnn.checks import choice
 from ddcnn.errors import ConfigError, did_you_mean
 from ddcnn.files import load_yaml
+from ddcnn.paths import anchored
 
 # global_transfer, last, runs only with decomposition.kind: width (the global CNN recomposed from sub-networks).
 STAGES = ("global", "local", "combine", "coherent", "transfer", "global_transfer")
@@ -35,7 +40,11 @@ WIDTH_INPUTS = ("whole", "subimage")  # what each sub-network of a width decompo
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "image-folder", "volume-folder", "generated", "python")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "step", "plateau")  # plateau: reduce on plateau (ddcnn.train.schedule)
-MONITORS = ("val_accuracy", "val_loss")  # what early stopping watches (higher accuracy, lower loss is better)
+# The metrics a run reports per strategy (ddcnn.metrics): evaluation.metric chooses the best strategy and the
+# study's claims by one of them; stages.*.monitor watches it (or the loss) on the validation split.
+METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc")
+# what early stopping watches (lower loss, higher everything else is better); the bare names are accepted too
+MONITORS = ("val_accuracy", "val_loss", "val_balanced_accuracy", "val_macro_f1", "val_roc_auc")
 KEEPS = ("best", "last")
 INTENSITIES = ("window", "percentile", "zscore", "stored")
 BALANCES = ("weights", "sampler")
@@ -61,7 +70,9 @@ class AugmentConfig:
 @dataclass
 class DataConfig:
     name: str = "fashion-mnist"
-    root: str | None = None  # folder with the files; known places are searched when None
+    root: str | None = None  # folder with the files; known places are searched when None. Relative: to the config
+    #                          file that names it (to the current directory for --set); a run records it absolute
+    root_as_written: str | None = None  # written by ddcnn: data.root as given, and where (data.root: resolved)
     image_size: list[int] | None = None  # resize image/volume folders to this; checked against other datasets
     channels: int | None = None  # 1 or 3 for image folders; checked against other datasets
     val_fraction: float = 0.1  # validation split taken from the training set
@@ -164,6 +175,9 @@ class EvaluationConfig:
     # global CNN's best validation accuracy minus target_margin.
     target_accuracy: float | None = None
     target_margin: float = 0.005
+    # The metric that chooses the best strategy (on validation) and that the study's claims compare (on test):
+    # accuracy, balanced_accuracy, macro_f1 or roc_auc (ddcnn.metrics).
+    metric: str = "accuracy"
 
 
 @dataclass
@@ -405,6 +419,8 @@ def validate(cfg: Config) -> Config:
         for name in ("weight_decay", "warmup_epochs", "momentum", "label_smoothing"):
             if getattr(s, name) < 0:
                 raise ConfigError(f"stages.{stage}.{name} = {getattr(s, name)} must not be negative")
+        if s.monitor in (*METRICS, "loss"):
+            s.monitor = f"val_{s.monitor}"  # the bare metric names of evaluation.metric watch the validation split
         choice(f"stages.{stage}.monitor", s.monitor, MONITORS)
         if s.keep is not None:
             choice(f"stages.{stage}.keep", s.keep, KEEPS)
@@ -463,6 +479,7 @@ def validate(cfg: Config) -> Config:
     if target is not None and not 0 < target <= 1:
         raise ConfigError(f"evaluation.target_accuracy = {target} must be a fraction in (0, 1], e.g. 0.9, or null "
                           f"for the global CNN's best validation accuracy minus evaluation.target_margin")
+    choice("evaluation.metric", cfg.evaluation.metric, METRICS)
     if not 0 <= margin < 1:
         raise ConfigError(f"evaluation.target_margin = {margin} must be a fraction in [0, 1), e.g. 0.005 (0.5 pp)")
     _validate_kind(cfg)
@@ -568,8 +585,48 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values, not a "
                           f"{type(data).__name__}")
+    data, overrides, notes = anchor_paths(data, path, overrides or [])
+    for note in notes:
+        print(f"ddcnn: note: {note}", file=sys.stderr)
     return from_dict(data, overrides)
 
 
+def anchor_paths(data: dict, named_in: Path | None, overrides: Sequence[str] = ()) -> tuple[dict, list[str], list[str]]:
+    """``data`` (a config as plain data, read from the file ``named_in``) with ``data.root`` absolute, relative to
+    ``named_in``'s folder, and ``overrides`` with a ``--set data.root=...`` made absolute from the current directory.
+    ``data.root_as_written`` records the path as given and where. Returns both and the notes of
+    :func:`ddcnn.paths.anchored` (a config that relied on the current directory)."""
+    data, notes, sets = copy.deepcopy(data), [], []
+    section = data.get("data")
+    if isinstance(section, dict) and isinstance(section.get("root"), str) and named_in is not None:
+        written = section["root"]
+        section["root"], note = anchored(written, named_in, "data.root")
+        notes += [note] if note else []
+        if section["root"] != written:
+            section["root_as_written"] = f"{written} (in {named_in})"
+    for expression in overrides:
+        key, value = parse_set(expression)
+        if key == ["data", "root"] and isinstance(value, str):
+            resolved, _ = anchored(value, None, "--set data.root")
+            written = f"{value} (--set, from {os.getcwd()})" if resolved != value else None
+            sets += [f"data.root={json.dumps(resolved)}", f"data.root_as_written={json.dumps(written)}"]
+        else:
+            sets.append(expression)
+    return data, sets, notes
+
+
+# data keys that only some datasets read: a run's config.yaml leaves them out for the others (their defaults hold)
+ONLY_FOR = {"num_classes": "generated", "generated_train": "generated", "generated_test": "generated",
+            "noise": "generated", "window": "volume-folder", "class_map": "volume-folder"}
+
+
 def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    """The resolved config as YAML, without the data keys its dataset does not read (``window`` for photos,
+    ``num_classes`` for a folder) and without an unset ``root_as_written``."""
+    data = to_dict(cfg)
+    for key, dataset in ONLY_FOR.items():
+        if cfg.data.name != dataset:
+            data["data"].pop(key)
+    if cfg.data.root_as_written is None:
+        data["data"].pop("root_as_written")
+    return yaml.safe_dump(data, sort_keys=False)

@@ -33,7 +33,7 @@ def describe(cfg: Config, png: Path | None = None, trusted: bool = True, source:
     local = ensemble.local_model(0)
     one, many = ("one sub-network", f"{d.n_subdomains} sub-networks") if models.width_kind else \
         ("one local CNN", f"{d.n_subdomains} local CNNs")
-    rows = [
+    rows: list[tuple[str, int | str, int, int]] = [
         ("global CNN", cfg.model.width, count_parameters(global_cnn), forward_flops(global_cnn, shape)),
         (one, models.local_width, count_parameters(local),
          forward_flops(local, (shapes.in_channels, *d.subimage_size))),
@@ -52,13 +52,17 @@ def describe(cfg: Config, png: Path | None = None, trusted: bool = True, source:
         *([f"recomposed     global_transfer: the {d.n_subdomains} sub-networks' weights as the diagonal blocks of "
            f"the global CNN of width {cfg.model.width} (cross-group blocks at {cfg.decomposition.cross_scale:g} x "
            f"its initialisation), trained further"] if models.width_kind else []),
-        f"backbone       {cfg.model.backbone}, depth {list(ensemble.depth or []) or 'its own'}, global width "
-        f"{cfg.model.width}, "
-        f"local width {models.local_width}, backend {ensemble.backend}",
+        f"backbone       {cfg.model.backbone}, depth {list(ensemble.depth or []) or 'its own'}, "
+        + (f"global width {cfg.model.width}, local width {models.local_width}, " if ensemble.family.takes_width()
+           else "")
+        + f"backend {ensemble.backend}",
         *(f"note           {note}" for note in models.notes),
         "",
         f"{'model':<16} {'width':>6} {'parameters':>12} {'MFLOPs/image':>13}",
     ]
+    if not ensemble.family.takes_width():  # e.g. torchvision's resnet18: its own widths, so none to print
+        rows = [(n, "—", p, f) for n, _, p, f in rows]
+        lines.insert(-2, f"note           {cfg.model.backbone} takes no width: its own layer widths are used")
     lines += [f"{n:<16} {w:>6} {p:>12,} {f / 1e6:>13.2f}" for n, w, p, f in rows]
     lines.append("")
     lines += scaling_lines(cfg, models)

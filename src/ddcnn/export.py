@@ -3,7 +3,8 @@
 The exported model is :class:`ddcnn.models.deployed.Deployed`: float images ``(B, C, *image_size)`` in [0, 1], as
 the dataset readers give them, to ``(B, K)`` class probabilities (vote shares for majority vote); the normaliser
 and the decomposition are inside, the batch size is dynamic. Beside ``FILE`` goes ``FILE.json``: the classes, the
-input's size and channels, the strategy, the layout, the run's test accuracy and the versions.
+input's size and channels, the preprocessing recipe from a file on disk (:mod:`ddcnn.data.recipe`, with its
+schema version), the strategy, the layout, the run's test accuracy and the versions.
 
 The file is written to a temporary name, loaded back and run on the run's test images: with
 ``torch.export.load`` (.pt2) or ONNX Runtime (.onnx). Only when its probabilities match the run's own model (eval
@@ -31,6 +32,7 @@ import torch
 import ddcnn
 from ddcnn.checks import choice
 from ddcnn.data.loading import to_float
+from ddcnn.data.recipe import SCHEMA, input_recipe
 from ddcnn.data.volumes import VolumeRecipe, volume_recipe
 from ddcnn.errors import CheckpointError, ConfigError, DataError, ExportError
 from ddcnn.files import (
@@ -44,7 +46,7 @@ from ddcnn.files import (
     read_member,
     refuse_linked_folders,
 )
-from ddcnn.finished.predictions import Predictions, prediction_rows, read_inputs
+from ddcnn.finished.predictions import VOTE_SHARES, Predictions, output, prediction_rows, read_inputs
 from ddcnn.finished.run import SavedRun
 from ddcnn.models import BACKBONES
 from ddcnn.models.deployed import LAYOUTS, Deployed, scores_to_probabilities
@@ -59,7 +61,9 @@ ONNX_EXTRA = "pip install 'ddcnn[export]' (onnx, onnxscript, onnxruntime)"
 _POSITIVE = Check(int, lambda v: v > 0, "a positive whole number")
 META = {"format": Check(str, lambda v: v in FORMATS, "pt2 or onnx"), "strategy": str, "layout": Opt(str),
         "classes": CLASS_NAMES, "image_size": Check([_POSITIVE], lambda v: len(v) in (2, 3), "2 or 3 sizes"),
-        "in_channels": _POSITIVE, "output": str, "dataset": str, "window": Opt([float]), "volumes?": Opt(Any)}
+        "in_channels": _POSITIVE, "output": str, "dataset": str, "window?": Opt([float]), "volumes?": Opt(Any),
+        "schema?": Check(int, lambda v: 1 <= v <= SCHEMA, f"a sidecar schema this ddcnn reads (1 to {SCHEMA}); "
+                                                          f"a newer one needs a newer ddcnn")}
 
 
 @dataclass
@@ -100,7 +104,8 @@ def _out_path(out: Path | None, run_dir: Path, strategy: str, fmt: str) -> Path:
 
 
 def export_run(run_dir: Path, strategy: str | None = None, fmt: str = "pt2", out: Path | None = None,
-               layout: str | None = None, trust_code: bool = False, images: torch.Tensor | None = None) -> Exported:
+               layout: str | None = None, trust_code: bool = False, images: torch.Tensor | None = None,
+               data_root: str | None = None) -> Exported:
     """Export ``strategy`` of the run in ``run_dir`` (default its best) to ``out`` (default
     ``RUN/export/STRATEGY.FMT``) with the local CNNs in ``layout`` (default ``grouped`` for the built-in backbones,
     ``separate`` for foreign ones), checked against the run before it is kept. Every argument is checked before
@@ -112,7 +117,7 @@ def export_run(run_dir: Path, strategy: str | None = None, fmt: str = "pt2", out
         choice("--layout", layout, LAYOUTS)
     if fmt == "onnx":
         _require_onnx()
-    run = SavedRun(run_dir, "cpu", trust_code=trust_code)
+    run = SavedRun(run_dir, "cpu", trust_code=trust_code, data_root=data_root)
     name, predictor = run.strategy(strategy)
     path = _out_path(out, Path(run_dir), name, fmt)
     if STRATEGIES[name].whole_image:
@@ -131,12 +136,18 @@ def export_run(run_dir: Path, strategy: str | None = None, fmt: str = "pt2", out
             "image_size": list(run.shapes.image_size), "in_channels": run.shapes.in_channels,
             "input": "float32 images (B, C, *image_size) with values in [0, 1]" if run.cfg.data.name != "python" else
             "float32 images (B, C, *image_size) as the Dataset gave them (uint8 ones divided by 255)",
-            "output": "vote shares" if shares else "probabilities", "test_accuracy": test,
-            "dataset": run.cfg.data.name,
-            "window": [float(v) for v in run.cfg.data.window] if run.cfg.data.window is not None else None,
+            "output": output(name), "test_accuracy": test, "dataset": run.cfg.data.name,
             "volumes": recipe.to_json() if (recipe := volume_recipe(run.cfg.data)) is not None else None,
-            "ddcnn_version": ddcnn.__version__, "torch_version": torch.__version__,
-            **_preprocessing(run)}
+            "ddcnn_version": ddcnn.__version__, "torch_version": torch.__version__}
+    window = [float(v) for v in run.cfg.data.window] \
+        if run.cfg.data.name == "volume-folder" and run.cfg.data.window is not None else None
+    # the recipe from a file on disk; for data given from Python, what its user declared of their own preprocessing
+    meta.update(schema=SCHEMA, preprocessing=_preprocessing(run).get("preprocessing") or input_recipe(
+        run.cfg.data.name, meta["image_size"], meta["in_channels"], window))
+    if window is not None:  # only volumes are windowed
+        meta["window"] = window
+    if shares:
+        meta["output_meaning"] = VOTE_SHARES
     outcome: dict = {}
 
     def check(tmp: Path) -> None:
@@ -172,7 +183,7 @@ def _check_images(run: SavedRun, given: torch.Tensor | None) -> tuple[torch.Tens
                             f"{list(given.shape)}")
         return to_float(given[:CHECK_IMAGES]).float().contiguous(), "the images given"
     if run.cfg.data.name != "python":
-        _, test = run.datasets()
+        _, _, test = run.datasets()
         return to_float(test.images[:CHECK_IMAGES]).float().contiguous(), "the run's first test images"
     g = torch.Generator().manual_seed(0)
     view = (1, -1) + (1,) * len(run.shapes.image_size)

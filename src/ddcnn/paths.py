@@ -45,3 +45,28 @@ def user_path(value: str | os.PathLike, option: str) -> Path:
         raise ConfigError(f"{option} {text[:40]!r}... is {len(os.fsencode(text))} bytes long but paths may have at "
                           f"most {PATH_MAX - 1}; choose a shorter path")
     return path
+
+
+def anchored(value: str, named_in: Path | None, option: str) -> tuple[str, str | None]:
+    """A path as an absolute one, and a note when the old reading had to be used.
+
+    A relative path written in a config file (``named_in``) is relative to that file's folder, so a config, a run's
+    ``config.yaml`` and a study's ``base.yaml`` work from any directory; one given on the command line
+    (``named_in`` None: ``--set``) is relative to the current directory, as a shell user expects. A config that
+    still relies on the current directory (nothing at the path beside the file, something at the path from here)
+    keeps working, with a note that says how to fix it. ``~`` is expanded first.
+    """
+    path = user_path(value, option)
+    if path.is_absolute():
+        return str(path), None
+    here = Path.cwd() / path
+    if named_in is None:
+        return os.path.normpath(here), None
+    folder = Path(os.path.abspath(named_in)).parent
+    beside = folder / path
+    if not beside.exists() and here.exists():
+        return os.path.normpath(here), (
+            f"{option} = {value!r} in {str(named_in)!r} is read from the current directory ({os.path.normpath(here)}), "
+            f"as before; a relative path in a config file is relative to that file: write it as "
+            f"{os.path.relpath(here, folder)!r} or as an absolute path")
+    return os.path.normpath(beside), None

@@ -21,6 +21,7 @@ from ddcnn.data.readers import (
     load_idx_dataset,
     load_image_folder,
 )
+from ddcnn.data.splits import given_splits, with_classes
 from ddcnn.data.volume_folder import load_volume_folder
 from ddcnn.errors import ConfigError, DataError, DataNotFoundError, ShapeError
 from ddcnn.memory import free_memory, gib
@@ -33,12 +34,18 @@ def _root(data, name: str):
     if root is None and named is not None and named.is_dir() and any(named.iterdir()):
         return named  # a folder the user named that holds something: the reader says what is missing or wrong
     if root is None:
-        where = f"data.root = {data.root}" if data.root else "the known places"
+        where = named_root(data) if data.root else "the known places"
         raise DataNotFoundError(
             f"the {name} files are not in {where}; run `ddcnn data fetch {name}` and set data.root to the folder it "
             f"prints (or remove data.root to search the known places)"
         )
     return root
+
+
+def named_root(data) -> str:
+    """``data.root = /resolved/path (written as 'x' in FILE)``: what the missing-data errors say."""
+    written = f" (written as {data.root_as_written})" if data.root_as_written else ""
+    return f"data.root = {data.root}{written}"
 
 
 # The one line every command that would read a Python-given dataset back from files says.
@@ -54,12 +61,31 @@ def _limit(ds: ImageDataset, limit: int | None, sorted_by_class: bool, seed: int
         return ds
     if sorted_by_class:
         return split_dataset(ds, limit / len(ds), seed=seed)[1]
-    return ImageDataset(ds.images[:limit], ds.labels[:limit], ds.classes)
+    origin = ds.origin if ds.origin is not None else torch.arange(len(ds))
+    return ImageDataset(ds.images[:limit], ds.labels[:limit], ds.classes, origin[:limit], ds.names)
 
 
 def load_datasets(data) -> tuple[ImageDataset, ImageDataset]:
     """``(train, test)`` for a :class:`~ddcnn.config.DataConfig`; image and volume folders are split by
-    ``test_fraction`` (stratified, ``split_seed``) since they ship no test set."""
+    ``test_fraction`` (stratified, ``split_seed``) unless they come split (:func:`load_splits`)."""
+    train, _, test, _ = _load(data)
+    return train, test
+
+
+def load_splits(data) -> tuple[ImageDataset, ImageDataset, ImageDataset, bool]:
+    """``(train, val, test, given)``: val is a pre-split folder's ``val/`` as given, else drawn from the training
+    set (``val_fraction``, stratified, ``split_seed``); ``given``: whether the folder came split."""
+    train_full, val, test, given = _load(data)
+    if val is None:
+        train, val = split_dataset(train_full, data.val_fraction, data.split_seed)
+        return train, val, test, given
+    return train_full, val, test, given
+
+
+def _load(data) -> tuple[ImageDataset, ImageDataset | None, ImageDataset, bool]:
+    """``(train, val or None, test, given)``: the validation split only where a pre-split folder gives it;
+    ``given``: whether the folder came split."""
+    val, given = None, None
     if data.root is not None:  # '~' read as everywhere else, and impossible paths refused, before any search
         data = dataclasses.replace(data, root=str(user_path(data.root, "data.root")))
     name = data.name
@@ -85,18 +111,32 @@ def load_datasets(data) -> tuple[ImageDataset, ImageDataset]:
             raise ConfigError(f"data.image_size must say the size to resize to for data.name = {name!r}, "
                               f"e.g. [128, 128]" + (" or [64, 128, 128]" if name == "volume-folder" else ""))
         dims = 2 if name == "image-folder" else 3
+        if not Path(data.root).is_dir():
+            raise DataNotFoundError(f"{named_root(data)} is not a directory; give the folder that holds one "
+                                    f"sub-folder per class, or train/ and test/ sub-folders (--set data.root=DIR, "
+                                    f"relative to the current directory)")
         if len(data.image_size) != dims:
             raise ConfigError(f"data.image_size = {list(data.image_size)} has {len(data.image_size)} entries but "
                               f"{name} needs {dims}: " + ("[H, W], e.g. [128, 128]" if dims == 2 else
                                                           "[D, H, W], e.g. [64, 128, 128]"))
-        if name == "image-folder":
-            full = load_image_folder(data.root, data.image_size, data.channels or 3)
-        else:
+
+        def read(folder):
+            if name == "image-folder":
+                return load_image_folder(folder, data.image_size, data.channels or 3)
             cache = str(user_path(data.cache, "data.cache")) if data.cache is not None else None
-            full = load_volume_folder(data.root, data.image_size, data.window, data.class_map,
+            return load_volume_folder(folder, data.image_size, data.window, data.class_map,
                                       intensity=data.intensity, percentiles=data.percentiles,
                                       orientation=data.orientation, spacing=data.spacing, cache=cache)
-        train, test = split_dataset(full, data.test_fraction, seed=data.split_seed + 1)
+
+        given = given_splits(data.root)
+        if given:  # train/, test/ (and val/) as the folder gives them
+            root = Path(data.root)
+            train = read(root / "train")
+            parts = {s: with_classes(read(root / s), train.classes, root / s) for s in given if s != "train"}
+            train = with_classes(train, train.classes, root / "train")
+            test, val = parts["test"], parts.get("val")
+        else:
+            train, test = split_dataset(read(data.root), data.test_fraction, seed=data.split_seed + 1)
         if len(test) == 0:
             raise ConfigError(f"data.test_fraction = {data.test_fraction} leaves no test images; use e.g. 0.2")
     else:  # generated
@@ -122,7 +162,7 @@ def load_datasets(data) -> tuple[ImageDataset, ImageDataset]:
             raise DataError(f"the {part} set of {name} is empty")
         if ds.images.is_floating_point() and not torch.isfinite(ds.images).all():
             raise DataError(f"the {part} set of {name} holds NaN or infinite pixel values; clean the files")
-    return train, test
+    return train, val, test, bool(given)
 
 
 def check_against_config(data, train: ImageDataset) -> None:

@@ -42,7 +42,8 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 
 
 def _subset(ds: ImageDataset, index: torch.Tensor) -> ImageDataset:
-    return ImageDataset(ds.images[index], ds.labels[index], list(ds.classes))
+    origin = ds.origin if ds.origin is not None else torch.arange(len(ds))
+    return ImageDataset(ds.images[index], ds.labels[index], list(ds.classes), origin[index], ds.names)
 
 
 def split_dataset(ds: ImageDataset, fraction: float, seed: int = 0,

@@ -47,6 +47,10 @@ class ImageDataset:
     images: torch.Tensor
     labels: torch.Tensor
     classes: list[str]
+    # Where each item came from (what a run's splits.json lists): ``origin`` (M,) int64, its index in the source
+    # (the file or folder it was read from); ``names``: the source's item names (files of a folder) or None.
+    origin: torch.Tensor | None = None
+    names: list[str] | None = None
 
     def __post_init__(self):
         if self.images.dim() not in (4, 5):
@@ -374,7 +378,12 @@ def load_image_folder(root, size=(224, 224), channels: int = 3) -> ImageDataset:
     for i, (path, _) in enumerate(items):
         images[i] = _read_picture(path, (h, w), channels, fix="delete or replace the file")
     labels = torch.tensor([label for _, label in items], dtype=torch.int64)
-    return ImageDataset(images, labels, classes)
+    return ImageDataset(images, labels, classes, names=_names(root, items))
+
+
+def _names(root, items) -> list[str]:
+    """The files of ``items``, relative to ``root``, with forward slashes."""
+    return [path.relative_to(Path(root)).as_posix() for path, _ in items]
 
 
 # ----------------------------------------------------------------------------------------- single files ----

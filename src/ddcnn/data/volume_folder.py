@@ -17,7 +17,7 @@ import torch
 from ddcnn.checks import choice
 from ddcnn.data.dicom import is_dicom_file
 from ddcnn.data.intensity import MODES
-from ddcnn.data.readers import ImageDataset, _check_size, _class_files, natural_key
+from ddcnn.data.readers import ImageDataset, _check_size, _class_files, _names, natural_key
 from ddcnn.data.volume_cache import VolumeCache
 from ddcnn.data.volumes import VolumeRecipe, describe, orientation_note, prepare_volume, spacing_note
 from ddcnn.errors import ConfigError, DataError, DataNotFoundError
@@ -111,7 +111,7 @@ def load_volume_folder(root, size=(64, 128, 128), window=(-1000.0, 400.0), class
     if note:
         say(f"warning: {note}")
     labels = torch.tensor([label for _, label in items], dtype=torch.int64)
-    return ImageDataset(images, labels, classes)
+    return ImageDataset(images, labels, classes, names=_names(root, items))
 
 
 def read_volume_file(path, recipe: VolumeRecipe | None = None, notes: list[str] | None = None) -> torch.Tensor:

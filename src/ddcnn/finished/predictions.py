@@ -21,6 +21,13 @@ from ddcnn.errors import DataError
 from ddcnn.strategies import gives_votes
 
 FORMATS = ("text", "json", "csv")
+VOTE_SHARES = ("each class's share of the N local CNNs' votes (votes / N: 4 of 4 is 1.000, 2 of 4 is 0.500), plus "
+               "a tie-break below 1e-6 that orders classes with as many votes; the argmax is the vote's decision")
+
+
+def output(strategy: str) -> str:
+    """What a strategy's per-class numbers are, in predict's JSON and CSV and the export's sidecar alike."""
+    return "vote shares" if gives_votes(strategy) else "probabilities"
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -81,6 +88,7 @@ def prediction_rows(files, strategy: str, classes: list[str], decisions: torch.T
     for f, decision, row in zip(files, decisions, probabilities.tolist()):
         k = int(decision.argmax())
         rows.append({"file": str(f), "strategy": strategy, "class": classes[k], "class_index": k,
+                     "output": output(strategy),
                      "probabilities": {c: round(float(p), 6) for c, p in zip(classes, row)}})
     return rows
 
@@ -96,15 +104,17 @@ def subdomain_votes(local: torch.Tensor, classes: list[str], locations) -> list[
 
 def format_predictions(pred: Predictions, fmt: str = "text") -> str:
     """``text``: one line per file (class and its probability) and one per subdomain vote; ``json``: a list of
-    one object per file (``file``, ``strategy``, ``class``, ``class_index``, ``probabilities`` by class name,
-    ``subdomains``); ``csv``: a header row, then one row per file with a ``p(<class>)`` column per class."""
+    one object per file (``file``, ``strategy``, ``class``, ``class_index``, ``output``, ``probabilities`` by class
+    name, ``subdomains``); ``csv``: a header row, then one row per file with a ``p(<class>)`` column per class
+    (``share(<class>)`` for a voting strategy, whose numbers are vote shares, :func:`output`)."""
     choice("--format", fmt, FORMATS)
     if fmt == "json":
         return json.dumps(pred.rows, indent=1)
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(["file", "strategy", "class", "class_index", *(f"p({c})" for c in pred.classes)])
+        column = "share" if gives_votes(pred.strategy) else "p"
+        writer.writerow(["file", "strategy", "class", "class_index", *(f"{column}({c})" for c in pred.classes)])
         for row in pred.rows:
             writer.writerow([row["file"], row["strategy"], row["class"], row["class_index"],
                              *(f"{row['probabilities'][c]:.6f}" for c in pred.classes)])

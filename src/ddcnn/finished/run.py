@@ -4,6 +4,8 @@ the CNN-DNN checkpoints are read in their whole-model layout (:func:`ddcnn.model
 
 from __future__ import annotations
 
+import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,11 +13,12 @@ import torch
 from torch import nn
 
 from ddcnn.build import Models, Shapes, meta_model, stage_model, weight_shapes
-from ddcnn.config import STAGES, Config, from_dict
+from ddcnn.config import STAGES, Config, anchor_paths, from_dict
+from ddcnn.data.datasets import load_splits
 from ddcnn.data.loading import Normalizer
 from ddcnn.data.volumes import volume_recipe
 from ddcnn.decomposition import Decomposition
-from ddcnn.errors import CheckpointError, ConfigError, DDCNNError, did_you_mean
+from ddcnn.errors import CheckpointError, ConfigError, DataNotFoundError, DDCNNError, did_you_mean
 from ddcnn.finished.predictions import Predictions, prediction_rows, read_inputs, subdomain_votes
 from ddcnn.models import CNNDNN, GlobalCNN, LocalEnsemble
 from ddcnn.models.cnn_dnn import load_whole_state
@@ -37,9 +40,12 @@ class SavedRun:
     One process holds every model; :class:`ddcnn.train.saved.ShardedRun` spreads the local CNNs over the processes
     of a torchrun launch."""
 
-    def __init__(self, path: str | Path, device: str | None = None, trust_code: bool = False):
+    def __init__(self, path: str | Path, device: str | None = None, trust_code: bool = False,
+                 data_root: str | None = None):
         """``trust_code``: import a backbone that the run's config.yaml names by import path (refused otherwise,
-        before anything is imported: a run directory is data)."""
+        before anything is imported: a run directory is data). ``data_root``: where the data is now (relative to
+        the current directory), for a run moved to another machine; else config.yaml's (a relative one, written by
+        an earlier version, relative to the run directory, or to the current directory with a note)."""
         if Path(path).suffix in (".pt2", ".onnx") and Path(path).is_file():
             raise CheckpointError(f"{str(path)!r} is a file of `ddcnn export`, not a run directory; run it with "
                                   f"`ddcnn predict` or ddcnn.export.ExportedModel (a .pt2 program only with "
@@ -49,7 +55,7 @@ class SavedRun:
             raise CheckpointError(f"{str(path)!r} is not a ddcnn run directory (no ddcnn-run.json); give the --out "
                                   f"of a `ddcnn run`")
         self.run_dir.read_marker()
-        self.cfg = self._config(device, trust_code)
+        self.cfg = self._config(device, trust_code, data_root)
         self._read_facts()
         self.best = self.run_dir.read_json("results.json", RESULTS, optional=True)
         self.runtime = self._runtime()
@@ -70,10 +76,14 @@ class SavedRun:
         if not self.trained:
             raise CheckpointError(f"{str(path)!r} has no finished stage to evaluate; run (or --resume) it first")
 
-    def _config(self, device: str | None, trust_code: bool) -> Config:
+    def _config(self, device: str | None, trust_code: bool, data_root: str | None) -> Config:
         raw = self.run_dir.read_config()  # checked: a valid config
-        # --device is the user's own value: its errors are the user's
-        cfg = from_dict(raw if device is None else {**raw, "device": device})
+        raw, sets, notes = anchor_paths(raw, self.run_dir.path / "config.yaml",
+                                        [] if data_root is None else [f"data.root={json.dumps(data_root)}"])
+        for note in notes if self.is_main else ():
+            print(f"ddcnn: note: {note}", file=sys.stderr)
+        # --device and --data-root are the user's own values: their errors are the user's
+        cfg = from_dict(raw if device is None else {**raw, "device": device}, sets)
         config = str(self.run_dir.path / "config.yaml")
         try:
             check_model_settings(cfg.model, cfg.combiner, trust_code, repr(config))
@@ -114,11 +124,14 @@ class SavedRun:
         return model
 
     def datasets(self):
-        """``(train, test)`` as config.yaml's data section reads them, checked against data.json: data of other
-        classes, channels or image size would measure another test set than the run's."""
-        from ddcnn.data.datasets import load_datasets
-
-        train, test = load_datasets(self.cfg.data)
+        """``(train, val, test)`` as config.yaml's data section reads and splits them, checked against data.json:
+        data of other classes, channels or image size would measure another test set than the run's. Data that is
+        not there any more is one error naming the run's config.yaml and how to point the run at the data."""
+        try:
+            train, val, test, _ = load_splits(self.cfg.data)
+        except DataNotFoundError as err:
+            raise DataNotFoundError(f"{err} (data.root from {str(self.run_dir.path / 'config.yaml')!r}: where the "
+                                    f"data is now, give --data-root DIR)") from None
         facts = {"classes": self.classes, "channels": self.shapes.in_channels,
                  "image size": list(self.shapes.image_size)}
         found = {"classes": list(test.classes), "channels": test.in_channels, "image size": list(test.image_size)}
@@ -128,7 +141,7 @@ class SavedRun:
                     f"the data {str(self.run_dir.path / 'config.yaml')!r} names has {what} {found[what]} but the "
                     f"run's data.json records {facts[what]}: the models would be measured on another test set; "
                     f"point data.root at the run's own data, or restore config.yaml and data.json")
-        return train, test
+        return train, val, test
 
     def strategies(self) -> dict:
         """Every strategy this run trained: name -> ``normalised images -> (scores (B, K), local logits or None)``."""
@@ -167,6 +180,11 @@ class SavedRun:
             combiner = strategy.combiner(self.trained, self.decomposition.n_subdomains, self.shapes.num_classes)
         assert isinstance(ensemble, LocalEnsemble) and isinstance(combiner, Combiner)  # one process: all of them
         return Deployed.combined(standardise, self.decomposition, with_layout(ensemble, layout), combiner).eval()
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process speaks for the run (one process: always)."""
+        return True
 
     def run_batches(self, fn, images: torch.Tensor, batch_size: int = 512):
         """``fn`` over float images ``(M, C, *size)`` in [0, 1]: returns (scores (M, K), local logits or None)."""

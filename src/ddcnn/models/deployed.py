@@ -98,9 +98,9 @@ class Deployed(nn.Module):
 
     ``net`` maps normalised images to the strategy's scores (logits, log-probabilities or votes, see
     :mod:`ddcnn.models.combiners`). The output is their softmax, i.e. the probability of each class (for mean
-    probability exactly the mean of the local probabilities); for majority vote (``shares=True``) the scores
-    divided by their sum: each class's share of the N votes, up to the tie-break fraction below one vote that
-    orders tied classes. Either way the argmax is the strategy's decision.
+    probability exactly the mean of the local probabilities); for majority vote (``shares=True``) each class's
+    share of the N votes (:func:`vote_shares`: 4 of 4 votes is 1.000, 2 of 4 is 0.500, with a tie-break below
+    1e-6). Either way the argmax is the strategy's decision.
     """
 
     def __init__(self, standardise: Standardise, net: nn.Module, shares: bool = False):
@@ -117,6 +117,26 @@ class Deployed(nn.Module):
         return scores_to_probabilities(self.net(self.standardise(images)).float(), self.shares)
 
 
+# Added per place a class holds among the classes with as many votes: far below the printed precision of a share
+# (a unanimous vote reads 1.000, 2 of 4 votes 0.500) yet distinct in float32, so the argmax stays the vote's decision.
+TIE_BREAK = 1e-7
+
+
 def scores_to_probabilities(scores: torch.Tensor, shares: bool = False) -> torch.Tensor:
-    """``(B, K)`` strategy scores -> ``(B, K)`` probabilities (softmax) or vote shares (scores over their sum)."""
-    return scores / scores.sum(-1, keepdim=True) if shares else scores.softmax(-1)
+    """``(B, K)`` strategy scores -> ``(B, K)`` probabilities (softmax) or vote shares (:func:`vote_shares`)."""
+    return vote_shares(scores) if shares else scores.softmax(-1)
+
+
+def vote_shares(scores: torch.Tensor) -> torch.Tensor:
+    """Majority-vote scores ``(B, K)`` (votes plus a fraction below one that orders tied classes, see
+    :class:`~ddcnn.models.combiners.MajorityVote`) -> each class's share of the N votes, ``votes / N``, plus
+    :data:`TIE_BREAK` times the number of classes with as many votes that it beats (higher fraction, or the same
+    and a higher class index). The argmax is the vote's decision; the shares sum to 1 up to ``K * TIE_BREAK``."""
+    votes = scores.floor()
+    k = scores.shape[-1]
+    index = torch.arange(k, device=scores.device)
+    mine, theirs = scores.unsqueeze(-1), scores.unsqueeze(-2)  # [b, c, d]: class c against class d
+    beats = (theirs < mine) | ((theirs == mine) & (index.view(1, k) > index.view(k, 1)))
+    tied = votes.unsqueeze(-1) == votes.unsqueeze(-2)
+    place = (beats & tied).to(scores.dtype).sum(-1)
+    return votes / votes.sum(-1, keepdim=True) + TIE_BREAK * place

@@ -110,6 +110,17 @@ class Family:
         if self.template is not None and self.kwargs:
             raise ConfigError(f"backbone_kwargs {self.kwargs} need a factory; a module is copied as it is")
 
+    def takes_width(self) -> bool:
+        """Whether the width reaches the CNNs: the built-in families, and a factory with a ``width`` keyword."""
+        if self.builtin:
+            return True
+        if self.factory is None:  # a module, copied as it is
+            return False
+        try:
+            return "width" in inspect.signature(self.factory).parameters
+        except (TypeError, ValueError):
+            return False
+
     def build(self, in_channels: int, num_classes: int, width: int, dims: int, groups: int = 1) -> nn.Module:
         """One CNN ``(B, C, *size) -> (B, K)`` (or ``groups`` fused ones, built-in families only)."""
         if self.builtin:

@@ -12,6 +12,7 @@ from ddcnn.config import STAGES
 from ddcnn.decomposition import Decomposition
 from ddcnn.errors import DDCNNError
 from ddcnn.files import atomic_write_text, own_folder
+from ddcnn.report.classes import metrics_section
 from ddcnn.report.collapse import collapse_warnings
 from ddcnn.report.plots import (
     _grid_index,
@@ -197,6 +198,8 @@ def write_report(
         if results.get("best_strategy_basis"):
             how = how or f", chosen on {results['best_strategy_basis']}"
         lines += ["", f"**Best strategy:** {md_cell(strategy_label(best))}{score}{how}."]
+
+    lines += metrics_section(results, best)
 
     collapses = collapse_warnings(results)
     if collapses:

@@ -47,6 +47,9 @@ _COLUMNS_MAX = 3  # stages side by side: wider figures are shrunk to the page an
 _SUBDOMAIN_STYLE: dict[str, Any] = {"color": "tab:orange", "alpha": 0.35, "linewidth": 1.0}
 
 
+_KEPT_STYLE: dict[str, Any] = {"color": "0.35", "linestyle": "--", "linewidth": 1.2}
+
+
 def plot_learning_curves(metrics: Sequence[Mapping], path) -> Path:
     """The figure of :func:`learning_curves_figure` as a PNG."""
     return save_figure(learning_curves_figure(metrics), path)
@@ -61,8 +64,11 @@ def learning_curves_figure(metrics: Sequence[Mapping]) -> Figure:
     wins. With no records the figure says so.
     """
     by_stage: dict[str, dict[int, Mapping]] = {}
+    kept: dict[str, int] = {}  # the epoch whose weights each stage handed on (its end record)
     for record in metrics:
         stage, epoch = record.get("stage"), finite_number(record.get("epoch"))
+        if record.get("event") == "end" and finite_number(record.get("kept_epoch")) is not None:
+            kept[str(stage)] = int(record["kept_epoch"])
         if stage is None or epoch is None:
             continue
         by_stage.setdefault(str(stage), {})[int(epoch)] = record
@@ -101,6 +107,10 @@ def learning_curves_figure(metrics: Sequence[Mapping]) -> Figure:
         loss_ax.plot(epochs, _curve(records, "train_loss"), color="tab:blue", **style)
         loss_ax.plot(epochs, _curve(records, "val_loss"), color="tab:orange", **style)
 
+        if stage in kept:
+            for ax in (acc_ax, loss_ax):
+                ax.axvline(kept[stage], **_KEPT_STYLE)
+
         seconds = finite_number(records[-1].get("seconds"))
         title = stage_label(stage) + (f" ({seconds:,.1f} s)" if seconds is not None else "")
         acc_ax.set_title(title, fontsize=12)
@@ -118,6 +128,9 @@ def learning_curves_figure(metrics: Sequence[Mapping]) -> Figure:
         axes[2 * band + 1, column].set_axis_off()
     handles = [Line2D([], [], color="tab:blue", **style), Line2D([], [], color="tab:orange", **style)]
     labels = ["train", "validation"]
+    if kept:
+        handles.append(Line2D([], [], **_KEPT_STYLE))
+        labels.append("kept epoch")
     if subdomains:  # a legend line as visible as the thin lines it stands for
         handles.append(Line2D([], [], **{**_SUBDOMAIN_STYLE, "alpha": 0.6, "linewidth": 1.5}))
         labels.append("validation, each subdomain (local CNNs)")
@@ -251,7 +264,8 @@ def _display_image(image, decomposition: Decomposition) -> tuple[np.ndarray, str
 
 
 def plot_decomposition(image, decomposition: Decomposition, path, title: str | None = None) -> Path:
-    """One image with every subimage's rectangle (distinct colours, overlaps tinted darker) and its index.
+    """One image with every subimage's rectangle (distinct colours; on a grey image the subimages are tinted, so
+    overlaps show darker; a colour image keeps its colours) and its index.
 
     ``image`` is a tensor or array ``(C, H, W)`` or ``(C, D, H, W)`` (the channel axis may be left out), of any
     value range: it is scaled to 0..1 for display; one channel is shown grey, three as RGB, otherwise channel 0. For
@@ -276,9 +290,10 @@ def plot_decomposition(image, decomposition: Decomposition, path, title: str | N
     ax.imshow(plane, cmap="gray" if plane.ndim == 2 else None, vmin=0.0, vmax=1.0, interpolation="nearest")
     colours = _distinct_colours(len(boxes))
     fontsize = max(5.0, min(12.0, 70.0 / max(decomposition.grid[-2:])))
+    tint = 0.18 if plane.ndim == 2 else 0.0  # a colour picture keeps its own colours: outlines only
     for colour, ((y0, x0, y1, x1), indices) in zip(colours, boxes.items()):
         # Pixel i spans [i - 0.5, i + 0.5] in imshow coordinates.
-        ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, facecolor=(*colour, 0.18), edgecolor="none"))
+        ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, facecolor=(*colour, tint), edgecolor="none"))
         ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, facecolor="none", edgecolor=colour,
                                linewidth=2.0))
         ax.text((x0 + x1 - 1) / 2, (y0 + y1 - 1) / 2, "/".join(map(str, indices)), ha="center", va="center",

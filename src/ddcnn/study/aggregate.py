@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ddcnn.config import METRICS
 from ddcnn.files import read_json
 from ddcnn.study.stats import METHOD, paired_differences, ratio_summary, summarize, verdict
 from ddcnn.train.schedule import converged
@@ -71,22 +72,36 @@ def read_run(cell: str, seed: int, out: Path) -> RunData:
     return RunData(cell, seed, results, metrics)
 
 
-def _accuracies(runs: Sequence[RunData]) -> dict[str, dict[int, float]]:
-    """strategy -> seed -> test accuracy, for the strategies the runs report."""
+def _accuracies(runs: Sequence[RunData], metric: str = "accuracy") -> dict[str, dict[int, float]]:
+    """strategy -> seed -> test ``metric`` (ddcnn.metrics' names; accuracy is results.json's test_accuracy), for
+    the strategies the runs report."""
     table: dict[str, dict[int, float]] = {}
     for run in runs:
         for name, entry in (run.results.get("strategies") or {}).items():
-            accuracy = entry.get("test_accuracy") if isinstance(entry, dict) else None
-            if isinstance(accuracy, int | float) and not isinstance(accuracy, bool):
-                table.setdefault(name, {})[run.seed] = float(accuracy)
+            if not isinstance(entry, dict):
+                continue
+            value = entry.get("test_accuracy") if metric == "accuracy" else \
+                (entry.get("test_metrics") or {}).get(metric)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                table.setdefault(name, {})[run.seed] = float(value)
     return table
 
 
-def _strategy_stats(runs: Sequence[RunData], name: str, accuracy: Mapping[int, float]) -> dict:
+def claims_metric(runs: Sequence[RunData]) -> str:
+    """The metric the claims compare: the runs' evaluation.metric (results.json), accuracy for earlier runs."""
+    return next((run.results["evaluation_metric"] for run in runs if run.results.get("evaluation_metric") in METRICS),
+                "accuracy")
+
+
+def _strategy_stats(runs: Sequence[RunData], name: str, accuracy: Mapping[int, float],
+                    others: Mapping[str, Mapping[str, Mapping[int, float]]] | None = None) -> dict:
     entries = [run.results["strategies"][name] for run in runs if name in (run.results.get("strategies") or {})]
     seconds = [e["train_seconds"] for e in entries if isinstance(e.get("train_seconds"), int | float)]
     parameters = sorted({e["parameters"] for e in entries if isinstance(e.get("parameters"), int)})
     return {"accuracy": summarize(list(accuracy.values())).as_dict(),
+            # the metrics beyond accuracy, mean and CI over the seeds (absent for runs of earlier versions)
+            "metrics": {metric: summarize(list(table.get(name, {}).values())).as_dict()
+                        for metric, table in (others or {}).items()},
             "train_seconds": summarize(seconds).as_dict(),
             "parameters": parameters[0] if len(parameters) == 1 else parameters,
             "per_seed": {str(s): a for s, a in sorted(accuracy.items())}}
@@ -212,19 +227,22 @@ def regime(runs: Sequence[RunData]) -> dict:
 def aggregate_cell(runs: Sequence[RunData]) -> dict:
     """Strategies, claims and learning curves of one cell's finished runs."""
     accuracies = _accuracies(runs)
+    others = {metric: _accuracies(runs, metric) for metric in METRICS if metric != "accuracy"}
+    metric = claims_metric(runs)
+    compared = accuracies if metric == "accuracy" else others.get(metric, {})  # what the claims compare
     width = "global_transfer" in accuracies
     claims = {}
     # A width cell on whole images has no CNN-DNN: the paper's first claims are left out of it, not "not measured".
     for a, b in [c for c in CLAIMS if not width or {*c} <= set(accuracies)] + list(WIDTH_CLAIMS if width else ()):
-        if a in accuracies and b in accuracies:
-            claims[f"{a} - {b}"] = {"a": a, "b": b, **claim(accuracies[a], accuracies[b])}
+        if a in compared and b in compared:
+            claims[f"{a} - {b}"] = {"a": a, "b": b, **claim(compared[a], compared[b])}
             if (a, b) in NONINFERIORITY:
                 claims[f"{a} - {b}"]["noninferiority"] = noninferiority(claims[f"{a} - {b}"], NONINFERIORITY[a, b])
         else:
-            claims[f"{a} - {b}"] = not_measured(a, b, accuracies)
+            claims[f"{a} - {b}"] = not_measured(a, b, compared)
     times = [c for c in TIME_CLAIMS if not width or {*c} <= set(accuracies)] + list(WIDTH_TIME_CLAIMS if width else ())
-    return {"strategies": {name: _strategy_stats(runs, name, acc) for name, acc in accuracies.items()},
-            "claims": claims,
+    return {"strategies": {name: _strategy_stats(runs, name, acc, others) for name, acc in accuracies.items()},
+            "claims_metric": metric, "claims": claims,
             "time_claims": {f"{a} / {b}": time_claim(runs, a, b) for a, b in times},
             **({"equal_cost_claims": {f"{a} - {b}": equal_cost_claim(runs, a, b) for a, b in WIDTH_EQUAL_COST}}
                if width else {}),

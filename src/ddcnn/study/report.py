@@ -13,6 +13,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from ddcnn.files import atomic_write_text, own_folder
+from ddcnn.metrics import LABELS
 from ddcnn.report.plots import save_figure
 from ddcnn.report.tables import md_code, ordered, strategy_label
 from ddcnn.strategies import STRATEGIES
@@ -188,7 +189,29 @@ def strategies_table(data: Mapping) -> str:
             parameters = entry["parameters"]
             parameters = f"{parameters:,}" if isinstance(parameters, int) else str(parameters)
             lines.append(f"| {cell['label']} | {strategy_label(name)} | {_pp(acc['mean'])} | {_pp(acc['std'])} | "
-                         f"{_interval(acc)} | {acc['n']} | {format_seconds(entry['train_seconds'])} | {parameters} |")
+                         f"{_clipped(acc)} | {acc['n']} | {format_seconds(entry['train_seconds'])} | {parameters} |")
+    return "\n".join(lines)
+
+
+def _clipped(summary: Mapping) -> str:
+    """The 95% CI of an accuracy-like value in percent, clipped to [0, 100] as the plots clip it."""
+    if summary.get("ci_low") is None:
+        return MISSING
+    _, low, high = _accuracy_bounds(summary)
+    return f"[{low:.2f}, {high:.2f}]"
+
+
+def metrics_table(data: Mapping) -> str:
+    """Balanced accuracy, macro F1 and ROC AUC per cell and strategy: mean over the seeds and 95% CI (clipped)."""
+    keys = ("balanced_accuracy", "macro_f1", "roc_auc")
+    lines = ["| cell | strategy | " + " | ".join(f"{LABELS[k]} (%)" for k in keys) + " |",
+             "|:---|:---|" + ":---:|" * len(keys)]
+    for cell in data["cells"]:
+        for name in ordered(cell["strategies"], tuple(STRATEGIES)):
+            metrics = cell["strategies"][name].get("metrics") or {}
+            values = [f"{_pp(metrics[k]['mean'])} {_clipped(metrics[k])}" if (metrics.get(k) or {}).get("n")
+                      else MISSING for k in keys]
+            lines.append(f"| {cell['label']} | {strategy_label(name)} | " + " | ".join(values) + " |")
     return "\n".join(lines)
 
 
@@ -363,7 +386,8 @@ def write_report(data: Mapping, folder: Path) -> Path:
         "## Claims (paired over seeds)",
         "",
         f"Columns: {', '.join(data['cells'][0]['values']) or 'the base config'}. Each entry: the mean difference in "
-        f"test accuracy (percentage points) over the seeds, its 95% CI, the seeds where it holds, and the verdict.",
+        f"test {LABELS.get(data['cells'][0].get('claims_metric', 'accuracy'), 'accuracy')} (percentage points; "
+        f"evaluation.metric) over the seeds, its 95% CI, the seeds where it holds, and the verdict.",
         "",
         claims_matrix(data),
         "",
@@ -385,7 +409,13 @@ def write_report(data: Mapping, folder: Path) -> Path:
         "",
         strategies_table(data),
         "",
-        "Train time is what each strategy's training stages took (the CNN-DNN's includes the local CNNs').",
+        "Train time is what each strategy's training stages took (the CNN-DNN's includes the local CNNs'). "
+        "Intervals are clipped to 0-100 %, as in the plots.",
+        "",
+        "Metrics beyond accuracy (test set; mean over the seeds and 95% CI; macro: every class counts once; "
+        "majority vote gives votes, so no ROC AUC):",
+        "",
+        metrics_table(data),
         "",
         "![accuracy per strategy and cell](plots/accuracy.png)",
         "",

@@ -17,18 +17,18 @@ split_seed: seed                      # optional: every run's data split follows
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import itertools
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ddcnn.config import apply_overrides, builtin_backbone_only, from_dict
+from ddcnn.config import anchor_paths, apply_overrides, builtin_backbone_only, from_dict
 from ddcnn.errors import ConfigError, did_you_mean
 from ddcnn.files import load_yaml
 from ddcnn.models.settings import check_model_settings
@@ -176,8 +176,9 @@ def load_study(path: str | Path, trusted: bool = True) -> Study:
         if not isinstance(base_data, dict):
             raise ConfigError(f"{where}: base config {base!r} must hold a mapping of config keys to values")
         _check_plain(base_data, f"{where}: base config {base!r}")
+        base_data, _, notes = anchor_paths(base_data, path.parent / base)  # base.yaml records data.root absolute
     elif isinstance(base, dict):
-        base_data = copy.deepcopy(base)
+        base_data, _, notes = anchor_paths(base, path)
     else:
         raise ConfigError(f"{where}: base must be a config file (a path relative to the study file) or a mapping of "
                           f"config keys, e.g. base: ../configs/fashion_mnist_2x2.yaml")
@@ -185,6 +186,12 @@ def load_study(path: str | Path, trusted: bool = True) -> Study:
     settings = data.get("set") or {}
     if not isinstance(settings, dict):
         raise ConfigError(f"{where}: set must map config keys to values, e.g. set: {{model.width: 16}}")
+    if isinstance(settings.get("data.root"), str):  # written in the study file: relative to it
+        anchored, _, more = anchor_paths({"data": {"root": settings["data.root"]}}, path)
+        settings = {**settings, **{f"data.{k}": v for k, v in anchored["data"].items()}}
+        notes += more
+    for note in notes:
+        print(f"ddcnn: note: {note}", file=sys.stderr)
     axes = data.get("axes") or {}
     if not isinstance(axes, dict):
         raise ConfigError(f"{where}: axes must map config keys to lists of values, e.g. axes: {{model.backbone: "

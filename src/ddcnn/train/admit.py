@@ -8,7 +8,7 @@ touched, so a refused run leaves every file as it was.
 2. The device (:func:`ddcnn.train.runtime.make_runtime`) and the stages' dependencies (:func:`check_stages`); the
    models' names and an imported backbone, imported only when trusted
    (:func:`ddcnn.models.settings.check_model_settings`, first in :func:`ddcnn.train.context.build_context`).
-3. The data: files, shapes, classes, and whether the images fit in memory (:func:`ddcnn.data.datasets.load_datasets`;
+3. The data: files, shapes, classes, and whether the images fit in memory (:func:`ddcnn.data.datasets.load_splits`;
    Datasets given from Python: :func:`ddcnn.data.python.prepare`, before the run is set up).
 4. The models: the grid against the backbone's depth, a foreign CNN run once on a sample
    (:class:`ddcnn.build.Models`).
@@ -34,8 +34,7 @@ import torch
 from ddcnn.build import Models, Shapes, meta_model, weight_shapes, with_backend
 from ddcnn.config import STAGES, Config, active, builtin_backbone_only
 from ddcnn.data.balance import class_weights
-from ddcnn.data.datasets import load_datasets
-from ddcnn.data.loading import split_dataset
+from ddcnn.data.datasets import load_splits
 from ddcnn.data.python import PythonData
 from ddcnn.data.readers import ImageDataset
 from ddcnn.errors import CheckpointError, ConfigError
@@ -61,6 +60,7 @@ class Admitted:
     classes: list[str]
     models: Models
     events: list[dict]
+    given: bool = False  # whether the folder came split (train/, val/, test/), for splits.json
 
 
 def admit(cfg: Config, run_dir: RunDir, device: torch.device, env: DistEnv, resume: bool, force: bool,
@@ -73,10 +73,10 @@ def admit(cfg: Config, run_dir: RunDir, device: torch.device, env: DistEnv, resu
     if env.is_main:
         admit_run_dir_early(run_dir, cfg, resume, force)  # the refusals that need no import, before any import
     check_model_settings(cfg.model, cfg.combiner, trusted, source, builtin_only=builtin_backbone_only(cfg))
+    given = False
     if python is None:
-        train_full, test = load_datasets(cfg.data)
-        train, val = split_dataset(train_full, cfg.data.val_fraction, cfg.data.split_seed)
-        classes = list(train_full.classes)
+        train, val, test, given = load_splits(cfg.data)
+        classes = list(train.classes)
     else:
         train, val, test, classes = python.train, python.val, python.test, python.classes
     if cfg.data.balance is not None:  # a class with no training image cannot be weighted or drawn
@@ -90,7 +90,7 @@ def admit(cfg: Config, run_dir: RunDir, device: torch.device, env: DistEnv, resu
             print(f"ddcnn: note: {note}", file=sys.stderr)
     admit_models(cfg, models, device, len(train), env)
     events = admit_run_dir(run_dir, cfg, resume, force, models) if env.is_main else []
-    return Admitted(cfg, train, val, test, classes, models, events)
+    return Admitted(cfg, train, val, test, classes, models, events, given)
 
 
 def admit_run_dir(run_dir: RunDir, cfg: Config, resume: bool, force: bool, models: Models | None = None

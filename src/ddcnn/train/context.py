@@ -18,8 +18,10 @@ from ddcnn.data.balance import class_weights
 from ddcnn.data.loading import Normalizer, make_batches
 from ddcnn.data.python import PythonData
 from ddcnn.data.readers import ImageDataset
+from ddcnn.data.splits import split_record
 from ddcnn.data.volumes import volume_recipe
 from ddcnn.finished.predictions import accuracy
+from ddcnn.metrics import metric_value
 from ddcnn.models import LocalEnsemble, forward_flops
 from ddcnn.models.combiners import Combiner
 from ddcnn.train import dist
@@ -29,7 +31,7 @@ from ddcnn.train.engine.loop import FitResult, StageSpec
 from ddcnn.train.parallel.base import Parallelism
 from ddcnn.train.parallel.choose import choose
 from ddcnn.train.parallel.local import LocalShards
-from ddcnn.train.runtime import M, Runtime
+from ddcnn.train.runtime import M, Runtime, device_name
 from ddcnn.train.store.metrics import MetricsLog
 from ddcnn.train.store.rundir import RunDir
 
@@ -147,7 +149,14 @@ class Context:
 
     def val_scores(self, logits: torch.Tensor) -> dict:
         return {"val_loss": F.cross_entropy(logits, self.val.labels).item(),
-                "val_accuracy": accuracy(logits, self.val.labels)}
+                "val_accuracy": accuracy(logits, self.val.labels), **self.monitored(logits)}
+
+    def monitored(self, logits: torch.Tensor) -> dict:
+        """The validation metrics that some stage's ``monitor`` names beyond loss and accuracy, of logits
+        ``(M, K)``: ``{"val_macro_f1": ...}`` (:mod:`ddcnn.metrics`)."""
+        wanted = {self.cfg.stages.get(s).monitor for s in STAGES} - {"val_accuracy", "val_loss"}
+        return {key: metric_value(logits, self.val.labels, key.removeprefix("val_"), len(self.classes))
+                for key in sorted(wanted)}
 
     def val_metrics(self, fn) -> dict:
         """Validation loss and accuracy of ``fn`` (images -> logits); None when there is no validation split."""
@@ -209,11 +218,28 @@ def build_context(cfg: Config, run_dir: RunDir, runtime: Runtime, env: DistEnv, 
             **({"volumes": recipe.to_json()} if (recipe := volume_recipe(cfg.data)) is not None else {}),
             **({"python": python.facts} if python is not None else {}),
         })
+        run_dir.write_json("splits.json", split_record(cfg.data.name, train, val, test, admitted.given))
     env.barrier()  # the other ranks read the run directory that rank 0 prepared
     log = MetricsLog(run_dir, verbose, print_line) if env.is_main else _no_log
     ways = {stage: choose(cfg, stage, env, shapes.image_size, models.n_local) for stage in STAGES}
-    return Context(cfg, env, runtime, run_dir, train, val, test, classes, normalizer, models, log,
-                   verbose and env.is_main, ways, python)
+    ctx = Context(cfg, env, runtime, run_dir, train, val, test, classes, normalizer, models, log,
+                  verbose and env.is_main, ways, python)
+    for line in header(ctx):
+        ctx.echo(line)
+    return ctx
+
+
+def header(ctx: Context) -> list[str]:
+    """The lines a run starts with: where it writes, the data's sizes, the decomposition, the device."""
+    d, shapes = ctx.decomposition, ctx.models.shapes
+    precision = "bf16 autocast" if ctx.runtime.amp_dtype is not None else "fp32"
+    processes = f", {ctx.env.world} processes" if ctx.env.world > 1 else ""
+    return [f"run directory {ctx.run_dir.path.resolve()}",
+            f"data {ctx.cfg.data.name}: {len(ctx.train):,} train, {len(ctx.val):,} val, {len(ctx.test):,} test images "
+            f"{list(shapes.image_size)} x {shapes.in_channels} channel(s), {len(ctx.classes)} classes",
+            f"grid {list(d.grid)}: {d.n_subdomains} subimages of {list(d.subimage_size)}, backbone "
+            f"{ctx.cfg.model.backbone}",
+            f"device {device_name(ctx.runtime.device)} ({ctx.runtime.device}, {precision}){processes}"]
 
 
 def _no_log(record: dict) -> None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from ddcnn.data.loading import split_dataset, to_float
+from ddcnn.data.loading import to_float
 from ddcnn.data.readers import ImageDataset
 from ddcnn.finished.predictions import Predictions, accuracy
 from ddcnn.finished.run import predict
+from ddcnn.train.best import best_strategy, strategy_metrics
 from ddcnn.train.dist import DistEnv
 from ddcnn.train.runtime import device_name
 from ddcnn.train.saved import ShardedRun
@@ -15,18 +16,19 @@ from ddcnn.train.scoring import score_strategies
 
 
 def evaluate_run(run_dir, device: str | None = None, env: DistEnv | None = None,
-                 trust_code: bool = False, splits: dict[str, ImageDataset] | None = None) -> dict | None:
+                 trust_code: bool = False, splits: dict[str, ImageDataset] | None = None,
+                 data_root: str | None = None) -> dict | None:
     """Validation and test accuracy of every saved strategy, recomputed from the checkpoints through the
     protocol's scoring path; written to ``evaluation.json``.
 
     Under torchrun (``env``) each process holds its shard of the local CNNs and all compute together; rank 0
-    writes the file and returns the results, the others None. ``trust_code``: see :class:`ShardedRun`. ``splits``:
-    ``{"test": ..., "val": ...}`` to score (datasets given from Python), else the config's data are read.
+    writes the file and returns the results, the others None. ``trust_code``, ``data_root``: see
+    :class:`ddcnn.finished.run.SavedRun`. ``splits``: ``{"test": ..., "val": ...}`` to score (datasets given from
+    Python), else the config's data are read.
     """
-    run = ShardedRun(run_dir, device, env, trust_code)
+    run = ShardedRun(run_dir, device, env, trust_code, data_root)
     if splits is None:
-        train_full, test = run.datasets()
-        _, val = split_dataset(train_full, run.cfg.data.val_fraction, run.cfg.data.split_seed)
+        _, val, test = run.datasets()
         splits = {"val": val, "test": test} if len(val) else {"test": test}
     scores = {split: score_strategies(run.trained, run.decomposition, run.shapes.num_classes, run.run_batches,
                                       to_float(data.images), run.env, run.cfg.decomposition.kind)[0]
@@ -41,8 +43,11 @@ def evaluate_run(run_dir, device: str | None = None, env: DistEnv | None = None,
             "val_accuracy": accuracy(scores["val"][name], splits["val"].labels) if "val" in scores else None,
             "test_accuracy": accuracy(scores["test"][name], splits["test"].labels),
             "train_seconds": old.get("train_seconds"), "parameters": old.get("parameters"),
-            "flops_per_image": old.get("flops_per_image")}
-    results = {"dataset": run.cfg.data.name, "grid": list(run.decomposition.grid),
+            "flops_per_image": old.get("flops_per_image"),
+            **strategy_metrics(name, {s: scores[s][name] for s in scores}, splits, run.classes)}
+    best, basis = best_strategy(strategies, run.cfg.evaluation.metric) if "val" in scores else (None, None)
+    results = {"dataset": run.cfg.data.name, "grid": list(run.decomposition.grid), "best_strategy": best,
+               "best_strategy_basis": basis,
                "overlap": list(run.decomposition.overlap), "device_name": device_name(run.runtime.device),
                "torch_version": torch.__version__,
                "strategies": strategies}

@@ -20,6 +20,7 @@ from ddcnn.predicted import pack_classes
 from ddcnn.strategies import STRATEGIES, available
 from ddcnn.train import dist, stages
 from ddcnn.train.admit import check_stages
+from ddcnn.train.best import best_strategy, strategy_metrics
 from ddcnn.train.context import Context, StageResult, build_context
 from ddcnn.train.dist import DistEnv
 from ddcnn.train.runtime import device_name, make_runtime
@@ -115,17 +116,17 @@ def evaluate_test(ctx: Context, done: dict[str, StageResult], command: str = "")
     costs = _model_costs(ctx, done, trained)
     if not ctx.env.is_main:
         return None
-    strategies, curves, target = _strategy_records(ctx, done, scores, costs)
+    strategies, curves, target = _strategy_records(ctx, done, scores, costs, splits)
     if "val" in scores:
-        best = max(strategies, key=lambda name: cast(float, strategies[name]["val_accuracy"]))
-        basis = "validation accuracy"
+        best, basis = best_strategy(strategies, ctx.cfg.evaluation.metric)
     else:  # the test set never chooses: without a validation split, the first strategy trained is reported
         best, basis = next(iter(strategies)), "none (no validation split): the first strategy trained"
     results = {**_run_facts(ctx, command), "strategies": strategies, **_stage_records(ctx, done),
-               "best_strategy": best, "best_strategy_basis": basis, "target": target, "curves": curves,
+               "best_strategy": best, "best_strategy_basis": basis, "evaluation_metric": ctx.cfg.evaluation.metric,
+               "target": target, "curves": curves,
                "transfer_used_dnn": ("combine" in _initialised_from(done)) if "transfer" in done else None,
-               "confusion_matrix": {"strategy": best, "matrix": confusion(scores["test"][best].argmax(-1),
-                                                                          ctx.test.labels, len(ctx.classes))},
+               "confusion_matrix": {"strategy": best,
+                                    "matrix": strategies[best]["test_metrics"]["confusion_matrix"]},
                # every strategy's class per test image (ddcnn.predicted): a bootstrap over test images needs them
                "test_predictions": {name: pack_classes(score.argmax(-1).tolist())
                                     for name, score in scores["test"].items()}}
@@ -174,9 +175,10 @@ def _initialised_from(done: dict[str, StageResult]) -> tuple[str, ...]:
     return tuple(done["transfer"].extras["initialised_from"]) if "transfer" in done else ()
 
 
-def _strategy_records(ctx: Context, done: dict[str, StageResult], scores: dict, costs: dict
+def _strategy_records(ctx: Context, done: dict[str, StageResult], scores: dict, costs: dict, splits: dict
                       ) -> tuple[dict, dict, dict]:
-    """Each strategy's accuracies, cost, time to the target and size; its learning curve; the target."""
+    """Each strategy's accuracies and metrics beyond accuracy, cost, time to the target and size; its learning
+    curve; the target."""
     critical = _critical(done)
     stage_data = {stage: (result.summary, result.history, critical.get(stage)) for stage, result in done.items()}
     target, target_source = target_accuracy(ctx.cfg.evaluation, done["global"].history if "global" in done else None)
@@ -190,7 +192,8 @@ def _strategy_records(ctx: Context, done: dict[str, StageResult], scores: dict, 
                             "time_to_target": time_to_target(curves[name], target),
                             # how often it gives each class on the test set: the report warns of a collapse
                             "test_predicted": torch.bincount(scores["test"][name].argmax(-1),
-                                                             minlength=len(ctx.classes)).tolist()}
+                                                             minlength=len(ctx.classes)).tolist(),
+                            **strategy_metrics(name, {s: scores[s][name] for s in scores}, splits, ctx.classes)}
     return strategies, curves, {"val_accuracy": target, "source": target_source}
 
 
@@ -243,7 +246,3 @@ def _summed(env: DistEnv, parameters: int, flops: int) -> tuple[int, int]:
     parts = env.all_gather((parameters, flops))
     return sum(p for p, _ in parts), sum(f for _, f in parts)
 
-
-def confusion(predicted: torch.Tensor, labels: torch.Tensor, k: int) -> list[list[int]]:
-    """``k x k`` counts: row = true class, column = predicted class."""
-    return torch.bincount(labels * k + predicted, minlength=k * k).view(k, k).tolist()

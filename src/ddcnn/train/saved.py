@@ -28,9 +28,13 @@ class ShardedRun(SavedRun):
     loaded, and under torchrun each process loads its shard of the local CNNs and CNN-DNNs."""
 
     def __init__(self, path: str | Path, device: str | None = None, env: DistEnv | None = None,
-                 trust_code: bool = False):
+                 trust_code: bool = False, data_root: str | None = None):
         self.env = env or DistEnv()
-        super().__init__(path, device, trust_code)
+        super().__init__(path, device, trust_code, data_root)
+
+    @property
+    def is_main(self) -> bool:
+        return self.env.is_main
 
     def _runtime(self) -> Runtime:
         return make_runtime(self.cfg, self.env)

@@ -87,8 +87,11 @@ def train_local(ctx: Context, done: Done) -> StageResult:
         per, per_loss = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         record = {"val_loss": per_loss.mean().item(), "val_accuracy": per.mean().item(),
                   "val_accuracy_per_subdomain": per.tolist()}
+        everyone = torch.cat([p[2] for p in parts], dim=1)  # (M, N, K): the shards in rank order
+        # a monitored metric beyond accuracy: its mean over the local CNNs, as val_accuracy (on every process)
+        per_cnn = [ctx.monitored(everyone[:, j]) for j in range(everyone.shape[1])]
+        record.update({key: sum(m[key] or 0.0 for m in per_cnn) / len(per_cnn) for key in per_cnn[0]})
         if ctx.env.is_main:
-            everyone = torch.cat([p[2] for p in parts], dim=1)  # (M, N, K): the shards in rank order
             for name in scored_every_epoch(ctx.cfg.decomposition.kind):
                 rule = STRATEGIES[name].combiner({}, ctx.n_local, len(ctx.classes))
                 record[f"val_accuracy_{name}"] = accuracy(rule(everyone), ctx.val.labels)

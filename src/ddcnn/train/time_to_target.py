@@ -84,8 +84,10 @@ def target_accuracy(cfg: EvaluationConfig, global_history: Sequence[Mapping] | N
     if not values:
         return None, ("no target: the global CNN was not trained (or has no validation accuracy) and "
                       "evaluation.target_accuracy is not set")
-    return max(values) - cfg.target_margin, (f"the global CNN's best validation accuracy ({100 * max(values):.2f} %) "
-                                             f"minus evaluation.target_margin ({100 * cfg.target_margin:.2f} pp)")
+    # clipped at 0: a global CNN that got nothing right gives a target of 0, not a negative accuracy
+    return max(max(values) - cfg.target_margin, 0.0), (
+        f"the global CNN's best validation accuracy ({100 * max(values):.2f} %) minus evaluation.target_margin "
+        f"({100 * cfg.target_margin:.2f} pp)")
 
 
 def time_to_target(curve: Sequence[Mapping], target: float | None) -> dict | None:

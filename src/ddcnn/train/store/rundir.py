@@ -20,14 +20,14 @@ from ddcnn.train.store.schema import TRAINING_STATE, fix_for
 MARKER = "ddcnn-run.json"
 # Settings that the saved weights depend on: a resumed run must not change them.
 FROZEN_SECTIONS = ("seed", "data", "decomposition", "model", "combiner")
-FREE_DATA_KEYS = ("workers", "device_resident_limit_gb")
+FREE_DATA_KEYS = ("workers", "device_resident_limit_gb", "root", "root_as_written")  # how and where, not what
 # Sections added after runs were first written: a run's config.yaml from before lacks them (their defaults hold).
 LATER_SECTIONS = ("evaluation",)
 LATER_STAGES = ("global_transfer",)  # likewise a stage added later
 # The marker first: --force removes it before anything else, so a kill in the middle never leaves a marked run
 # without its config.yaml.
 OUTPUTS = (MARKER, "checkpoints", "plots", "tensorboard", "metrics.jsonl", "results.json", "report.md",
-           "config.yaml", "data.json", "local_timing.json", "evaluation.json", ".write-test")
+           "config.yaml", "data.json", "splits.json", "local_timing.json", "evaluation.json", ".write-test")
 # The folders a run writes into: one that is a symbolic link (a received run's plots/ pointing elsewhere) is refused
 # before anything is written (ddcnn.train.admit.admit_run_dir_early), so nothing is written through it.
 FOLDERS = ("checkpoints", "plots", "tensorboard")
@@ -147,7 +147,7 @@ class RunDir:
     def check_same_config(self, cfg: Config) -> dict:
         """Refuse a config that changes a setting the saved weights depend on; returns the saved config."""
         saved = self.read_config()
-        old, new = to_dict(from_dict(saved)), to_dict(cfg)  # keys added later: their defaults held
+        old, new = to_dict(from_dict(saved)), to_dict(cfg)  # keys added later or left out: their defaults held
         for key in FREE_DATA_KEYS:  # how the data is fed, not what it is
             for config in (old, new):
                 if isinstance(config.get("data"), dict):
