@@ -288,9 +288,15 @@ def test_a_run_root_that_the_user_made_a_link_still_works(tmp_path):
 
 
 def test_the_study_report_replaces_links_and_refuses_a_linked_plots_folder(tmp_path, outside):
+    from ddcnn.study.aggregate import RunData, aggregate
     from ddcnn.study.report import write_report
 
-    data = json.loads((Path(__file__).parents[1] / "docs/evidence/fashion_mnist_claims/study.json").read_text())
+    runs = [RunData("c", seed, {"strategies": {name: {"test_accuracy": 0.8 + seed / 100 + i / 50, "val_accuracy": 0.8}
+                                               for i, name in enumerate(("global", "transfer"))}, "stages": {}})
+            for seed in (0, 1)]
+    data = {"name": "s", "spec_sha256": "0" * 64, "command": "ddcnn study s.yaml", "last_command": None,
+            "seeds": [0, 1], **aggregate([{"id": "c", "label": "c", "values": {}}], runs,
+                                         {"c": {0: "finished", 1: "finished"}})}
     folder = tmp_path / "study"
     (folder / "plots").mkdir(parents=True)
     for name in ("study.md", "plots/accuracy.png"):

@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoints")
     run.add_argument("--force", action="store_true", help="start over in an --out that already holds files")
     run.add_argument("--quiet", action="store_true", help="print only the results")
+    run.add_argument("--stage-store", metavar="DIR", help="a folder of finished stages that runs share: a stage "
+                     "whose identity it holds is reused (checked, linked or copied into the run), one trained here "
+                     "is added (ddcnn study gives STUDY/stages)")
     _trust_option(run)
 
     ev = sub.add_parser("evaluate", help="re-evaluate a run's saved models on the test set")
@@ -84,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     mode = study.add_mutually_exclusive_group()
     mode.add_argument("--print-commands", action="store_true", help="print one `ddcnn run` line per run to do")
     mode.add_argument("--aggregate", action="store_true", help="only aggregate the runs that exist")
+    mode.add_argument("--time", action="store_true", help="a budget study's timing pass, run alone after the sweep: "
+                      "repeated short timings of every stage (timing.json), then the aggregate")
     _trust_option(study)
 
     data = sub.add_parser("data", help="datasets")
@@ -142,7 +147,8 @@ def cmd_run(args) -> int:
     out = user_path(args.out, "--out") if args.out else default_out(config, cfg.name)
     trusted, source = _trusted(config, args.trust_code, out)
     results = Experiment(cfg, out, resume=args.resume, force=args.force, command=command_line(args.argv),
-                         verbose=not args.quiet, trusted=trusted, source=source).run()
+                         verbose=not args.quiet, trusted=trusted, source=source,
+                         stage_store=user_path(args.stage_store, "--stage-store") if args.stage_store else None).run()
     if results is not None:  # None on the ranks > 0 of a torchrun launch: rank 0 reports
         print(format_table(results))
         print(f"report: {out / 'report.md'}")
@@ -279,6 +285,7 @@ def cmd_study(args) -> int:
     trusted, _ = _trusted(path, args.trust_code, out)
     return run_study(path, out, jobs=args.jobs,
                      resume=args.resume, print_commands=args.print_commands, aggregate_only=args.aggregate,
+                     time_only=args.time,
                      command=command_line(args.argv), trusted=trusted)
 
 

@@ -39,7 +39,7 @@ WIDTH_INPUTS = ("whole", "subimage")  # what each sub-network of a width decompo
 # "python": the datasets were given from Python (ddcnn.fit); no reader can read them back
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "image-folder", "volume-folder", "generated", "python")
 OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("constant", "cosine", "step")
+SCHEDULES = ("constant", "cosine", "step", "plateau")  # plateau: reduce on plateau (ddcnn.train.schedule)
 # The metrics a run reports per strategy (ddcnn.metrics): evaluation.metric chooses the best strategy and the
 # study's claims by one of them; stages.*.monitor watches it (or the loss) on the validation split.
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc")
@@ -145,6 +145,10 @@ class StageConfig:
     warmup_epochs: float = 0.0
     step_every: int = 10  # 'step' schedule: epochs between decays
     step_gamma: float = 0.1
+    # 'plateau' schedule (with patience): times plateau_factor when patience runs out; patience stops the stage
+    # only at plateau_floor of the peak (ddcnn.train.schedule)
+    plateau_factor: float = 0.1
+    plateau_floor: float = 0.1
     grad_clip: float | None = None  # per local CNN in the local stage
     label_smoothing: float = 0.0
     init_dnn: bool = True  # transfer stage: also start from the combine stage's DNN
@@ -422,6 +426,12 @@ def validate(cfg: Config) -> Config:
             choice(f"stages.{stage}.keep", s.keep, KEEPS)
         if s.patience is not None:
             positive[f"stages.{stage}.patience"] = s.patience
+        for name in ("plateau_factor", "plateau_floor"):
+            if not 0 < getattr(s, name) < 1 and not (name == "plateau_floor" and getattr(s, name) == 1):
+                raise ConfigError(f"stages.{stage}.{name} = {getattr(s, name)} must be above 0 and below 1, e.g. 0.1")
+        if s.schedule == "plateau" and s.patience is None and s.enabled:
+            raise ConfigError(f"stages.{stage}.schedule = plateau lowers the learning rate when patience runs out, "
+                              f"but stages.{stage}.patience is not set; set it (e.g. 3) or choose schedule cosine")
         if s.min_delta < 0:
             raise ConfigError(f"stages.{stage}.min_delta = {s.min_delta} must not be negative, e.g. 0.001")
         if active(cfg, stage) and cfg.data.val_fraction == 0 and (s.patience is not None or s.kept() == "best"):

@@ -95,6 +95,13 @@ def md_cell(text) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table: the first column left-aligned, the others right-aligned."""
+    lines = ["| " + " | ".join(md_cell(h) for h in header) + " |", "|:---|" + "---:|" * (len(header) - 1)]
+    lines += ["| " + " | ".join(md_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def md_code(text) -> str:
     """``text`` as an inline Markdown code span, whatever backticks it holds."""
     text = str(text).replace("\n", " ")

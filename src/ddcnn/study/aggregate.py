@@ -14,6 +14,7 @@ from pathlib import Path
 from ddcnn.config import METRICS
 from ddcnn.files import read_json
 from ddcnn.study.stats import METHOD, paired_differences, ratio_summary, summarize, verdict
+from ddcnn.train.schedule import converged
 from ddcnn.train.store.schema import RESULTS, fix_for
 
 # The paper's claims, as (a, b): "a beats b". Everything else is read from each run's results.json.
@@ -191,11 +192,14 @@ def equal_cost_claim(runs: Sequence[RunData], a: str, b: str) -> dict:
 
 
 def regime(runs: Sequence[RunData]) -> dict:
-    """How the cell's runs were trained: ``converged`` (every stage under early stopping) or ``fixed budget``,
-    with the stages' stop reasons counted, and the runs whose global CNN stopped at its cap while another
-    strategy trained more CNN epochs (its comparison may favour the other)."""
+    """How the cell's runs were trained: ``converged`` (every stage under early stopping, and every one stopped
+    at a tenth of its peak learning rate or less: :func:`ddcnn.train.schedule.converged`), ``early stopping, not
+    annealed`` (some stage stopped at a higher rate) or ``fixed budget``, with the stages' stops counted as
+    :func:`ddcnn.train.schedule.stop_text` names them ("stopped by patience at LR 0.5"), and the runs whose
+    global CNN stopped at its cap while another strategy trained more CNN epochs (its comparison may favour the
+    other)."""
     stops: dict[str, dict[str, int]] = {}
-    early = bool(runs)
+    early = annealed = bool(runs)
     warnings = []
     for run in runs:
         stages = run.results.get("stages") or {}
@@ -203,6 +207,7 @@ def regime(runs: Sequence[RunData]) -> dict:
             early = False
         for stage, summary in stages.items():
             early = early and summary.get("patience") is not None
+            annealed = annealed and converged(summary)
             reason = str(summary.get("stop_reason"))
             stops.setdefault(stage, {}).setdefault(reason, 0)
             stops[stage][reason] += 1
@@ -215,7 +220,8 @@ def regime(runs: Sequence[RunData]) -> dict:
             if more:
                 warnings.append(f"seed {run.seed}: the global CNN stopped at its cap ({glob.get('epochs_run')} "
                                 f"epochs) while {', '.join(more)} trained more CNN epochs")
-    return {"regime": "converged" if early else "fixed budget", "stop_reasons": stops, "warnings": warnings}
+    kind = ("converged" if annealed else "early stopping, not annealed") if early else "fixed budget"
+    return {"regime": kind, "stop_reasons": stops, "warnings": warnings}
 
 
 def aggregate_cell(runs: Sequence[RunData]) -> dict:

@@ -142,8 +142,11 @@ def regime_lines(data: Mapping) -> list[str]:
         stops = "; ".join(f"{stage}: " + ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items()))
                           for stage, reasons in (cell.get("stop_reasons") or {}).items())
         regime = cell.get("regime", MISSING)
-        what = ("converged under early stopping (patience on every stage)" if regime == "converged"
-                else "a fixed budget (not every stage under early stopping)")
+        what = {"converged": "converged under early stopping (patience on every stage, every stage stopped at a "
+                             "tenth of its peak learning rate or less)",
+                "early stopping, not annealed": "early stopping, **not converged**: some stage stopped at more "
+                                                "than a tenth of its peak learning rate"}.get(
+            regime, "a fixed budget (not every stage under early stopping)")
         lines.append(f"- {cell['label']}: {what}" + (f"; stages stopped by {stops}" if stops else "") + ".")
         lines += [f"  - **warning**: {w}" for w in cell.get("warnings") or []]
     return lines

@@ -7,8 +7,10 @@ DIR/
                       study pointed at DIR (other than more seeds or axis values), or an edited file, is refused
   command.txt         the command that made the study (study.md gives it, and the last one when they differ)
   base.yaml           the base config with the study's `set` applied; every run is `ddcnn run DIR/base.yaml ...`
-  runs/<cell>/seed-<s>/   ordinary run directories (resumable and inspectable on their own)
-  logs/<cell>/seed-<s>.log   each run's output, with the command first and its exit status last
+  runs/<cell>/seed-<s>/   ordinary run directories (resumable and inspectable on their own); with budgets:
+  runs/<cell>/<budget>/seed-<s>/   one per budget (ddcnn.study.budgets), e.g. runs/grid-2x2/global-24/seed-0
+  logs/<cell>/[<budget>/]seed-<s>.log   each run's output, with the command first and its exit status last
+  stages/             the finished stages the runs share, each trained once (ddcnn.train.stagestore)
   study.json, study.md, plots/   the aggregate (ddcnn.study.aggregate, ddcnn.study.report)
 ```
 """
@@ -35,6 +37,8 @@ import yaml
 from ddcnn.errors import ConfigError
 from ddcnn.files import load_yaml, open_append, own_folder, refuse_linked_folders
 from ddcnn.models.backbones import BACKBONES
+from ddcnn.study.budgets import Point, extends_budgets
+from ddcnn.study.sharing import producers
 from ddcnn.study.spec import Cell, Study
 
 SPEC_FILE = "study-spec.json"
@@ -46,24 +50,34 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 @dataclass(frozen=True)
 class Run:
-    """One cell at one seed; ``state`` is finished, failed, interrupted (started, no results) or new."""
+    """One cell at one seed (and one budget: ``point``); ``state`` is finished, failed, interrupted (started, no
+    results) or new; ``overrides``: its --set values (the cell's, the budget's, the seed)."""
 
     cell: Cell
     seed: int
     out: Path
     log: Path
     state: str
+    point: Point | None = None
+    overrides: tuple[str, ...] = ()
 
-    def args(self, base: Path, trusted: bool = False) -> list[str]:
+    @property
+    def name(self) -> str:
+        return "/".join([self.cell.id, *([self.point.id] if self.point else []), f"seed-{self.seed}"])
+
+    def args(self, base: Path, trusted: bool = False, store: Path | None = None) -> list[str]:
         """The arguments after ``ddcnn``: a fresh run, ``--resume`` of a started one, ``--force`` of a leftover;
-        ``--trust-code`` when the study itself is trusted (base.yaml's checksum is checked before any run)."""
+        ``--trust-code`` when the study itself is trusted (base.yaml's checksum is checked before any run);
+        ``--stage-store`` the study's folder of shared stages."""
         extra = []
         if (self.out / "ddcnn-run.json").is_file():
             extra = ["--resume"]
         elif self.out.is_dir() and any(self.out.iterdir()):  # killed before the run wrote its marker
             extra = ["--force"]
-        sets = [a for override in [*self.cell.overrides(), f"seed={self.seed}"] for a in ("--set", override)]
-        return ["run", str(base), *sets, "--out", str(self.out), "--quiet", *extra,
+        overrides = self.overrides or (*self.cell.overrides(), f"seed={self.seed}")
+        sets = [a for override in overrides for a in ("--set", override)]
+        return ["run", str(base), *sets, "--out", str(self.out),
+                *(["--stage-store", str(store)] if store is not None else []), "--quiet", *extra,
                 *(["--trust-code"] if trusted else [])]
 
 
@@ -123,6 +137,7 @@ class StudyDir:
         self.study, self.trusted = study, trusted and bool(named - set(BACKBONES))
         self.path = Path(path) if path is not None else Path("runs") / study.name
         self.base = self.path / "base.yaml"
+        self.store = self.path / "stages"
 
     def files(self) -> dict[str, str]:
         """The files the runs read (besides the study's own runs): name -> their text."""
@@ -134,8 +149,8 @@ class StudyDir:
         path = self.path
         if path.exists() and not path.is_dir():
             raise ConfigError(f"study directory {str(path)!r} is a file; choose another --out")
-        refuse_linked_folders(path, ("runs", "logs", "plots"))  # the study writes into them: never through a link
-        for name in ("runs", "logs", "plots"):
+        refuse_linked_folders(path, ("runs", "logs", "plots", "stages"))  # the study writes into them: no link
+        for name in ("runs", "logs", "plots", "stages"):
             if (path / name).exists() and not (path / name).is_dir():
                 raise ConfigError(f"study directory {str(path)!r}: {name!r} is a file where the study's folder "
                                   f"belongs; move it away, or choose another --out")
@@ -218,19 +233,21 @@ class StudyDir:
     def plan(self) -> list[Run]:
         runs = []
         # Seed by seed, so that a study stopped early has the same seeds in every cell (paired claims need them).
-        for seed in self.study.seeds:
-            for cell in self.study.cells():
-                out = self.path / "runs" / cell.id / f"seed-{seed}"
-                log = self.path / "logs" / cell.id / f"seed-{seed}.log"
-                if finished(out):
-                    state = "finished"
-                elif (exit_status(log) or 0) not in INTERRUPTED:
-                    state = "failed"
-                elif out.exists() or log.exists():
-                    state = "interrupted"
-                else:
-                    state = "new"
-                runs.append(Run(cell, seed, out, log, state))
+        for seed, cell, point in ((s, c, p) for s in self.study.seeds for c in self.study.cells()
+                                  for p in self.study.points()):
+            folder = Path(cell.id, *([point.id] if point else []))
+            out = self.path / "runs" / folder / f"seed-{seed}"
+            log = self.path / "logs" / folder / f"seed-{seed}.log"
+            if finished(out):
+                state = "finished"
+            elif (exit_status(log) or 0) not in INTERRUPTED:
+                state = "failed"
+            elif out.exists() or log.exists():
+                state = "interrupted"
+            else:
+                state = "new"
+            runs.append(Run(cell, seed, out, log, state, point,
+                            tuple(self.study.run_overrides(cell, point, seed))))
         return runs
 
     def started(self) -> bool:
@@ -244,7 +261,9 @@ def extends(recorded, study: Study) -> bool:
         return False
     old_axes, old_seeds = recorded.get("axes"), recorded.get("seeds")
     if recorded.get("name") != study.name or recorded.get("base") != study.base or not isinstance(old_axes, dict) \
-            or list(old_axes) != list(study.axes) or not isinstance(old_seeds, list):
+            or list(old_axes) != list(study.axes) or not isinstance(old_seeds, list) \
+            or recorded.get("split_seed") != study.split_seed or not extends_budgets(recorded.get("budgets"),
+                                                                                     study.budgets):
         return False
     if not all(isinstance(s, int) and not isinstance(s, bool) for s in old_seeds) or \
             not set(old_seeds) <= set(study.seeds):
@@ -262,7 +281,8 @@ def extends(recorded, study: Study) -> bool:
 
 def commands(study_dir: StudyDir, runs: list[Run]) -> list[str]:
     """One ``ddcnn run ...`` line per run that is not finished (for a SLURM array, GNU parallel, ...)."""
-    return ["ddcnn " + " ".join(shlex.quote(a) for a in run.args(study_dir.base, study_dir.trusted))
+    return ["ddcnn " + " ".join(shlex.quote(a) for a in run.args(study_dir.base, study_dir.trusted,
+                                                                 study_dir.store))
             for run in runs if run.state != "finished"]
 
 
@@ -295,8 +315,13 @@ def _environment(slot: int, jobs: int, devices: list[str]) -> dict[str, str]:
 
 def execute(study_dir: StudyDir, runs: list[Run], jobs: int, echo=print) -> list[Run]:
     """Run every run that is not finished, ``jobs`` at a time; return the runs that failed. A failed run keeps its log
-    and does not stop the others; a finished run is never touched."""
+    and does not stop the others; a finished run is never touched. A run that shares a stage with an earlier one
+    (:func:`ddcnn.study.sharing.producers`) starts only once that one has ended, so that it reuses the stage instead
+    of training it a second time at the same moment; meanwhile the next run that is ready takes the free slot."""
     todo = [run for run in runs if run.state != "finished"]
+    deps = producers(study_dir.study, runs)
+    ended = {run.name for run in runs if run.state == "finished"}
+    pending = list(todo)
     devices = _devices()
     slots = list(range(jobs))
     lock = threading.Lock()
@@ -313,7 +338,7 @@ def execute(study_dir: StudyDir, runs: list[Run], jobs: int, echo=print) -> list
         try:
             own_folder(run.log.parent, study_dir.path)  # logs/ and logs/CELL: never a link out of the study
             own_folder(run.out.parent, study_dir.path)
-            args = run.args(study_dir.base, study_dir.trusted)
+            args = run.args(study_dir.base, study_dir.trusted, study_dir.store)
             start = time.monotonic()
             with open_append(run.log, "w") as log:
                 log.write("ddcnn " + " ".join(shlex.quote(a) for a in args) + "\n")
@@ -342,20 +367,43 @@ def execute(study_dir: StudyDir, runs: list[Run], jobs: int, echo=print) -> list
                     what = "stopped; continue with --resume"
                 else:
                     what = f"FAILED (exit {status}): {last_error(run.log)}; log: {run.log}"
-                echo(f"[{done[0]}/{len(todo)}] {run.cell.id} seed {run.seed}: {what}")
+                echo(f"[{done[0]}/{len(todo)}] {run.name}: {what}")
         finally:
             with lock:
                 slots.append(slot)
 
     echo(f"study {study_dir.study.name}: {len(todo)} of {len(runs)} runs to do, {jobs} at a time, in "
          f"{study_dir.path}")
+    ready = threading.Condition(lock)
+
+    def next_run() -> Run | None:
+        """The first pending run whose producers have ended (None: nothing left, or the study is stopping)."""
+        with ready:
+            while not stop.is_set() and pending:
+                run = next((r for r in pending if deps[r.name] <= ended), None)
+                if run is not None:
+                    pending.remove(run)
+                    return run
+                ready.wait()
+            return None
+
+    def worker() -> None:
+        while (run := next_run()) is not None:
+            try:
+                one(run)
+            finally:
+                with ready:
+                    ended.add(run.name)
+                    ready.notify_all()
+
     pool = ThreadPoolExecutor(max_workers=jobs)
     try:
-        for future in [pool.submit(one, run) for run in todo]:
+        for future in [pool.submit(worker) for _ in range(jobs)]:
             future.result()
     except BaseException:  # Ctrl-C or SIGTERM: start no other run and stop those in flight (they resume later)
         with lock:
             stop.set()
+            ready.notify_all()
             for process in active:
                 process.terminate()
         raise

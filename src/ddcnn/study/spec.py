@@ -8,7 +8,11 @@ axes:                                 # optional: every combination of the value
   decomposition.grid: [[2, 2], [4, 4]]
   model.backbone: [vgg, resnet]
 seeds: [0, 1, 2, 3, 4]                # every cell runs once per seed
+budgets: {global: [3, 6, 12], local: [3, 6], transfer: [2, 3], coherent: [6, 12]}   # optional, see below
+split_seed: seed                      # optional: every run's data split follows its seed
 ```
+
+``budgets`` (:mod:`ddcnn.study.budgets`) makes every budget of every strategy its own run in each cell and seed.
 """
 
 from __future__ import annotations
@@ -28,8 +32,9 @@ from ddcnn.config import anchor_paths, apply_overrides, builtin_backbone_only, f
 from ddcnn.errors import ConfigError, did_you_mean
 from ddcnn.files import load_yaml
 from ddcnn.models.settings import check_model_settings
+from ddcnn.study.budgets import Point, parse_budgets, points
 
-KEYS = ("name", "base", "set", "axes", "seeds")
+KEYS = ("name", "base", "set", "axes", "seeds", "budgets", "split_seed")
 MAX_RUNS = 10_000  # cells x seeds: a study larger than this is a typo (each run is a whole training)
 PLAIN = (str, int, float, bool, type(None))
 
@@ -57,11 +62,25 @@ class Study:
     axes: dict[str, list]
     seeds: list[int]
     text: str  # the study file as written
+    budgets: dict[str, list[int]] | None = None  # strategy -> epochs (ddcnn.study.budgets); None: one run per seed
+    split_seed: str | None = None  # "seed": every run's data.split_seed is its seed
 
     @property
     def spec(self) -> dict:
-        """What defines the study's runs (not where its file lives): two studies with the same spec are one study."""
-        return {"name": self.name, "base": self.base, "axes": self.axes, "seeds": self.seeds}
+        """What defines the study's runs (not where its file lives): two studies with the same spec are one study.
+        (A study without budgets and split_seed has the spec and SHA-256 it had before they existed.)"""
+        extra = {key: value for key, value in (("budgets", self.budgets), ("split_seed", self.split_seed))
+                 if value is not None}
+        return {"name": self.name, "base": self.base, "axes": self.axes, "seeds": self.seeds, **extra}
+
+    def points(self) -> list[Point | None]:
+        """Every budget of a cell as a run (None: no budgets, a cell's run at a seed trains what its config says)."""
+        return list(points(self.budgets)) if self.budgets else [None]
+
+    def run_overrides(self, cell: Cell, point: Point | None, seed: int) -> list[str]:
+        """The --set overrides of one run: the cell's values, the budget's stages and epochs, the seed (and split)."""
+        return [*cell.overrides(), *(point.overrides() if point else []), f"seed={seed}",
+                *([f"data.split_seed={seed}"] if self.split_seed == "seed" else [])]
 
     @property
     def sha256(self) -> str:
@@ -177,11 +196,19 @@ def load_study(path: str | Path, trusted: bool = True) -> Study:
     if not isinstance(axes, dict):
         raise ConfigError(f"{where}: axes must map config keys to lists of values, e.g. axes: {{model.backbone: "
                           f"[vgg, resnet]}}")
+    budgets = parse_budgets(data["budgets"], where) if data.get("budgets") is not None else None
+    split_seed = data.get("split_seed")
+    if split_seed not in (None, "seed"):
+        raise ConfigError(f"{where}: split_seed = {split_seed!r} can only be seed (every run's data split follows its "
+                          f"seed); for one split for all runs set data.split_seed under set:")
+    if split_seed and ("data.split_seed" in settings or "data.split_seed" in axes):
+        raise ConfigError(f"{where}: split_seed: seed sets data.split_seed for every run; remove it from set or axes")
     for key in ("seed", "name"):
         if key in settings or key in axes:
             raise ConfigError(f"{where}: {key!r} cannot be set or be an axis; the study sets it for every run "
                               f"({'list the seeds under seeds:' if key == 'seed' else 'name the study with name:'})")
     runs = len(data.get("seeds") or []) if isinstance(data.get("seeds"), list) else 1
+    runs *= len(points(budgets)) if budgets else 1
     for values in axes.values():
         runs *= len(values) if isinstance(values, list) else 1
     if runs > MAX_RUNS:
@@ -219,9 +246,11 @@ def load_study(path: str | Path, trusted: bool = True) -> Study:
         duplicate = next(s for s in seeds if seeds.count(s) > 1)
         raise ConfigError(f"{where}: seed {duplicate} is listed twice; each seed gives one run per cell, list it once")
 
-    study = Study(name, path, base_data, clean_axes, list(seeds), path.read_text())
+    study = Study(name, path, base_data, clean_axes, list(seeds), path.read_text(), budgets, split_seed)
     for cell in study.cells():  # combinations of valid values can still clash (a check across sections)
-        _check(base_data, cell.overrides(), f"{where}: cell {cell.label}", trusted, source)
+        for point in study.points():
+            label = f"cell {cell.label}" + (f", budget {point.id}" if point else "")
+            _check(base_data, study.run_overrides(cell, point, seeds[0]), f"{where}: {label}", trusted, source)
     return study
 
 

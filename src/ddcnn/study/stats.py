@@ -1,8 +1,8 @@
 """Statistics over seeds: mean, sample standard deviation, Student-t confidence intervals, paired differences.
 
-Pure functions on plain floats, no scipy. The confidence interval of a mean over ``n`` seeds is
+Pure functions on plain floats. The confidence interval of a mean over ``n`` seeds is
 ``mean ± t(1 - (1 - level) / 2, n - 1) · s / sqrt(n)``, with ``s`` the sample standard deviation (divisor ``n - 1``)
-and ``t`` the Student-t quantile, computed here from the regularised incomplete beta function. A paired difference
+and ``t`` the Student-t quantile from ``scipy.stats`` (a maintained library). A paired difference
 (same seed = same data order and same initialisation of the local CNNs) is the same interval over the per-seed
 differences ``a_s - b_s``, so that the seed-to-seed variation both strategies share cancels.
 """
@@ -13,67 +13,19 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
+from scipy import stats
+
 LEVEL = 0.95
 METHOD = ("mean over seeds; sample standard deviation (n - 1); 95% confidence interval mean ± t(0.975, n - 1) · s / "
           "sqrt(n) (Student t); claims are paired differences over the seeds both strategies finished, and a claim "
           "holds when its interval lies above 0, fails when it lies below 0, else (or with n < 2) is inconclusive")
 
 
-def _continued_fraction(a: float, b: float, x: float) -> float:
-    """The continued fraction of the incomplete beta function (modified Lentz), converging for x < (a+1)/(a+b+2)."""
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 1000):
-        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d = 1.0 + numerator * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + numerator / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < 1e-15:
-            break
-    return h
-
-
-def incomplete_beta(a: float, b: float, x: float) -> float:
-    """The regularised incomplete beta function I_x(a, b) for a, b > 0 and 0 <= x <= 1."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_front) * _continued_fraction(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _continued_fraction(b, a, 1.0 - x) / b
-
-
-def t_cdf(t: float, df: float) -> float:
-    """P(T <= t) for Student's t with ``df`` degrees of freedom."""
-    tail = 0.5 * incomplete_beta(df / 2.0, 0.5, df / (df + t * t))
-    return 1.0 - tail if t > 0 else tail
-
-
 def t_quantile(p: float, df: float) -> float:
-    """The ``p`` quantile of Student's t with ``df`` > 0 degrees of freedom (bisection on :func:`t_cdf`)."""
+    """The ``p`` quantile of Student's t with ``df`` > 0 degrees of freedom (``scipy.stats.t.ppf``)."""
     if not 0.0 < p < 1.0 or df <= 0:
         raise ValueError(f"t_quantile needs 0 < p < 1 and df > 0, got p={p}, df={df}")
-    if p < 0.5:
-        return -t_quantile(1.0 - p, df)
-    low, high = 0.0, 1.0
-    while t_cdf(high, df) < p:
-        high *= 2.0
-    for _ in range(200):  # bisection halves the bracket each step: far below double precision after ~60
-        middle = 0.5 * (low + high)
-        if t_cdf(middle, df) < p:
-            low = middle
-        else:
-            high = middle
-        if high - low <= 1e-14 * max(1.0, high):
-            break
-    return 0.5 * (low + high)
+    return float(stats.t.ppf(p, df))
 
 
 @dataclass(frozen=True)

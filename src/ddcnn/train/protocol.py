@@ -16,6 +16,7 @@ from ddcnn.data.loading import to_float
 from ddcnn.data.python import PythonData
 from ddcnn.finished.predictions import accuracy
 from ddcnn.models import LocalEnsemble, count_parameters
+from ddcnn.predicted import pack_classes
 from ddcnn.strategies import STRATEGIES, available
 from ddcnn.train import dist, stages
 from ddcnn.train.admit import check_stages
@@ -24,6 +25,7 @@ from ddcnn.train.context import Context, StageResult, build_context
 from ddcnn.train.dist import DistEnv
 from ddcnn.train.runtime import device_name, make_runtime
 from ddcnn.train.scoring import score_strategies
+from ddcnn.train.stagestore import StageStore, shared_stage
 from ddcnn.train.store.metrics import MetricsLog
 from ddcnn.train.store.rundir import RunDir
 from ddcnn.train.time_to_target import strategy_costs, target_accuracy, time_to_target
@@ -38,10 +40,13 @@ class Experiment:
 
     def __init__(self, cfg: Config, out: str | Path, resume: bool = False, force: bool = False, command: str = "",
                  verbose: bool = True, log=None, env: DistEnv | None = None, trusted: bool = True,
-                 source: str = "the config", python: PythonData | None = None):
+                 source: str = "the config", python: PythonData | None = None,
+                 stage_store: str | Path | None = None):
         """``trusted``: whether an import path as backbone may be imported (False for a config read from a run or
         study directory without --trust-code; ``source`` names that file in the refusal). ``python``: the
-        datasets given from Python (:func:`ddcnn.api.fit`), else the config's data section is read."""
+        datasets given from Python (:func:`ddcnn.api.fit`), else the config's data section is read.
+        ``stage_store``: a folder of finished stages that runs share (:mod:`ddcnn.train.stagestore`)."""
+        self.store = StageStore(stage_store) if stage_store is not None else None
         self.cfg, self.command, self.force, self.verbose, self.print_line = cfg, command, force, verbose, log
         self.trusted, self.source, self.python = trusted, source, python
         self.env = env or dist.env_from_environment()
@@ -63,7 +68,8 @@ class Experiment:
             done: dict[str, StageResult] = {}
             for stage in STAGES:
                 if active(self.cfg, stage):
-                    done[stage] = stages.TRAINERS[stage](ctx, done)
+                    train = lambda s=stage: stages.TRAINERS[s](ctx, done)  # noqa: E731
+                    done[stage] = shared_stage(self.store, ctx, stage, train, ddcnn.__version__)
             return finish(ctx, done, self.command)
         finally:
             if ctx is not None and isinstance(ctx.log, MetricsLog):
@@ -120,7 +126,10 @@ def evaluate_test(ctx: Context, done: dict[str, StageResult], command: str = "")
                "target": target, "curves": curves,
                "transfer_used_dnn": ("combine" in _initialised_from(done)) if "transfer" in done else None,
                "confusion_matrix": {"strategy": best,
-                                    "matrix": strategies[best]["test_metrics"]["confusion_matrix"]}}
+                                    "matrix": strategies[best]["test_metrics"]["confusion_matrix"]},
+               # every strategy's class per test image (ddcnn.predicted): a bootstrap over test images needs them
+               "test_predictions": {name: pack_classes(score.argmax(-1).tolist())
+                                    for name, score in scores["test"].items()}}
     if "local" in done:
         results["local"] = _local_record(done["local"], scored["test"][1], ctx.test.labels)
     return results

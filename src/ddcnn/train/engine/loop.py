@@ -27,6 +27,7 @@ from ddcnn.errors import DDCNNError, TrainingError
 from ddcnn.seeds import derive_seed
 from ddcnn.train.engine.state import StageState, early_stopping
 from ddcnn.train.runtime import Runtime
+from ddcnn.train.schedule import lr_fraction
 from ddcnn.train.store.checkpoint import CheckpointDir
 from ddcnn.train.store.schema import check_stage_settings
 
@@ -55,7 +56,7 @@ def lr_at(step: int, steps_per_epoch: int, cfg: StageConfig) -> float:
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     if cfg.schedule == "step":
         return cfg.lr * cfg.step_gamma ** ((step // steps_per_epoch) // cfg.step_every)
-    return cfg.lr
+    return cfg.lr  # constant, and plateau (times the stage's lr_scale, ddcnn.train.schedule)
 
 
 class ModelState:
@@ -202,12 +203,14 @@ class FitResult:
     history: list[dict]
     extra: dict
     patience: int | None = None
+    lr_fraction: float | None = None  # the kept epoch's learning rate over the peak (ddcnn.train.schedule)
 
     @classmethod
     def from_state(cls, state: StageState, cfg: StageConfig, extra_keys=()) -> FitResult:
         return cls(state.seconds, state.flops, state.step, state.epoch, state.epochs, state.kept_epoch or state.epoch,
                    state.best_epoch, state.best_value, state.monitor, state.stop_reason or "cap", state.history,
-                   {k: state.extra[k] for k in extra_keys if k in state.extra}, cfg.patience)
+                   {k: state.extra[k] for k in extra_keys if k in state.extra}, cfg.patience,
+                   lr_fraction(state.history, state.kept_epoch or state.epoch, cfg.lr))
 
     def summary(self, stage: str, setup_seconds: float = 0.0, setup_flops: int = 0) -> dict:
         """The end-of-stage record of ``metrics.jsonl`` and ``results.json``; ``setup_*``: work before the first
@@ -215,6 +218,7 @@ class FitResult:
         return {"stage": stage, "event": "end", "epochs_run": self.epochs_run, "cap": self.cap,
                 "kept_epoch": self.kept_epoch, "best_epoch": self.best_epoch, "monitor": self.monitor,
                 "best_value": self.best_value, "stop_reason": self.stop_reason, "patience": self.patience,
+                "lr_fraction": self.lr_fraction,
                 "seconds": self.seconds + setup_seconds, "train_flops": self.train_flops + setup_flops,
                 "setup_seconds": setup_seconds, "setup_flops": setup_flops}
 
@@ -345,7 +349,8 @@ def _step(spec: StageSpec, run: _Training, loss_fn: LossFn, x, y, stats: _Epoch,
     """Optimizer step ``i`` of the epoch on the batch ``(x, y)``; adds to ``stats``, returns the loss."""
     cfg, optimizer = spec.cfg, run.optimizer
     for group in optimizer.param_groups:
-        group["lr"] = lr_at(run.state.step, progress.total, cfg)  # the progress counts the epoch's steps
+        # the progress counts the epoch's steps; lr_scale: schedule plateau's reductions (ddcnn.train.schedule)
+        group["lr"] = lr_at(run.state.step, progress.total, cfg) * run.state.lr_scale
     try:
         with spec.runtime.autocast():
             loss, correct = loss_fn(x, y)

@@ -8,8 +8,10 @@ import math
 from dataclasses import dataclass, field
 
 from ddcnn.config import StageConfig
+from ddcnn.train.schedule import reduce_on_plateau
 
-TRACKED = ("best_epoch", "best_value", "bad_epochs", "stop_reason")  # the early-stopping state all ranks share
+# the early-stopping state all ranks share (lr_scale: schedule plateau's reductions, ddcnn.train.schedule)
+TRACKED = ("best_epoch", "best_value", "bad_epochs", "stop_reason", "lr_scale")
 
 
 @dataclass
@@ -36,11 +38,12 @@ class StageState:
     bad_epochs: int = 0
     stop_reason: str | None = None
     kept_epoch: int | None = None
+    lr_scale: float = 1.0  # schedule plateau: the fraction of the peak learning rate its reductions left
     extra: dict = field(default_factory=dict)
 
     # The checkpoint's order of the keys (the manifest of earlier versions).
     ORDER = ("epoch", "seconds", "history", "done", "step", "epochs", "batch_size", "optimizer", "monitor", "keep",
-             "flops", "best_epoch", "best_value", "bad_epochs", "stop_reason", "kept_epoch")
+             "flops", "best_epoch", "best_value", "bad_epochs", "stop_reason", "kept_epoch", "lr_scale")
 
     @classmethod
     def new(cls, cfg: StageConfig, extra: dict | None = None) -> StageState:
@@ -76,13 +79,14 @@ def improved(value: float | None, best: float | None, cfg: StageConfig) -> bool:
 
 def early_stopping(state: StageState, record: dict, cfg: StageConfig) -> None:
     """Update the best-so-far and the epochs without improvement in ``state`` from the epoch's ``record``; set
-    ``stop_reason`` when the stage ends here (patience run out, or the cap reached)."""
+    ``stop_reason`` when the stage ends here (patience run out -- under ``schedule: plateau`` only at its floor
+    learning rate, :func:`ddcnn.train.schedule.reduce_on_plateau` -- or the cap reached)."""
     value = record.get(cfg.monitor)
     if improved(value, state.best_value, cfg):
         state.best_epoch, state.best_value, state.bad_epochs = record["epoch"], value, 0
     else:
         state.bad_epochs += 1
-    if cfg.patience is not None and state.bad_epochs >= cfg.patience:
+    if cfg.patience is not None and state.bad_epochs >= cfg.patience and not reduce_on_plateau(state, cfg):
         state.stop_reason = "patience"
     elif record["epoch"] >= cfg.epochs:
         state.stop_reason = "cap"

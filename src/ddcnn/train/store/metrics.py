@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ddcnn.files import own_folder
+from ddcnn.train.schedule import stop_text
 from ddcnn.train.store.rundir import RunDir
 
 
@@ -63,9 +64,13 @@ def epoch_line(record: dict) -> str:
 
 
 def end_line(record: dict) -> str:
-    """``[   local] stopped early after 7 of 20 epochs; kept epoch 4 (val_accuracy 0.8512)``, or ``ran 20 of 20``."""
+    """``[   local] stopped by patience at LR 0.5; stopped early after 7 of 20 epochs; kept epoch 4 (val_accuracy
+    0.8512)``, or ``... ran 20 of 20``: first the stop as :func:`ddcnn.train.schedule.stop_text` names it
+    (converged only at a tenth of the peak LR or less; a record without ``lr_fraction`` has none)."""
     early = record["stop_reason"] == "patience" and record["epochs_run"] < record["cap"]
     how = "stopped early after" if early else "ran"  # patience that runs out at the cap is no early stop
+    label = "" if record.get("lr_fraction") is None else \
+        f"{stop_text({**record, 'stop_reason': 'patience' if early else 'cap'})}; "
     best = "" if record.get("best_value") is None else f" ({record['monitor']} {record['best_value']:.4f})"
-    return (f"[{record['stage']:>8}] {how} {record['epochs_run']} of {record['cap']} epochs; kept epoch "
+    return (f"[{record['stage']:>8}] {label}{how} {record['epochs_run']} of {record['cap']} epochs; kept epoch "
             f"{record['kept_epoch']}{best if record['kept_epoch'] == record.get('best_epoch') else ''}")

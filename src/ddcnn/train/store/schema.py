@@ -49,10 +49,13 @@ RESULTS = {
     "best_strategy_basis?": str, "target?": {"val_accuracy": Opt(FRACTION), "source": str},
     "confusion_matrix?": {"strategy": str, "matrix": [[COUNT]]},
     "local?": {"test_accuracy": [FRACTION], "val_accuracy?": Opt([FRACTION]), **LOCAL_TIMING},
-    # the end-of-stage records (ddcnn.train.loop.FitResult.summary): the report and a study's regime read them
+    # the end-of-stage records (ddcnn.train.engine.loop.FitResult.summary): the report and a study's regime read
+    # them; lr_fraction: the kept epoch's learning rate over the peak; reused_from: a stage from a stage store
     "stages?": MapOf({"epochs_run?": COUNT, "cap?": COUNT, "kept_epoch?": Opt(COUNT), "best_epoch?": Opt(COUNT),
                       "monitor?": Opt(str), "best_value?": Opt(float), "stop_reason?": Opt(str),
-                      "patience?": Opt(COUNT), "seconds?": SECONDS, "train_flops?": COUNT}),
+                      "patience?": Opt(COUNT), "seconds?": SECONDS, "train_flops?": COUNT,
+                      "lr_fraction?": Opt(SECONDS), "reused_from?": str}),
+    "test_predictions?": MapOf(str),  # each strategy's class per test image, packed (ddcnn.predicted)
 }
 
 _RECORD = {"epoch": POSITIVE, "train_loss": float, "train_accuracy": FRACTION, "lr": float, "seconds": SECONDS,
@@ -64,7 +67,7 @@ TRAINING_STATE = Check(
      "batch_size?": POSITIVE, "optimizer?": str, "feature_seconds?": SECONDS, "feature_flops?": COUNT,
      "monitor?": str, "keep?": str, "flops?": COUNT, "best_epoch?": Opt(POSITIVE), "best_value?": Opt(float),
      "bad_epochs?": COUNT, "stop_reason?": Opt(Check(str, lambda v: v in ("patience", "cap"), "patience or cap")),
-     "kept_epoch?": Opt(POSITIVE)},
+     "kept_epoch?": Opt(POSITIVE), "lr_scale?": Check(float, lambda v: 0 < v <= 1, "a number above 0, at most 1")},
     lambda s: len(s["history"]) == s["epoch"] and ("epochs" not in s or s["epoch"] <= s["epochs"]) and (
         s["done"] == (s.get("stop_reason") is not None) if "stop_reason" in s
         else "epochs" not in s or s["done"] == (s["epoch"] == s["epochs"])),
@@ -87,8 +90,8 @@ def fix_for(name: str) -> str:
 # regularisation) may change for the epochs still to come, and more epochs may be added; each accepted change is
 # recorded in metrics.jsonl. ``enabled`` says whether the stage runs, not how it trained.
 FREE_STAGE_KEYS = ("enabled", "parallel")  # checkpoints do not depend on the parallelism or P
-UNFINISHED_STAGE_KEYS = ("lr", "schedule", "warmup_epochs", "step_every", "step_gamma", "weight_decay", "momentum",
-                         "grad_clip")
+UNFINISHED_STAGE_KEYS = ("lr", "schedule", "warmup_epochs", "step_every", "step_gamma", "plateau_factor",
+                         "plateau_floor", "weight_decay", "momentum", "grad_clip")
 
 
 def check_stage_settings(stage: str, state: dict, settings) -> None:
