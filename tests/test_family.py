@@ -87,6 +87,8 @@ def test_vmap_trains_a_user_network_with_batchnorm_like_separate_models():
     assert not torch.equal(before, e.net.features[1].running_mean)
 
 
+# A whole resnet18 per slot takes seconds on 2 cores: heavy; the user network above keeps vmap training in `make test`.
+@pytest.mark.heavy
 def test_vmap_trains_torchvision_resnet18_like_separate_models():
     pytest.importorskip("torchvision")
     # No weights: nothing is downloaded; ddcnn adapts the first convolution to one channel. In float64: resnet18's

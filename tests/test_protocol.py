@@ -93,7 +93,8 @@ def _crash_after(n):
     return log
 
 
-@pytest.mark.parametrize("crash_at", [2, 5])
+# The crash in the second stage (5) runs with the heavy cases: the first (2) keeps the resume path in `make test`.
+@pytest.mark.parametrize("crash_at", [2, pytest.param(5, marks=pytest.mark.heavy)])
 def test_an_interrupted_run_resumes_to_identical_results(tmp_path, tiny_config, crash_at):
     cfg = tiny_config()
     reference = Experiment(cfg, tmp_path / "ref", verbose=False).run()
