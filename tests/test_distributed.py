@@ -329,6 +329,8 @@ def test_model_parallel_coherent_and_transfer_equal_one_process_bit_for_bit(loop
             assert (r["stages"][stage]["epochs_run"], r["stages"][stage]["kept_epoch"]) == (stopped, 1), stage
 
 
+# Two torchrun launches on a finished run: with the heavy cases (the 2-process training cases stay in make test).
+@pytest.mark.heavy
 def test_evaluate_and_predict_with_two_processes_equal_one(loop_runs, tmp_path, capsys):
     """Under torchrun each process loads its shard of the local CNNs and of the CNN-DNNs; the evaluation and the
     predictions (the local CNNs' votes included) equal those of one process."""

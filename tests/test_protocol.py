@@ -190,6 +190,8 @@ def test_real_fashion_mnist_local_cnns_and_combiners_learn(tmp_path, tiny_config
         assert results["strategies"][name]["test_accuracy"] > 0.5, name  # 10 classes: chance is 0.1
 
 
+# A whole run on an odd-sized training set: seconds on 2 cores, so with the heavy cases.
+@pytest.mark.heavy
 def test_a_last_batch_of_one_image_is_left_out(tmp_path, tiny_config):
     # 161 training images, batches of 32: 5 full batches and one image, which BatchNorm could not normalise on the
     # 1x1 map of the last stage (grid 8x8 on 16x16 images leaves 2x2 subimages; depth [1, 1] pools them to 1x1).

@@ -49,6 +49,8 @@ def one_error_line(capsys) -> str:
     return err[0]
 
 
+# Three runs, one failing, then a resume: seconds on 2 cores, so with the heavy cases.
+@pytest.mark.heavy
 def test_a_study_reports_a_failed_run_aggregates_a_partial_study_and_resumes(workspace, capsys):
     study, out = write_study(workspace), workspace / "out"
     # A [16, 16] grid cuts the 16x16 images into 1-pixel subimages: that cell's runs fail, the others go on.
