@@ -225,6 +225,16 @@ def _refused(capsys, args: list[str]) -> str:
     return err[0]
 
 
+def _refused_unchanged(capsys, space: Path, run: Path, flag: str, sets: list[str], fragment: str) -> None:
+    """``ddcnn run c.yaml --out RUN FLAG --set ...`` is one refusal holding ``fragment`` and leaves RUN as it was."""
+    before = snapshot(run)
+    args = ["run", str(space / "c.yaml"), "--out", str(run), flag]
+    for s in sets:
+        args += ["--set", s]
+    assert fragment in _refused(capsys, args)
+    assert snapshot(run) == before
+
+
 @pytest.mark.parametrize(("sets", "fragment"), [
     (["model.width=8"], "model.width was 4"),  # a frozen value
     (["stages.global.epochs=5"], "stage 'global' was checkpointed with epochs = 2"),  # a checkpointed stage's
@@ -235,12 +245,7 @@ def _refused(capsys, args: list[str]) -> str:
 def test_a_refused_resume_rewrites_no_config_and_deletes_no_leftover(space, own_run, capsys, sets, fragment):
     (own_run / "checkpoints" / "global-e1.weights.safetensors").write_bytes(b"left by a kill")
     (own_run / ".results.json.ab12cd34.tmp").write_text("half")
-    before = snapshot(own_run)
-    args = ["run", str(space / "c.yaml"), "--out", str(own_run), "--resume"]
-    for s in sets:
-        args += ["--set", s]
-    assert fragment in _refused(capsys, args)
-    assert snapshot(own_run) == before
+    _refused_unchanged(capsys, space, own_run, "--resume", sets, fragment)
 
 
 def test_a_manifest_the_loader_refuses_keeps_every_checkpoint(space, own_run, capsys):
@@ -269,12 +274,7 @@ def test_a_manifest_the_loader_refuses_keeps_every_checkpoint(space, own_run, ca
 def test_force_refuses_a_new_config_before_it_removes_the_old_run(space, own_run, capsys, sets, fragment):
     """Values checked only when a stage starts (model sizes, batches) are checked before --force removes
     anything: the old run stays whole."""
-    before = snapshot(own_run)
-    args = ["run", str(space / "c.yaml"), "--out", str(own_run), "--force"]
-    for s in sets:
-        args += ["--set", s]
-    assert fragment in _refused(capsys, args)
-    assert snapshot(own_run) == before
+    _refused_unchanged(capsys, space, own_run, "--force", sets, fragment)
 
 
 def test_a_file_where_the_checkpoint_folder_belongs(space, own_run, capsys):
