@@ -620,13 +620,19 @@ ONLY_FOR = {"num_classes": "generated", "generated_train": "generated", "generat
             "noise": "generated", "window": "volume-folder", "class_map": "volume-folder"}
 
 
-def dump_config(cfg: Config) -> str:
-    """The resolved config as YAML, without the data keys its dataset does not read (``window`` for photos,
-    ``num_classes`` for a folder) and without an unset ``root_as_written``."""
+def recorded(cfg: Config) -> dict:
+    """The config as a run records it: without the data keys its dataset does not read (``window`` for photos,
+    ``num_classes`` for a folder) and without an unset ``root_as_written``. A resumed run compares this form, so a
+    key the record leaves out (its default read back) never differs from the value the new config carries."""
     data = to_dict(cfg)
     for key, dataset in ONLY_FOR.items():
         if cfg.data.name != dataset:
             data["data"].pop(key)
     if cfg.data.root_as_written is None:
         data["data"].pop("root_as_written")
-    return yaml.safe_dump(data, sort_keys=False)
+    return data
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML, as :func:`recorded` gives it."""
+    return yaml.safe_dump(recorded(cfg), sort_keys=False)

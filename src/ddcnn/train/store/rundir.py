@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from ddcnn.config import STAGES, Config, dump_config, from_dict, to_dict
+from ddcnn.config import STAGES, Config, dump_config, from_dict, recorded, to_dict
 from ddcnn.errors import CheckpointError, ConfigError
 from ddcnn.files import atomic_write_text, load_yaml, naming, open_append, read_json, read_text
 from ddcnn.train.store.checkpoint import CheckpointDir
@@ -147,7 +147,8 @@ class RunDir:
     def check_same_config(self, cfg: Config) -> dict:
         """Refuse a config that changes a setting the saved weights depend on; returns the saved config."""
         saved = self.read_config()
-        old, new = to_dict(from_dict(saved)), to_dict(cfg)  # keys added later or left out: their defaults held
+        # keys added later or left out: their defaults held; both sides in the form a run records
+        old, new = recorded(from_dict(saved)), recorded(cfg)
         for key in FREE_DATA_KEYS:  # how the data is fed, not what it is
             for config in (old, new):
                 if isinstance(config.get("data"), dict):
